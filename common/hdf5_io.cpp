@@ -1,0 +1,348 @@
+#include "common/hdf5_io.h"
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+
+namespace moba::h5 {
+namespace {
+
+// Turns HDF5's automatic error printing off once; every call is checked here instead.
+struct SilenceHdf5 {
+  SilenceHdf5() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+};
+const SilenceHdf5 silence;
+
+#define MOBA_H5_CHECK(expr, what)                                                                \
+  do {                                                                                           \
+    if ((expr) < 0)                                                                              \
+      throw ::moba::Error(::moba::cat("HDF5: ", what),                                           \
+                          "check that the file exists, is complete and was written by moba");   \
+  } while (0)
+
+std::string norm(const std::string& name) { return name.empty() || name[0] != '/' ? "/" + name : name; }
+
+}  // namespace
+
+const char* stored_type_name(StoredType t) {
+  switch (t) {
+    case StoredType::u8: return "uint8";
+    case StoredType::u16: return "uint16";
+    case StoredType::u32: return "uint32";
+    case StoredType::u64: return "uint64";
+    case StoredType::i8: return "int8";
+    case StoredType::i16: return "int16";
+    case StoredType::i32: return "int32";
+    case StoredType::i64: return "int64";
+    case StoredType::f32: return "float32";
+    case StoredType::f64: return "float64";
+    default: return "other";
+  }
+}
+
+Handle& Handle::operator=(Handle&& o) noexcept {
+  if (this != &o) {
+    close();
+    id_ = o.id_;
+    kind_ = o.kind_;
+    o.id_ = -1;
+  }
+  return *this;
+}
+
+void Handle::close() {
+  if (id_ < 0) return;
+  switch (kind_) {
+    case Kind::file: H5Fclose(id_); break;
+    case Kind::dataset: H5Dclose(id_); break;
+    case Kind::dataspace: H5Sclose(id_); break;
+    case Kind::group: H5Gclose(id_); break;
+    case Kind::attribute: H5Aclose(id_); break;
+    case Kind::datatype: H5Tclose(id_); break;
+    case Kind::plist: H5Pclose(id_); break;
+  }
+  id_ = -1;
+}
+
+File File::open_read(const std::string& path) {
+  MOBA_CHECK(std::filesystem::exists(path), cat("file not found: ", path),
+             "check the path (relative paths are taken from the current directory)");
+  MOBA_CHECK(H5Fis_hdf5(path.c_str()) > 0, cat(path, " is not a valid HDF5 file (truncated or corrupt?)"),
+             "recreate it (for datasets: moba prep; for checkpoints: delete it and resume from an older one)");
+  hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  MOBA_CHECK(id >= 0, cat("cannot open HDF5 file ", path, " (truncated or corrupt?)"),
+             "recreate the file; a truncated file cannot be read");
+  return File(Handle(id, Handle::Kind::file), path);
+}
+
+File File::open_write(const std::string& path) {
+  hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+  MOBA_CHECK(id >= 0, cat("cannot open HDF5 file ", path, " for writing"), "check that it exists and is writable");
+  return File(Handle(id, Handle::Kind::file), path);
+}
+
+File File::create(const std::string& path) {
+  hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+  MOBA_CHECK(id >= 0, cat("cannot create HDF5 file ", path), "check that the directory exists and is writable");
+  return File(Handle(id, Handle::Kind::file), path);
+}
+
+bool File::exists(const std::string& name) const {
+  // Walk the path so that a missing intermediate group is "false", not an error.
+  std::string p = norm(name);
+  size_t pos = 1;
+  while (true) {
+    size_t next = p.find('/', pos);
+    std::string prefix = p.substr(0, next);
+    if (H5Lexists(id(), prefix.c_str(), H5P_DEFAULT) <= 0) return false;
+    if (next == std::string::npos) return true;
+    pos = next + 1;
+  }
+}
+
+void File::create_group(const std::string& name) {
+  Handle lcpl(H5Pcreate(H5P_LINK_CREATE), Handle::Kind::plist);
+  H5Pset_create_intermediate_group(lcpl.id(), 1);
+  Handle g(H5Gcreate2(id(), norm(name).c_str(), lcpl.id(), H5P_DEFAULT, H5P_DEFAULT), Handle::Kind::group);
+  MOBA_H5_CHECK(g.id(), cat("cannot create group ", name, " in ", path_));
+}
+
+std::vector<std::string> File::list(const std::string& group) const {
+  Handle g(H5Gopen2(id(), norm(group).c_str(), H5P_DEFAULT), Handle::Kind::group);
+  MOBA_H5_CHECK(g.id(), cat("no group ", group, " in ", path_));
+  H5G_info_t info;
+  MOBA_H5_CHECK(H5Gget_info(g.id(), &info), cat("cannot list ", group, " in ", path_));
+  std::vector<std::string> names;
+  for (hsize_t i = 0; i < info.nlinks; ++i) {
+    ssize_t len = H5Lget_name_by_idx(g.id(), ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
+    MOBA_H5_CHECK(len, cat("cannot list ", group, " in ", path_));
+    std::string s(static_cast<size_t>(len), '\0');
+    H5Lget_name_by_idx(g.id(), ".", H5_INDEX_NAME, H5_ITER_INC, i, s.data(), s.size() + 1, H5P_DEFAULT);
+    names.push_back(s);
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+Handle File::open_dataset(const std::string& dataset) const {
+  MOBA_CHECK(exists(dataset), cat(path_, " has no dataset '", dataset, "'"),
+             "the file was not written by this version of moba, or is incomplete; recreate it");
+  Handle d(H5Dopen2(id(), norm(dataset).c_str(), H5P_DEFAULT), Handle::Kind::dataset);
+  MOBA_H5_CHECK(d.id(), cat("cannot open dataset ", dataset, " in ", path_));
+  return d;
+}
+
+Handle File::open_object(const std::string& object) const {
+  MOBA_CHECK(object == "/" || exists(object), cat(path_, " has no object '", object, "'"),
+             "the file is incomplete or from another tool; recreate it");
+  hid_t oid = H5Oopen(id(), norm(object).c_str(), H5P_DEFAULT);
+  MOBA_H5_CHECK(oid, cat("cannot open ", object, " in ", path_));
+  // H5Oopen returns a dataset or group id; both close with H5Oclose, which H5Gclose/H5Dclose wrap.
+  H5I_type_t t = H5Iget_type(oid);
+  return Handle(oid, t == H5I_DATASET ? Handle::Kind::dataset : Handle::Kind::group);
+}
+
+std::vector<int64_t> File::shape(const std::string& dataset) const {
+  Handle d = open_dataset(dataset);
+  Handle space(H5Dget_space(d.id()), Handle::Kind::dataspace);
+  int rank = H5Sget_simple_extent_ndims(space.id());
+  MOBA_H5_CHECK(rank, cat("cannot read the shape of ", dataset, " in ", path_));
+  std::vector<hsize_t> dims(static_cast<size_t>(rank));
+  H5Sget_simple_extent_dims(space.id(), dims.data(), nullptr);
+  return std::vector<int64_t>(dims.begin(), dims.end());
+}
+
+int64_t File::numel(const std::string& dataset) const {
+  int64_t n = 1;
+  for (int64_t d : shape(dataset)) n *= d;
+  return n;
+}
+
+StoredType File::stored_type(const std::string& dataset) const {
+  Handle d = open_dataset(dataset);
+  Handle t(H5Dget_type(d.id()), Handle::Kind::datatype);
+  H5T_class_t cls = H5Tget_class(t.id());
+  size_t size = H5Tget_size(t.id());
+  if (cls == H5T_INTEGER) {
+    bool is_signed = H5Tget_sign(t.id()) == H5T_SGN_2;
+    switch (size) {
+      case 1: return is_signed ? StoredType::i8 : StoredType::u8;
+      case 2: return is_signed ? StoredType::i16 : StoredType::u16;
+      case 4: return is_signed ? StoredType::i32 : StoredType::u32;
+      case 8: return is_signed ? StoredType::i64 : StoredType::u64;
+    }
+  } else if (cls == H5T_FLOAT) {
+    if (size == 4) return StoredType::f32;
+    if (size == 8) return StoredType::f64;
+  }
+  return StoredType::other;
+}
+
+template <typename T>
+std::vector<T> File::read(const std::string& dataset) const {
+  Handle d = open_dataset(dataset);
+  std::vector<T> out(static_cast<size_t>(numel(dataset)));
+  if (!out.empty())
+    MOBA_H5_CHECK(H5Dread(d.id(), native_type<T>(), H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()),
+                  cat("cannot read ", dataset, " from ", path_, " (truncated file?)"));
+  return out;
+}
+
+template <typename T>
+void File::read_range(const std::string& dataset, int64_t offset, int64_t count, T* out) const {
+  if (count == 0) return;
+  Handle d = open_dataset(dataset);
+  Handle space(H5Dget_space(d.id()), Handle::Kind::dataspace);
+  hsize_t n = 0;
+  H5Sget_simple_extent_dims(space.id(), &n, nullptr);
+  MOBA_CHECK(offset >= 0 && count >= 0 && static_cast<hsize_t>(offset + count) <= n,
+             cat("read of [", offset, ", ", offset + count, ") past the end of ", dataset, " (", n, ") in ", path_),
+             "the dataset is inconsistent (offsets beyond the token array); recreate it with moba prep");
+  hsize_t start = static_cast<hsize_t>(offset), cnt = static_cast<hsize_t>(count);
+  MOBA_H5_CHECK(H5Sselect_hyperslab(space.id(), H5S_SELECT_SET, &start, nullptr, &cnt, nullptr), "hyperslab");
+  Handle mem(H5Screate_simple(1, &cnt, nullptr), Handle::Kind::dataspace);
+  MOBA_H5_CHECK(H5Dread(d.id(), native_type<T>(), mem.id(), space.id(), H5P_DEFAULT, out),
+                cat("cannot read ", dataset, " from ", path_, " (truncated file?)"));
+}
+
+template <typename T>
+void File::write(const std::string& dataset, const T* data, const std::vector<int64_t>& shape) {
+  std::string name = norm(dataset);
+  size_t slash = name.rfind('/');
+  if (slash > 0 && !exists(name.substr(0, slash))) create_group(name.substr(0, slash));
+  std::vector<hsize_t> dims(shape.begin(), shape.end());
+  Handle space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), Handle::Kind::dataspace);
+  Handle d(H5Dcreate2(id(), name.c_str(), native_type<T>(), space.id(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+           Handle::Kind::dataset);
+  MOBA_H5_CHECK(d.id(), cat("cannot create dataset ", dataset, " in ", path_));
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  if (n > 0)
+    MOBA_H5_CHECK(H5Dwrite(d.id(), native_type<T>(), H5S_ALL, H5S_ALL, H5P_DEFAULT, data),
+                  cat("cannot write dataset ", dataset, " to ", path_, " (disk full?)"));
+}
+
+bool File::has_attr(const std::string& object, const std::string& key) const {
+  Handle o = open_object(object);
+  return H5Aexists(o.id(), key.c_str()) > 0;
+}
+
+namespace {
+void write_attr(hid_t obj, const std::string& key, hid_t type, const void* value, const std::string& where) {
+  if (H5Aexists(obj, key.c_str()) > 0) H5Adelete(obj, key.c_str());
+  Handle space(H5Screate(H5S_SCALAR), Handle::Kind::dataspace);
+  Handle a(H5Acreate2(obj, key.c_str(), type, space.id(), H5P_DEFAULT, H5P_DEFAULT), Handle::Kind::attribute);
+  MOBA_H5_CHECK(a.id(), cat("cannot create attribute ", key, " in ", where));
+  MOBA_H5_CHECK(H5Awrite(a.id(), type, value), cat("cannot write attribute ", key, " in ", where));
+}
+}  // namespace
+
+void File::set_attr(const std::string& object, const std::string& key, int64_t value) {
+  Handle o = open_object(object);
+  write_attr(o.id(), key, H5T_NATIVE_INT64, &value, path_);
+}
+void File::set_attr(const std::string& object, const std::string& key, double value) {
+  Handle o = open_object(object);
+  write_attr(o.id(), key, H5T_NATIVE_DOUBLE, &value, path_);
+}
+void File::set_attr(const std::string& object, const std::string& key, const std::string& value) {
+  Handle o = open_object(object);
+  Handle t(H5Tcopy(H5T_C_S1), Handle::Kind::datatype);
+  H5Tset_size(t.id(), std::max<size_t>(1, value.size()));
+  H5Tset_strpad(t.id(), H5T_STR_NULLPAD);
+  H5Tset_cset(t.id(), H5T_CSET_UTF8);
+  std::string padded = value.empty() ? std::string(1, '\0') : value;
+  write_attr(o.id(), key, t.id(), padded.data(), path_);
+}
+
+namespace {
+Handle open_attr(hid_t obj, const std::string& key, const std::string& object, const std::string& path) {
+  MOBA_CHECK(H5Aexists(obj, key.c_str()) > 0, cat(path, ": ", object, " has no attribute '", key, "'"),
+             "the file is incomplete or from another tool; recreate it");
+  Handle a(H5Aopen(obj, key.c_str(), H5P_DEFAULT), Handle::Kind::attribute);
+  MOBA_H5_CHECK(a.id(), cat("cannot open attribute ", key, " in ", path));
+  return a;
+}
+}  // namespace
+
+int64_t File::attr_int(const std::string& object, const std::string& key) const {
+  Handle o = open_object(object);
+  Handle a = open_attr(o.id(), key, object, path_);
+  int64_t v = 0;
+  MOBA_H5_CHECK(H5Aread(a.id(), H5T_NATIVE_INT64, &v), cat("cannot read attribute ", key, " in ", path_));
+  return v;
+}
+
+double File::attr_double(const std::string& object, const std::string& key) const {
+  Handle o = open_object(object);
+  Handle a = open_attr(o.id(), key, object, path_);
+  double v = 0;
+  MOBA_H5_CHECK(H5Aread(a.id(), H5T_NATIVE_DOUBLE, &v), cat("cannot read attribute ", key, " in ", path_));
+  return v;
+}
+
+std::string File::attr_string(const std::string& object, const std::string& key) const {
+  Handle o = open_object(object);
+  Handle a = open_attr(o.id(), key, object, path_);
+  Handle t(H5Aget_type(a.id()), Handle::Kind::datatype);
+  MOBA_CHECK(H5Tget_class(t.id()) == H5T_STRING, cat(path_, ": attribute ", key, " is not a string"),
+             "the file is from another tool; recreate it");
+  if (H5Tis_variable_str(t.id()) > 0) {
+    char* s = nullptr;
+    Handle mt(H5Tcopy(H5T_C_S1), Handle::Kind::datatype);
+    H5Tset_size(mt.id(), H5T_VARIABLE);
+    MOBA_H5_CHECK(H5Aread(a.id(), mt.id(), &s), cat("cannot read attribute ", key, " in ", path_));
+    std::string out = s ? s : "";
+    H5free_memory(s);
+    return out;
+  }
+  size_t size = H5Tget_size(t.id());
+  std::string out(size, '\0');
+  MOBA_H5_CHECK(H5Aread(a.id(), t.id(), out.data()), cat("cannot read attribute ", key, " in ", path_));
+  out.resize(std::strlen(out.c_str()));
+  return out;
+}
+
+void File::flush() { MOBA_H5_CHECK(H5Fflush(id(), H5F_SCOPE_GLOBAL), cat("cannot flush ", path_, " (disk full?)")); }
+
+template <typename T>
+Appender<T>::Appender(File& file, const std::string& dataset, int64_t chunk_elems) : file_(file), name_(norm(dataset)) {
+  hsize_t zero = 0, unlimited = H5S_UNLIMITED, chunk = static_cast<hsize_t>(chunk_elems);
+  Handle space(H5Screate_simple(1, &zero, &unlimited), Handle::Kind::dataspace);
+  Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), Handle::Kind::plist);
+  H5Pset_chunk(dcpl.id(), 1, &chunk);
+  dataset_ = Handle(H5Dcreate2(file.id(), name_.c_str(), native_type<T>(), space.id(), H5P_DEFAULT, dcpl.id(),
+                               H5P_DEFAULT),
+                    Handle::Kind::dataset);
+  MOBA_H5_CHECK(dataset_.id(), cat("cannot create dataset ", dataset, " in ", file.path()));
+}
+
+template <typename T>
+void Appender<T>::append(const T* data, int64_t count) {
+  if (count <= 0) return;
+  hsize_t new_size = static_cast<hsize_t>(size_ + count);
+  MOBA_H5_CHECK(H5Dset_extent(dataset_.id(), &new_size), cat("cannot grow ", name_, " in ", file_.path()));
+  Handle space(H5Dget_space(dataset_.id()), Handle::Kind::dataspace);
+  hsize_t start = static_cast<hsize_t>(size_), cnt = static_cast<hsize_t>(count);
+  H5Sselect_hyperslab(space.id(), H5S_SELECT_SET, &start, nullptr, &cnt, nullptr);
+  Handle mem(H5Screate_simple(1, &cnt, nullptr), Handle::Kind::dataspace);
+  MOBA_H5_CHECK(H5Dwrite(dataset_.id(), native_type<T>(), mem.id(), space.id(), H5P_DEFAULT, data),
+                cat("cannot append to ", name_, " in ", file_.path(), " (disk full?)"));
+  size_ += count;
+}
+
+#define MOBA_H5_INSTANTIATE(T)                                                                  \
+  template std::vector<T> File::read<T>(const std::string&) const;                              \
+  template void File::read_range<T>(const std::string&, int64_t, int64_t, T*) const;           \
+  template void File::write<T>(const std::string&, const T*, const std::vector<int64_t>&);     \
+  template class Appender<T>;
+MOBA_H5_INSTANTIATE(uint8_t)
+MOBA_H5_INSTANTIATE(uint16_t)
+MOBA_H5_INSTANTIATE(uint32_t)
+MOBA_H5_INSTANTIATE(uint64_t)
+MOBA_H5_INSTANTIATE(int32_t)
+MOBA_H5_INSTANTIATE(int64_t)
+MOBA_H5_INSTANTIATE(float)
+MOBA_H5_INSTANTIATE(double)
+
+}  // namespace moba::h5

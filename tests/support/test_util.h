@@ -1,0 +1,48 @@
+// Shared helpers for the GoogleTest suites: shared-data paths (skip when absent), seeded random inputs,
+// relative errors, and a finite-difference gradient checker used by every op and by the whole model.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace moba::test {
+
+// Path inside ../shared/data (the MOBA_SHARED_DATA env var overrides the configured location).
+std::string shared_data(const std::string& name);
+// Path inside the source tree / a fresh scratch directory under the build tree (removed and recreated).
+std::string source_path(const std::string& rel);
+std::string scratch_dir(const std::string& name);
+// The built `moba` binary, and a helper that runs it (stdout+stderr captured) returning the exit code.
+std::string moba_binary();
+int run_moba(const std::string& args, std::string* output = nullptr);
+
+// Skips the current test with a message when a shared-data file is missing.
+#define MOBA_REQUIRE_SHARED(path)                                                                   \
+  do {                                                                                              \
+    if (!std::filesystem::exists(path)) GTEST_SKIP() << "shared data not found: " << (path)        \
+                                                     << " (tests that need ../shared/data skip)";  \
+  } while (0)
+
+std::vector<float> random_vector(size_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f);
+// Rounds every value to the nearest bf16 (round-to-nearest-even), as GPU activations would be.
+void round_to_bf16(std::vector<float>& x);
+
+// ||a - b|| / ||b|| over n elements (b is the reference).
+double rel_l2(const float* a, const double* b, size_t n);
+double rel_l2(const float* a, const float* b, size_t n);
+
+struct GradCheckResult {
+  double max_rel_error = 0;  // max over checked entries of |num - ana| / max(|num| + |ana|, floor)
+  int checked = 0;
+  std::string worst;         // description of the worst entry
+};
+// Central differences of loss() with respect to x[i] for up to max_checks evenly spread indices, compared with
+// grad[i]. loss() must recompute from x (which is perturbed in place and restored).
+GradCheckResult check_gradient(std::vector<float>& x, const std::vector<float>& grad,
+                               const std::function<double()>& loss, int max_checks = 64, float step = 1e-2f,
+                               double floor = 1e-3);
+
+}  // namespace moba::test
