@@ -1,0 +1,84 @@
+// The op layer: every computation of the model and optimizer goes through a Backend, so the CPU reference
+// and the CUDA backend are interchangeable behind one interface. Tensors passed in live on the backend's
+// device; shapes are read from the tensors and checked. Backward ops ACCUMULATE into their gradients.
+// Invariant: for the same inputs, the CPU backend's results are bitwise reproducible run to run.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "kernels/tensor.h"
+
+namespace moba {
+
+enum class AttentionMode { full, moba };
+const char* attention_mode_name(AttentionMode m);
+
+// What one attention layer computes (see ../shared/docs/moba-spec.md for moba).
+struct AttentionParams {
+  AttentionMode mode = AttentionMode::full;
+  int block_size = 512;  // moba only
+  int top_k = 3;         // moba only, counts the current block
+  float softmax_scale = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual Device device() const = 0;
+
+  // ---- memory (arenas are allocated once up front; no allocation inside a step) ----
+  virtual Tensor allocate(DType dtype, std::initializer_list<int64_t> shape) = 0;
+  virtual void release(Tensor& t) = 0;
+  virtual void zero(Tensor t) = 0;
+  virtual void upload(Tensor dst, const void* host) = 0;    // host -> dst (dst contiguous)
+  virtual void download(void* host, const Tensor& src) = 0;  // src (contiguous) -> host
+  virtual void synchronize() = 0;
+
+  // ---- decoder ops: x (N, C) rows are tokens; weights (OC, IC) ----
+  virtual void embedding_forward(Tensor out, const Tensor& tokens, const Tensor& wte) = 0;
+  virtual void embedding_backward(Tensor dwte, const Tensor& dout, const Tensor& tokens) = 0;
+  virtual void rmsnorm_forward(Tensor out, Tensor rstd, const Tensor& inp, const Tensor& weight, float eps) = 0;
+  virtual void rmsnorm_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp,
+                                const Tensor& weight, const Tensor& rstd) = 0;
+  virtual void matmul_forward(Tensor out, const Tensor& inp, const Tensor& weight) = 0;
+  // dinp or dweight may be empty (data == nullptr) to skip it.
+  virtual void matmul_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp,
+                               const Tensor& weight) = 0;
+  // out (N, heads, D) contiguous; inp rows (N, heads*D) may be strided; pos (N) int32.
+  virtual void rope_forward(Tensor out, const Tensor& inp, const Tensor& pos, float theta) = 0;
+  virtual void rope_backward(Tensor dinp, const Tensor& dout, const Tensor& pos, float theta) = 0;
+  virtual void swiglu_forward(Tensor out, const Tensor& inp) = 0;   // inp (N, 2F) = [gate | up]
+  virtual void swiglu_backward(Tensor dinp, const Tensor& dout, const Tensor& inp) = 0;
+  virtual void add_inplace(Tensor dst, const Tensor& src) = 0;
+  virtual void copy(Tensor dst, const Tensor& src) = 0;  // same shape, either may be row-strided
+
+  // ---- attention over packed segments: q (N, H, D), k/v (N, Hkv, D), out (N, H, D), lse (N, H) ----
+  // cu_seqlens (S+1) int32 lives on this device; selected (N, H, top_k) int32 is written by forward for
+  // moba (routing) and read back by backward; it is unused for full attention.
+  virtual void attention_forward(Tensor out, Tensor lse, Tensor selected, const Tensor& q, const Tensor& k,
+                                 const Tensor& v, const Tensor& cu_seqlens, const AttentionParams& p) = 0;
+  virtual void attention_backward(Tensor dq, Tensor dk, Tensor dv, const Tensor& dout, const Tensor& q,
+                                  const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                                  const Tensor& selected, const Tensor& cu_seqlens, const AttentionParams& p) = 0;
+
+  // ---- loss: logits (N, V), targets (N) int32, mask (N) uint8 ----
+  // Writes per-token losses (N) and returns their sum (the masked tokens add 0).
+  virtual double cross_entropy_forward(Tensor losses, const Tensor& logits, const Tensor& targets,
+                                       const Tensor& mask) = 0;
+  virtual void cross_entropy_backward(Tensor dlogits, const Tensor& logits, const Tensor& targets,
+                                      const Tensor& mask, float grad_scale) = 0;
+
+  // ---- optimizer over flat arenas ----
+  virtual void adamw_update(Tensor param, const Tensor& grad, Tensor m, Tensor v, float lr, float beta1, float beta2,
+                            float eps, float weight_decay, int64_t step) = 0;
+  virtual double sum_of_squares(const Tensor& x) = 0;
+  virtual void scale(Tensor x, float s) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+// "cpu" or "cuda"; "cuda" fails with a clear message when this build has no CUDA backend or no GPU.
+std::unique_ptr<Backend> make_backend(const std::string& name);
+
+}  // namespace moba

@@ -1,0 +1,194 @@
+// The CPU reference backend: adapts the Backend interface to the fp32 functions of ops.h and attention.h,
+// checking that every tensor is f32 (or i32/u8 for indices and masks) on the CPU with consistent shapes.
+#include <cstdlib>
+#include <cstring>
+
+#include "common/error.h"
+#include "kernels/backend.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/ops.h"
+
+namespace moba {
+namespace {
+
+float* f32(const Tensor& t, const char* what) {
+  MOBA_CHECK(t.device == Device::cpu && t.dtype == DType::f32,
+             cat("cpu backend: ", what, " must be f32 on the cpu, got ", t.describe()), "this is a bug in the caller");
+  return t.as<float>();
+}
+const int32_t* i32(const Tensor& t, const char* what) {
+  MOBA_CHECK(t.device == Device::cpu && t.dtype == DType::i32,
+             cat("cpu backend: ", what, " must be i32 on the cpu, got ", t.describe()), "this is a bug in the caller");
+  return t.as<int32_t>();
+}
+void same_rows(const Tensor& a, const Tensor& b, const char* op) {
+  MOBA_CHECK(a.rows() == b.rows(), cat("cpu backend: ", op, ": row counts differ: ", a.describe(), " vs ", b.describe()),
+             "this is a bug in the caller");
+}
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override { return "cpu"; }
+  Device device() const override { return Device::cpu; }
+
+  Tensor allocate(DType dtype, std::initializer_list<int64_t> shape) override {
+    Tensor t(nullptr, dtype, Device::cpu, shape);
+    size_t bytes = (t.bytes() + 63) / 64 * 64;
+    t.data = std::aligned_alloc(64, bytes ? bytes : 64);
+    MOBA_CHECK(t.data != nullptr, cat("cannot allocate ", t.describe(), " (", bytes >> 20, " MiB)"),
+               "reduce train.micro_batch_seqs or data.seq_len");
+    std::memset(t.data, 0, bytes);
+    return t;
+  }
+  void release(Tensor& t) override {
+    std::free(t.data);
+    t.data = nullptr;
+  }
+  void zero(Tensor t) override {
+    if (t.contiguous()) {
+      std::memset(t.data, 0, t.bytes());
+      return;
+    }
+    for (int64_t r = 0; r < t.rows(); ++r) std::memset(t.slice_rows(r, 1).data, 0, t.row_size() * dtype_size(t.dtype));
+  }
+  void upload(Tensor dst, const void* host) override { std::memcpy(dst.data, host, dst.bytes()); }
+  void download(void* host, const Tensor& src) override { std::memcpy(host, src.data, src.bytes()); }
+  void synchronize() override {}
+
+  void embedding_forward(Tensor out, const Tensor& tokens, const Tensor& wte) override {
+    same_rows(out, tokens, "embedding_forward");
+    cpu::embedding_forward(f32(out, "out"), i32(tokens, "tokens"), f32(wte, "wte"), out.rows(),
+                           static_cast<int>(out.row_size()));
+  }
+  void embedding_backward(Tensor dwte, const Tensor& dout, const Tensor& tokens) override {
+    cpu::embedding_backward(f32(dwte, "dwte"), f32(dout, "dout"), i32(tokens, "tokens"), dout.rows(),
+                            static_cast<int>(dout.row_size()), static_cast<int>(dwte.rows()));
+  }
+  void rmsnorm_forward(Tensor out, Tensor rstd, const Tensor& inp, const Tensor& weight, float eps) override {
+    same_rows(out, inp, "rmsnorm_forward");
+    cpu::rmsnorm_forward(f32(out, "out"), f32(rstd, "rstd"), f32(inp, "inp"), f32(weight, "weight"), inp.rows(),
+                         static_cast<int>(inp.row_size()), eps);
+  }
+  void rmsnorm_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp, const Tensor& weight,
+                        const Tensor& rstd) override {
+    cpu::rmsnorm_backward(f32(dinp, "dinp"), f32(dweight, "dweight"), f32(dout, "dout"), f32(inp, "inp"),
+                          f32(weight, "weight"), f32(rstd, "rstd"), inp.rows(), static_cast<int>(inp.row_size()));
+  }
+  void matmul_forward(Tensor out, const Tensor& inp, const Tensor& weight) override {
+    same_rows(out, inp, "matmul_forward");
+    MOBA_ASSERT(inp.row_size() == weight.row_size() && out.row_size() == weight.rows() && out.contiguous() &&
+                inp.contiguous());
+    cpu::matmul_forward(f32(out, "out"), f32(inp, "inp"), f32(weight, "weight"), inp.rows(),
+                        static_cast<int>(inp.row_size()), static_cast<int>(weight.rows()));
+  }
+  void matmul_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp,
+                       const Tensor& weight) override {
+    cpu::matmul_backward(dinp.data ? f32(dinp, "dinp") : nullptr, dweight.data ? f32(dweight, "dweight") : nullptr,
+                         f32(dout, "dout"), f32(inp, "inp"), f32(weight, "weight"), inp.rows(),
+                         static_cast<int>(inp.row_size()), static_cast<int>(weight.rows()));
+  }
+  void rope_forward(Tensor out, const Tensor& inp, const Tensor& pos, float theta) override {
+    MOBA_ASSERT(out.ndim == 3 && out.contiguous());
+    cpu::rope_forward(f32(out, "out"), f32(inp, "inp"), inp.stride0(), i32(pos, "pos"), out.shape[0],
+                      static_cast<int>(out.shape[1]), static_cast<int>(out.shape[2]), theta);
+  }
+  void rope_backward(Tensor dinp, const Tensor& dout, const Tensor& pos, float theta) override {
+    MOBA_ASSERT(dout.ndim == 3 && dout.contiguous());
+    cpu::rope_backward(f32(dinp, "dinp"), dinp.stride0(), f32(dout, "dout"), i32(pos, "pos"), dout.shape[0],
+                       static_cast<int>(dout.shape[1]), static_cast<int>(dout.shape[2]), theta);
+  }
+  void swiglu_forward(Tensor out, const Tensor& inp) override {
+    cpu::swiglu_forward(f32(out, "out"), f32(inp, "inp"), out.rows(), static_cast<int>(out.row_size()));
+  }
+  void swiglu_backward(Tensor dinp, const Tensor& dout, const Tensor& inp) override {
+    cpu::swiglu_backward(f32(dinp, "dinp"), f32(dout, "dout"), f32(inp, "inp"), dout.rows(),
+                         static_cast<int>(dout.row_size()));
+  }
+  void add_inplace(Tensor dst, const Tensor& src) override {
+    MOBA_ASSERT(dst.numel() == src.numel() && dst.contiguous() && src.contiguous());
+    cpu::add_inplace(f32(dst, "dst"), f32(src, "src"), dst.numel());
+  }
+  void copy(Tensor dst, const Tensor& src) override {
+    MOBA_ASSERT(dst.rows() == src.rows() && dst.row_size() == src.row_size());
+    cpu::copy_rows(f32(dst, "dst"), dst.stride0(), f32(src, "src"), src.stride0(), src.rows(), src.row_size());
+  }
+
+  void attention_forward(Tensor out, Tensor lse, Tensor selected, const Tensor& q, const Tensor& k, const Tensor& v,
+                         const Tensor& cu_seqlens, const AttentionParams& p) override {
+    cpu::AttentionShape s = shape_of(q, k);
+    int segments = static_cast<int>(cu_seqlens.numel() - 1);
+    if (p.mode == AttentionMode::full) {
+      cpu::attention_full_forward(f32(out, "out"), f32(lse, "lse"), f32(q, "q"), f32(k, "k"), f32(v, "v"),
+                                  i32(cu_seqlens, "cu_seqlens"), segments, s, p.softmax_scale);
+      return;
+    }
+    cpu::MobaParams mp{p.block_size, p.top_k};
+    MOBA_ASSERT(selected.numel() == q.shape[0] * q.shape[1] * p.top_k);
+    int32_t* sel = const_cast<int32_t*>(i32(selected, "selected"));
+    cpu::moba_select_blocks(sel, f32(q, "q"), f32(k, "k"), i32(cu_seqlens, "cu_seqlens"), segments, s, mp);
+    cpu::moba_attention_forward(f32(out, "out"), f32(lse, "lse"), f32(q, "q"), f32(k, "k"), f32(v, "v"), sel,
+                                i32(cu_seqlens, "cu_seqlens"), segments, s, mp, p.softmax_scale);
+  }
+  void attention_backward(Tensor dq, Tensor dk, Tensor dv, const Tensor& dout, const Tensor& q, const Tensor& k,
+                          const Tensor& v, const Tensor& out, const Tensor& lse, const Tensor& selected,
+                          const Tensor& cu_seqlens, const AttentionParams& p) override {
+    cpu::AttentionShape s = shape_of(q, k);
+    int segments = static_cast<int>(cu_seqlens.numel() - 1);
+    if (p.mode == AttentionMode::full) {
+      cpu::attention_full_backward(f32(dq, "dq"), f32(dk, "dk"), f32(dv, "dv"), f32(dout, "dout"), f32(q, "q"),
+                                   f32(k, "k"), f32(v, "v"), f32(out, "out"), f32(lse, "lse"),
+                                   i32(cu_seqlens, "cu_seqlens"), segments, s, p.softmax_scale);
+      return;
+    }
+    cpu::MobaParams mp{p.block_size, p.top_k};
+    cpu::moba_attention_backward(f32(dq, "dq"), f32(dk, "dk"), f32(dv, "dv"), f32(dout, "dout"), f32(q, "q"),
+                                 f32(k, "k"), f32(v, "v"), f32(out, "out"), f32(lse, "lse"),
+                                 i32(selected, "selected"), i32(cu_seqlens, "cu_seqlens"), segments, s, mp,
+                                 p.softmax_scale);
+  }
+
+  double cross_entropy_forward(Tensor losses, const Tensor& logits, const Tensor& targets,
+                               const Tensor& mask) override {
+    return cpu::cross_entropy_forward(f32(losses, "losses"), f32(logits, "logits"), i32(targets, "targets"),
+                                      mask.data ? mask.as<uint8_t>() : nullptr, logits.rows(),
+                                      static_cast<int>(logits.row_size()));
+  }
+  void cross_entropy_backward(Tensor dlogits, const Tensor& logits, const Tensor& targets, const Tensor& mask,
+                              float grad_scale) override {
+    cpu::cross_entropy_backward(f32(dlogits, "dlogits"), f32(logits, "logits"), i32(targets, "targets"),
+                                mask.data ? mask.as<uint8_t>() : nullptr, grad_scale, logits.rows(),
+                                static_cast<int>(logits.row_size()));
+  }
+
+  void adamw_update(Tensor param, const Tensor& grad, Tensor m, Tensor v, float lr, float beta1, float beta2,
+                    float eps, float weight_decay, int64_t step) override {
+    MOBA_ASSERT(param.numel() == grad.numel() && param.numel() == m.numel() && param.numel() == v.numel());
+    cpu::adamw_update(f32(param, "param"), f32(grad, "grad"), f32(m, "m"), f32(v, "v"), param.numel(), lr, beta1,
+                      beta2, eps, weight_decay, step);
+  }
+  double sum_of_squares(const Tensor& x) override { return cpu::sum_of_squares(f32(x, "x"), x.numel()); }
+  void scale(Tensor x, float s) override { cpu::scale_inplace(f32(x, "x"), x.numel(), s); }
+
+ private:
+  static cpu::AttentionShape shape_of(const Tensor& q, const Tensor& k) {
+    MOBA_ASSERT(q.ndim == 3 && k.ndim == 3 && q.shape[0] == k.shape[0] && q.shape[2] == k.shape[2]);
+    return cpu::AttentionShape{q.shape[0], static_cast<int>(q.shape[1]), static_cast<int>(k.shape[1]),
+                               static_cast<int>(q.shape[2])};
+  }
+};
+
+}  // namespace
+
+const char* attention_mode_name(AttentionMode m) { return m == AttentionMode::moba ? "moba" : "full"; }
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+std::unique_ptr<Backend> make_backend(const std::string& name) {
+  if (name == "cpu") return make_cpu_backend();
+  if (name == "cuda")
+    throw Error("backend 'cuda' is not available in this build: the CUDA training backend is not implemented yet",
+                "use backend: cpu (or --set backend=cpu); the CUDA backend arrives with the GPU issue");
+  throw Error(cat("unknown backend '", name, "'"), "allowed: cpu, cuda");
+}
+
+}  // namespace moba

@@ -1,0 +1,72 @@
+// The Llama-style decoder, forward and backward written out by hand over the Backend's ops:
+//   x = wte[tokens]; per layer: x += Wo attn(rope(q), rope(k), v; rmsnorm(x)); x += Wdown swiglu(Wgu rmsnorm(x))
+//   logits = head(rmsnorm(x)); loss = masked cross-entropy.
+// All buffers are allocated once for a micro-batch of up to max_tokens rows; nothing is allocated per step.
+// Invariant: backward() uses exactly the activations and routing saved by the last forward().
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "model/parameters.h"
+
+namespace moba::model {
+
+// A micro-batch on the host: N rows (batch * seq flattened), packed segments in cu_seqlens.
+struct TokenBatch {
+  const int32_t* inputs = nullptr;     // (N)
+  const int32_t* targets = nullptr;    // (N)
+  const uint8_t* loss_mask = nullptr;  // (N), 1 = counts
+  const int32_t* positions = nullptr;  // (N)
+  const int32_t* cu_seqlens = nullptr; // (segments + 1), cu_seqlens[segments] == N
+  int64_t num_tokens = 0;              // N
+  int num_segments = 0;
+};
+
+class Transformer {
+ public:
+  // max_top_k: the largest MoBA top_k any layer may use (sizes the routing buffer); 0 if no MoBA ever.
+  Transformer(Backend& backend, const ModelConfig& config, int64_t max_tokens, int max_top_k);
+  ~Transformer();
+  Transformer(const Transformer&) = delete;
+  Transformer& operator=(const Transformer&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  const ParameterLayout& layout() const { return layout_; }
+  Tensor params() const { return params_; }  // (P) flat arena
+  Tensor grads() const { return grads_; }    // (P) flat arena, same layout
+  Tensor param(const std::string& name) const;  // a view of one named tensor in the params arena
+  Tensor grad(const std::string& name) const;
+
+  void set_params_from_host(const std::vector<float>& host);
+  std::vector<float> params_to_host() const;
+  void zero_grads();
+
+  // Runs the forward pass; returns the sum of the per-token losses over unmasked targets.
+  // attention[l] says how layer l attends (full or moba with its block size / top_k).
+  double forward(const TokenBatch& batch, const std::vector<AttentionParams>& attention);
+  // Accumulates d(grad_scale * loss_sum)/d(params) into grads(). Call after forward() on the same batch.
+  void backward(float grad_scale);
+  // Per-token losses of the last forward (N), 0 where masked.
+  std::vector<float> token_losses() const;
+
+ private:
+  struct Activations;
+  Tensor layer_param(const std::string& name, int layer) const;
+  Tensor layer_grad(const std::string& name, int layer) const;
+  Tensor view(const Tensor& arena, const ParamTensor& t, int layer) const;
+
+  Backend& be_;
+  ModelConfig config_;
+  ParameterLayout layout_;
+  int64_t max_tokens_;
+  int max_top_k_;
+  Tensor params_, grads_;
+  std::unique_ptr<Activations> act_;
+  std::vector<AttentionParams> last_attention_;
+  int64_t last_tokens_ = 0;
+  int last_segments_ = 0;
+};
+
+}  // namespace moba::model

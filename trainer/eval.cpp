@@ -1,0 +1,176 @@
+#include "trainer/eval.h"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "common/cli.h"
+#include "common/log.h"
+#include "data/dataset.h"
+#include "data/sampler.h"
+#include "parallel/mpi_context.h"
+#include "trainer/checkpoint.h"
+#include "trainer/metrics.h"
+#include "trainer/setup.h"
+
+namespace fs = std::filesystem;
+
+namespace moba {
+
+int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi) {
+  ArgParser ap("eval", "Evaluates a checkpoint on long documents: mean, position-wise and trailing LM loss.");
+  ap.add_option("checkpoint", "PATH", "checkpoint file (step_*.h5) or a run directory (its newest checkpoint)");
+  ap.add_option("data", "PATH", "tokenized dataset (HDF5 from moba prep), e.g. the validation split");
+  ap.add_option("seq-len", "N", "evaluation length N: each document's first N tokens", "4096");
+  ap.add_option("bucket", "B", "position bucket width for the position-wise loss", "512");
+  ap.add_option("trailing", "T", "trailing loss over positions [N - T, N) (default: one bucket)");
+  ap.add_option("attention", "MODE", "full | moba | as-trained (the attention in force at the checkpoint)", "as-trained");
+  ap.add_option("block-size", "B", "override the MoBA block size (with --attention moba)");
+  ap.add_option("top-k", "K", "override the MoBA top_k (with --attention moba)");
+  ap.add_option("batch-seqs", "S", "sequences per forward pass", "1");
+  ap.add_option("max-docs", "M", "evaluate at most M documents (-1 = all)", "-1");
+  ap.add_option("out", "DIR", "where to write eval JSON/CSV", "<run dir>/eval");
+  if (!ap.parse(args)) return 0;
+  MOBA_CHECK(ap.has("checkpoint") && ap.has("data"), "moba eval: --checkpoint and --data are required", ap.usage());
+
+  std::string ckpt = ap.get("checkpoint");
+  if (fs::is_directory(ckpt)) {
+    fs::path dir = fs::exists(fs::path(ckpt) / "checkpoints") ? fs::path(ckpt) / "checkpoints" : fs::path(ckpt);
+    std::optional<std::string> latest = latest_checkpoint(dir.string());
+    MOBA_CHECK(latest.has_value(), cat("no checkpoint found in ", ckpt), "pass a step_*.h5 file or a run directory");
+    ckpt = *latest;
+  }
+  const int64_t N = ap.get_int("seq-len"), bucket = ap.get_int("bucket");
+  const int64_t trailing = ap.has("trailing") ? ap.get_int("trailing") : bucket;
+  const int batch_seqs = static_cast<int>(ap.get_int("batch-seqs"));
+  const int64_t max_docs = ap.get_int("max-docs");
+  MOBA_CHECK(N >= 2, "moba eval: --seq-len must be >= 2", "e.g. --seq-len 4096");
+  MOBA_CHECK(bucket >= 1 && bucket <= N, "moba eval: --bucket must be in [1, seq-len]", "e.g. --bucket 512");
+  MOBA_CHECK(trailing >= 1 && trailing <= N, "moba eval: --trailing must be in [1, seq-len]", "e.g. --trailing 512");
+  MOBA_CHECK(batch_seqs >= 1, "moba eval: --batch-seqs must be >= 1", "e.g. --batch-seqs 1");
+
+  CheckpointState saved = read_checkpoint_state(ckpt);
+  Recipe r = parse_recipe_text(saved.recipe_yaml, ckpt + " (saved recipe)");
+  data::TokenDataset dataset = data::TokenDataset::open(ap.get("data"));
+  model::ModelConfig c = model_config_from(r, 0);
+  MOBA_CHECK(dataset.info().vocab_size <= c.vocab_size,
+             cat(ap.get("data"), " has vocabulary ", dataset.info().vocab_size, " but the model was trained with ",
+                 c.vocab_size),
+             "evaluate on data prepared with the model's tokenizer");
+
+  AttentionSettings attention = r.attention_at(saved.tokens_seen);
+  const std::string mode = ap.get("attention");
+  if (mode == "full" || mode == "moba") {
+    attention.mode = mode == "moba" ? AttentionMode::moba : AttentionMode::full;
+    attention.full_layers = LayerSelection{};
+  } else {
+    MOBA_CHECK(mode == "as-trained", cat("moba eval: --attention '", mode, "' is not allowed"),
+               "allowed: full, moba, as-trained");
+  }
+  if (ap.has("block-size")) attention.moba.block_size = static_cast<int>(ap.get_int("block-size"));
+  if (ap.has("top-k")) attention.moba.top_k = static_cast<int>(ap.get_int("top-k"));
+  MOBA_CHECK(attention.moba.block_size >= 1 && attention.moba.top_k >= 1, "moba eval: --block-size and --top-k must be >= 1",
+             "e.g. --block-size 512 --top-k 3");
+  std::vector<AttentionParams> layers = layer_attention(attention, c);
+
+  std::unique_ptr<Backend> backend = make_backend(r.backend);
+  model::Transformer model(*backend, c, static_cast<int64_t>(batch_seqs) * N, attention.moba.top_k);
+  load_checkpoint(ckpt, model, nullptr);
+
+  data::SamplerConfig sc;
+  sc.seq_len = N;
+  sc.batch_seqs = batch_seqs;
+  sc.pack = data::PackMode::long_documents;
+  sc.shuffle = false;
+  sc.single_pass = true;
+  sc.use_loss_mask = r.data.sft && dataset.info().has_loss_mask;
+  sc.shard_index = mpi.rank();
+  sc.shard_count = mpi.world_size();
+  data::Sampler sampler(dataset, sc);
+
+  // Accumulators (summed over ranks at the end): per position over full-length sequences, and overall.
+  std::vector<double> pos_sum(static_cast<size_t>(N), 0.0), pos_count(static_cast<size_t>(N), 0.0);
+  double totals[4] = {0, 0, 0, 0};  // loss sum, token count, full-length sequences, sequences
+  int64_t docs = 0;
+  info("evaluating ", ckpt, " (step ", saved.step, ") on ", ap.get("data"), ": seq_len ", N, ", bucket ", bucket,
+       ", attention ", describe_attention(layers));
+  while (max_docs < 0 || docs < max_docs) {
+    std::optional<data::Batch> batch = sampler.next();
+    if (!batch) break;
+    model.forward(token_batch(*batch), layers);
+    std::vector<float> losses = model.token_losses();
+    for (int s = 0; s < batch->batch_seqs; ++s) {
+      const int64_t valid = batch->valid_len[static_cast<size_t>(s)];
+      if (valid <= 0) continue;
+      ++docs;
+      totals[3] += 1;
+      const bool full_length = valid == N;
+      if (full_length) totals[2] += 1;
+      for (int64_t t = 0; t < valid; ++t) {
+        size_t row = static_cast<size_t>(s * N + t);
+        if (!batch->loss_mask[row]) continue;
+        totals[0] += losses[row];
+        totals[1] += 1;
+        if (full_length) {
+          pos_sum[static_cast<size_t>(t)] += losses[row];
+          pos_count[static_cast<size_t>(t)] += 1;
+        }
+      }
+    }
+  }
+  if (mpi.world_size() > 1) {
+    mpi.allreduce_sum(pos_sum.data(), N);
+    mpi.allreduce_sum(pos_count.data(), N);
+    mpi.allreduce_sum(totals, 4);
+  }
+  MOBA_CHECK(totals[1] > 0, cat(ap.get("data"), " yields no evaluation tokens"), "check the dataset");
+
+  const int64_t n_buckets = (N + bucket - 1) / bucket;
+  std::vector<double> bucket_loss(static_cast<size_t>(n_buckets), NAN);
+  for (int64_t b = 0; b < n_buckets; ++b) {
+    double s = 0, n = 0;
+    for (int64_t t = b * bucket; t < std::min(N, (b + 1) * bucket); ++t) s += pos_sum[t], n += pos_count[t];
+    if (n > 0) bucket_loss[static_cast<size_t>(b)] = s / n;
+  }
+  double trail_s = 0, trail_n = 0;
+  for (int64_t t = N - trailing; t < N; ++t) trail_s += pos_sum[t], trail_n += pos_count[t];
+  const double mean_loss = totals[0] / totals[1];
+  const double trailing_loss = trail_n > 0 ? trail_s / trail_n : NAN;
+  if (totals[2] == 0)
+    warn("no document reaches ", N, " tokens: position-wise and trailing losses are empty; lower --seq-len");
+
+  if (mpi.is_root()) {
+    fs::path out = ap.has("out") ? fs::path(ap.get("out")) : fs::path(r.run_dir) / "eval";
+    fs::create_directories(out);
+    std::string stem = cat("eval_step", saved.step, "_", mode, "_N", N);
+    std::ofstream csv(out / (stem + ".csv"));
+    csv << "bucket_start,bucket_end,loss,tokens\n";
+    for (int64_t b = 0; b < n_buckets; ++b) {
+      double n = 0;
+      for (int64_t t = b * bucket; t < std::min(N, (b + 1) * bucket); ++t) n += pos_count[t];
+      csv << b * bucket << "," << std::min(N, (b + 1) * bucket) << "," << json_number(bucket_loss[b]) << "," << n << "\n";
+    }
+    std::string buckets = "[";
+    for (int64_t b = 0; b < n_buckets; ++b) buckets += (b ? ", " : "") + json_number(bucket_loss[b]);
+    buckets += "]";
+    std::ofstream json(out / (stem + ".json"));
+    json << "{" << json_string("checkpoint") << ": " << json_string(ckpt) << ", " << json_string("step") << ": "
+         << saved.step << ", " << json_string("data") << ": " << json_string(ap.get("data")) << ", "
+         << json_string("attention") << ": " << json_string(describe_attention(layers)) << ", "
+         << json_string("seq_len") << ": " << N << ", " << json_string("bucket") << ": " << bucket << ", "
+         << json_string("trailing") << ": " << trailing << ", " << json_string("mean_loss") << ": "
+         << json_number(mean_loss) << ", " << json_string("trailing_loss") << ": " << json_number(trailing_loss)
+         << ", " << json_string("sequences") << ": " << totals[3] << ", " << json_string("full_length_sequences")
+         << ": " << totals[2] << ", " << json_string("tokens") << ": " << totals[1] << ", "
+         << json_string("position_loss") << ": " << buckets << "}\n";
+    info("mean_loss ", mean_loss, " over ", static_cast<int64_t>(totals[1]), " tokens of ",
+         static_cast<int64_t>(totals[3]), " documents; trailing_loss [", N - trailing, ", ", N, ") ", trailing_loss,
+         " over ", static_cast<int64_t>(totals[2]), " documents reaching ", N);
+    for (int64_t b = 0; b < n_buckets; ++b)
+      info(cat("  positions [", b * bucket, ", ", std::min(N, (b + 1) * bucket), "): ", bucket_loss[b]));
+    info("wrote ", (out / (stem + ".json")).string(), " and ", (out / (stem + ".csv")).string());
+  }
+  return 0;
+}
+
+}  // namespace moba

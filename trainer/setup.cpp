@@ -1,0 +1,84 @@
+#include "trainer/setup.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "common/error.h"
+
+namespace moba {
+
+model::ModelConfig model_config_from(const Recipe& r, int dataset_vocab_size) {
+  const ModelSettings& m = r.model;
+  model::ModelConfig c;
+  if (m.vocab_size == 0) {
+    c.vocab_size = dataset_vocab_size;
+  } else {
+    MOBA_CHECK(m.vocab_size >= dataset_vocab_size,
+               cat(r.source_path, ": model.vocab_size ", m.vocab_size, " is smaller than the dataset's vocabulary (",
+                   dataset_vocab_size, ")"),
+               "set model.vocab_size: 0 to take it from the dataset, or a value >= the dataset's");
+    c.vocab_size = m.vocab_size;
+  }
+  c.d_model = m.d_model;
+  c.n_layers = m.n_layers;
+  c.n_heads = m.n_heads;
+  c.n_kv_heads = m.n_kv_heads;
+  c.head_dim = m.head_dim;
+  c.ffn_hidden = m.ffn_hidden;
+  c.rope_theta = static_cast<float>(m.rope_theta);
+  c.norm_eps = static_cast<float>(m.norm_eps);
+  c.tie_embeddings = m.tie_embeddings;
+  return c;
+}
+
+std::vector<AttentionParams> layer_attention(const AttentionSettings& a, const model::ModelConfig& c) {
+  std::vector<AttentionParams> layers(static_cast<size_t>(c.n_layers));
+  for (int l = 0; l < c.n_layers; ++l) {
+    AttentionParams& p = layers[static_cast<size_t>(l)];
+    p.mode = a.layer_mode(l);
+    p.block_size = a.moba.block_size;
+    p.top_k = a.moba.top_k;
+    p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  }
+  return layers;
+}
+
+int max_top_k(const Recipe& r) {
+  int k = r.attention.moba.top_k;
+  for (const Phase& p : r.phases)
+    if (p.moba) k = std::max(k, p.moba->top_k);
+  return k;
+}
+
+model::TokenBatch token_batch(const data::Batch& b) {
+  model::TokenBatch t;
+  t.inputs = b.inputs.data();
+  t.targets = b.targets.data();
+  t.loss_mask = b.loss_mask.data();
+  t.positions = b.positions.data();
+  t.cu_seqlens = b.cu_seqlens.data();
+  t.num_tokens = static_cast<int64_t>(b.inputs.size());
+  t.num_segments = static_cast<int>(b.cu_seqlens.size()) - 1;
+  return t;
+}
+
+data::PackMode pack_mode_of(const DataSettings& d) { return data::parse_pack_mode(d.pack); }
+
+std::string describe_attention(const std::vector<AttentionParams>& layers) {
+  std::string out;
+  size_t i = 0;
+  while (i < layers.size()) {
+    size_t j = i;
+    auto same = [&](const AttentionParams& a, const AttentionParams& b) {
+      return a.mode == b.mode && (a.mode == AttentionMode::full || (a.block_size == b.block_size && a.top_k == b.top_k));
+    };
+    while (j + 1 < layers.size() && same(layers[j + 1], layers[i])) ++j;
+    const AttentionParams& p = layers[i];
+    std::string what = p.mode == AttentionMode::full ? "full" : cat("moba(B=", p.block_size, ",k=", p.top_k, ")");
+    out += cat(out.empty() ? "" : " + ", what, i == j ? cat(" [layer ", i, "]") : cat(" [layers ", i, "-", j, "]"));
+    i = j + 1;
+  }
+  return out;
+}
+
+}  // namespace moba

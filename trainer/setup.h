@@ -1,0 +1,23 @@
+// Glue between a Recipe and the model/data layers, shared by `moba train` and `moba eval`: the model's
+// shape, per-layer attention, and host batches viewed as model inputs.
+#pragma once
+#include <vector>
+
+#include "data/sampler.h"
+#include "model/transformer.h"
+#include "trainer/recipe.h"
+
+namespace moba {
+
+// The model shape; vocab_size comes from the recipe or, when it says 0, from the dataset.
+model::ModelConfig model_config_from(const Recipe& recipe, int dataset_vocab_size);
+// How each layer attends under `attention` (full or moba with block size and top_k).
+std::vector<AttentionParams> layer_attention(const AttentionSettings& attention, const model::ModelConfig& config);
+// The largest top_k any phase can use (sizes the routing buffer).
+int max_top_k(const Recipe& recipe);
+model::TokenBatch token_batch(const data::Batch& batch);
+data::PackMode pack_mode_of(const DataSettings& data);
+// A one-line description of per-layer attention, e.g. "moba(B=512,k=3) x10 + full x2 (layers 10-11)".
+std::string describe_attention(const std::vector<AttentionParams>& layers);
+
+}  // namespace moba
