@@ -1,6 +1,17 @@
 // Turns a TokenDataset into training/eval batches of fixed shape (batch_seqs, seq_len).
 // Deterministic given (seed, state): the same state always yields the same next batch, so a resumed run
 // sees exactly the batches the uninterrupted run would have seen. Data-parallel ranks take disjoint shards.
+//
+// Epochs: epoch e visits the documents in an order shuffled by std::mt19937_64(seed + e) with a hand-written
+// Fisher-Yates (the same on every platform), or in file order when !shuffle.
+//   documents/concat: the documents of that order, concatenated, form a stream; global sequence i is
+//     stream[i*T, i*T + T + 1) (inputs its first T tokens, targets the last T).
+//   long_documents: global sequence i is the window at the start of the i-th document of the order with at
+//     least max(min_doc_tokens, 2) tokens.
+// Shards: shard s takes the global sequences i with i % shard_count == s. Every shard gets the same number of
+// sequences per epoch (the last < shard_count sequences are dropped) so ranks step in lockstep, and an epoch
+// ends at the last complete batch: a trailing partial batch is dropped, for single_pass too.
+// SamplerState::cursor counts this shard's sequences already taken in the epoch.
 #pragma once
 #include <cstdint>
 #include <optional>
@@ -58,10 +69,17 @@ class Sampler {
 
  private:
   void start_epoch();
+  // Fills row `row` of `batch` with global sequence `sequence` of the current epoch.
+  void fill_stream_row(Batch& batch, int row, int64_t sequence) const;
+  void fill_document_row(Batch& batch, int row, int64_t sequence) const;
   const TokenDataset& ds_;
   SamplerConfig cfg_;
   SamplerState state_;
-  std::vector<int64_t> order_;  // document order of the current epoch
+  std::vector<int64_t> candidates_;      // documents an epoch visits (long_documents: only long-enough ones)
+  int64_t shard_sequences_ = 0;          // sequences per epoch for this shard
+  std::vector<int64_t> order_;           // document order of the current epoch
+  int64_t order_epoch_ = -1;             // the epoch order_ belongs to
+  std::vector<int64_t> stream_offsets_;  // (order_.size() + 1,) start of each ordered document in the stream
 };
 
 }  // namespace moba::data
