@@ -2,6 +2,7 @@
 // subcommand, and turns a moba::Error into a readable message and a non-zero exit (aborting all ranks
 // when several run, so no rank hangs in a collective).
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 

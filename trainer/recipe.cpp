@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -490,6 +492,16 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
 
 std::string recipe_to_yaml(const Recipe& r) {
   YAML::Emitter e;
+  // Doubles print in the shortest form that reads back exactly (0.2, not 0.20000000000000001).
+  e.SetDoublePrecision(17);
+  auto num = [](double v) {
+    char buf[40];
+    for (int precision = 6; precision <= 17; ++precision) {
+      std::snprintf(buf, sizeof buf, "%.*g", precision, v);
+      if (std::strtod(buf, nullptr) == v) break;
+    }
+    return std::string(buf);
+  };
   e << YAML::BeginMap;
   e << YAML::Key << "name" << YAML::Value << r.name;
   e << YAML::Key << "seed" << YAML::Value << r.seed;
@@ -502,8 +514,8 @@ std::string recipe_to_yaml(const Recipe& r) {
     << YAML::Key << "n_layers" << YAML::Value << m.n_layers << YAML::Key << "n_heads" << YAML::Value << m.n_heads
     << YAML::Key << "n_kv_heads" << YAML::Value << m.n_kv_heads << YAML::Key << "head_dim" << YAML::Value
     << m.head_dim << YAML::Key << "ffn_hidden" << YAML::Value << m.ffn_hidden << YAML::Key << "rope_theta"
-    << YAML::Value << m.rope_theta << YAML::Key << "tie_embeddings" << YAML::Value << m.tie_embeddings
-    << YAML::Key << "init_std" << YAML::Value << m.init_std << YAML::Key << "norm_eps" << YAML::Value << m.norm_eps;
+    << YAML::Value << num(m.rope_theta) << YAML::Key << "tie_embeddings" << YAML::Value << m.tie_embeddings
+    << YAML::Key << "init_std" << YAML::Value << num(m.init_std) << YAML::Key << "norm_eps" << YAML::Value << num(m.norm_eps);
   e << YAML::EndMap;
   auto emit_moba = [&](const MobaSettings& s) {
     e << YAML::Flow << YAML::BeginMap << YAML::Key << "block_size" << YAML::Value << s.block_size << YAML::Key
@@ -519,7 +531,7 @@ std::string recipe_to_yaml(const Recipe& r) {
   if (!r.phases.empty()) {
     e << YAML::Key << "phases" << YAML::Value << YAML::BeginSeq;
     for (const Phase& p : r.phases) {
-      e << YAML::BeginMap << YAML::Key << "until" << YAML::Value << p.until;
+      e << YAML::BeginMap << YAML::Key << "until" << YAML::Value << num(p.until);
       e << YAML::Key << "attention" << YAML::Value << YAML::BeginMap;
       if (p.mode) e << YAML::Key << "mode" << YAML::Value << attention_mode_name(*p.mode);
       if (p.moba) {
@@ -538,19 +550,19 @@ std::string recipe_to_yaml(const Recipe& r) {
   e << YAML::EndMap;
   const TrainSettings& t = r.train;
   e << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "tokens" << YAML::Value << t.tokens << YAML::Key << "global_batch_tokens" << YAML::Value
+  e << YAML::Key << "tokens" << YAML::Value << num(t.tokens) << YAML::Key << "global_batch_tokens" << YAML::Value
     << t.global_batch_tokens << YAML::Key << "micro_batch_seqs" << YAML::Value << t.micro_batch_seqs;
   e << YAML::Key << "optimizer" << YAML::Value << YAML::BeginMap << YAML::Key << "name" << YAML::Value
-    << t.optimizer.name << YAML::Key << "lr" << YAML::Value << t.optimizer.lr << YAML::Key << "betas" << YAML::Value
-    << YAML::Flow << YAML::BeginSeq << t.optimizer.beta1 << t.optimizer.beta2 << YAML::EndSeq << YAML::Key << "eps"
-    << YAML::Value << t.optimizer.eps << YAML::Key << "weight_decay" << YAML::Value << t.optimizer.weight_decay
+    << t.optimizer.name << YAML::Key << "lr" << YAML::Value << num(t.optimizer.lr) << YAML::Key << "betas" << YAML::Value
+    << YAML::Flow << YAML::BeginSeq << num(t.optimizer.beta1) << num(t.optimizer.beta2) << YAML::EndSeq << YAML::Key << "eps"
+    << YAML::Value << num(t.optimizer.eps) << YAML::Key << "weight_decay" << YAML::Value << num(t.optimizer.weight_decay)
     << YAML::Key << "decay_norms_and_embeddings" << YAML::Value << t.optimizer.decay_norms_and_embeddings
     << YAML::EndMap;
   e << YAML::Key << "schedule" << YAML::Value << YAML::BeginMap << YAML::Key << "kind" << YAML::Value
-    << t.schedule.kind << YAML::Key << "warmup_tokens" << YAML::Value << t.schedule.warmup_tokens << YAML::Key
-    << "decay_fraction" << YAML::Value << t.schedule.decay_fraction << YAML::Key << "min_lr_ratio" << YAML::Value
-    << t.schedule.min_lr_ratio << YAML::EndMap;
-  e << YAML::Key << "grad_clip" << YAML::Value << t.grad_clip << YAML::Key << "precision" << YAML::Value
+    << t.schedule.kind << YAML::Key << "warmup_tokens" << YAML::Value << num(t.schedule.warmup_tokens) << YAML::Key
+    << "decay_fraction" << YAML::Value << num(t.schedule.decay_fraction) << YAML::Key << "min_lr_ratio" << YAML::Value
+    << num(t.schedule.min_lr_ratio) << YAML::EndMap;
+  e << YAML::Key << "grad_clip" << YAML::Value << num(t.grad_clip) << YAML::Key << "precision" << YAML::Value
     << t.precision << YAML::Key << "recompute" << YAML::Value << t.recompute;
   e << YAML::EndMap;
   e << YAML::Key << "parallel" << YAML::Value << YAML::BeginMap << YAML::Key << "context" << YAML::Value
@@ -558,11 +570,11 @@ std::string recipe_to_yaml(const Recipe& r) {
   if (r.parallel.data == 0) e << "auto"; else e << r.parallel.data;
   e << YAML::Key << "zero" << YAML::Value << r.parallel.zero << YAML::EndMap;
   e << YAML::Key << "eval" << YAML::Value << YAML::BeginMap << YAML::Key << "every_tokens" << YAML::Value
-    << r.eval.every_tokens << YAML::Key << "max_batches" << YAML::Value << r.eval.max_batches << YAML::Key
+    << num(r.eval.every_tokens) << YAML::Key << "max_batches" << YAML::Value << r.eval.max_batches << YAML::Key
     << "position_bucket" << YAML::Value << r.eval.position_bucket << YAML::Key << "trailing" << YAML::Value
     << r.eval.trailing << YAML::EndMap;
   e << YAML::Key << "checkpoint" << YAML::Value << YAML::BeginMap << YAML::Key << "every_tokens" << YAML::Value
-    << r.checkpoint.every_tokens << YAML::Key << "keep" << YAML::Value << r.checkpoint.keep << YAML::EndMap;
+    << num(r.checkpoint.every_tokens) << YAML::Key << "keep" << YAML::Value << r.checkpoint.keep << YAML::EndMap;
   e << YAML::Key << "log" << YAML::Value << YAML::BeginMap << YAML::Key << "every_steps" << YAML::Value
     << r.log.every_steps << YAML::EndMap;
   e << YAML::EndMap;
