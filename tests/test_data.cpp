@@ -178,6 +178,15 @@ TEST(TextReader, CorruptInputsAreClearErrors) {
   EXPECT_NE(message.find("input not found: " + dir + "/does-not-exist.jsonl"), std::string::npos) << message;
 }
 
+TEST(TextReader, BundledSampleCorpusReads) {
+  auto docs = read_all({moba::test::source_path("data/sample/python-docs.jsonl.xz")});
+  ASSERT_EQ(docs.size(), 137u);
+  int64_t bytes = 0;
+  for (const auto& d : docs) bytes += static_cast<int64_t>(d.text.size());
+  EXPECT_EQ(bytes, 2481114);
+  EXPECT_EQ(docs[0].text.rfind("=====================\nAbout these documents", 0), 0u);
+}
+
 // ---- tokenizers ------------------------------------------------------------------------------------------
 
 TEST(ByteTokenizer, RoundTripsUtf8AndBinary) {
