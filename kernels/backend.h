@@ -20,6 +20,10 @@ struct AttentionParams {
   int block_size = 512;  // moba only
   int top_k = 3;         // moba only, counts the current block
   float softmax_scale = 0;
+  // moba only: keep the block selection already in `selected` instead of routing again. Routing is a
+  // constant of the backward pass, so freezing it makes the layer smooth in Q and K (finite-difference
+  // tests, analysis of a fixed routing).
+  bool reuse_routing = false;
 };
 
 class Backend {

@@ -125,7 +125,8 @@ class CpuBackend final : public Backend {
     cpu::MobaParams mp{p.block_size, p.top_k};
     MOBA_ASSERT(selected.numel() == q.shape[0] * q.shape[1] * p.top_k);
     int32_t* sel = const_cast<int32_t*>(i32(selected, "selected"));
-    cpu::moba_select_blocks(sel, f32(q, "q"), f32(k, "k"), i32(cu_seqlens, "cu_seqlens"), segments, s, mp);
+    if (!p.reuse_routing)
+      cpu::moba_select_blocks(sel, f32(q, "q"), f32(k, "k"), i32(cu_seqlens, "cu_seqlens"), segments, s, mp);
     cpu::moba_attention_forward(f32(out, "out"), f32(lse, "lse"), f32(q, "q"), f32(k, "k"), f32(v, "v"), sel,
                                 i32(cu_seqlens, "cu_seqlens"), segments, s, mp, p.softmax_scale);
   }
