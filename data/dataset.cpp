@@ -19,10 +19,19 @@ void require_1d(const h5::File& file, const std::string& name) {
              kRecreate);
 }
 
+// Opens the file read-only; a missing, truncated or non-HDF5 file gets a hint that fits datasets.
+h5::File open_dataset_file(const std::string& path) {
+  try {
+    return h5::File::open_read(path);
+  } catch (const Error& e) {
+    throw Error(e.what(), cat("check the path, or re-run moba prep to rewrite the dataset (", e.hint(), ")"));
+  }
+}
+
 }  // namespace
 
 TokenDataset TokenDataset::open(const std::string& path) {
-  h5::File file = h5::File::open_read(path);
+  h5::File file = open_dataset_file(path);
   TokenDataset ds;
   DatasetInfo& info = ds.info_;
   info.path = path;

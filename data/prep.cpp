@@ -38,7 +38,7 @@ double split_draw(uint64_t seed, int64_t document) {
 // that the last document goes to a split that would otherwise be empty (train first, so one document is train).
 class SplitDocumentStream {
  public:
-  SplitDocumentStream(const PrepOptions& options)
+  explicit SplitDocumentStream(const PrepOptions& options)
       : reader_(options.inputs, ReadOptions{options.sft, options.max_documents, options.max_bytes}),
         seed_(options.seed),
         val_fraction_(options.val_fraction) {
@@ -209,7 +209,8 @@ std::unique_ptr<Tokenizer> train_tokenizer_on_inputs(const PrepOptions& o, const
        " bytes of train text");
   std::unique_ptr<Tokenizer> tokenizer =
       train_sentencepiece({text_path}, prefix, o.sp_model_type, o.vocab_size, o.seed);
-  fs::remove(text_path);
+  std::error_code ignored;
+  fs::remove(text_path, ignored);  // free the disk now; TemporaryFiles would only do so at the end
   return tokenizer;
 }
 
@@ -344,6 +345,10 @@ int prep_command(const std::vector<std::string>& args) {
   options.sp_model_type = parser.get("sp-model-type");
   options.sp_model = parser.get("sp-model");
   if (!options.sp_model.empty() && !parser.has("tokenizer")) options.tokenizer = "sentencepiece";
+  const bool trains_sentencepiece = options.tokenizer == "sentencepiece" && options.sp_model.empty();
+  for (const char* training_option : {"vocab-size", "sp-model-type"})
+    if (parser.has(training_option) && !trains_sentencepiece)
+      warn("moba prep: --", training_option, " only applies when training SentencePiece; ignored");
   const long long vocab_size = parser.get_int("vocab-size");
   MOBA_CHECK(vocab_size >= 1 && vocab_size <= 1000000, cat("moba prep: --vocab-size ", vocab_size, " is out of range"),
              "use e.g. 8000 (SentencePiece needs at least 300)");

@@ -15,11 +15,12 @@ struct PrepOptions {
   std::string sp_model_type = "bpe";  // bpe | unigram (when training SentencePiece)
   int vocab_size = 8000;              // when training SentencePiece
   std::string sp_model;               // existing .model to load instead of training
-  double val_fraction = 0.05;
+  double val_fraction = 0.05;         // in [0, 1); with >= 2 documents train and val each get at least one
   uint64_t seed = 1234;
   bool sft = false;                   // inputs are prompt/response pairs; writes loss_mask
   int64_t max_documents = -1;         // -1 = all
-  int64_t max_bytes = -1;             // stop reading after this many bytes of text (-1 = all)
+  int64_t max_bytes = -1;             // stop reading after this many bytes of text (-1 = all); the document
+                                      // crossing the limit is cut to fit (an SFT pair is left out instead)
 };
 
 struct PrepResult {

@@ -15,6 +15,7 @@ class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
   virtual std::vector<uint32_t> encode(std::string_view text) const = 0;
+  // Control pieces (EOS, pad) decode to nothing; an id outside the vocabulary decodes to U+FFFD.
   virtual std::string decode(const std::vector<uint32_t>& ids) const = 0;
   virtual int vocab_size() const = 0;
   virtual uint32_t eos_id() const = 0;

@@ -389,10 +389,14 @@ TEST(Dataset, RejectsTruncatedInconsistentAndOutOfRangeFiles) {
   EXPECT_EQ(TokenDataset::open(dir + "/good.h5").num_documents(), 2);
 
   std::string bytes = read_file(dir + "/good.h5");
-  write_file(dir + "/truncated.h5", bytes.substr(0, bytes.size() / 2));
-  std::string message = error_of([&] { TokenDataset::open(dir + "/truncated.h5"); });
-  EXPECT_NE(message.find(dir + "/truncated.h5"), std::string::npos) << message;
-  EXPECT_NE(message.find("truncated"), std::string::npos) << message;
+  std::string message;
+  for (double kept : {0.1, 0.5, 0.9, 0.999}) {
+    write_file(dir + "/truncated.h5", bytes.substr(0, static_cast<size_t>(static_cast<double>(bytes.size()) * kept)));
+    message = error_of([&] { TokenDataset::open(dir + "/truncated.h5"); });
+    EXPECT_NE(message.find(dir + "/truncated.h5"), std::string::npos) << message;
+    EXPECT_NE(message.find("truncated"), std::string::npos) << message;
+    EXPECT_NE(message.find("re-run moba prep"), std::string::npos) << message;
+  }
 
   write_dataset(dir + "/range.h5", {1, 2, 300, 256}, {0, 4}, 258, 256);
   message = error_of([&] { TokenDataset::open(dir + "/range.h5"); });
