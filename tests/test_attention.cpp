@@ -398,7 +398,8 @@ TEST(AttentionBackward, AccumulatesIntoGradients) {
 }
 
 TEST(AttentionBackward, BitwiseDeterministicAcrossThreadCounts) {
-  const Problem p = make_problem({0, 100, 100, 230}, 4, 2, 16, 16, 3, 1000);
+  // Large enough that every kernel takes its parallel path (detail::worth_parallel).
+  const Problem p = make_problem({0, 100, 100, 230}, 4, 2, 32, 16, 3, 1000);
   const std::vector<int32_t> selected = route(p);
   const int saved = omp_get_max_threads();
   std::vector<Results> by_threads;

@@ -76,6 +76,15 @@ int64_t longest_segment(const int32_t* cu_seqlens, int n_segments) {
   return longest;
 }
 
+int64_t causal_pairs(const int32_t* cu_seqlens, int n_segments) {
+  int64_t pairs = 0;
+  for (int s = 0; s < n_segments; ++s) {
+    const int64_t n = cu_seqlens[s + 1] - cu_seqlens[s];
+    pairs += n * (n + 1) / 2;
+  }
+  return pairs;
+}
+
 void attend_query_forward(float* out_row, float* lse, const float* q_row, const float* k, const float* v,
                           int kv_head, std::span<const KeyRange> ranges, const AttentionShape& shape, float scale,
                           float* scores_scratch) {
@@ -111,7 +120,7 @@ void attend_query_forward(float* out_row, float* lse, const float* q_row, const 
 void compute_softmax_delta(float* delta, const float* dout, const float* out, const AttentionShape& shape) {
   const int64_t rows = shape.total_tokens * shape.n_heads;
   const int D = shape.head_dim;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(rows * D))
   for (int64_t row = 0; row < rows; ++row) delta[row] = dot(dout + row * D, out + row * D, D);
 }
 

@@ -16,6 +16,10 @@ struct KeyRange {
   int64_t end = 0;
 };
 
+// A parallel region pays off above ~1e5 multiply-adds; below that its wake-up costs more than the work (far more
+// on a loaded machine). Results never depend on this choice.
+inline bool worth_parallel(int64_t multiply_adds) { return multiply_adds >= (int64_t{1} << 17); }
+
 // Keys per dK/dV task: the task's dK and dV tiles (kKeyTile, D) stay in L1/L2 while queries stream past.
 inline constexpr int64_t kKeyTile = 32;
 
@@ -59,6 +63,8 @@ void validate_moba_selection(const char* caller, const int32_t* selected, const 
 int segment_of_token(const int32_t* cu_seqlens, int n_segments, int64_t t);
 // Longest segment, in tokens.
 int64_t longest_segment(const int32_t* cu_seqlens, int n_segments);
+// (query, key) pairs of dense causal attention per head: sum over segments of n (n + 1) / 2.
+int64_t causal_pairs(const int32_t* cu_seqlens, int n_segments);
 
 // ---- the per-query arithmetic -----------------------------------------------------------------------------------
 // One query row (head h, kv head kv_head) attends to the keys of `ranges` (ascending, disjoint, non-empty union):

@@ -18,7 +18,8 @@ void attention_full_forward(float* out, float* lse, const float* q, const float*
   const int H = shape.n_heads, D = shape.head_dim, group = shape.n_heads / shape.n_kv_heads;
   const int64_t rows = shape.total_tokens * H;  // (t, h) pairs, h fastest
   const int64_t max_keys = detail::longest_segment(cu_seqlens, n_segments);
-#pragma omp parallel
+  const bool parallel = detail::worth_parallel(detail::causal_pairs(cu_seqlens, n_segments) * H * D);
+#pragma omp parallel if (parallel)
   {
     std::vector<float> scores(static_cast<size_t>(max_keys));  // (keys of one query), per thread
 #pragma omp for schedule(dynamic, 16)
@@ -40,9 +41,10 @@ void attention_full_backward(float* dq, float* dk, float* dv, const float* dout,
   const int64_t rows = shape.total_tokens * H;
   std::vector<float> delta(static_cast<size_t>(rows));  // (N, H) rowsum(dO * O)
   detail::compute_softmax_delta(delta.data(), dout, out, shape);
+  const bool parallel = detail::worth_parallel(detail::causal_pairs(cu_seqlens, n_segments) * H * D);
 
   // dQ, query-major: row (t, h) sums over its causal keys.
-#pragma omp parallel
+#pragma omp parallel if (parallel)
   {
     std::vector<float> dq_scratch(static_cast<size_t>(D));
 #pragma omp for schedule(dynamic, 16)
@@ -67,7 +69,7 @@ void attention_full_backward(float* dq, float* dk, float* dv, const float* dout,
     for (int64_t u0 = cu_seqlens[s]; u0 < cu_seqlens[s + 1]; u0 += detail::kKeyTile)
       for (int hk = 0; hk < Hkv; ++hk)
         tasks.push_back({s, hk, u0, std::min<int64_t>(u0 + detail::kKeyTile, cu_seqlens[s + 1])});
-#pragma omp parallel
+#pragma omp parallel if (parallel)
   {
     std::vector<float> dk_tile(static_cast<size_t>(detail::kKeyTile * D));  // (kKeyTile, D)
     std::vector<float> dv_tile(static_cast<size_t>(detail::kKeyTile * D));  // (kKeyTile, D)

@@ -44,7 +44,7 @@ void moba_attention_forward(float* out, float* lse, const float* q, const float*
   const int H = shape.n_heads, D = shape.head_dim, group = H / shape.n_kv_heads;
   const int64_t rows = shape.total_tokens * H;
   const int64_t max_keys = max_keys_per_query(cu_seqlens, n_segments, params);
-#pragma omp parallel
+#pragma omp parallel if (detail::worth_parallel(rows * max_keys * D))
   {
     std::vector<float> scores(static_cast<size_t>(max_keys));      // (keys of one query)
     std::vector<KeyRange> ranges(static_cast<size_t>(params.top_k));  // (top_k)
@@ -75,9 +75,10 @@ void moba_attention_backward(float* dq, float* dk, float* dv, const float* dout,
   const int64_t rows = shape.total_tokens * H;
   std::vector<float> delta(static_cast<size_t>(rows));  // (N, H) rowsum(dO * O)
   detail::compute_softmax_delta(delta.data(), dout, out, shape);
+  const bool parallel = detail::worth_parallel(rows * max_keys_per_query(cu_seqlens, n_segments, params) * D);
 
   // dQ, query-major: row (t, h) sums over the same key ranges as the forward.
-#pragma omp parallel
+#pragma omp parallel if (parallel)
   {
     std::vector<float> dq_scratch(static_cast<size_t>(D));
     std::vector<KeyRange> ranges(static_cast<size_t>(top_k));
@@ -136,7 +137,7 @@ void moba_attention_backward(float* dq, float* dk, float* dv, const float* dout,
         for (int hk = 0; hk < Hkv; ++hk)
           tasks.push_back({s, hk, (block_start - cu_seqlens[s]) / B, u0, std::min(u0 + detail::kKeyTile, block_end)});
     }
-#pragma omp parallel
+#pragma omp parallel if (parallel)
   {
     std::vector<float> dk_tile(static_cast<size_t>(detail::kKeyTile * D));  // (kKeyTile, D)
     std::vector<float> dv_tile(static_cast<size_t>(detail::kKeyTile * D));  // (kKeyTile, D)

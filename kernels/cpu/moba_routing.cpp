@@ -28,7 +28,7 @@ float round_to_bf16(float x) {
 void check_queries_finite(const float* q, const int32_t* cu_seqlens, int n_segments, const AttentionShape& shape) {
   const int64_t n = shape.total_tokens * shape.n_heads * shape.head_dim;
   int64_t first_bad = n;
-#pragma omp parallel for schedule(static) reduction(min : first_bad)
+#pragma omp parallel for schedule(static) reduction(min : first_bad) if (detail::worth_parallel(n))
   for (int64_t i = 0; i < n; ++i)
     if (!std::isfinite(q[i])) first_bad = std::min(first_bad, i);
   if (first_bad == n) return;
@@ -51,6 +51,9 @@ void moba_select_blocks(int32_t* selected, const float* q, const float* k, const
   check_queries_finite(q, cu_seqlens, n_segments, shape);
   const int H = shape.n_heads, Hkv = shape.n_kv_heads, D = shape.head_dim, group = H / Hkv;
   const int B = params.block_size, top_k = params.top_k;
+  const int64_t rows = shape.total_tokens * H;
+  const bool parallel =
+      detail::worth_parallel(rows * D * (detail::longest_segment(cu_seqlens, n_segments) / B + 1));
 
   // Block means of the complete blocks only (a partial block is never a past candidate). Segment s owns global
   // blocks [first_block[s], first_block[s+1]). Sum in fp32 in sequence order, divide, round to bf16: on the
@@ -63,7 +66,7 @@ void moba_select_blocks(int32_t* selected, const float* q, const float* k, const
   std::vector<int> block_segment(static_cast<size_t>(n_blocks));              // (n_blocks)
   for (int s = 0; s < n_segments; ++s)
     for (int64_t b = first_block[s]; b < first_block[s + 1]; ++b) block_segment[b] = s;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
   for (int64_t b = 0; b < n_blocks; ++b) {
     const int s = block_segment[b];
     const int64_t first_token = cu_seqlens[s] + (b - first_block[s]) * B;
@@ -87,9 +90,8 @@ void moba_select_blocks(int32_t* selected, const float* q, const float* k, const
 
   // Gate and top-(k-1) per (t, h) row. The running list is ordered by score descending, then block ascending;
   // a later (higher) block enters only with a strictly greater score, so ties keep the lower block index.
-  const int64_t rows = shape.total_tokens * H;
   const int past_slots = top_k - 1;
-#pragma omp parallel
+#pragma omp parallel if (parallel)
   {
     std::vector<float> best_score(static_cast<size_t>(past_slots));
     std::vector<int32_t> best_block(static_cast<size_t>(past_slots));
