@@ -205,7 +205,7 @@ int check_vectors_command(const std::vector<std::string>& args) {
     log_error(cat("moba check-vectors: --backend cuda is not available: ",
                   MOBA_HAVE_CUDA ? "the CUDA MoBA kernels are not implemented yet"
                                  : "this binary was built without CUDA and the CUDA MoBA kernels are not implemented yet"));
-    std::fprintf(stderr, "hint: run with --backend cpu for now\n");
+    std::fprintf(stderr, "  hint: run with --backend cpu for now\n");
     return 2;
   }
   VectorTolerances tol;
