@@ -44,9 +44,8 @@ std::string format_count(double v) {
   return buf;
 }
 
-// Mean validation loss over the first `max_batches` micro-batches of the validation set (fixed order).
-double validation_loss(model::Transformer& model, const data::TokenDataset& val, const Recipe& r,
-                       const std::vector<AttentionParams>& attention, const parallel::MpiContext& mpi) {
+// Validation batches: the same shapes as training, file order, one pass, sharded over ranks.
+data::SamplerConfig validation_sampler_config(const Recipe& r, const parallel::MpiContext& mpi) {
   data::SamplerConfig sc;
   sc.seq_len = r.data.seq_len;
   sc.batch_seqs = r.train.micro_batch_seqs;
@@ -57,7 +56,13 @@ double validation_loss(model::Transformer& model, const data::TokenDataset& val,
   sc.use_loss_mask = r.data.sft;
   sc.shard_index = mpi.rank();
   sc.shard_count = mpi.world_size();
-  data::Sampler sampler(val, sc);
+  return sc;
+}
+
+// Mean validation loss over the first `max_batches` micro-batches of the validation set (fixed order).
+double validation_loss(model::Transformer& model, const data::TokenDataset& val, const Recipe& r,
+                       const std::vector<AttentionParams>& attention, const parallel::MpiContext& mpi) {
+  data::Sampler sampler(val, validation_sampler_config(r, mpi));
   double sums[2] = {0, 0};  // loss sum, token count
   for (int64_t b = 0; b < r.eval.max_batches; ++b) {
     std::optional<data::Batch> batch = sampler.next();
@@ -107,7 +112,7 @@ void check_layout(const Recipe& r, const parallel::MpiContext& mpi, Run& run) {
   run.total_steps = static_cast<int64_t>(std::ceil(r.train.tokens / static_cast<double>(r.train.global_batch_tokens)));
 }
 
-void open_data(const Recipe& r, Run& run) {
+void open_data(const Recipe& r, const parallel::MpiContext& mpi, Run& run) {
   MOBA_CHECK(!r.data.train.empty(), cat(r.source_path, ": data.train is not set"),
              "set it to a dataset written by `moba prep` (e.g. data/prepared/sample/train.h5)");
   run.train_data = std::make_unique<data::TokenDataset>(data::TokenDataset::open(r.data.train));
@@ -118,6 +123,15 @@ void open_data(const Recipe& r, Run& run) {
                cat("data.val (", v.path, ", ", v.tokenizer, " vocab ", v.vocab_size,
                    ") was not tokenized like data.train (", t.path, ", ", t.tokenizer, " vocab ", t.vocab_size, ")"),
                "prepare both splits with the same `moba prep` call");
+  }
+  if (run.val_data) {
+    data::Sampler probe(*run.val_data, validation_sampler_config(r, mpi));
+    MOBA_CHECK(probe.sequences_per_epoch() >= r.train.micro_batch_seqs,
+               cat("data.val (", r.data.val, ", ", run.val_data->info().num_tokens, " tokens in ",
+                   run.val_data->num_documents(), " documents) holds fewer than one micro-batch of ",
+                   r.train.micro_batch_seqs, " x ", r.data.seq_len, " tokens per rank"),
+               "prepare a larger validation split (moba prep --val-fraction), use a smaller data.seq_len, or "
+               "leave data.val empty to skip validation");
   }
   MOBA_CHECK(!r.data.sft || run.train_data->info().has_loss_mask,
              cat(r.source_path, ": data.sft is true but ", r.data.train, " has no loss_mask"),
@@ -145,7 +159,7 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   }
   if (mpi.world_size() > 1 && r.parallel.zero == 1)
     warn("parallel.zero: 1 - optimizer-state sharding is not implemented yet; every rank keeps the full state");
-  open_data(r, run);
+  open_data(r, mpi, run);
   run.config = model_config_from(r, run.train_data->info().vocab_size);
   recipe.model.vocab_size = run.config.vocab_size;  // saved resolved, so eval rebuilds the same model
   const model::ModelConfig& c = run.config;
