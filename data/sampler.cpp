@@ -92,6 +92,13 @@ void Sampler::start_epoch() {
   if (cfg_.pack != PackMode::long_documents) {
     stream_offsets_.assign(order_.size() + 1, 0);
     for (size_t k = 0; k < order_.size(); ++k) stream_offsets_[k + 1] = stream_offsets_[k] + ds_.doc_length(order_[k]);
+    if (cfg_.shuffle) {
+      // Mix windows too, so one batch never comes from a single long document (8 bytes per window).
+      std::mt19937_64 rng(cfg_.seed + static_cast<uint64_t>(state_.epoch) + 0x9E3779B97F4A7C15ull);
+      window_order_.resize(static_cast<size_t>(shard_sequences_ * cfg_.shard_count));
+      for (size_t i = 0; i < window_order_.size(); ++i) window_order_[i] = static_cast<int64_t>(i);
+      for (size_t i = window_order_.size(); i > 1; --i) std::swap(window_order_[i - 1], window_order_[uniform_below(rng, i)]);
+    }
   }
   order_epoch_ = state_.epoch;
 }
@@ -119,20 +126,20 @@ std::optional<Batch> Sampler::next() {
   for (int row = 0; row < cfg_.batch_seqs; ++row) {
     int64_t sequence = (state_.cursor + row) * cfg_.shard_count + cfg_.shard_index;
     if (cfg_.pack == PackMode::long_documents) fill_document_row(batch, row, sequence);
-    else fill_stream_row(batch, row, sequence);
+    else fill_stream_row(batch, row, window_order_.empty() ? sequence : window_order_[static_cast<size_t>(sequence)]);
   }
   state_.cursor += cfg_.batch_seqs;
   return batch;
 }
 
-// Window stream[i*T, i*T + T + 1) of the concatenated documents; in documents mode a new segment starts at
+// Window stream[w*T, w*T + T + 1) of the concatenated documents; in documents mode a new segment starts at
 // every row whose input token is the first token of a document.
-void Sampler::fill_stream_row(Batch& batch, int row, int64_t sequence) const {
+void Sampler::fill_stream_row(Batch& batch, int row, int64_t window_index) const {
   const int64_t T = cfg_.seq_len;
   const int64_t row_start = row * T;
   std::vector<int32_t> window(static_cast<size_t>(T + 1));  // (T+1,) tokens
   std::vector<uint8_t> mask(static_cast<size_t>(T + 1));    // (T+1,) loss mask of each token
-  int64_t position = sequence * T;  // in the stream
+  int64_t position = window_index * T;  // in the stream
   size_t k = static_cast<size_t>(std::upper_bound(stream_offsets_.begin(), stream_offsets_.end(), position) -
                                  stream_offsets_.begin() - 1);
   int64_t filled = 0;

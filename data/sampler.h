@@ -4,8 +4,10 @@
 //
 // Epochs: epoch e visits the documents in an order shuffled by std::mt19937_64(seed + e) with a hand-written
 // Fisher-Yates (the same on every platform), or in file order when !shuffle.
-//   documents/concat: the documents of that order, concatenated, form a stream; global sequence i is
-//     stream[i*T, i*T + T + 1) (inputs its first T tokens, targets the last T).
+//   documents/concat: the documents of that order, concatenated, form a stream cut into windows
+//     stream[w*T, w*T + T + 1) (inputs the first T tokens, targets the last T). Global sequence i is window
+//     w = perm_e(i), a permutation drawn from the same generator (identity when !shuffle), so consecutive
+//     sequences, and so the rows of a batch, come from all over the corpus rather than from one document.
 //   long_documents: global sequence i is the window at the start of the i-th document of the order with at
 //     least max(min_doc_tokens, 2) tokens.
 // Shards: shard s takes the global sequences i with i % shard_count == s. Every shard gets the same number of
@@ -70,7 +72,7 @@ class Sampler {
  private:
   void start_epoch();
   // Fills row `row` of `batch` with global sequence `sequence` of the current epoch.
-  void fill_stream_row(Batch& batch, int row, int64_t sequence) const;
+  void fill_stream_row(Batch& batch, int row, int64_t window_index) const;
   void fill_document_row(Batch& batch, int row, int64_t sequence) const;
   const TokenDataset& ds_;
   SamplerConfig cfg_;
@@ -80,6 +82,7 @@ class Sampler {
   std::vector<int64_t> order_;           // document order of the current epoch
   int64_t order_epoch_ = -1;             // the epoch order_ belongs to
   std::vector<int64_t> stream_offsets_;  // (order_.size() + 1,) start of each ordered document in the stream
+  std::vector<int64_t> window_order_;    // documents/concat with shuffle: global sequence -> window index
 };
 
 }  // namespace moba::data

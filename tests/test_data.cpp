@@ -470,35 +470,60 @@ TEST(Sampler, DocumentsModeWindowsFollowTheShuffledStream) {
   TokenDataset ds = traced.open();
   SamplerConfig c;
   c.seq_len = 16;
-  c.batch_seqs = 2;
+  c.batch_seqs = 1;  // one window per batch, so the epoch's 13 batches hold every window
   c.seed = 5;
   Sampler sampler(ds, c);
   EXPECT_EQ(sampler.sequences_per_epoch(), (223 - 1) / 16);  // 13
-  std::vector<int32_t> stream;  // inputs of the epoch, window after window
-  for (int b = 0; b < 13 / 2; ++b) {
+  std::vector<std::vector<int32_t>> windows;  // inputs of each window, in the order served
+  std::vector<int32_t> last_targets;
+  for (int b = 0; b < 13; ++b) {
     Batch batch = *sampler.next();
-    ASSERT_EQ(batch.inputs.size(), 32u);
+    ASSERT_EQ(batch.inputs.size(), 16u);
     std::vector<int32_t> expected_cu = {0};
-    for (int row = 0; row < 2; ++row) {
-      for (int t = 0; t < 16; ++t) {
-        size_t i = static_cast<size_t>(row * 16 + t);
-        EXPECT_EQ(batch.positions[i], t);
-        EXPECT_EQ(batch.loss_mask[i], 1);
-        int32_t input = batch.inputs[i], target = batch.targets[i];
-        if (t + 1 < 16) EXPECT_EQ(batch.inputs[i + 1], target);
-        // Inside a document the target follows the input; otherwise the input ends its document and the
-        // target starts another one.
-        if (t > 0 && static_cast<uint64_t>(input) == traced.offsets[static_cast<size_t>(traced.document_of(input))])
-          expected_cu.push_back(static_cast<int32_t>(i));
-        if (target != input + 1) {
-          EXPECT_EQ(static_cast<uint64_t>(input) + 1, traced.offsets[static_cast<size_t>(traced.document_of(input)) + 1]);
-          EXPECT_EQ(static_cast<uint64_t>(target), traced.offsets[static_cast<size_t>(traced.document_of(target))]);
-        }
-        stream.push_back(input);
+    for (int t = 0; t < 16; ++t) {
+      size_t i = static_cast<size_t>(t);
+      EXPECT_EQ(batch.positions[i], t);
+      EXPECT_EQ(batch.loss_mask[i], 1);
+      int32_t input = batch.inputs[i], target = batch.targets[i];
+      if (t + 1 < 16) EXPECT_EQ(batch.inputs[i + 1], target);
+      // Inside a document the target follows the input; otherwise the input ends its document and the
+      // target starts another one.
+      if (t > 0 && static_cast<uint64_t>(input) == traced.offsets[static_cast<size_t>(traced.document_of(input))])
+        expected_cu.push_back(static_cast<int32_t>(i));
+      if (target != input + 1) {
+        EXPECT_EQ(static_cast<uint64_t>(input) + 1, traced.offsets[static_cast<size_t>(traced.document_of(input)) + 1]);
+        EXPECT_EQ(static_cast<uint64_t>(target), traced.offsets[static_cast<size_t>(traced.document_of(target))]);
       }
-      expected_cu.push_back((row + 1) * 16);
     }
+    expected_cu.push_back(16);
     EXPECT_EQ(batch.cu_seqlens, expected_cu);
+    windows.emplace_back(batch.inputs.begin(), batch.inputs.end());
+    last_targets.push_back(batch.targets.back());
+  }
+  // Windows are served in a shuffled order: some consecutive pair is not consecutive in the stream.
+  int chained = 0;
+  for (size_t w = 0; w + 1 < windows.size(); ++w) chained += last_targets[w] == windows[w + 1][0];
+  EXPECT_LT(chained, 12);
+  // Re-chain them (a window's last target is the next window's first input) to recover the stream.
+  std::vector<int32_t> stream;
+  std::vector<bool> used(windows.size(), false);
+  size_t current = windows.size();
+  for (size_t w = 0; w < windows.size(); ++w) {
+    bool has_predecessor = false;
+    for (size_t v = 0; v < windows.size(); ++v) has_predecessor |= last_targets[v] == windows[w][0];
+    if (!has_predecessor) current = w;
+  }
+  ASSERT_LT(current, windows.size()) << "no window starts the stream";
+  for (size_t n = 0; n < windows.size(); ++n) {
+    ASSERT_FALSE(used[current]);
+    used[current] = true;
+    stream.insert(stream.end(), windows[current].begin(), windows[current].end());
+    if (n + 1 == windows.size()) break;
+    size_t next = windows.size();
+    for (size_t v = 0; v < windows.size(); ++v)
+      if (!used[v] && windows[v][0] == last_targets[current]) next = v;
+    ASSERT_LT(next, windows.size()) << "the windows do not tile one stream";
+    current = next;
   }
   // The epoch's windows tile a stream made of whole documents, each appearing once, in a shuffled order.
   std::vector<int64_t> order;
@@ -514,10 +539,10 @@ TEST(Sampler, DocumentsModeWindowsFollowTheShuffledStream) {
   std::iota(file_order.begin(), file_order.end(), int64_t{0});
   EXPECT_NE(order, file_order);
   EXPECT_EQ(sampler.state().epoch, 0);
-  EXPECT_EQ(sampler.state().cursor, 12);
-  sampler.next();  // 13 sequences = 6 batches: the 7th starts epoch 1
+  EXPECT_EQ(sampler.state().cursor, 13);
+  sampler.next();  // 13 sequences = 13 batches of one: the 14th starts epoch 1
   EXPECT_EQ(sampler.state().epoch, 1);
-  EXPECT_EQ(sampler.state().cursor, 2);
+  EXPECT_EQ(sampler.state().cursor, 1);
 }
 
 TEST(Sampler, IsDeterministicAndResumesExactlyAcrossEpochs) {

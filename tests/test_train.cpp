@@ -93,8 +93,8 @@ TEST_F(Train, TinyModelLearnsWellBelowUnigramEntropy) {
   double val = last_value(run, "val_loss");
   double first_loss = std::stod(field(training_lines(run).begin()->second, "loss"));
   EXPECT_NEAR(first_loss, std::log(258.0), 0.1);  // starts at chance
-  // Measured: entropy 3.66 nats, val_loss ~3.0 after 300K tokens.
-  EXPECT_LT(val, 0.85 * entropy) << "val_loss " << val << " vs unigram entropy " << entropy;
+  // Measured: entropy 3.66 nats, val_loss 2.84 after 300K tokens (0.78 of it).
+  EXPECT_LT(val, 0.8 * entropy) << "val_loss " << val << " vs unigram entropy " << entropy;
 }
 
 TEST_F(Train, KillAndResumeReproducesTheUninterruptedRunExactly) {

@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <random>
 
+#include <unistd.h>
+
 namespace moba::test {
 
 std::string shared_data(const std::string& name) {
@@ -17,7 +19,8 @@ std::string shared_data(const std::string& name) {
 std::string source_path(const std::string& rel) { return std::string(MOBA_SOURCE_DIR) + "/" + rel; }
 
 std::string scratch_dir(const std::string& name) {
-  std::filesystem::path p = std::filesystem::current_path() / "test-scratch" / name;
+  // Per process: ctest runs test processes concurrently and each must own its directories.
+  std::filesystem::path p = std::filesystem::current_path() / "test-scratch" / std::to_string(getpid()) / name;
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
   return p.string();

@@ -13,7 +13,7 @@ namespace moba::test {
 
 // Path inside ../shared/data (the MOBA_SHARED_DATA env var overrides the configured location).
 std::string shared_data(const std::string& name);
-// Path inside the source tree / a fresh scratch directory under the build tree (removed and recreated).
+// Path inside the source tree / a fresh scratch directory under <build>/test-scratch/<pid>/ (recreated).
 std::string source_path(const std::string& rel);
 std::string scratch_dir(const std::string& name);
 // The built `moba` binary, and a helper that runs it (stdout+stderr captured) returning the exit code.
