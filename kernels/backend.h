@@ -1,6 +1,10 @@
 // The op layer: every computation of the model and optimizer goes through a Backend, so the CPU reference
 // and the CUDA backend are interchangeable behind one interface. Tensors passed in live on the backend's
 // device; shapes are read from the tensors and checked. Backward ops ACCUMULATE into their gradients.
+// Precision contract (mixed precision on CUDA, plain fp32 on the CPU):
+//   activations and the working copy of the weights: activation_dtype() (CPU f32, CUDA bf16);
+//   master weights, weight gradients, optimizer moments, rstd, lse, losses: f32;
+//   gradients of activations (dinp, dq, dlogits, ...): activation_dtype().
 // Invariant: for the same inputs, the CPU backend's results are bitwise reproducible run to run.
 #pragma once
 #include <cstdint>
@@ -31,6 +35,7 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
   virtual Device device() const = 0;
+  virtual DType activation_dtype() const = 0;
 
   // ---- memory (arenas are allocated once up front; no allocation inside a step) ----
   virtual Tensor allocate(DType dtype, std::initializer_list<int64_t> shape) = 0;
@@ -56,7 +61,8 @@ class Backend {
   virtual void swiglu_forward(Tensor out, const Tensor& inp) = 0;   // inp (N, 2F) = [gate | up]
   virtual void swiglu_backward(Tensor dinp, const Tensor& dout, const Tensor& inp) = 0;
   virtual void add_inplace(Tensor dst, const Tensor& src) = 0;
-  virtual void copy(Tensor dst, const Tensor& src) = 0;  // same shape, either may be row-strided
+  virtual void copy(Tensor dst, const Tensor& src) = 0;  // same shape and dtype, either may be row-strided
+  virtual void convert(Tensor dst, const Tensor& src) = 0;  // contiguous, same numel, any float dtypes
 
   // ---- attention over packed segments: q (N, H, D), k/v (N, Hkv, D), out (N, H, D), lse (N, H) ----
   // cu_seqlens (S+1) int32 lives on this device; selected (N, H, top_k) int32 is written by forward for
@@ -75,13 +81,18 @@ class Backend {
                                       const Tensor& mask, float grad_scale) = 0;
 
   // ---- optimizer over flat arenas ----
-  virtual void adamw_update(Tensor param, const Tensor& grad, Tensor m, Tensor v, float lr, float beta1, float beta2,
-                            float eps, float weight_decay, int64_t step) = 0;
+  // Updates the f32 master `param`; when param_working is non-empty (mixed precision), also writes the
+  // updated values rounded to its dtype there (the weights the next forward uses).
+  virtual void adamw_update(Tensor param, Tensor param_working, const Tensor& grad, Tensor m, Tensor v, float lr,
+                            float beta1, float beta2, float eps, float weight_decay, int64_t step) = 0;
   virtual double sum_of_squares(const Tensor& x) = 0;
   virtual void scale(Tensor x, float s) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
+#if MOBA_HAVE_CUDA
+std::unique_ptr<Backend> make_cuda_backend();  // kernels/cuda/; throws a clear moba::Error when no GPU is usable
+#endif
 // "cpu" or "cuda"; "cuda" fails with a clear message when this build has no CUDA backend or no GPU.
 std::unique_ptr<Backend> make_backend(const std::string& name);
 

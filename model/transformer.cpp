@@ -47,8 +47,12 @@ Transformer::Transformer(Backend& backend, const ModelConfig& config, int64_t ma
   MOBA_ASSERT(c.vocab_size > 0 && c.n_heads % c.n_kv_heads == 0 && c.head_dim % 2 == 0 && max_tokens > 0);
   const int64_t N = max_tokens, L = c.n_layers, C = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads, D = c.head_dim;
   const int64_t F = c.ffn_hidden, V = c.vocab_size;
+  act_dtype_ = be_.activation_dtype();
+  const DType A = act_dtype_;  // activations and their gradients; statistics stay f32
   params_ = be_.allocate(DType::f32, {layout_.total()});
   grads_ = be_.allocate(DType::f32, {layout_.total()});
+  working_ = A != DType::f32;
+  if (working_) params_working_ = be_.allocate(A, {layout_.total()});
   act_ = std::make_unique<Activations>();
   Activations& a = *act_;
   a.inputs = be_.allocate(DType::i32, {N});
@@ -56,35 +60,35 @@ Transformer::Transformer(Backend& backend, const ModelConfig& config, int64_t ma
   a.positions = be_.allocate(DType::i32, {N});
   a.mask = be_.allocate(DType::u8, {N});
   a.cu_seqlens = be_.allocate(DType::i32, {N + 1});
-  a.resid = be_.allocate(DType::f32, {(L + 1) * N, C});
-  a.resid_mid = be_.allocate(DType::f32, {L * N, C});
-  a.ln1 = be_.allocate(DType::f32, {L * N, C});
-  a.ln2 = be_.allocate(DType::f32, {L * N, C});
+  a.resid = be_.allocate(A, {(L + 1) * N, C});
+  a.resid_mid = be_.allocate(A, {L * N, C});
+  a.ln1 = be_.allocate(A, {L * N, C});
+  a.ln2 = be_.allocate(A, {L * N, C});
   a.ln1_rstd = be_.allocate(DType::f32, {L * N});
   a.ln2_rstd = be_.allocate(DType::f32, {L * N});
-  a.qkv = be_.allocate(DType::f32, {L * N, c.qkv_dim()});
-  a.q = be_.allocate(DType::f32, {L * N, H * D});
-  a.att = be_.allocate(DType::f32, {L * N, H * D});
-  a.k = be_.allocate(DType::f32, {L * N, Hkv * D});
-  a.v = be_.allocate(DType::f32, {L * N, Hkv * D});
+  a.qkv = be_.allocate(A, {L * N, c.qkv_dim()});
+  a.q = be_.allocate(A, {L * N, H * D});
+  a.att = be_.allocate(A, {L * N, H * D});
+  a.k = be_.allocate(A, {L * N, Hkv * D});
+  a.v = be_.allocate(A, {L * N, Hkv * D});
   a.lse = be_.allocate(DType::f32, {L * N, H});
   if (max_top_k > 0) a.selected = be_.allocate(DType::i32, {L * N, H * max_top_k});
-  a.gate_up = be_.allocate(DType::f32, {L * N, 2 * F});
-  a.swiglu = be_.allocate(DType::f32, {L * N, F});
-  a.lnf = be_.allocate(DType::f32, {N, C});
+  a.gate_up = be_.allocate(A, {L * N, 2 * F});
+  a.swiglu = be_.allocate(A, {L * N, F});
+  a.lnf = be_.allocate(A, {N, C});
   a.lnf_rstd = be_.allocate(DType::f32, {N});
-  a.logits = be_.allocate(DType::f32, {N, V});
-  a.dlogits = be_.allocate(DType::f32, {N, V});
+  a.logits = be_.allocate(A, {N, V});
+  a.dlogits = be_.allocate(A, {N, V});
   a.losses = be_.allocate(DType::f32, {N});
-  a.dresid = be_.allocate(DType::f32, {N, C});
-  a.dln = be_.allocate(DType::f32, {N, C});
-  a.dqkv = be_.allocate(DType::f32, {N, c.qkv_dim()});
-  a.dq = be_.allocate(DType::f32, {N, H * D});
-  a.datt = be_.allocate(DType::f32, {N, H * D});
-  a.dk = be_.allocate(DType::f32, {N, Hkv * D});
-  a.dv = be_.allocate(DType::f32, {N, Hkv * D});
-  a.dgate_up = be_.allocate(DType::f32, {N, 2 * F});
-  a.dswiglu = be_.allocate(DType::f32, {N, F});
+  a.dresid = be_.allocate(A, {N, C});
+  a.dln = be_.allocate(A, {N, C});
+  a.dqkv = be_.allocate(A, {N, c.qkv_dim()});
+  a.dq = be_.allocate(A, {N, H * D});
+  a.datt = be_.allocate(A, {N, H * D});
+  a.dk = be_.allocate(A, {N, Hkv * D});
+  a.dv = be_.allocate(A, {N, Hkv * D});
+  a.dgate_up = be_.allocate(A, {N, 2 * F});
+  a.dswiglu = be_.allocate(A, {N, F});
 }
 
 Transformer::~Transformer() {
@@ -92,6 +96,7 @@ Transformer::~Transformer() {
     if (t->data) be_.release(*t);
   be_.release(params_);
   be_.release(grads_);
+  if (working_) be_.release(params_working_);
 }
 
 Tensor Transformer::view(const Tensor& arena, const ParamTensor& t, int layer) const {
@@ -103,17 +108,23 @@ Tensor Transformer::view(const Tensor& arena, const ParamTensor& t, int layer) c
     offset += layer * per_layer;
     shape.erase(shape.begin());
   }
-  v.data = arena.as<float>() + offset;
+  v.data = static_cast<char*>(arena.data) + static_cast<size_t>(offset) * dtype_size(arena.dtype);
   v.ndim = static_cast<int>(shape.size());
   for (int i = 0; i < v.ndim; ++i) v.shape[i] = shape[i];
   v.row_stride = 0;
   return v;
 }
 
-Tensor Transformer::param(const std::string& name) const { return view(params_, layout_.get(name), -1); }
+Tensor Transformer::param(const std::string& name) const {
+  return view(working_ ? params_working_ : params_, layout_.get(name), -1);
+}
+Tensor Transformer::master_param(const std::string& name) const { return view(params_, layout_.get(name), -1); }
+Tensor Transformer::working_param(const std::string& name) const {
+  return working_ ? view(params_working_, layout_.get(name), -1) : Tensor();
+}
 Tensor Transformer::grad(const std::string& name) const { return view(grads_, layout_.get(name), -1); }
 Tensor Transformer::layer_param(const std::string& name, int layer) const {
-  return view(params_, layout_.get(name), layer);
+  return view(working_ ? params_working_ : params_, layout_.get(name), layer);
 }
 Tensor Transformer::layer_grad(const std::string& name, int layer) const {
   return view(grads_, layout_.get(name), layer);
@@ -122,6 +133,7 @@ Tensor Transformer::layer_grad(const std::string& name, int layer) const {
 void Transformer::set_params_from_host(const std::vector<float>& host) {
   MOBA_ASSERT(static_cast<int64_t>(host.size()) == layout_.total());
   be_.upload(params_, host.data());
+  if (working_) be_.convert(params_working_, params_);
 }
 
 std::vector<float> Transformer::params_to_host() const {

@@ -34,9 +34,14 @@ class Transformer {
 
   const ModelConfig& config() const { return config_; }
   const ParameterLayout& layout() const { return layout_; }
-  Tensor params() const { return params_; }  // (P) flat arena
-  Tensor grads() const { return grads_; }    // (P) flat arena, same layout
-  Tensor param(const std::string& name) const;  // a view of one named tensor in the params arena
+  Tensor params() const { return params_; }  // (P) f32 master weights
+  Tensor grads() const { return grads_; }    // (P) f32, same layout
+  // The weights the forward and backward read: the master arena itself when the backend computes in f32,
+  // else a copy in the backend's activation dtype, refreshed by the optimizer after every step.
+  Tensor working_params() const { return working_ ? params_working_ : Tensor(); }
+  Tensor param(const std::string& name) const;         // view of one named tensor in the working weights
+  Tensor master_param(const std::string& name) const;  // view in the f32 master weights
+  Tensor working_param(const std::string& name) const; // view in the working copy (empty when f32 throughout)
   Tensor grad(const std::string& name) const;
 
   void set_params_from_host(const std::vector<float>& host);
@@ -62,7 +67,10 @@ class Transformer {
   ParameterLayout layout_;
   int64_t max_tokens_;
   int max_top_k_;
-  Tensor params_, grads_;
+  Tensor params_, grads_;   // (P) f32
+  Tensor params_working_;   // (P) activation dtype; only when it is not f32
+  bool working_ = false;
+  DType act_dtype_ = DType::f32;
   std::unique_ptr<Activations> act_;
   std::vector<AttentionParams> last_attention_;
   int64_t last_tokens_ = 0;

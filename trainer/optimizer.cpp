@@ -41,10 +41,11 @@ double AdamW::clip_gradients(double clip) {
 void AdamW::step(double lr) {
   ++step_;
   for (const model::ParamTensor& t : model_.layout().tensors()) {
-    Tensor p = model_.param(t.name), g = model_.grad(t.name);
+    Tensor p = model_.master_param(t.name).reshape({t.numel}), g = model_.grad(t.name).reshape({t.numel});
+    Tensor working = model_.working_param(t.name);
+    if (working.data) working = working.reshape({t.numel});
     Tensor m = m_.slice_rows(t.offset, t.numel), v = v_.slice_rows(t.offset, t.numel);
-    Tensor pf = p.reshape({t.numel}), gf = g.reshape({t.numel});
-    be_.adamw_update(pf, gf, m, v, static_cast<float>(lr), static_cast<float>(s_.beta1),
+    be_.adamw_update(p, working, g, m, v, static_cast<float>(lr), static_cast<float>(s_.beta1),
                      static_cast<float>(s_.beta2), static_cast<float>(s_.eps),
                      decays(t) ? static_cast<float>(s_.weight_decay) : 0.0f, step_);
   }

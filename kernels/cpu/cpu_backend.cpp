@@ -30,6 +30,7 @@ class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
   Device device() const override { return Device::cpu; }
+  DType activation_dtype() const override { return DType::f32; }
 
   Tensor allocate(DType dtype, std::initializer_list<int64_t> shape) override {
     Tensor t(nullptr, dtype, Device::cpu, shape);
@@ -113,6 +114,11 @@ class CpuBackend final : public Backend {
     cpu::copy_rows(f32(dst, "dst"), dst.stride0(), f32(src, "src"), src.stride0(), src.rows(), src.row_size());
   }
 
+  void convert(Tensor dst, const Tensor& src) override {
+    MOBA_ASSERT(dst.numel() == src.numel() && dst.contiguous() && src.contiguous());
+    std::memcpy(f32(dst, "dst"), f32(src, "src"), dst.bytes());  // the CPU backend holds f32 only
+  }
+
   void attention_forward(Tensor out, Tensor lse, Tensor selected, const Tensor& q, const Tensor& k, const Tensor& v,
                          const Tensor& cu_seqlens, const AttentionParams& p) override {
     cpu::AttentionShape s = shape_of(q, k);
@@ -161,9 +167,10 @@ class CpuBackend final : public Backend {
                                 static_cast<int>(logits.row_size()));
   }
 
-  void adamw_update(Tensor param, const Tensor& grad, Tensor m, Tensor v, float lr, float beta1, float beta2,
-                    float eps, float weight_decay, int64_t step) override {
+  void adamw_update(Tensor param, Tensor param_working, const Tensor& grad, Tensor m, Tensor v, float lr,
+                    float beta1, float beta2, float eps, float weight_decay, int64_t step) override {
     MOBA_ASSERT(param.numel() == grad.numel() && param.numel() == m.numel() && param.numel() == v.numel());
+    MOBA_ASSERT(param_working.data == nullptr);  // fp32 throughout: the master weights are the working ones
     cpu::adamw_update(f32(param, "param"), f32(grad, "grad"), f32(m, "m"), f32(v, "v"), param.numel(), lr, beta1,
                       beta2, eps, weight_decay, step);
   }
@@ -180,16 +187,6 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-const char* attention_mode_name(AttentionMode m) { return m == AttentionMode::moba ? "moba" : "full"; }
-
 std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
-
-std::unique_ptr<Backend> make_backend(const std::string& name) {
-  if (name == "cpu") return make_cpu_backend();
-  if (name == "cuda")
-    throw Error("backend 'cuda' is not available in this build: the CUDA training backend is not implemented yet",
-                "use backend: cpu (or --set backend=cpu); the CUDA backend arrives with the GPU issue");
-  throw Error(cat("unknown backend '", name, "'"), "allowed: cpu, cuda");
-}
 
 }  // namespace moba

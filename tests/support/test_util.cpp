@@ -9,6 +9,10 @@
 
 #include <unistd.h>
 
+#if MOBA_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
 namespace moba::test {
 
 std::string shared_data(const std::string& name) {
@@ -39,6 +43,15 @@ int run_moba(const std::string& args, std::string* output) {
   int status = pclose(pipe);
   if (output) *output = out;
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+bool gpu_available() {
+#if MOBA_HAVE_CUDA
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+#else
+  return false;
+#endif
 }
 
 std::vector<float> random_vector(size_t n, uint64_t seed, float lo, float hi) {

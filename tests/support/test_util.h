@@ -27,6 +27,13 @@ int run_moba(const std::string& args, std::string* output = nullptr);
                                                      << " (tests that need ../shared/data skip)";  \
   } while (0)
 
+// True when this build has the CUDA backend and a GPU is usable; GPU tests call MOBA_REQUIRE_GPU() first.
+bool gpu_available();
+#define MOBA_REQUIRE_GPU()                                                                          \
+  do {                                                                                              \
+    if (!::moba::test::gpu_available()) GTEST_SKIP() << "no usable GPU (or built without CUDA): GPU test skipped"; \
+  } while (0)
+
 std::vector<float> random_vector(size_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f);
 // Rounds every value to the nearest bf16 (round-to-nearest-even), as GPU activations would be.
 void round_to_bf16(std::vector<float>& x);

@@ -1,0 +1,225 @@
+// The CUDA backend: device memory and the Backend interface on one stream, activations in bf16, master
+// weights, gradients and statistics in f32 (see kernels/backend.h for the precision contract).
+#include <cstring>
+
+#include "kernels/cuda/attention.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/moba.h"
+#include "kernels/cuda/ops.h"
+
+namespace moba {
+namespace cuda {
+namespace {
+
+template <typename T>
+T* typed(const Tensor& t, DType want, const char* what) {
+  MOBA_CHECK(t.device == Device::cuda && t.dtype == want,
+             cat("cuda backend: ", what, " must be ", dtype_name(want), " on the GPU, got ", t.describe()),
+             "this is a bug in the caller");
+  return static_cast<T*>(t.data);
+}
+bf16* b16(const Tensor& t, const char* what) { return typed<bf16>(t, DType::bf16, what); }
+float* f32(const Tensor& t, const char* what) { return typed<float>(t, DType::f32, what); }
+const int32_t* i32(const Tensor& t, const char* what) { return typed<int32_t>(t, DType::i32, what); }
+const uint8_t* u8(const Tensor& t, const char* what) { return typed<uint8_t>(t, DType::u8, what); }
+
+struct Shape {
+  int64_t N;
+  int H, Hkv, D;
+};
+Shape shape_of(const Tensor& q, const Tensor& k) {
+  MOBA_ASSERT(q.ndim == 3 && k.ndim == 3 && q.shape[0] == k.shape[0] && q.shape[2] == k.shape[2]);
+  return Shape{q.shape[0], static_cast<int>(q.shape[1]), static_cast<int>(k.shape[1]), static_cast<int>(q.shape[2])};
+}
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend() {
+    int count = 0;
+    cudaError_t err = cudaGetDeviceCount(&count);
+    MOBA_CHECK(err == cudaSuccess && count > 0,
+               cat("backend 'cuda': no usable GPU (", err == cudaSuccess ? "no device" : cudaGetErrorString(err), ")"),
+               "run on a machine with an NVIDIA GPU and driver, or use backend: cpu");
+    MOBA_CUDA_CHECK(cudaSetDevice(ctx_.device));
+    cudaDeviceProp prop{};
+    MOBA_CUDA_CHECK(cudaGetDeviceProperties(&prop, ctx_.device));
+    ctx_.sm_count = prop.multiProcessorCount;
+    MOBA_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx_.stream, cudaStreamNonBlocking));
+    MOBA_CUBLAS_CHECK(cublasLtCreate(&ctx_.lt));
+    ctx_.workspace_bytes = 32u << 20;
+    MOBA_CUDA_CHECK(cudaMalloc(&ctx_.workspace, ctx_.workspace_bytes));
+    name_ = cat("cuda (", prop.name, ")");
+  }
+  ~CudaBackend() override {
+    cudaStreamSynchronize(ctx_.stream);
+    for (void* p : ctx_.scratch_ptr) cudaFree(p);
+    cudaFree(ctx_.workspace);
+    cublasLtDestroy(ctx_.lt);
+    cudaStreamDestroy(ctx_.stream);
+  }
+
+  std::string name() const override { return name_; }
+  Device device() const override { return Device::cuda; }
+  DType activation_dtype() const override { return DType::bf16; }
+
+  Tensor allocate(DType dtype, std::initializer_list<int64_t> shape) override {
+    Tensor t(nullptr, dtype, Device::cuda, shape);
+    size_t bytes = (t.bytes() + 255) / 256 * 256;
+    MOBA_CUDA_CHECK(cudaMalloc(&t.data, bytes ? bytes : 256));
+    MOBA_CUDA_CHECK(cudaMemsetAsync(t.data, 0, bytes ? bytes : 256, ctx_.stream));
+    return t;
+  }
+  void release(Tensor& t) override {
+    cudaFree(t.data);
+    t.data = nullptr;
+  }
+  void zero(Tensor t) override {
+    if (t.contiguous()) {
+      MOBA_CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.bytes(), ctx_.stream));
+    } else {
+      size_t row_bytes = static_cast<size_t>(t.row_size()) * dtype_size(t.dtype);
+      MOBA_CUDA_CHECK(cudaMemset2DAsync(t.data, static_cast<size_t>(t.stride0()) * dtype_size(t.dtype), 0, row_bytes,
+                                        static_cast<size_t>(t.rows()), ctx_.stream));
+    }
+  }
+  void upload(Tensor dst, const void* host) override {
+    MOBA_CUDA_CHECK(cudaMemcpyAsync(dst.data, host, dst.bytes(), cudaMemcpyHostToDevice, ctx_.stream));
+    MOBA_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream));
+  }
+  void download(void* host, const Tensor& src) override {
+    MOBA_CUDA_CHECK(cudaMemcpyAsync(host, src.data, src.bytes(), cudaMemcpyDeviceToHost, ctx_.stream));
+    MOBA_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream));
+  }
+  void synchronize() override { MOBA_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream)); }
+
+  // ---- ops: check dtypes/shapes here, launch in kernels/cuda/*.cu ----
+  void embedding_forward(Tensor out, const Tensor& tokens, const Tensor& wte) override {
+    cuda::embedding_forward(ctx_, b16(out, "out"), i32(tokens, "tokens"), b16(wte, "wte"), out.rows(),
+                            static_cast<int>(out.row_size()));
+  }
+  void embedding_backward(Tensor dwte, const Tensor& dout, const Tensor& tokens) override {
+    cuda::embedding_backward(ctx_, f32(dwte, "dwte"), b16(dout, "dout"), i32(tokens, "tokens"), dout.rows(),
+                             static_cast<int>(dout.row_size()), static_cast<int>(dwte.rows()));
+  }
+  void rmsnorm_forward(Tensor out, Tensor rstd, const Tensor& inp, const Tensor& weight, float eps) override {
+    cuda::rmsnorm_forward(ctx_, b16(out, "out"), f32(rstd, "rstd"), b16(inp, "inp"), b16(weight, "weight"),
+                          inp.rows(), static_cast<int>(inp.row_size()), eps);
+  }
+  void rmsnorm_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp, const Tensor& weight,
+                        const Tensor& rstd) override {
+    cuda::rmsnorm_backward(ctx_, b16(dinp, "dinp"), f32(dweight, "dweight"), b16(dout, "dout"), b16(inp, "inp"),
+                           b16(weight, "weight"), f32(rstd, "rstd"), inp.rows(), static_cast<int>(inp.row_size()));
+  }
+  void matmul_forward(Tensor out, const Tensor& inp, const Tensor& weight) override {
+    MOBA_ASSERT(out.contiguous() && inp.contiguous() && inp.row_size() == weight.row_size() &&
+                out.row_size() == weight.rows());
+    cuda::matmul_forward(ctx_, b16(out, "out"), b16(inp, "inp"), b16(weight, "weight"), inp.rows(),
+                         static_cast<int>(inp.row_size()), static_cast<int>(weight.rows()));
+  }
+  void matmul_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp,
+                       const Tensor& weight) override {
+    cuda::matmul_backward(ctx_, dinp.data ? b16(dinp, "dinp") : nullptr, dweight.data ? f32(dweight, "dweight") : nullptr,
+                          b16(dout, "dout"), b16(inp, "inp"), b16(weight, "weight"), inp.rows(),
+                          static_cast<int>(inp.row_size()), static_cast<int>(weight.rows()));
+  }
+  void rope_forward(Tensor out, const Tensor& inp, const Tensor& pos, float theta) override {
+    MOBA_ASSERT(out.ndim == 3 && out.contiguous());
+    cuda::rope_forward(ctx_, b16(out, "out"), b16(inp, "inp"), inp.stride0(), i32(pos, "pos"), out.shape[0],
+                       static_cast<int>(out.shape[1]), static_cast<int>(out.shape[2]), theta);
+  }
+  void rope_backward(Tensor dinp, const Tensor& dout, const Tensor& pos, float theta) override {
+    MOBA_ASSERT(dout.ndim == 3 && dout.contiguous());
+    cuda::rope_backward(ctx_, b16(dinp, "dinp"), dinp.stride0(), b16(dout, "dout"), i32(pos, "pos"), dout.shape[0],
+                        static_cast<int>(dout.shape[1]), static_cast<int>(dout.shape[2]), theta);
+  }
+  void swiglu_forward(Tensor out, const Tensor& inp) override {
+    cuda::swiglu_forward(ctx_, b16(out, "out"), b16(inp, "inp"), out.rows(), static_cast<int>(out.row_size()));
+  }
+  void swiglu_backward(Tensor dinp, const Tensor& dout, const Tensor& inp) override {
+    cuda::swiglu_backward(ctx_, b16(dinp, "dinp"), b16(dout, "dout"), b16(inp, "inp"), dout.rows(),
+                          static_cast<int>(dout.row_size()));
+  }
+  void add_inplace(Tensor dst, const Tensor& src) override {
+    MOBA_ASSERT(dst.numel() == src.numel() && dst.contiguous() && src.contiguous());
+    cuda::add_inplace(ctx_, b16(dst, "dst"), b16(src, "src"), dst.numel());
+  }
+  void copy(Tensor dst, const Tensor& src) override {
+    MOBA_ASSERT(dst.rows() == src.rows() && dst.row_size() == src.row_size() && dst.dtype == src.dtype &&
+                dst.device == Device::cuda && src.device == Device::cuda);
+    cuda::copy_rows(ctx_, dst.data, dst.stride0(), src.data, src.stride0(), src.rows(), src.row_size(),
+                    static_cast<int>(dtype_size(src.dtype)));
+  }
+  void convert(Tensor dst, const Tensor& src) override {
+    MOBA_ASSERT(dst.numel() == src.numel() && dst.contiguous() && src.contiguous() && dst.device == Device::cuda &&
+                src.device == Device::cuda);
+    cuda::convert(ctx_, dst.data, dst.dtype, src.data, src.dtype, dst.numel());
+  }
+
+  void attention_forward(Tensor out, Tensor lse, Tensor selected, const Tensor& q, const Tensor& k, const Tensor& v,
+                         const Tensor& cu_seqlens, const AttentionParams& p) override {
+    const Shape s = shape_of(q, k);
+    const int segments = static_cast<int>(cu_seqlens.numel() - 1);
+    if (p.mode == AttentionMode::full) {
+      cuda::flash_attention_forward(ctx_, b16(out, "out"), f32(lse, "lse"), b16(q, "q"), b16(k, "k"), b16(v, "v"),
+                                    i32(cu_seqlens, "cu_seqlens"), segments, s.N, s.H, s.Hkv, s.D, p.softmax_scale);
+      return;
+    }
+    MOBA_ASSERT(selected.numel() == s.N * s.H * p.top_k);
+    int32_t* sel = const_cast<int32_t*>(i32(selected, "selected"));
+    if (!p.reuse_routing)
+      cuda::moba_select_blocks(ctx_, sel, b16(q, "q"), b16(k, "k"), i32(cu_seqlens, "cu_seqlens"), segments, s.N, s.H,
+                               s.Hkv, s.D, p.block_size, p.top_k);
+    cuda::moba_attention_forward(ctx_, b16(out, "out"), f32(lse, "lse"), b16(q, "q"), b16(k, "k"), b16(v, "v"), sel,
+                                 i32(cu_seqlens, "cu_seqlens"), segments, s.N, s.H, s.Hkv, s.D, p.block_size, p.top_k,
+                                 p.softmax_scale);
+  }
+  void attention_backward(Tensor dq, Tensor dk, Tensor dv, const Tensor& dout, const Tensor& q, const Tensor& k,
+                          const Tensor& v, const Tensor& out, const Tensor& lse, const Tensor& selected,
+                          const Tensor& cu_seqlens, const AttentionParams& p) override {
+    const Shape s = shape_of(q, k);
+    const int segments = static_cast<int>(cu_seqlens.numel() - 1);
+    if (p.mode == AttentionMode::full) {
+      cuda::flash_attention_backward(ctx_, b16(dq, "dq"), b16(dk, "dk"), b16(dv, "dv"), b16(dout, "dout"), b16(q, "q"),
+                                     b16(k, "k"), b16(v, "v"), b16(out, "out"), f32(lse, "lse"),
+                                     i32(cu_seqlens, "cu_seqlens"), segments, s.N, s.H, s.Hkv, s.D, p.softmax_scale);
+      return;
+    }
+    cuda::moba_attention_backward(ctx_, b16(dq, "dq"), b16(dk, "dk"), b16(dv, "dv"), b16(dout, "dout"), b16(q, "q"),
+                                  b16(k, "k"), b16(v, "v"), b16(out, "out"), f32(lse, "lse"),
+                                  i32(selected, "selected"), i32(cu_seqlens, "cu_seqlens"), segments, s.N, s.H, s.Hkv,
+                                  s.D, p.block_size, p.top_k, p.softmax_scale, /*deterministic=*/false);
+  }
+
+  double cross_entropy_forward(Tensor losses, const Tensor& logits, const Tensor& targets,
+                               const Tensor& mask) override {
+    return cuda::cross_entropy_forward(ctx_, f32(losses, "losses"), b16(logits, "logits"), i32(targets, "targets"),
+                                       mask.data ? u8(mask, "mask") : nullptr, logits.rows(),
+                                       static_cast<int>(logits.row_size()));
+  }
+  void cross_entropy_backward(Tensor dlogits, const Tensor& logits, const Tensor& targets, const Tensor& mask,
+                              float grad_scale) override {
+    cuda::cross_entropy_backward(ctx_, b16(dlogits, "dlogits"), b16(logits, "logits"), i32(targets, "targets"),
+                                 mask.data ? u8(mask, "mask") : nullptr, grad_scale, logits.rows(),
+                                 static_cast<int>(logits.row_size()));
+  }
+  void adamw_update(Tensor param, Tensor param_working, const Tensor& grad, Tensor m, Tensor v, float lr, float beta1,
+                    float beta2, float eps, float weight_decay, int64_t step) override {
+    MOBA_ASSERT(param.numel() == grad.numel() && param.numel() == m.numel() && param.numel() == v.numel());
+    cuda::adamw_update(ctx_, f32(param, "param"), param_working.data ? b16(param_working, "param_working") : nullptr,
+                       f32(grad, "grad"), f32(m, "m"), f32(v, "v"), param.numel(), lr, beta1, beta2, eps, weight_decay,
+                       step);
+  }
+  double sum_of_squares(const Tensor& x) override { return cuda::sum_of_squares(ctx_, f32(x, "x"), x.numel()); }
+  void scale(Tensor x, float s) override { cuda::scale(ctx_, f32(x, "x"), x.numel(), s); }
+
+ private:
+  CudaContext ctx_;
+  std::string name_;
+};
+
+}  // namespace
+}  // namespace cuda
+
+std::unique_ptr<Backend> make_cuda_backend() { return std::make_unique<cuda::CudaBackend>(); }
+
+}  // namespace moba

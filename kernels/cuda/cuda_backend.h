@@ -1,0 +1,38 @@
+// The CUDA backend's shared state (stream, cuBLASLt handle and workspace) and the launchers of each op
+// family, one .cu file per family. Device code never sees a config object: plain pointers and sizes.
+// Invariant: every launcher runs on CudaContext::stream; nothing synchronises the host inside a step.
+#pragma once
+#include <cstdint>
+
+#include "kernels/backend.h"
+#include "kernels/cuda/cuda_check.h"
+
+namespace moba::cuda {
+
+struct CudaContext {
+  static constexpr int kScratchSlots = 8;
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  cublasLtHandle_t lt = nullptr;
+  void* workspace = nullptr;  // cuBLASLt workspace
+  size_t workspace_bytes = 0;
+  int sm_count = 0;
+
+  // Device scratch, one buffer per slot so one op can hold several. A slot grows (synchronously) the first
+  // time a larger size is asked for, which happens in the first training step; later steps reuse it, so no
+  // allocation happens per step and a step can be captured in a CUDA graph once warmed up.
+  void* scratch(int slot, size_t bytes) const {
+    MOBA_ASSERT(slot >= 0 && slot < kScratchSlots);
+    if (bytes > scratch_bytes[slot]) {
+      MOBA_CUDA_CHECK(cudaStreamSynchronize(stream));
+      if (scratch_ptr[slot]) MOBA_CUDA_CHECK(cudaFree(scratch_ptr[slot]));
+      MOBA_CUDA_CHECK(cudaMalloc(&scratch_ptr[slot], bytes));
+      scratch_bytes[slot] = bytes;
+    }
+    return scratch_ptr[slot];
+  }
+  mutable void* scratch_ptr[kScratchSlots] = {};
+  mutable size_t scratch_bytes[kScratchSlots] = {};
+};
+
+}  // namespace moba::cuda

@@ -1,0 +1,57 @@
+// Launchers of the dense CUDA ops (one .cu file per family). Semantics match kernels/cpu/ops.h exactly;
+// activations are bf16, statistics and weight gradients f32, accumulation in f32. Backward launchers
+// ACCUMULATE (+=) into their gradients. Everything runs on ctx.stream and never synchronises, except the
+// two reductions that return a host value (cross_entropy_forward, sum_of_squares).
+#pragma once
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/cuda_backend.h"
+
+namespace moba::cuda {
+
+using bf16 = __nv_bfloat16;
+
+// out (N, C) = wte[tokens]; dwte (V, C) f32 += scatter of dout.
+void embedding_forward(const CudaContext& ctx, bf16* out, const int32_t* tokens, const bf16* wte, int64_t N, int C);
+void embedding_backward(const CudaContext& ctx, float* dwte, const bf16* dout, const int32_t* tokens, int64_t N, int C,
+                        int V);
+// out (N, C), rstd (N) f32, inp (N, C), weight (C); dinp (N, C) +=, dweight (C) f32 +=.
+void rmsnorm_forward(const CudaContext& ctx, bf16* out, float* rstd, const bf16* inp, const bf16* weight, int64_t N,
+                     int C, float eps);
+void rmsnorm_backward(const CudaContext& ctx, bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
+                      const bf16* weight, const float* rstd, int64_t N, int C);
+// out (N, OC) = inp (N, IC) @ weight (OC, IC)^T via cuBLASLt (bf16 in, f32 accumulate).
+// dinp (N, IC) += dout @ weight; dweight (OC, IC) f32 += dout^T @ inp. Either may be nullptr.
+void matmul_forward(const CudaContext& ctx, bf16* out, const bf16* inp, const bf16* weight, int64_t N, int IC, int OC);
+void matmul_backward(const CudaContext& ctx, bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
+                     const bf16* weight, int64_t N, int IC, int OC);
+// Rotate-half RoPE; inp rows strided by in_row_stride elements; out (N, heads, D) contiguous.
+void rope_forward(const CudaContext& ctx, bf16* out, const bf16* inp, int64_t in_row_stride, const int32_t* pos,
+                  int64_t N, int heads, int D, float theta);
+void rope_backward(const CudaContext& ctx, bf16* dinp, int64_t din_row_stride, const bf16* dout, const int32_t* pos,
+                   int64_t N, int heads, int D, float theta);
+// out (N, F) = silu(gate) * up with inp (N, 2F) = [gate | up]; dinp (N, 2F) +=.
+void swiglu_forward(const CudaContext& ctx, bf16* out, const bf16* inp, int64_t N, int F);
+void swiglu_backward(const CudaContext& ctx, bf16* dinp, const bf16* dout, const bf16* inp, int64_t N, int F);
+void add_inplace(const CudaContext& ctx, bf16* dst, const bf16* src, int64_t n);
+// Strided row copy of elem_bytes-wide elements (any dtype).
+void copy_rows(const CudaContext& ctx, void* dst, int64_t dst_stride, const void* src, int64_t src_stride,
+               int64_t rows, int64_t cols, int elem_bytes);
+// dst = src converted between f32 and bf16 (n elements; same dtype = copy).
+void convert(const CudaContext& ctx, void* dst, DType dst_dtype, const void* src, DType src_dtype, int64_t n);
+// losses (N) f32 = masked CE of logits (N, V); returns their sum (synchronises).
+double cross_entropy_forward(const CudaContext& ctx, float* losses, const bf16* logits, const int32_t* targets,
+                             const uint8_t* mask, int64_t N, int V);
+// dlogits (N, V) += (softmax - onehot) * grad_scale * mask.
+void cross_entropy_backward(const CudaContext& ctx, bf16* dlogits, const bf16* logits, const int32_t* targets,
+                            const uint8_t* mask, float grad_scale, int64_t N, int V);
+// AdamW on f32 master weights (formula of kernels/cpu/ops.h); param_working (bf16, may be nullptr) gets the
+// updated weights rounded, in the same pass.
+void adamw_update(const CudaContext& ctx, float* param, bf16* param_working, const float* grad, float* m, float* v,
+                  int64_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step);
+double sum_of_squares(const CudaContext& ctx, const float* x, int64_t n);  // synchronises
+void scale(const CudaContext& ctx, float* x, int64_t n, float s);
+
+}  // namespace moba::cuda

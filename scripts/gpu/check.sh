@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# On the GPU machine: configure and build for sm_90a into build-gpu, then run the GPU tests (ctest label
+# "gpu") or the tests matching a regex. Logs go to $OUT when set. Usage: scripts/gpu/check.sh [regex] [targets]
+#   scripts/gpu/check.sh                       # all GPU tests
+#   scripts/gpu/check.sh 'CudaOps' test_cuda_ops_gpu   # one suite, building only its target
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+regex=${1:-}
+targets=${2:-}
+out=${OUT:-/tmp}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+if [ ! -f build-gpu/build.ninja ]; then
+  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a -DMOBA_CUDA=ON \
+    > "$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
+fi
+set -o pipefail
+if [ -n "$targets" ]; then
+  ninja -C build-gpu $targets moba 2>&1 | tee "$out/build.log" | grep -E "error|warning: |FAILED" | head -40 || true
+else
+  ninja -C build-gpu 2>&1 | tee "$out/build.log" | grep -E "error|warning: |FAILED" | head -40 || true
+fi
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "build failed (see build.log)"; tail -30 "$out/build.log"; exit 1; }
+cd build-gpu
+if [ -n "$regex" ]; then
+  ctest --output-on-failure -R "$regex" 2>&1 | tee "$out/ctest.log" | tail -40
+else
+  ctest --output-on-failure -L gpu 2>&1 | tee "$out/ctest.log" | tail -40
+fi
