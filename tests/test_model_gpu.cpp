@@ -1,0 +1,153 @@
+// The whole decoder on the CUDA backend (bf16 activations, f32 master weights and gradients) against the
+// CPU reference (f32) on the same weights and batch: loss and every weight gradient; then training through
+// the binary: the GPU loss curve follows the CPU's, and checkpoints move between backends both ways.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <regex>
+
+#include "kernels/backend.h"
+#include "model/transformer.h"
+#include "tests/support/test_util.h"
+
+namespace fs = std::filesystem;
+
+namespace moba {
+namespace {
+
+struct ModelRun {
+  double loss = 0;
+  std::vector<float> grads;
+};
+
+ModelRun run_model(Backend& be, const model::ModelConfig& c, const std::vector<float>& params, const model::TokenBatch& b,
+              const std::vector<AttentionParams>& attention, double count) {
+  model::Transformer m(be, c, b.num_tokens, 3);
+  m.set_params_from_host(params);
+  m.zero_grads();
+  ModelRun r;
+  r.loss = m.forward(b, attention) / count;
+  m.backward(static_cast<float>(1.0 / count));
+  r.grads.resize(static_cast<size_t>(m.layout().total()));
+  be.download(r.grads.data(), m.grads());
+  return r;
+}
+
+class ModelGpu : public ::testing::TestWithParam<AttentionMode> {};
+
+TEST_P(ModelGpu, LossAndGradientsMatchTheCpuReference) {
+  MOBA_REQUIRE_GPU();
+  model::ModelConfig c;
+  c.vocab_size = 50;
+  c.d_model = 64;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 16;
+  c.ffn_hidden = 96;
+  const int64_t N = 160;
+  std::vector<int32_t> cu{0, 100, 160}, inputs(N), targets(N), positions(N);
+  std::vector<uint8_t> mask(N, 1);
+  std::mt19937 rng(9);
+  for (int64_t t = 0; t < N; ++t) {
+    inputs[t] = static_cast<int32_t>(rng() % 50);
+    targets[t] = static_cast<int32_t>((inputs[t] * 7 + 3) % 50);
+    positions[t] = static_cast<int32_t>(t < 100 ? t : t - 100);
+  }
+  mask[5] = 0;
+  model::TokenBatch b{inputs.data(), targets.data(), mask.data(), positions.data(), cu.data(), N, 2};
+  std::vector<AttentionParams> attention(2, AttentionParams{GetParam(), 16, 3, 0.25f});
+  attention[1].mode = AttentionMode::full;
+
+  auto cpu = make_cpu_backend();
+  auto gpu = make_backend("cuda");
+  model::Transformer shape_only(*cpu, c, 1, 0);
+  std::vector<float> params;
+  model::initialize_parameters(shape_only.layout(), c, 0.1f, 4, params);
+  test::round_to_bf16(params);  // both backends start from weights that bf16 represents exactly
+  ModelRun ref = run_model(*cpu, c, params, b, attention, N - 1);
+  ModelRun got = run_model(*gpu, c, params, b, attention, N - 1);
+  EXPECT_NEAR(got.loss, ref.loss, 1e-2 * ref.loss);
+  for (const model::ParamTensor& t : shape_only.layout().tensors()) {
+    double err = test::rel_l2(got.grads.data() + t.offset, ref.grads.data() + t.offset, static_cast<size_t>(t.numel));
+    // bf16 activations through two layers: measured errors are reported by the failure message.
+    EXPECT_LT(err, 5e-2) << t.name;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Attention, ModelGpu, ::testing::Values(AttentionMode::full, AttentionMode::moba),
+                         [](const auto& info) { return std::string(attention_mode_name(info.param)); });
+
+// ---- training through the binary -------------------------------------------------------------------------
+
+std::vector<double> losses(const std::string& run_dir) {
+  std::vector<double> out;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  std::regex re(R"re("loss": ([-0-9.e]+))re");
+  for (std::string line; std::getline(in, line);) {
+    std::smatch m;
+    if (std::regex_search(line, m, re)) out.push_back(std::stod(m[1]));
+  }
+  return out;
+}
+
+class TrainGpu : public ::testing::Test {
+ protected:
+  static std::string data_dir;
+  static void SetUpTestSuite() {
+    if (!test::gpu_available() || !fs::exists(test::shared_data("linux-6.1-core.jsonl.xz"))) return;
+    data_dir = test::scratch_dir("gpu-train-data");
+    std::string out;
+    ASSERT_EQ(test::run_moba("prep " + test::shared_data("linux-6.1-core.jsonl.xz") + " --out " + data_dir +
+                                 " --max-bytes 8000000 --seed 3",
+                             &out),
+              0)
+        << out;
+  }
+  void SetUp() override {
+    MOBA_REQUIRE_GPU();
+    MOBA_REQUIRE_SHARED(test::shared_data("linux-6.1-core.jsonl.xz"));
+  }
+  static std::string tiny(const std::string& run_dir, const std::string& extra) {
+    return "train " + test::source_path("recipes/tests/tiny.yaml") + " --set data.train=" + data_dir +
+           "/train.h5 --set data.val=" + data_dir + "/val.h5 --set run_dir=" + run_dir + " " + extra;
+  }
+};
+std::string TrainGpu::data_dir;
+
+TEST_F(TrainGpu, LossCurveFollowsTheCpuBackend) {
+  std::string cpu_run = test::scratch_dir("curve-cpu"), gpu_run = test::scratch_dir("curve-gpu");
+  std::string out;
+  ASSERT_EQ(test::run_moba(tiny(cpu_run, "--set backend=cpu"), &out), 0) << out;
+  ASSERT_EQ(test::run_moba(tiny(gpu_run, "--set backend=cuda"), &out), 0) << out;
+  std::vector<double> a = losses(cpu_run), b = losses(gpu_run);
+  ASSERT_EQ(a.size(), b.size());
+  ASSERT_GE(a.size(), 40u);
+  double max_diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) max_diff = std::max(max_diff, std::abs(a[i] - b[i]) / a[i]);
+  std::printf("cpu vs gpu loss: first %.4f / %.4f, last %.4f / %.4f, max relative difference %.4f\n", a.front(),
+              b.front(), a.back(), b.back(), max_diff);
+  EXPECT_LT(std::abs(a.front() - b.front()) / a.front(), 1e-2);
+  EXPECT_LT(std::abs(a.back() - b.back()) / a.back(), 3e-2);  // bf16 noise accumulated over 40 steps
+}
+
+TEST_F(TrainGpu, CheckpointsMoveBetweenBackends) {
+  std::string gpu_first = test::scratch_dir("gpu-then-cpu"), cpu_first = test::scratch_dir("cpu-then-gpu");
+  std::string out;
+  ASSERT_EQ(test::run_moba(tiny(gpu_first, "--set backend=cuda --max-steps 20"), &out), 0) << out;
+  ASSERT_EQ(test::run_moba(tiny(gpu_first, "--set backend=cpu"), &out), 0) << out;
+  EXPECT_NE(out.find("resumed from"), std::string::npos) << out;
+  ASSERT_EQ(test::run_moba(tiny(cpu_first, "--set backend=cpu --max-steps 20"), &out), 0) << out;
+  ASSERT_EQ(test::run_moba(tiny(cpu_first, "--set backend=cuda"), &out), 0) << out;
+  EXPECT_NE(out.find("resumed from"), std::string::npos) << out;
+  std::vector<double> a = losses(gpu_first), b = losses(cpu_first);
+  ASSERT_EQ(a.size(), 40u);
+  ASSERT_EQ(b.size(), 40u);
+  EXPECT_LT(std::abs(a.back() - b.back()) / a.back(), 3e-2);
+}
+
+}  // namespace
+}  // namespace moba
