@@ -8,8 +8,10 @@
 // Invariant: for the same inputs, the CPU backend's results are bitwise reproducible run to run.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "kernels/tensor.h"
 
@@ -44,6 +46,12 @@ class Backend {
   virtual void upload(Tensor dst, const void* host) = 0;    // host -> dst (dst contiguous)
   virtual void download(void* host, const Tensor& src) = 0;  // src (contiguous) -> host
   virtual void synchronize() = 0;
+  // Bytes held by allocate() and backend scratch now, and the most held at once since creation.
+  virtual size_t allocated_bytes() const = 0;
+  virtual size_t peak_bytes() const = 0;
+  // Runs fn `warmup` times, then `reps` times, returning each timed run's milliseconds (CUDA events on the
+  // GPU, a steady clock on the CPU).
+  virtual std::vector<double> time_ms(const std::function<void()>& fn, int warmup, int reps) = 0;
 
   // ---- decoder ops: x (N, C) rows are tokens; weights (OC, IC) ----
   virtual void embedding_forward(Tensor out, const Tensor& tokens, const Tensor& wte) = 0;

@@ -11,6 +11,7 @@
 #include "data/prep.h"
 #include "kernels/check_vectors.h"
 #include "parallel/mpi_context.h"
+#include "trainer/bench.h"
 #include "trainer/eval.h"
 #include "trainer/train.h"
 
@@ -24,6 +25,7 @@ const char* kUsage =
     "  train           train a model from a YAML recipe (resumes automatically)\n"
     "  eval            mean, position-wise and trailing loss of a checkpoint on long documents\n"
     "  check-vectors   run MoBA on a test-vector file (moba-vectors.h5 format) and compare\n"
+    "  bench           time attention layers or training steps (JSON lines for bench/results/)\n"
     "\n"
     "Run `moba <command> --help` for the options of each. Launch with `mpirun -np N moba train ...` for\n"
     "several ranks.\n";
@@ -33,6 +35,7 @@ int dispatch(const std::string& command, const std::vector<std::string>& args, m
   if (command == "train") return moba::train_command(args, mpi);
   if (command == "eval") return moba::eval_command(args, mpi);
   if (command == "check-vectors") return moba::check_vectors_command(args);
+  if (command == "bench") return moba::bench_command(args, mpi);
   throw moba::Error(moba::cat("unknown command '", command, "'"), "run `moba --help` for the list of commands");
 }
 

@@ -221,6 +221,8 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   info("model: ", c.n_layers, " layers, d_model ", c.d_model, ", heads ", c.n_heads, " (kv ", c.n_kv_heads, ", dim ",
        c.head_dim, "), ffn ", c.ffn_hidden, ", vocab ", c.vocab_size, ": ", format_count(layout.total()),
        " parameters (", format_count(layout.count_non_embedding()), " non-embedding)");
+  info("memory: ", run.backend->allocated_bytes() >> 20, " MiB on ", run.backend->name(), " (weights, gradients and ",
+       "AdamW moments: ", (layout.total() * 16) >> 20, " MiB in f32; activations of one micro-batch: the rest)");
   info("data: ", run.train_data->info().num_tokens, " train tokens in ", run.train_data->num_documents(),
        " documents; pack ", r.data.pack, "; ", run.sampler->sequences_per_epoch(), " sequences of ", r.data.seq_len,
        " per epoch per rank");

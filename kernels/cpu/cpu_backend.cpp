@@ -1,5 +1,7 @@
 // The CPU reference backend: adapts the Backend interface to the fp32 functions of ops.h and attention.h,
 // checking that every tensor is f32 (or i32/u8 for indices and masks) on the CPU with consistent shapes.
+#include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
@@ -39,11 +41,26 @@ class CpuBackend final : public Backend {
     MOBA_CHECK(t.data != nullptr, cat("cannot allocate ", t.describe(), " (", bytes >> 20, " MiB)"),
                "reduce train.micro_batch_seqs or data.seq_len");
     std::memset(t.data, 0, bytes);
+    allocated_ += bytes;
+    peak_ = std::max(peak_, allocated_);
     return t;
   }
   void release(Tensor& t) override {
+    allocated_ -= (t.bytes() + 63) / 64 * 64;
     std::free(t.data);
     t.data = nullptr;
+  }
+  size_t allocated_bytes() const override { return allocated_; }
+  size_t peak_bytes() const override { return peak_; }
+  std::vector<double> time_ms(const std::function<void()>& fn, int warmup, int reps) override {
+    for (int i = 0; i < warmup; ++i) fn();
+    std::vector<double> ms;
+    for (int i = 0; i < reps; ++i) {
+      auto t0 = std::chrono::steady_clock::now();
+      fn();
+      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return ms;
   }
   void zero(Tensor t) override {
     if (t.contiguous()) {
@@ -178,6 +195,7 @@ class CpuBackend final : public Backend {
   void scale(Tensor x, float s) override { cpu::scale_inplace(f32(x, "x"), x.numel(), s); }
 
  private:
+  size_t allocated_ = 0, peak_ = 0;
   static cpu::AttentionShape shape_of(const Tensor& q, const Tensor& k) {
     MOBA_ASSERT(q.ndim == 3 && k.ndim == 3 && q.shape[0] == k.shape[0] && q.shape[2] == k.shape[2]);
     return cpu::AttentionShape{q.shape[0], static_cast<int>(q.shape[1]), static_cast<int>(k.shape[1]),

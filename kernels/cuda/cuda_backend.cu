@@ -65,13 +65,46 @@ class CudaBackend final : public Backend {
   Tensor allocate(DType dtype, std::initializer_list<int64_t> shape) override {
     Tensor t(nullptr, dtype, Device::cuda, shape);
     size_t bytes = (t.bytes() + 255) / 256 * 256;
-    MOBA_CUDA_CHECK(cudaMalloc(&t.data, bytes ? bytes : 256));
-    MOBA_CUDA_CHECK(cudaMemsetAsync(t.data, 0, bytes ? bytes : 256, ctx_.stream));
+    bytes = bytes ? bytes : 256;
+    cudaError_t err = cudaMalloc(&t.data, bytes);
+    if (err == cudaErrorMemoryAllocation) {
+      size_t free_bytes = 0, total_bytes = 0;
+      cudaGetLastError();
+      cudaMemGetInfo(&free_bytes, &total_bytes);
+      throw Error(cat("out of GPU memory allocating ", t.describe(), " (", bytes >> 20, " MiB; ", ctx_.allocated >> 20,
+                      " MiB already held by moba, ", free_bytes >> 20, " MiB free of ", total_bytes >> 20, ")"),
+                  "lower train.micro_batch_seqs or data.seq_len, or set train.recompute: attention");
+    }
+    MOBA_CUDA_CHECK(err);
+    MOBA_CUDA_CHECK(cudaMemsetAsync(t.data, 0, bytes, ctx_.stream));
+    ctx_.track(static_cast<int64_t>(bytes));
     return t;
   }
   void release(Tensor& t) override {
+    ctx_.track(-static_cast<int64_t>((t.bytes() ? (t.bytes() + 255) / 256 * 256 : 256)));
     cudaFree(t.data);
     t.data = nullptr;
+  }
+  size_t allocated_bytes() const override { return ctx_.allocated; }
+  size_t peak_bytes() const override { return ctx_.peak; }
+  std::vector<double> time_ms(const std::function<void()>& fn, int warmup, int reps) override {
+    for (int i = 0; i < warmup; ++i) fn();
+    cudaEvent_t start, stop;
+    MOBA_CUDA_CHECK(cudaEventCreate(&start));
+    MOBA_CUDA_CHECK(cudaEventCreate(&stop));
+    std::vector<double> ms;
+    for (int i = 0; i < reps; ++i) {
+      MOBA_CUDA_CHECK(cudaEventRecord(start, ctx_.stream));
+      fn();
+      MOBA_CUDA_CHECK(cudaEventRecord(stop, ctx_.stream));
+      MOBA_CUDA_CHECK(cudaEventSynchronize(stop));
+      float elapsed = 0;
+      MOBA_CUDA_CHECK(cudaEventElapsedTime(&elapsed, start, stop));
+      ms.push_back(elapsed);
+    }
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    return ms;
   }
   void zero(Tensor t) override {
     if (t.contiguous()) {

@@ -27,12 +27,20 @@ struct CudaContext {
       MOBA_CUDA_CHECK(cudaStreamSynchronize(stream));
       if (scratch_ptr[slot]) MOBA_CUDA_CHECK(cudaFree(scratch_ptr[slot]));
       MOBA_CUDA_CHECK(cudaMalloc(&scratch_ptr[slot], bytes));
+      track(static_cast<int64_t>(bytes) - static_cast<int64_t>(scratch_bytes[slot]));
       scratch_bytes[slot] = bytes;
     }
     return scratch_ptr[slot];
   }
   mutable void* scratch_ptr[kScratchSlots] = {};
   mutable size_t scratch_bytes[kScratchSlots] = {};
+
+  // Device bytes held through this context (arenas and scratch), and the peak.
+  void track(int64_t delta) const {
+    allocated = static_cast<size_t>(static_cast<int64_t>(allocated) + delta);
+    if (allocated > peak) peak = allocated;
+  }
+  mutable size_t allocated = 0, peak = 0;
 };
 
 }  // namespace moba::cuda

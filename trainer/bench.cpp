@@ -1,0 +1,266 @@
+#include "trainer/bench.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <random>
+
+#include "common/cli.h"
+#include "common/log.h"
+#include "kernels/backend.h"
+#include "model/transformer.h"
+#include "parallel/mpi_context.h"
+#include "trainer/metrics.h"
+#include "trainer/optimizer.h"
+#include "trainer/recipe.h"
+#include "trainer/schedule.h"
+#include "trainer/setup.h"
+
+namespace moba {
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? NAN : v[v.size() / 2];
+}
+
+std::string today() {
+  std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d", std::gmtime(&t));
+  return buf;
+}
+
+std::string git_commit() {
+  FILE* p = popen("git rev-parse --short HEAD 2>/dev/null", "r");
+  if (!p) return "unknown";
+  char buf[64] = {0};
+  if (!std::fgets(buf, sizeof buf, p)) buf[0] = 0;
+  pclose(p);
+  std::string s(buf);
+  while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
+  return s.empty() ? "unknown" : s;
+}
+
+std::string command_line(const std::string& sub, const std::vector<std::string>& args) {
+  std::string s = "moba bench " + sub;
+  for (const std::string& a : args) s += " " + a;
+  return s;
+}
+
+// Fills a tensor with uniform(-1, 1) values (through an f32 staging tensor when the dtype is lower).
+void fill_random(Backend& be, Tensor t, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<float> host(static_cast<size_t>(t.numel()));
+  for (float& x : host) x = dist(rng);
+  if (t.dtype == DType::f32) {
+    be.upload(t, host.data());
+    return;
+  }
+  Tensor staging = be.allocate(DType::f32, {t.numel()});
+  be.upload(staging, host.data());
+  be.convert(t.reshape({t.numel()}), staging);
+  be.synchronize();
+  be.release(staging);
+}
+
+void emit(const std::vector<std::pair<std::string, std::string>>& fields, const std::string& out_path) {
+  std::string line = "{";
+  for (size_t i = 0; i < fields.size(); ++i) line += (i ? ", " : "") + json_string(fields[i].first) + ": " + fields[i].second;
+  line += "}";
+  std::printf("%s\n", line.c_str());
+  std::fflush(stdout);
+  if (!out_path.empty()) {
+    std::ofstream out(out_path, std::ios::app);
+    MOBA_CHECK(out.good(), cat("cannot append to ", out_path), "check the directory exists and is writable");
+    out << line << "\n";
+  }
+}
+
+int bench_attention(const std::vector<std::string>& args) {
+  ArgParser ap("bench attention", "Times one attention layer, forward and forward+backward (bf16 on the GPU).");
+  ap.add_option("mode", "MODE", "full | moba", "full");
+  ap.add_option("seq", "N", "tokens (one segment)", "8192");
+  ap.add_option("heads", "H", "query heads", "16");
+  ap.add_option("kv-heads", "G", "key/value heads (default: heads)");
+  ap.add_option("head-dim", "D", "head dimension", "128");
+  ap.add_option("block", "B", "MoBA block size", "512");
+  ap.add_option("topk", "K", "MoBA top-k (counts the current block)", "3");
+  ap.add_option("backend", "NAME", "cuda | cpu", "cuda");
+  ap.add_option("warmup", "W", "untimed runs first", "3");
+  ap.add_option("reps", "R", "timed runs (the median is reported)", "10");
+  ap.add_option("out", "FILE", "also append the JSON line to FILE (e.g. bench/results/attention.jsonl)");
+  if (!ap.parse(args)) return 0;
+  const std::string mode = ap.get("mode");
+  MOBA_CHECK(mode == "full" || mode == "moba", cat("moba bench attention: --mode '", mode, "' is not allowed"),
+             "allowed: full, moba");
+  const int64_t N = ap.get_int("seq");
+  const int H = static_cast<int>(ap.get_int("heads"));
+  const int Hkv = ap.has("kv-heads") ? static_cast<int>(ap.get_int("kv-heads")) : H;
+  const int D = static_cast<int>(ap.get_int("head-dim"));
+  const int B = static_cast<int>(ap.get_int("block")), K = static_cast<int>(ap.get_int("topk"));
+  const int warmup = static_cast<int>(ap.get_int("warmup")), reps = static_cast<int>(ap.get_int("reps"));
+  MOBA_CHECK(N >= 1 && H >= 1 && Hkv >= 1 && H % Hkv == 0 && D >= 2 && D % 2 == 0 && B >= 1 && K >= 1 && reps >= 1,
+             "moba bench attention: invalid shape", "need seq >= 1, kv-heads dividing heads, even head-dim, block/topk >= 1");
+
+  std::unique_ptr<Backend> be = make_backend(ap.get("backend"));
+  const DType A = be->activation_dtype();
+  Tensor q = be->allocate(A, {N, H, D}), k = be->allocate(A, {N, Hkv, D}), v = be->allocate(A, {N, Hkv, D});
+  Tensor out = be->allocate(A, {N, H, D}), dout = be->allocate(A, {N, H, D});
+  Tensor dq = be->allocate(A, {N, H, D}), dk = be->allocate(A, {N, Hkv, D}), dv = be->allocate(A, {N, Hkv, D});
+  Tensor lse = be->allocate(DType::f32, {N, H});
+  Tensor selected = mode == "moba" ? be->allocate(DType::i32, {N * H * K}) : Tensor();
+  Tensor cu = be->allocate(DType::i32, {2});
+  const int32_t cu_host[2] = {0, static_cast<int32_t>(N)};
+  be->upload(cu, cu_host);
+  fill_random(*be, q, 1);
+  fill_random(*be, k, 2);
+  fill_random(*be, v, 3);
+  fill_random(*be, dout, 4);
+
+  AttentionParams p{mode == "moba" ? AttentionMode::moba : AttentionMode::full, B, K,
+                    1.0f / std::sqrt(static_cast<float>(D))};
+  auto forward = [&]() { be->attention_forward(out, lse, selected, q, k, v, cu, p); };
+  auto forward_backward = [&]() {
+    be->attention_forward(out, lse, selected, q, k, v, cu, p);
+    be->zero(dq);
+    be->zero(dk);
+    be->zero(dv);
+    be->attention_backward(dq, dk, dv, dout, q, k, v, out, lse, selected, cu, p);
+  };
+  const double fwd_ms = median(be->time_ms(forward, warmup, reps));
+  const double fwdbwd_ms = median(be->time_ms(forward_backward, warmup, reps));
+  double routing_ms = 0;
+  double pairs = 0;  // (query, key) pairs attended, over all heads
+  if (p.mode == AttentionMode::moba) {
+    AttentionParams reuse = p;
+    reuse.reuse_routing = true;
+    double attention_only = median(be->time_ms([&]() { be->attention_forward(out, lse, selected, q, k, v, cu, reuse); },
+                                               warmup, reps));
+    routing_ms = std::max(0.0, fwd_ms - attention_only);
+    std::vector<int32_t> sel(static_cast<size_t>(N * H * K));
+    be->download(sel.data(), selected);
+    for (int64_t t = 0; t < N; ++t) {
+      const int64_t current = t / B;
+      for (int h = 0; h < H; ++h)
+        for (int j = 0; j < K; ++j) {
+          int32_t b = sel[static_cast<size_t>((t * H + h) * K + j)];
+          if (b < 0) continue;
+          pairs += b == current ? static_cast<double>(t - current * B + 1) : static_cast<double>(B);
+        }
+    }
+  } else {
+    pairs = static_cast<double>(H) * static_cast<double>(N) * static_cast<double>(N + 1) / 2.0;
+  }
+  const double fwd_flops = 4.0 * D * pairs, fwdbwd_flops = 3.5 * fwd_flops;  // backward = 2.5x forward
+  std::vector<std::pair<std::string, std::string>> fields = {
+      {"date", json_string(today())}, {"commit", json_string(git_commit())}, {"device", json_string(be->name())},
+      {"command", json_string(command_line("attention", args))}, {"bench", json_string("attention")},
+      {"mode", json_string(mode)}, {"seq", cat(N)}, {"heads", cat(H)}, {"kv_heads", cat(Hkv)}, {"head_dim", cat(D)},
+      {"block", p.mode == AttentionMode::moba ? cat(B) : "null"}, {"topk", p.mode == AttentionMode::moba ? cat(K) : "null"},
+      {"fwd_ms", json_number(fwd_ms)}, {"fwdbwd_ms", json_number(fwdbwd_ms)},
+      {"routing_ms", p.mode == AttentionMode::moba ? json_number(routing_ms) : "null"},
+      {"peak_gib", json_number(static_cast<double>(be->peak_bytes()) / (1 << 30))},
+      {"useful_tflops", json_number(fwdbwd_flops / (fwdbwd_ms * 1e-3) / 1e12)},
+      {"fwd_tflops", json_number(fwd_flops / (fwd_ms * 1e-3) / 1e12)}, {"attended_pairs", json_number(pairs)},
+      {"reps", cat(reps)}};
+  emit(fields, ap.get("out"));
+  for (Tensor* t : {&q, &k, &v, &out, &dout, &dq, &dk, &dv, &lse, &cu}) be->release(*t);
+  if (selected.data) be->release(selected);
+  return 0;
+}
+
+int bench_train(const std::vector<std::string>& args) {
+  ArgParser ap("bench train", "Times training steps of a recipe's model on random token ids (no dataset needed).");
+  ap.add_option("recipe", "R", "YAML recipe (model, attention, train sections are used)");
+  ap.add_option("set", "KEY=VALUE", "override a recipe key", "", true);
+  ap.add_option("warmup", "W", "untimed steps first", "2");
+  ap.add_option("steps", "S", "timed steps (the median is reported)", "5");
+  ap.add_option("out", "FILE", "also append the JSON line to FILE (e.g. bench/results/train.jsonl)");
+  if (!ap.parse(args)) return 0;
+  MOBA_CHECK(ap.has("recipe"), "moba bench train: --recipe is required", ap.usage());
+  Recipe r = load_recipe(ap.get("recipe"), ap.get_all("set"));
+  MOBA_CHECK(r.model.vocab_size > 0, cat(r.source_path, ": bench train needs model.vocab_size > 0"),
+             "set model.vocab_size (random token ids are drawn below it)");
+  std::unique_ptr<Backend> be = make_backend(r.backend);
+  model::ModelConfig c = model_config_from(r, r.model.vocab_size);
+  const int64_t T = r.data.seq_len, micro = r.train.micro_batch_seqs;
+  const int64_t accumulation = r.train.global_batch_tokens / (micro * T);
+  model::Transformer m(*be, c, micro * T, max_top_k(r));
+  AdamW opt(*be, m, r.train.optimizer);
+  std::vector<float> host;
+  model::initialize_parameters(m.layout(), c, static_cast<float>(r.model.init_std), r.seed, host);
+  m.set_params_from_host(host);
+  host.clear();
+  host.shrink_to_fit();
+  info("memory: ", be->allocated_bytes() >> 20, " MiB allocated on ", be->name(), " for ",
+       m.layout().total(), " parameters and a micro-batch of ", micro, " x ", T, " tokens");
+
+  // Random token ids, one document per sequence.
+  std::mt19937_64 rng(r.seed);
+  std::vector<int32_t> inputs(static_cast<size_t>(micro * T)), targets(inputs.size()), positions(inputs.size());
+  std::vector<uint8_t> mask(inputs.size(), 1);
+  std::vector<int32_t> cu;
+  for (int64_t s = 0; s <= micro; ++s) cu.push_back(static_cast<int32_t>(s * T));
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    inputs[i] = static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size));
+    targets[i] = static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size));
+    positions[i] = static_cast<int32_t>(static_cast<int64_t>(i) % T);
+  }
+  model::TokenBatch batch{inputs.data(), targets.data(), mask.data(), positions.data(), cu.data(), micro * T,
+                          static_cast<int>(micro)};
+  std::vector<AttentionParams> attention = layer_attention(r.attention, c);
+  const double scale = 1.0 / static_cast<double>(r.train.global_batch_tokens);
+  double loss = 0;
+  auto step = [&]() {
+    m.zero_grads();
+    loss = 0;
+    for (int64_t a = 0; a < accumulation; ++a) {
+      loss += m.forward(batch, attention) * scale;
+      m.backward(static_cast<float>(scale));
+    }
+    opt.clip_gradients(r.train.grad_clip);
+    opt.step(r.train.optimizer.lr);
+  };
+  std::vector<double> ms = be->time_ms(step, static_cast<int>(ap.get_int("warmup")), static_cast<int>(ap.get_int("steps")));
+  const double step_ms = median(ms);
+  const double tokens_per_s = static_cast<double>(r.train.global_batch_tokens) / (step_ms * 1e-3);
+  // MFU as in ../shared/docs/anchors.md: tokens/s * (6 N_nonembedding + 6 L d S) / 989e12 (dense attention
+  // FLOPs, counted the same way for MoBA so the numbers compare with the dense PyTorch anchor).
+  const double flops_per_token = 6.0 * static_cast<double>(m.layout().count_non_embedding()) +
+                                 6.0 * c.n_layers * c.d_model * static_cast<double>(T);
+  const double mfu = tokens_per_s * flops_per_token / 989e12;
+  bool any_moba = false, any_full = false;
+  for (const AttentionParams& p : attention) (p.mode == AttentionMode::moba ? any_moba : any_full) = true;
+  std::string kind = any_moba && any_full ? "hybrid" : any_moba ? "moba" : "full";
+  emit({{"date", json_string(today())}, {"commit", json_string(git_commit())}, {"device", json_string(be->name())},
+        {"command", json_string(command_line("train", args))}, {"bench", json_string("train")},
+        {"recipe", json_string(r.source_path)}, {"attention", json_string(kind)}, {"seq", cat(T)},
+        {"micro_batch_seqs", cat(micro)}, {"global_batch_tokens", cat(r.train.global_batch_tokens)},
+        {"step_ms", json_number(step_ms)}, {"tokens_per_s", json_number(std::round(tokens_per_s))},
+        {"mfu", json_number(mfu)}, {"peak_gib", json_number(static_cast<double>(be->peak_bytes()) / (1 << 30))},
+        {"loss", json_number(loss)}, {"steps", ap.get("steps")}},
+       ap.get("out"));
+  return 0;
+}
+
+}  // namespace
+
+int bench_command(const std::vector<std::string>& args, parallel::MpiContext& mpi) {
+  const char* usage = "usage: moba bench attention [options] | moba bench train --recipe R [options] (--help for each)";
+  MOBA_CHECK(!args.empty(), "moba bench: missing what to benchmark", usage);
+  std::vector<std::string> rest(args.begin() + 1, args.end());
+  if (args[0] == "attention") return bench_attention(rest);
+  if (args[0] == "train") return bench_train(rest);
+  if (args[0] == "--help" || args[0] == "-h") {
+    info(usage);
+    return 0;
+  }
+  throw Error(cat("moba bench: unknown benchmark '", args[0], "'"), usage);
+}
+
+}  // namespace moba
