@@ -263,6 +263,32 @@ TEST_F(Train, BadInputFailsWithAClearMessage) {
   expect_error(tiny(run, "--set data.train=" + bad_ids), "tokens[1234] = 300 is not below vocab_size 258");
 }
 
+TEST_F(Train, SftTrainsOnResponsesOnly) {
+  // Prompt/response pairs where the response is a fixed function of the prompt: only responses count.
+  std::string dir = test::scratch_dir("sft");
+  {
+    std::ofstream jsonl(dir + "/pairs.jsonl");
+    for (int i = 0; i < 400; ++i) {
+      std::string word = "item" + std::to_string(i % 37);
+      jsonl << "{\"prompt\": \"Repeat twice: " << word << "\\n\", \"response\": \"" << word << " " << word
+            << "\"}\n";
+    }
+  }
+  std::string out;
+  ASSERT_EQ(test::run_moba("prep " + dir + "/pairs.jsonl --sft --out " + dir + "/data --val-fraction 0.1", &out), 0)
+      << out;
+  const std::string recipe = "train " + test::source_path("recipes/tests/tiny.yaml") + " --set data.train=" + dir +
+                             "/data/train.h5 --set data.val=" + dir + "/data/val.h5 --set data.sft=true" +
+                             " --set data.seq_len=64 --set train.global_batch_tokens=512 --set run_dir=" + dir + "/run";
+  ASSERT_EQ(test::run_moba(recipe + " --set train.tokens=6e4", &out), 0) << out;
+  // Loss only over response tokens: a model that learns to copy the prompt's word gets far below chance.
+  EXPECT_LT(last_value(dir + "/run", "val_loss"), 1.5) << out;
+  // sft: true on a dataset without a loss mask is refused.
+  int rc = test::run_moba(tiny(dir + "/run2", "--set data.sft=true"), &out);
+  EXPECT_EQ(rc, 1);
+  EXPECT_NE(out.find("has no loss_mask"), std::string::npos) << out;
+}
+
 TEST_F(Train, CorruptNewestCheckpointFallsBackToThePreviousOne) {
   std::string run = test::scratch_dir("corrupt-ckpt");
   std::string out;

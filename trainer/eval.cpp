@@ -22,8 +22,8 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
   ap.add_option("checkpoint", "PATH", "checkpoint file (step_*.h5) or a run directory (its newest checkpoint)");
   ap.add_option("data", "PATH", "tokenized dataset (HDF5 from moba prep), e.g. the validation split");
   ap.add_option("seq-len", "N", "evaluation length N: each document's first N tokens", "4096");
-  ap.add_option("bucket", "B", "position bucket width for the position-wise loss", "512");
-  ap.add_option("trailing", "T", "trailing loss over positions [N - T, N) (default: one bucket)");
+  ap.add_option("bucket", "B", "position bucket width (default: the recipe's eval.position_bucket, at most N)");
+  ap.add_option("trailing", "T", "trailing loss over positions [N - T, N) (default: the recipe's eval.trailing, at most N)");
   ap.add_option("attention", "MODE", "full | moba | as-trained (the attention in force at the checkpoint)", "as-trained");
   ap.add_option("block-size", "B", "override the MoBA block size (with --attention moba)");
   ap.add_option("top-k", "K", "override the MoBA top_k (with --attention moba)");
@@ -40,8 +40,11 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
     MOBA_CHECK(latest.has_value(), cat("no checkpoint found in ", ckpt), "pass a step_*.h5 file or a run directory");
     ckpt = *latest;
   }
-  const int64_t N = ap.get_int("seq-len"), bucket = ap.get_int("bucket");
-  const int64_t trailing = ap.has("trailing") ? ap.get_int("trailing") : bucket;
+  const int64_t N = ap.get_int("seq-len");
+  CheckpointState saved = read_checkpoint_state(ckpt);
+  Recipe r = parse_recipe_text(saved.recipe_yaml, ckpt + " (saved recipe)");
+  const int64_t bucket = ap.has("bucket") ? ap.get_int("bucket") : std::min(N, r.eval.position_bucket);
+  const int64_t trailing = ap.has("trailing") ? ap.get_int("trailing") : std::min(N, r.eval.trailing);
   const int batch_seqs = static_cast<int>(ap.get_int("batch-seqs"));
   const int64_t max_docs = ap.get_int("max-docs");
   MOBA_CHECK(N >= 2, "moba eval: --seq-len must be >= 2", "e.g. --seq-len 4096");
@@ -49,8 +52,6 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
   MOBA_CHECK(trailing >= 1 && trailing <= N, "moba eval: --trailing must be in [1, seq-len]", "e.g. --trailing 512");
   MOBA_CHECK(batch_seqs >= 1, "moba eval: --batch-seqs must be >= 1", "e.g. --batch-seqs 1");
 
-  CheckpointState saved = read_checkpoint_state(ckpt);
-  Recipe r = parse_recipe_text(saved.recipe_yaml, ckpt + " (saved recipe)");
   data::TokenDataset dataset = data::TokenDataset::open(ap.get("data"));
   model::ModelConfig c = model_config_from(r, 0);
   MOBA_CHECK(dataset.info().vocab_size <= c.vocab_size,
