@@ -189,7 +189,7 @@ TEST_F(Train, EvalWritesPositionWiseAndTrailingLoss) {
   std::string out;
   ASSERT_EQ(test::run_moba(tiny(run), &out), 0) << out;
   ASSERT_EQ(test::run_moba("eval --checkpoint " + run + " --data " + data_dir + "/val.h5 --seq-len 256 --bucket 64 "
-                               "--attention full --out " + run + "/eval",
+                               "--trailing 64 --attention full --out " + run + "/eval",
                            &out),
             0)
       << out;
@@ -201,7 +201,7 @@ TEST_F(Train, EvalWritesPositionWiseAndTrailingLoss) {
   ASSERT_TRUE(std::regex_search(text, m, std::regex(R"re("position_loss": \[([^\]]*)\])re")));
   std::string buckets = m[1];
   EXPECT_EQ(std::count(buckets.begin(), buckets.end(), ','), 3);  // 4 buckets of 64
-  // With --trailing = --bucket, the trailing loss is the last bucket.
+  // With --trailing equal to --bucket, the trailing loss is the last bucket.
   EXPECT_EQ(field(text, "trailing_loss"), buckets.substr(buckets.rfind(", ") + 2));
   EXPECT_TRUE(fs::exists(run + "/eval/eval_step40_full_N256.csv"));
 }
