@@ -1,16 +1,21 @@
-// `moba check-vectors`: checks the CPU MoBA routing, forward and backward against the pinned test vectors, one
-// printed line per case. Invariant: this only reads the file and calls the public kernels/cpu/attention.h API;
-// it never changes what it measures (see check_vectors.h for why errors use the expected selection).
+// `moba check-vectors`: checks MoBA routing, forward and backward against the pinned test vectors, one printed
+// line per case: the CPU kernels (fp32, kernels/cpu/attention.h) or the CUDA backend (bf16 activations, through
+// the Backend interface). Invariant: this only reads the file and calls public APIs; it never changes what it
+// measures (see check_vectors.h for why errors use the expected selection).
 #include "kernels/check_vectors.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <functional>
+#include <memory>
 #include <sstream>
 
 #include "common/cli.h"
 #include "common/error.h"
 #include "common/log.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/attention.h"
 
 namespace moba {
@@ -138,7 +143,26 @@ std::vector<std::string> vector_case_names(const h5::File& file) {
   return names;
 }
 
-VectorCaseResult check_vector_case(const h5::File& file, const std::string& case_name) {
+namespace {
+
+// Acceptance thresholds for the CUDA backend (bf16 q/k/v/dO/O/dQ/dK/dV, f32 statistics): bf16 storage of O and the
+// gradients alone costs ~2e-3 relative, bf16 P and dS in the matrix products a few 1e-3 more; LSE stays f32 from
+// the same bf16 inputs. The routing arithmetic equals the CPU's, but a near-tie may still flip, hence 0.99.
+VectorTolerances cuda_tolerances() {
+  VectorTolerances t;
+  t.o = 2e-2;
+  t.lse = 1e-3;
+  t.grad = 3e-2;
+  t.min_selection_agreement = 0.99;
+  return t;
+}
+
+using RouteFn = std::function<std::vector<int32_t>(const VectorCase&)>;
+using AttentionFn = std::function<AttentionErrors(const VectorCase&, const std::vector<int32_t>&)>;
+
+// Routing agreement with the file's selection, and errors over the expected and over our own selection.
+VectorCaseResult check_case_with(const h5::File& file, const std::string& case_name, const RouteFn& route,
+                                 const AttentionFn& attention) {
   const VectorCase c = read_case(file, case_name);
   const int n_segments = static_cast<int>(c.cu_seqlens.size()) - 1;
   VectorCaseResult r;
@@ -151,8 +175,7 @@ VectorCaseResult check_vector_case(const h5::File& file, const std::string& case
   r.block_size = c.params.block_size;
   r.top_k = c.params.top_k;
 
-  std::vector<int32_t> own(c.selected.size());  // (N, H, top_k)
-  cpu::moba_select_blocks(own.data(), c.q.data(), c.k.data(), c.cu_seqlens.data(), n_segments, c.shape, c.params);
+  const std::vector<int32_t> own = route(c);  // (N, H, top_k)
   r.rows = c.shape.total_tokens * c.shape.n_heads;
   for (int64_t row = 0; row < r.rows; ++row) {
     bool same = true;  // both rows are ascending and -1 padded, so equal sets means equal rows
@@ -160,9 +183,123 @@ VectorCaseResult check_vector_case(const h5::File& file, const std::string& case
     r.rows_agreeing += same;
   }
   r.selection_agreement = r.rows ? static_cast<double>(r.rows_agreeing) / static_cast<double>(r.rows) : 1.0;
-  r.over_expected = run_attention(c, c.selected);
-  r.over_own = r.rows_agreeing == r.rows ? r.over_expected : run_attention(c, own);
+  r.over_expected = attention(c, c.selected);
+  r.over_own = r.rows_agreeing == r.rows ? r.over_expected : attention(c, own);
   return r;
+}
+
+// bf16 <-> f32 on the host (round-to-nearest-even; the file's inputs are bf16 values, so rounding is exact).
+std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
+  std::vector<uint16_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    uint32_t u;
+    std::memcpy(&u, &x[i], 4);
+    if ((u & 0x7F800000u) != 0x7F800000u) u += 0x7FFFu + ((u >> 16) & 1u);
+    out[i] = static_cast<uint16_t>(u >> 16);
+  }
+  return out;
+}
+std::vector<float> from_bf16(const std::vector<uint16_t>& x) {
+  std::vector<float> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const uint32_t u = static_cast<uint32_t>(x[i]) << 16;
+    std::memcpy(&out[i], &u, 4);
+  }
+  return out;
+}
+
+// One case on a bf16 backend (cuda) through the Backend interface: routing + forward, then forward with
+// reuse_routing over a given selection and the backward (gradients accumulate into zeroed buffers).
+class BackendCaseRunner {
+ public:
+  BackendCaseRunner(Backend& be, const VectorCase& c) : be_(be), c_(c) {
+    const int64_t N = c.shape.total_tokens, H = c.shape.n_heads, Hkv = c.shape.n_kv_heads, D = c.shape.head_dim;
+    q_ = tensor(DType::bf16, {N, H, D});
+    k_ = tensor(DType::bf16, {N, Hkv, D});
+    v_ = tensor(DType::bf16, {N, Hkv, D});
+    dout_ = tensor(DType::bf16, {N, H, D});
+    out_ = tensor(DType::bf16, {N, H, D});
+    dq_ = tensor(DType::bf16, {N, H, D});
+    dk_ = tensor(DType::bf16, {N, Hkv, D});
+    dv_ = tensor(DType::bf16, {N, Hkv, D});
+    lse_ = tensor(DType::f32, {N, H});
+    selected_ = tensor(DType::i32, {N, H, c.params.top_k});
+    cu_ = tensor(DType::i32, {static_cast<int64_t>(c.cu_seqlens.size())});
+    be_.upload(q_, to_bf16(c.q).data());
+    be_.upload(k_, to_bf16(c.k).data());
+    be_.upload(v_, to_bf16(c.v).data());
+    be_.upload(dout_, to_bf16(c.dout).data());
+    be_.upload(cu_, c.cu_seqlens.data());
+  }
+  ~BackendCaseRunner() {
+    for (Tensor& t : owned_) be_.release(t);
+  }
+
+  std::vector<int32_t> route() {
+    be_.attention_forward(out_, lse_, selected_, q_, k_, v_, cu_, params(false));
+    std::vector<int32_t> sel(static_cast<size_t>(selected_.numel()));
+    be_.download(sel.data(), selected_);
+    return sel;
+  }
+
+  AttentionErrors attention(const std::vector<int32_t>& selection) {
+    be_.upload(selected_, selection.data());
+    be_.attention_forward(out_, lse_, selected_, q_, k_, v_, cu_, params(true));
+    be_.zero(dq_);
+    be_.zero(dk_);
+    be_.zero(dv_);
+    be_.attention_backward(dq_, dk_, dv_, dout_, q_, k_, v_, out_, lse_, selected_, cu_, params(true));
+    std::vector<float> lse(c_.lse.size());
+    be_.download(lse.data(), lse_);
+    return {relative_l2(download_bf16(out_), c_.o), relative_l2(lse, c_.lse), relative_l2(download_bf16(dq_), c_.dq),
+            relative_l2(download_bf16(dk_), c_.dk), relative_l2(download_bf16(dv_), c_.dv)};
+  }
+
+ private:
+  Tensor tensor(DType dtype, std::initializer_list<int64_t> shape) {
+    owned_.push_back(be_.allocate(dtype, shape));
+    return owned_.back();
+  }
+  AttentionParams params(bool reuse_routing) const {
+    AttentionParams p{AttentionMode::moba, c_.params.block_size, c_.params.top_k, c_.softmax_scale};
+    p.reuse_routing = reuse_routing;
+    return p;
+  }
+  std::vector<float> download_bf16(const Tensor& t) {
+    std::vector<uint16_t> raw(static_cast<size_t>(t.numel()));
+    be_.download(raw.data(), t);
+    return from_bf16(raw);
+  }
+
+  Backend& be_;
+  const VectorCase& c_;
+  std::vector<Tensor> owned_;
+  Tensor q_, k_, v_, dout_, out_, dq_, dk_, dv_, lse_, selected_, cu_;
+};
+
+VectorCaseResult check_vector_case_on_backend(Backend& be, const h5::File& file, const std::string& case_name) {
+  std::unique_ptr<BackendCaseRunner> runner;
+  auto runner_for = [&](const VectorCase& c) -> BackendCaseRunner& {
+    if (!runner) runner = std::make_unique<BackendCaseRunner>(be, c);
+    return *runner;
+  };
+  return check_case_with(
+      file, case_name, [&](const VectorCase& c) { return runner_for(c).route(); },
+      [&](const VectorCase& c, const std::vector<int32_t>& selection) { return runner_for(c).attention(selection); });
+}
+
+}  // namespace
+
+VectorCaseResult check_vector_case(const h5::File& file, const std::string& case_name) {
+  return check_case_with(
+      file, case_name,
+      [](const VectorCase& c) {
+        std::vector<int32_t> own(c.selected.size());  // (N, H, top_k)
+        cpu::moba_select_blocks(own.data(), c.q.data(), c.k.data(), c.cu_seqlens.data(),
+                                static_cast<int>(c.cu_seqlens.size()) - 1, c.shape, c.params);
+        return own;
+      },
+      run_attention);
 }
 
 std::vector<std::string> vector_case_failures(const VectorCaseResult& r, const VectorTolerances& tol) {
@@ -191,28 +328,38 @@ int check_vectors_command(const std::vector<std::string>& args) {
   parser.add_positional("FILE.h5", "test vectors, e.g. ../shared/data/moba-vectors.h5");
   parser.add_option("backend", "NAME", "cpu or cuda", "cpu");
   parser.add_option("cases", "A,B", "comma-separated case groups to run (default: all)");
-  parser.add_option("tol-o", "X", "max relative L2 error of O", cat(defaults.o));
-  parser.add_option("tol-lse", "X", "max relative L2 error of LSE", cat(defaults.lse));
-  parser.add_option("tol-grad", "X", "max relative L2 error of dQ, dK, dV", cat(defaults.grad));
-  parser.add_option("min-selection-agreement", "X", "min fraction of (token, head) rows routed exactly as expected",
+  const VectorTolerances cuda = cuda_tolerances();
+  parser.add_option("tol-o", "X", cat("max relative L2 error of O (cuda default ", cuda.o, ")"), cat(defaults.o));
+  parser.add_option("tol-lse", "X", cat("max relative L2 error of LSE (cuda default ", cuda.lse, ")"),
+                    cat(defaults.lse));
+  parser.add_option("tol-grad", "X", cat("max relative L2 error of dQ, dK, dV (cuda default ", cuda.grad, ")"),
+                    cat(defaults.grad));
+  parser.add_option("min-selection-agreement", "X",
+                    cat("min fraction of (token, head) rows routed exactly as expected (cuda default ",
+                        cuda.min_selection_agreement, ")"),
                     cat(defaults.min_selection_agreement));
   if (!parser.parse(args)) return 0;
 
   const std::string backend = parser.get("backend");
   MOBA_CHECK(backend == "cpu" || backend == "cuda",
              cat("moba check-vectors: unknown --backend '", backend, "'"), "use --backend cpu or --backend cuda");
-  if (backend == "cuda") {
-    log_error(cat("moba check-vectors: --backend cuda is not available: ",
-                  MOBA_HAVE_CUDA ? "the CUDA MoBA kernels are not implemented yet"
-                                 : "this binary was built without CUDA and the CUDA MoBA kernels are not implemented yet"));
-    std::fprintf(stderr, "  hint: run with --backend cpu for now\n");
-    return 2;
-  }
+  std::unique_ptr<Backend> gpu;
   VectorTolerances tol;
-  tol.o = parser.get_double("tol-o");
-  tol.lse = parser.get_double("tol-lse");
-  tol.grad = parser.get_double("tol-grad");
-  tol.min_selection_agreement = parser.get_double("min-selection-agreement");
+  if (backend == "cuda") {
+    try {
+      gpu = make_backend("cuda");
+    } catch (const Error& e) {
+      log_error(cat("moba check-vectors: --backend cuda is not available: ", e.what()));
+      std::fprintf(stderr, "  hint: run on a machine with an NVIDIA GPU, or use --backend cpu\n");
+      return 2;
+    }
+    tol = cuda_tolerances();
+  }
+  if (parser.has("tol-o")) tol.o = parser.get_double("tol-o");
+  if (parser.has("tol-lse")) tol.lse = parser.get_double("tol-lse");
+  if (parser.has("tol-grad")) tol.grad = parser.get_double("tol-grad");
+  if (parser.has("min-selection-agreement"))
+    tol.min_selection_agreement = parser.get_double("min-selection-agreement");
 
   const h5::File file = h5::File::open_read(parser.get("FILE.h5"));
   const std::vector<std::string> all_cases = vector_case_names(file);
@@ -226,11 +373,12 @@ int check_vectors_command(const std::vector<std::string>& args) {
                  cat("moba check-vectors: ", file.path(), " has no case '", name, "'"), cat("cases:", available));
   }
 
-  info("check-vectors ", file.path(), " backend cpu (fp32); tolerances: o ", tol.o, " lse ", tol.lse, " grads ",
-       tol.grad, " selection agreement >= ", tol.min_selection_agreement);
+  info("check-vectors ", file.path(), " backend ", gpu ? gpu->name() + " (bf16 activations)" : "cpu (fp32)",
+       "; tolerances: o ", tol.o, " lse ", tol.lse, " grads ", tol.grad, " selection agreement >= ",
+       tol.min_selection_agreement);
   std::vector<std::string> failures;
   for (const std::string& name : cases) {
-    const VectorCaseResult result = check_vector_case(file, name);
+    const VectorCaseResult result = gpu ? check_vector_case_on_backend(*gpu, file, name) : check_vector_case(file, name);
     info(format_result(result));
     for (std::string& f : vector_case_failures(result, tol)) failures.push_back(std::move(f));
   }

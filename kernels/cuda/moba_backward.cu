@@ -1,0 +1,608 @@
+// MoBA attention backward on the GPU (moba-spec.md, Backward): with P = exp(scale * S - LSE), Delta = rowsum(dO * O),
+// dS = P * (dO V^T - Delta): dQ = scale * dS K, dK = scale * dS^T Q, dV = P^T dO, over the same union of keys as
+// the forward. Kernels, in stream order:
+//   delta             Delta (N, H) f32.
+//   dq, selected      per dispatch item (<= 64 gathered rows x one block): the block's dQ part -> dq_part slot.
+//   dk/dv, selected   per (block, kv head, 64-key tile): loops over every row that chose the block -> f32 buffer.
+//   dq, current       per (64-token tile, head): causal current-block dQ + the row's dq_part slots in selection
+//                     order, added into dq (bf16).
+//   dk/dv, current    per (64-key tile, kv head): the causal queries of the key's own block (all heads of the
+//                     group) + the selected part from the buffer, added into dk/dv (bf16).
+// Invariant: every dQ element is summed by one thread in a fixed order (no atomics), so dQ is bitwise reproducible
+// whatever `deterministic` says; dK/dV likewise have a single owner per element, but the selected part sums the
+// rows of a block in dispatch order, which atomics set, so dK/dV may differ in the last bits run to run.
+// dQ is recomputed key-major-free (a separate pass, FlashAttention-1 style) instead of atomics: 7 matrix products
+// per (query, key) pair instead of 5, the price of determinism without per-element atomics.
+#include <climits>
+#include <cmath>
+
+#include "common/error.h"
+#include "kernels/cuda/moba_common.cuh"
+
+namespace moba::cuda {
+namespace moba_detail {
+namespace {
+
+struct BackwardArgs {
+  bf16* dq;               // (N, H, D) +=
+  bf16* dk;               // (N, Hkv, D) +=
+  bf16* dv;               // (N, Hkv, D) +=
+  float* dq_part;         // (N * H * (top_k - 1), D) dQ of each selected block, already scaled
+  float* dk_sel;          // (N, Hkv, D) dK of the selected part (written only for blocks with a non-empty bucket)
+  float* dv_sel;          // (N, Hkv, D)
+  float* delta;           // (N, H)
+  const bf16* dout;       // (N, H, D)
+  const bf16* q;
+  const bf16* k;
+  const bf16* v;
+  const bf16* out;
+  const float* lse;       // (N, H) natural log
+  const int32_t* selected;
+  const int32_t* cu_seqlens;
+  Dispatch dispatch;
+  int n_segments;
+  int64_t N;
+  int H, Hkv, D, B, top_k;
+  float scale;            // softmax scale
+  float scale_log2;       // softmax scale * log2(e)
+};
+
+// Delta (rows) = rowsum(dout * out) in f32; DP / 8 threads per row, 8 channels each.
+template <int DP>
+__global__ void delta_kernel(float* __restrict__ delta, const bf16* __restrict__ out, const bf16* __restrict__ dout,
+                             int64_t rows, int D) {
+  constexpr int kThreadsPerRow = DP / 8;
+  const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t row = gid / kThreadsPerRow;
+  const int c = static_cast<int>(gid % kThreadsPerRow) * 8;
+  float sum = 0.0f;
+  if (row < rows && c < D) {
+    const uint4 o = *reinterpret_cast<const uint4*>(out + row * D + c);
+    const uint4 g = *reinterpret_cast<const uint4*>(dout + row * D + c);
+    const uint32_t ow[4] = {o.x, o.y, o.z, o.w}, gw[4] = {g.x, g.y, g.z, g.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sum += bf16_lo(ow[i]) * bf16_lo(gw[i]) + bf16_hi(ow[i]) * bf16_hi(gw[i]);
+  }
+#pragma unroll
+  for (int d = kThreadsPerRow / 2; d > 0; d >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, d);
+  if (row < rows && c == 0) delta[row] = sum;
+}
+
+// ---- dQ ------------------------------------------------------------------------------------------------------
+template <int DP>
+constexpr size_t dq_smem_bytes() {
+  return size_t{6} * 64 * (DP + 8) * sizeof(bf16) + 6 * 64 * sizeof(int);
+}
+
+// Row setup as the forward kernel (SELECTED: gathered rows of a dispatch item, keys = the block; else a 64-token
+// tile of head blockIdx.y, row t sees [block_start(t), t]); loops over the key tiles accumulating dQ.
+template <int DP, bool SELECTED>
+__global__ void __launch_bounds__(128) moba_dq_kernel(const BackwardArgs a) {
+  constexpr int LD = DP + 8;
+  constexpr int NT = kKeyTile / 8;
+  constexpr int DT = DP / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* sQ = reinterpret_cast<bf16*>(smem);  // (64, LD)
+  bf16* sG = sQ + 64 * LD;                   // (64, LD) dO rows
+  bf16* sK = sG + 64 * LD;                   // (2, 64, LD)
+  bf16* sV = sK + 2 * 64 * LD;               // (2, 64, LD)
+  int* s_lo = reinterpret_cast<int*>(sV + 2 * 64 * LD);  // (64)
+  int* s_hi = s_lo + 64;                                 // (64)
+  int* s_row = s_hi + 64;                                // (64) t * H + h or -1
+  int* s_aux = s_row + 64;                               // (64) SELECTED: entry; else current block
+  float* s_lse2 = reinterpret_cast<float*>(s_aux + 64);  // (64) lse * log2(e); +inf for padding rows
+  float* s_delta = s_lse2 + 64;                          // (64)
+  __shared__ int s_range[2];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int past_slots = a.top_k - 1;
+
+  int kv_head;
+  if constexpr (SELECTED) {
+    if (static_cast<int>(blockIdx.x) >= a.dispatch.chunk_offset[a.dispatch.n_buckets]) return;
+    const int2 item = a.dispatch.items[blockIdx.x];
+    const int bucket = item.x;
+    kv_head = bucket % a.Hkv;
+    const int start = a.dispatch.slot_start[bucket / a.Hkv];
+    const int n_rows = min(kRowsPerChunk, a.dispatch.count[bucket] - item.y * kRowsPerChunk);
+    if (tid < 64) {
+      int row = -1, entry = -1;
+      if (tid < n_rows) {
+        entry = a.dispatch.entries[a.dispatch.offset[bucket] + item.y * kRowsPerChunk + tid];
+        row = entry / past_slots;
+      }
+      s_row[tid] = row;
+      s_aux[tid] = entry;
+      s_lo[tid] = start;
+      s_hi[tid] = start + a.B;
+    }
+    if (tid == 0) {
+      s_range[0] = start;
+      s_range[1] = start + a.B;
+    }
+  } else {
+    const int h = blockIdx.y;
+    kv_head = h / (a.H / a.Hkv);
+    if (tid < 64) {
+      const int64_t t = static_cast<int64_t>(blockIdx.x) * 64 + tid;
+      int row = -1, lo = INT_MAX, hi = INT_MIN;
+      if (t < a.N) {
+        const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, t, a.B);
+        row = static_cast<int>(t * a.H + h);
+        lo = static_cast<int>(tb.block_start);
+        hi = static_cast<int>(t + 1);
+      }
+      s_row[tid] = row;
+      s_lo[tid] = lo;
+      s_hi[tid] = hi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      int lo = min(s_lo[lane], s_lo[lane + 32]), hi = max(s_hi[lane], s_hi[lane + 32]);
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) {
+        lo = min(lo, __shfl_xor_sync(0xFFFFFFFFu, lo, d));
+        hi = max(hi, __shfl_xor_sync(0xFFFFFFFFu, hi, d));
+      }
+      if (lane == 0) {
+        s_range[0] = lo;
+        s_range[1] = hi;
+      }
+    }
+  }
+  __syncthreads();
+  if (tid < 64) {
+    const int row = s_row[tid];
+    s_lse2[tid] = row >= 0 ? a.lse[row] * kLog2e : INFINITY;
+    s_delta[tid] = row >= 0 ? a.delta[row] : 0.0f;
+  }
+  const int key_begin = s_range[0], key_end = s_range[1];
+  const int n_tiles = (key_end - key_begin + kKeyTile - 1) / kKeyTile;
+
+  for (int idx = tid; idx < 64 * (DP / 8); idx += 128) {
+    const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
+    const int row = s_row[r];
+    const bool ok = row >= 0 && c < a.D;
+    const int64_t off = static_cast<int64_t>(row) * a.D + c;
+    cp_async16(sQ + r * LD + c, ok ? a.q + off : a.q, ok ? 16 : 0);
+    cp_async16(sG + r * LD + c, ok ? a.dout + off : a.dout, ok ? 16 : 0);
+  }
+  auto load_kv = [&](int tile, int buf) {
+    const int k0 = key_begin + tile * kKeyTile;
+    for (int idx = tid; idx < kKeyTile * (DP / 8); idx += 128) {
+      const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
+      const bool ok = k0 + r < key_end && c < a.D;
+      const int64_t off = (static_cast<int64_t>(k0 + r) * a.Hkv + kv_head) * a.D + c;
+      cp_async16(sK + (buf * 64 + r) * LD + c, ok ? a.k + off : a.k, ok ? 16 : 0);
+      cp_async16(sV + (buf * 64 + r) * LD + c, ok ? a.v + off : a.v, ok ? 16 : 0);
+    }
+  };
+  load_kv(0, 0);
+  cp_async_commit();
+  __syncthreads();  // s_lse2 / s_delta
+
+  const int r0 = warp * 16 + (lane >> 2), r1 = r0 + 8, quad_col = 2 * (lane & 3);
+  const int lo0 = s_lo[r0], hi0 = s_hi[r0], lo1 = s_lo[r1], hi1 = s_hi[r1];
+  const float lse0 = s_lse2[r0], lse1 = s_lse2[r1], delta0 = s_delta[r0], delta1 = s_delta[r1];
+  float dq[DT][4];
+#pragma unroll
+  for (int d = 0; d < DT; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.0f;
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    if (tile + 1 < n_tiles) {
+      load_kv(tile + 1, (tile + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const bf16* k_s = sK + (tile & 1) * 64 * LD;
+    const bf16* v_s = sV + (tile & 1) * 64 * LD;
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ++ks) {
+      uint32_t qa[4], ga[4];
+      load_a(qa, sQ, LD, warp * 16, ks * 16, lane);
+      load_a(ga, sG, LD, warp * 16, ks * 16, lane);
+#pragma unroll
+      for (int j2 = 0; j2 < NT / 2; ++j2) {
+        uint32_t b[4];
+        load_b_rows(b, k_s, LD, j2 * 16, ks * 16, lane);
+        mma_16816(s[2 * j2], qa, b[0], b[1]);
+        mma_16816(s[2 * j2 + 1], qa, b[2], b[3]);
+        load_b_rows(b, v_s, LD, j2 * 16, ks * 16, lane);
+        mma_16816(dp[2 * j2], ga, b[0], b[1]);
+        mma_16816(dp[2 * j2 + 1], ga, b[2], b[3]);
+      }
+    }
+    const int k0 = key_begin + tile * kKeyTile;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = k0 + j * 8 + quad_col + (e & 1);
+        const bool visible = e < 2 ? (key >= lo0 && key < hi0) : (key >= lo1 && key < hi1);
+        const float p = visible ? exp2f(s[j][e] * a.scale_log2 - (e < 2 ? lse0 : lse1)) : 0.0f;
+        s[j][e] = p * (dp[j][e] - (e < 2 ? delta0 : delta1));  // dS
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < kKeyTile / 16; ++kk) {
+      const uint32_t da[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int d2 = 0; d2 < DT / 2; ++d2) {
+        uint32_t b[4];
+        load_b_cols(b, k_s, LD, kk * 16, d2 * 16, lane);
+        mma_16816(dq[2 * d2], da, b[0], b[1]);
+        mma_16816(dq[2 * d2 + 1], da, b[2], b[3]);
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = half ? r1 : r0;
+    const int row = s_row[r];
+    if (row < 0) continue;
+    if constexpr (SELECTED) {
+      float* dst = a.dq_part + static_cast<int64_t>(s_aux[r]) * a.D;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        const int col = d * 8 + quad_col;
+        if (col < a.D)
+          *reinterpret_cast<float2*>(dst + col) =
+              make_float2(dq[d][2 * half] * a.scale, dq[d][2 * half + 1] * a.scale);
+      }
+    } else {
+      const int64_t t = row / a.H;
+      const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, t, a.B);
+      const int current = static_cast<int>((tb.block_start - tb.segment_start) / a.B);
+      const int32_t* sel = a.selected + static_cast<int64_t>(row) * a.top_k;
+      int n_past = 0;
+      while (n_past < past_slots && sel[n_past] >= 0 && sel[n_past] < current) ++n_past;
+      bf16* dst = a.dq + static_cast<int64_t>(row) * a.D;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        const int col = d * 8 + quad_col;
+        if (col >= a.D) continue;
+        float x0 = dq[d][2 * half] * a.scale, x1 = dq[d][2 * half + 1] * a.scale;
+        for (int i = 0; i < n_past; ++i) {  // selection order: fixed summation order
+          const float2 p =
+              *reinterpret_cast<const float2*>(a.dq_part + (static_cast<int64_t>(row) * past_slots + i) * a.D + col);
+          x0 += p.x;
+          x1 += p.y;
+        }
+        __nv_bfloat162* g = reinterpret_cast<__nv_bfloat162*>(dst + col);
+        const float2 old = __bfloat1622float2(*g);
+        *g = __floats2bfloat162_rn(old.x + x0, old.y + x1);
+      }
+    }
+  }
+}
+
+// ---- dK / dV ---------------------------------------------------------------------------------------------------
+template <int DP>
+constexpr int kv_row_tile() {
+  return DP == 128 ? 32 : 64;  // rows per iteration; keeps dK + dV + S^T + dP^T in registers
+}
+template <int DP>
+constexpr size_t dkv_smem_bytes() {
+  constexpr int RT = kv_row_tile<DP>();
+  return (size_t{2} * 64 + size_t{4} * RT) * (DP + 8) * sizeof(bf16) + 2 * 3 * RT * sizeof(float);
+}
+
+// SELECTED: blockIdx.x = bucket * key_tiles + key tile; rows = every entry of the bucket, all keys visible; writes
+// dk_sel/dv_sel. Otherwise: blockIdx.x = 64-key tile, blockIdx.y = kv head; rows = tokens t of each head of the
+// group with key <= t < end of the key's block; adds the selected part and writes into dk/dv.
+template <int DP, bool SELECTED>
+__global__ void __launch_bounds__(128) moba_dkv_kernel(const BackwardArgs a) {
+  constexpr int LD = DP + 8;
+  constexpr int RT = kv_row_tile<DP>();
+  constexpr int NT = RT / 8;  // n-tiles of S^T per warp
+  constexpr int DT = DP / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* sK = reinterpret_cast<bf16*>(smem);  // (64, LD)
+  bf16* sV = sK + 64 * LD;                   // (64, LD)
+  bf16* sQ = sV + 64 * LD;                   // (2, RT, LD)
+  bf16* sG = sQ + 2 * RT * LD;               // (2, RT, LD) dO rows
+  float* s_lse2 = reinterpret_cast<float*>(sG + 2 * RT * LD);  // (2, RT)
+  float* s_delta = s_lse2 + 2 * RT;                            // (2, RT)
+  int* s_tok = reinterpret_cast<int*>(s_delta + 2 * RT);       // (2, RT) token of each row (mask), or -1
+  __shared__ int s_row_end;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int past_slots = a.top_k - 1;
+  const int group = a.H / a.Hkv;
+
+  int kv_head, key_begin, key_end;  // this CTA's keys [key_begin, key_end)
+  int bucket = -1, n_rows = 0;      // SELECTED
+  int first_row = 0, row_end = 0;   // else: query tokens [first_row, row_end) of each head
+  if constexpr (SELECTED) {
+    const int key_tiles = (a.B + kKeyTile - 1) / kKeyTile;
+    bucket = blockIdx.x / key_tiles;
+    n_rows = a.dispatch.count[bucket];
+    if (n_rows == 0) return;
+    kv_head = bucket % a.Hkv;
+    const int start = a.dispatch.slot_start[bucket / a.Hkv];
+    key_begin = start + static_cast<int>(blockIdx.x % key_tiles) * kKeyTile;
+    key_end = min(key_begin + kKeyTile, start + a.B);
+  } else {
+    kv_head = blockIdx.y;
+    key_begin = blockIdx.x * kKeyTile;
+    key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + kKeyTile, a.N));
+    first_row = key_begin;
+    if (warp == 0) {
+      int end = 0;
+      for (int i = lane; i < key_end - key_begin; i += 32) {
+        const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, key_begin + i, a.B);
+        end = max(end, static_cast<int>(min(tb.block_start + a.B, tb.segment_end)));
+      }
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) end = max(end, __shfl_xor_sync(0xFFFFFFFFu, end, d));
+      if (lane == 0) s_row_end = end;
+    }
+    __syncthreads();
+    row_end = s_row_end;
+  }
+  const int row_tiles_per_head = SELECTED ? (n_rows + RT - 1) / RT : (row_end - first_row + RT - 1) / RT;
+  const int n_tiles = SELECTED ? row_tiles_per_head : row_tiles_per_head * group;
+
+  for (int idx = tid; idx < kKeyTile * (DP / 8); idx += 128) {
+    const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
+    const bool ok = key_begin + r < key_end && c < a.D;
+    const int64_t off = (static_cast<int64_t>(key_begin + r) * a.Hkv + kv_head) * a.D + c;
+    cp_async16(sK + r * LD + c, ok ? a.k + off : a.k, ok ? 16 : 0);
+    cp_async16(sV + r * LD + c, ok ? a.v + off : a.v, ok ? 16 : 0);
+  }
+  // Row tile `tile` into buffer `buf`: Q and dO rows by cp.async, lse/delta/token by plain stores (visible to the
+  // other warps after the __syncthreads that precedes their use).
+  auto load_rows = [&](int tile, int buf) {
+    if (tid < RT) {
+      int row = -1, token = -1;
+      if constexpr (SELECTED) {
+        const int i = tile * RT + tid;
+        if (i < n_rows) {
+          row = a.dispatch.entries[a.dispatch.offset[bucket] + i] / past_slots;
+          token = row / a.H;
+        }
+      } else {
+        const int h = kv_head * group + tile / row_tiles_per_head;
+        const int t = first_row + (tile % row_tiles_per_head) * RT + tid;
+        if (t < row_end) {
+          row = t * a.H + h;
+          token = t;
+        }
+      }
+      s_tok[buf * RT + tid] = token;
+      s_lse2[buf * RT + tid] = row >= 0 ? a.lse[row] * kLog2e : INFINITY;
+      s_delta[buf * RT + tid] = row >= 0 ? a.delta[row] : 0.0f;
+    }
+    for (int idx = tid; idx < RT * (DP / 8); idx += 128) {
+      const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
+      int row = -1;
+      if constexpr (SELECTED) {
+        const int i = tile * RT + r;
+        if (i < n_rows) row = a.dispatch.entries[a.dispatch.offset[bucket] + i] / past_slots;
+      } else {
+        const int h = kv_head * group + tile / row_tiles_per_head;
+        const int t = first_row + (tile % row_tiles_per_head) * RT + r;
+        if (t < row_end) row = t * a.H + h;
+      }
+      const bool ok = row >= 0 && c < a.D;
+      const int64_t off = static_cast<int64_t>(row) * a.D + c;
+      cp_async16(sQ + (buf * RT + r) * LD + c, ok ? a.q + off : a.q, ok ? 16 : 0);
+      cp_async16(sG + (buf * RT + r) * LD + c, ok ? a.dout + off : a.dout, ok ? 16 : 0);
+    }
+  };
+  if (n_tiles > 0) load_rows(0, 0);
+  cp_async_commit();
+
+  // This thread's two keys (rows g and g + 8 of the warp's 16) and, for the causal part, their blocks' ends.
+  const int kr0 = warp * 16 + (lane >> 2), kr1 = kr0 + 8, quad_col = 2 * (lane & 3);
+  const int key0 = key_begin + kr0, key1 = key_begin + kr1;
+  const bool key0_ok = key0 < key_end, key1_ok = key1 < key_end;
+  int end0 = INT_MIN, end1 = INT_MIN;  // causal part: row t sees key u iff u <= t < end(u)
+  bool sel0 = false, sel1 = false;     // causal part: the key's block has a selected part in dk_sel/dv_sel
+  if constexpr (!SELECTED) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int key = half ? key1 : key0;
+      if (!(half ? key1_ok : key0_ok)) continue;
+      const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, key, a.B);
+      const bool complete = tb.block_start + a.B <= tb.segment_end;
+      const int end = static_cast<int>(min(tb.block_start + a.B, tb.segment_end));
+      const bool sel =
+          past_slots > 0 && complete && a.dispatch.count[(tb.block_start / a.B) * a.Hkv + kv_head] > 0;
+      (half ? end1 : end0) = end;
+      (half ? sel1 : sel0) = sel;
+    }
+  }
+
+  float dk[DT][4], dv[DT][4];
+#pragma unroll
+  for (int d = 0; d < DT; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[d][e] = dv[d][e] = 0.0f;
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    if (tile + 1 < n_tiles) {
+      load_rows(tile + 1, (tile + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int buf = tile & 1;
+    const bf16* q_s = sQ + buf * RT * LD;
+    const bf16* g_s = sG + buf * RT * LD;
+    const float* lse_s = s_lse2 + buf * RT;
+    const float* delta_s = s_delta + buf * RT;
+    const int* tok_s = s_tok + buf * RT;
+
+    float st[NT][4], dpt[NT][4];  // S^T and dP^T: (16 keys of this warp) x (RT rows)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ++ks) {
+      uint32_t ka[4], va[4];
+      load_a(ka, sK, LD, warp * 16, ks * 16, lane);
+      load_a(va, sV, LD, warp * 16, ks * 16, lane);
+#pragma unroll
+      for (int j2 = 0; j2 < NT / 2; ++j2) {
+        uint32_t b[4];
+        load_b_rows(b, q_s, LD, j2 * 16, ks * 16, lane);
+        mma_16816(st[2 * j2], ka, b[0], b[1]);
+        mma_16816(st[2 * j2 + 1], ka, b[2], b[3]);
+        load_b_rows(b, g_s, LD, j2 * 16, ks * 16, lane);
+        mma_16816(dpt[2 * j2], va, b[0], b[1]);
+        mma_16816(dpt[2 * j2 + 1], va, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = j * 8 + quad_col + (e & 1);
+        const int token = tok_s[r];
+        bool visible;
+        if constexpr (SELECTED) {
+          visible = token >= 0 && (e < 2 ? key0_ok : key1_ok);
+        } else {
+          visible = e < 2 ? (key0 <= token && token < end0) : (key1 <= token && token < end1);
+        }
+        const float p = visible ? exp2f(st[j][e] * a.scale_log2 - lse_s[r]) : 0.0f;
+        st[j][e] = p;
+        dpt[j][e] = p * (dpt[j][e] - delta_s[r]);  // dS^T
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < RT / 16; ++kk) {
+      const uint32_t pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
+                              pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                              pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+      const uint32_t da[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]), pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                              pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                              pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+      for (int d2 = 0; d2 < DT / 2; ++d2) {
+        uint32_t b[4];
+        load_b_cols(b, g_s, LD, kk * 16, d2 * 16, lane);
+        mma_16816(dv[2 * d2], pa, b[0], b[1]);
+        mma_16816(dv[2 * d2 + 1], pa, b[2], b[3]);
+        load_b_cols(b, q_s, LD, kk * 16, d2 * 16, lane);
+        mma_16816(dk[2 * d2], da, b[0], b[1]);
+        mma_16816(dk[2 * d2 + 1], da, b[2], b[3]);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();  // n_tiles == 0: the K/V group is still committed
+
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (!(half ? key1_ok : key0_ok)) continue;
+    const int64_t base = (static_cast<int64_t>(half ? key1 : key0) * a.Hkv + kv_head) * a.D;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      const int col = d * 8 + quad_col;
+      if (col >= a.D) continue;
+      float k0v = dk[d][2 * half] * a.scale, k1v = dk[d][2 * half + 1] * a.scale;
+      float v0v = dv[d][2 * half], v1v = dv[d][2 * half + 1];
+      if constexpr (SELECTED) {
+        *reinterpret_cast<float2*>(a.dk_sel + base + col) = make_float2(k0v, k1v);
+        *reinterpret_cast<float2*>(a.dv_sel + base + col) = make_float2(v0v, v1v);
+      } else {
+        if (half ? sel1 : sel0) {
+          const float2 sk = *reinterpret_cast<const float2*>(a.dk_sel + base + col);
+          const float2 sv = *reinterpret_cast<const float2*>(a.dv_sel + base + col);
+          k0v += sk.x;
+          k1v += sk.y;
+          v0v += sv.x;
+          v1v += sv.y;
+        }
+        __nv_bfloat162* gk = reinterpret_cast<__nv_bfloat162*>(a.dk + base + col);
+        __nv_bfloat162* gv = reinterpret_cast<__nv_bfloat162*>(a.dv + base + col);
+        const float2 old_k = __bfloat1622float2(*gk), old_v = __bfloat1622float2(*gv);
+        *gk = __floats2bfloat162_rn(old_k.x + k0v, old_k.y + k1v);
+        *gv = __floats2bfloat162_rn(old_v.x + v0v, old_v.y + v1v);
+      }
+    }
+  }
+}
+
+template <typename Kernel>
+void set_smem(Kernel kernel, size_t bytes) {
+  MOBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+template <int DP>
+void launch_backward(const BackwardArgs& a, cudaStream_t stream) {
+  static const bool configured = [] {
+    set_smem(moba_dq_kernel<DP, true>, dq_smem_bytes<DP>());
+    set_smem(moba_dq_kernel<DP, false>, dq_smem_bytes<DP>());
+    set_smem(moba_dkv_kernel<DP, true>, dkv_smem_bytes<DP>());
+    set_smem(moba_dkv_kernel<DP, false>, dkv_smem_bytes<DP>());
+    return true;
+  }();
+  (void)configured;
+  const int64_t rows = a.N * a.H;
+  const int64_t delta_threads = rows * (DP / 8);
+  delta_kernel<DP><<<static_cast<unsigned>((delta_threads + 255) / 256), 256, 0, stream>>>(a.delta, a.out, a.dout,
+                                                                                           rows, a.D);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+  if (a.top_k > 1) {
+    moba_dq_kernel<DP, true><<<static_cast<unsigned>(a.dispatch.max_items), 128, dq_smem_bytes<DP>(), stream>>>(a);
+    MOBA_CUDA_CHECK(cudaGetLastError());
+    const int64_t key_tiles = (a.B + kKeyTile - 1) / kKeyTile;
+    moba_dkv_kernel<DP, true>
+        <<<static_cast<unsigned>(a.dispatch.n_buckets * key_tiles), 128, dkv_smem_bytes<DP>(), stream>>>(a);
+    MOBA_CUDA_CHECK(cudaGetLastError());
+  }
+  const unsigned tiles = static_cast<unsigned>((a.N + 63) / 64);
+  moba_dq_kernel<DP, false><<<dim3(tiles, a.H), 128, dq_smem_bytes<DP>(), stream>>>(a);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+  moba_dkv_kernel<DP, false><<<dim3(tiles, a.Hkv), 128, dkv_smem_bytes<DP>(), stream>>>(a);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+}  // namespace moba_detail
+
+void moba_attention_backward(const CudaContext& ctx, bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* q,
+                             const bf16* k, const bf16* v, const bf16* out, const float* lse,
+                             const int32_t* selected, const int32_t* cu_seqlens, int n_segments, int64_t N, int H,
+                             int Hkv, int D, int block_size, int top_k, float softmax_scale, bool deterministic) {
+  using namespace moba_detail;
+  (void)deterministic;  // dQ has no atomics: it is reproducible either way (see the file comment)
+  check_moba_shape("moba_attention_backward", N, H, Hkv, D, block_size, top_k, n_segments);
+  if (N == 0) return;
+  BackwardArgs a{dq, dk, dv, nullptr, nullptr, nullptr, nullptr, dout, q, k, v, out, lse, selected, cu_seqlens,
+                 Dispatch{}, n_segments, N, H, Hkv, D, block_size, top_k, softmax_scale, softmax_scale * kLog2e};
+  // Scratch slot 7: delta (N * H) f32, then dk_sel and dv_sel (N, Hkv, D) f32 each when top_k > 1.
+  const size_t delta_floats = (static_cast<size_t>(N * H) + 63) / 64 * 64;
+  const size_t sel_floats = top_k > 1 ? static_cast<size_t>(N) * Hkv * D : 0;
+  float* buf = static_cast<float*>(ctx.scratch(7, (delta_floats + 2 * sel_floats) * sizeof(float)));
+  a.delta = buf;
+  if (top_k > 1) {
+    a.dk_sel = buf + delta_floats;
+    a.dv_sel = a.dk_sel + sel_floats;
+    a.dispatch = build_dispatch(ctx, selected, cu_seqlens, n_segments, N, H, Hkv, block_size, top_k);
+    // Scratch slot 6: dq_part (max_entries, D) f32.
+    a.dq_part = static_cast<float*>(ctx.scratch(6, static_cast<size_t>(a.dispatch.max_entries) * D * sizeof(float)));
+  }
+  if (D <= 64)
+    launch_backward<64>(a, ctx.stream);
+  else
+    launch_backward<128>(a, ctx.stream);
+}
+
+}  // namespace moba::cuda

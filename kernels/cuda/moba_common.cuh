@@ -1,0 +1,140 @@
+// Shared pieces of the MoBA CUDA kernels (moba_routing.cu, moba_forward.cu, moba_backward.cu): bf16 tensor-core
+// primitives (mma.sync m16n8k16, ldmatrix, cp.async), segment lookup, and the key-block dispatch that turns a
+// selection (N, H, top_k) into per-(block, kv head) lists of the query rows that chose the block.
+// Invariant: a "slot" is floor(block_start / B) of a COMPLETE block; distinct complete blocks (disjoint, B tokens
+// long) always get distinct slots, so (slot, kv head) indexes buckets without a prefix sum over segments.
+// Fragment layouts follow the PTX ISA manual ("Matrix Fragments for mma.m16n8k16", "ldmatrix"); the tiling follows
+// FlashAttention-2 (Dao, 2023): online softmax over key tiles, P reused from the accumulators as the A operand.
+#pragma once
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/moba.h"
+
+namespace moba::cuda::moba_detail {
+
+inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr float kLn2 = 0.6931471805599453f;
+inline constexpr int kRowsPerChunk = 64;  // gathered query rows per CTA work item (4 warps x 16 rows)
+inline constexpr int kKeyTile = 64;       // keys per tile in every attention kernel
+
+// ---- bf16 and tensor-core primitives ------------------------------------------------------------------------
+__device__ __forceinline__ float bf16_lo(uint32_t x) { return __uint_as_float(x << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t x) { return __uint_as_float(x & 0xFFFF0000u); }
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo: the lower column
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// D (16x8 f32) += A (16x16 bf16, row) * B (16x8 bf16, col).
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// 16-byte global -> shared copy; bytes = 0 writes zeros (src must still be a valid address).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Fragment loaders for a row-major bf16 tile in shared memory with row stride ld (elements).
+// A operand (16 rows x 16 cols at r0, c0): registers a0..a3 of mma_16816.
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* tile, int ld, int r0, int c0, int lane) {
+  ldmatrix_x4(a, tile + (r0 + (lane & 15)) * ld + c0 + (lane >> 4) * 8);
+}
+// B operand where B[k][n] = tile[n][k] (keys as rows, contraction over columns): two n-tiles n0..n0+15 for the
+// k-step at c0. b[0], b[1] feed n-tile n0; b[2], b[3] feed n-tile n0 + 8.
+__device__ __forceinline__ void load_b_rows(uint32_t (&b)[4], const bf16* tile, int ld, int n0, int c0, int lane) {
+  ldmatrix_x4(b, tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * ld + c0 + ((lane >> 3) & 1) * 8);
+}
+// B operand where B[k][n] = tile[k][n] (contraction over rows): k-step rows k0..k0+15, n-tiles at c0 and c0 + 8.
+__device__ __forceinline__ void load_b_cols(uint32_t (&b)[4], const bf16* tile, int ld, int k0, int c0, int lane) {
+  ldmatrix_x4_trans(b, tile + (k0 + (lane & 15)) * ld + c0 + (lane >> 4) * 8);
+}
+
+// Copies `rows` rows of D bf16 (one 16-byte vector = 8 channels per copy) into a tile of DP columns (row stride
+// ld). Rows with src == nullptr and channels >= D are zero-filled.
+template <int DP>
+__device__ __forceinline__ void copy_row_async(bf16* dst, const bf16* src, int D, const bf16* any_valid) {
+#pragma unroll
+  for (int c = 0; c < DP; c += 8) {
+    const bool ok = src != nullptr && c < D;
+    cp_async16(dst + c, ok ? src + c : any_valid, ok ? 16 : 0);
+  }
+}
+
+// ---- segments ----------------------------------------------------------------------------------------------
+// The segment holding token t: the last s with cu_seqlens[s] <= t (empty segments before it are skipped).
+__device__ __forceinline__ int segment_of(const int32_t* cu_seqlens, int n_segments, int64_t t) {
+  int first = 0, count = n_segments + 1;
+  while (count > 0) {
+    const int step = count / 2;
+    if (cu_seqlens[first + step] <= t) {
+      first += step + 1;
+      count -= step + 1;
+    } else {
+      count = step;
+    }
+  }
+  return first - 1;
+}
+
+// Where token t sits: its segment's bounds and its block's start.
+struct TokenBlock {
+  int64_t segment_start, segment_end, block_start;
+};
+__device__ __forceinline__ TokenBlock token_block(const int32_t* cu_seqlens, int n_segments, int64_t t, int B) {
+  const int s = segment_of(cu_seqlens, n_segments, t);
+  const int64_t start = cu_seqlens[s];
+  return {start, cu_seqlens[s + 1], start + (t - start) / B * B};
+}
+
+// ---- dispatch: selection -> per-bucket lists of query rows ----------------------------------------------------
+// Layout of the dispatch buffer (scratch slot 5), all int32:
+//   count[n_buckets], fill[n_buckets]          entries per bucket (fill: write cursor)
+//   offset[n_buckets + 1], chunk_offset[n_buckets + 1]   exclusive scans; chunk_offset[n_buckets] = work items
+//   slot_start[n_slots]                         first token of the complete block of each used slot
+//   entries[N * H * (top_k - 1)]                row * (top_k - 1) + i: the query row and its partial slot
+//   items[2 * max_items]                        (bucket, chunk) per work item of kRowsPerChunk rows
+struct Dispatch {
+  int n_slots = 0, n_buckets = 0;
+  int64_t max_entries = 0, max_items = 0;
+  int32_t* count = nullptr;
+  int32_t* fill = nullptr;
+  int32_t* offset = nullptr;
+  int32_t* chunk_offset = nullptr;
+  int32_t* slot_start = nullptr;
+  int32_t* entries = nullptr;
+  int2* items = nullptr;
+};
+
+// Builds the dispatch of `selected` on ctx.stream (no host synchronisation); requires top_k >= 2.
+Dispatch build_dispatch(const CudaContext& ctx, const int32_t* selected, const int32_t* cu_seqlens, int n_segments,
+                        int64_t N, int H, int Hkv, int block_size, int top_k);
+
+// Checks shared by the launchers (throw moba::Error with the caller's name).
+void check_moba_shape(const char* caller, int64_t N, int H, int Hkv, int D, int block_size, int top_k,
+                      int n_segments);
+
+}  // namespace moba::cuda::moba_detail

@@ -1,0 +1,495 @@
+// MoBA attention forward on the GPU (moba-spec.md, Forward step 5) and the key-block dispatch shared with the
+// backward. Two passes, as the spec's kernel plan: (1) selected-block attention, key/value-block-major: each CTA
+// takes up to 64 query rows that chose one (block, kv head) - any heads of the GQA group - streams that block's
+// K/V once and writes a normalised partial (o, lse) per (row, selection slot); (2) the causal current-block
+// attention per (64-token tile, head), which merges the partials of its rows by log-sum-exp and writes O and LSE.
+// Invariant: each output row is produced by one thread quad in a fixed order, so the forward is bitwise
+// reproducible; rows never interact inside a tile (mma rows are independent), so the order of rows within a
+// bucket (set by atomics) cannot change any result.
+#include <climits>
+#include <cmath>
+
+#include "common/error.h"
+#include "kernels/cuda/moba_common.cuh"
+
+namespace moba::cuda {
+namespace moba_detail {
+namespace {
+
+// ---- dispatch kernels ------------------------------------------------------------------------------------------
+// Calls visit(bucket, entry) for every past block of query row `row` (its selected entries before the current
+// block); entry = row * (top_k - 1) + position in the row.
+template <typename Visit>
+__device__ __forceinline__ void for_each_past_block(const int32_t* selected, const int32_t* cu_seqlens, int n_segments,
+                                                    int64_t row, int H, int Hkv, int B, int top_k, Visit&& visit) {
+  const int64_t t = row / H;
+  const int h = static_cast<int>(row % H);
+  const TokenBlock tb = token_block(cu_seqlens, n_segments, t, B);
+  const int64_t current = (tb.block_start - tb.segment_start) / B;
+  const int past_slots = top_k - 1;
+  for (int i = 0; i < past_slots; ++i) {
+    const int32_t b = selected[row * top_k + i];
+    if (b < 0 || b >= current) break;  // rows are ascending: the current block ends the past ones
+    const int64_t start = tb.segment_start + static_cast<int64_t>(b) * B;
+    visit(start, (start / B) * Hkv + h / (H / Hkv), row * past_slots + i);
+  }
+}
+
+__global__ void dispatch_count_kernel(int32_t* __restrict__ count, int32_t* __restrict__ slot_start,
+                                      const int32_t* __restrict__ selected, const int32_t* __restrict__ cu_seqlens,
+                                      int n_segments, int64_t rows, int H, int Hkv, int B, int top_k) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  for_each_past_block(selected, cu_seqlens, n_segments, row, H, Hkv, B, top_k,
+                      [&](int64_t start, int64_t bucket, int64_t) {
+                        atomicAdd(&count[bucket], 1);
+                        slot_start[start / B] = static_cast<int32_t>(start);  // every writer writes the same value
+                      });
+}
+
+__global__ void dispatch_fill_kernel(int32_t* __restrict__ entries, int32_t* __restrict__ fill,
+                                     const int32_t* __restrict__ offset, const int32_t* __restrict__ selected,
+                                     const int32_t* __restrict__ cu_seqlens, int n_segments, int64_t rows, int H,
+                                     int Hkv, int B, int top_k) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  for_each_past_block(selected, cu_seqlens, n_segments, row, H, Hkv, B, top_k,
+                      [&](int64_t, int64_t bucket, int64_t entry) {
+                        entries[offset[bucket] + atomicAdd(&fill[bucket], 1)] = static_cast<int32_t>(entry);
+                      });
+}
+
+// One CTA of 1024 threads: offset = exclusive scan of count, chunk_offset = exclusive scan of
+// ceil(count / kRowsPerChunk); both get their total at index n.
+__global__ void __launch_bounds__(1024) dispatch_scan_kernel(int32_t* __restrict__ offset,
+                                                             int32_t* __restrict__ chunk_offset,
+                                                             const int32_t* __restrict__ count, int n) {
+  __shared__ int warp_rows[32], warp_chunks[32];
+  __shared__ int carry[2];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (tid == 0) carry[0] = carry[1] = 0;
+  __syncthreads();
+  for (int base = 0; base < n; base += 1024) {
+    const int i = base + tid;
+    const int rows = i < n ? count[i] : 0;
+    const int chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+    int inc_rows = rows, inc_chunks = chunks;  // inclusive scans within the warp
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int r = __shfl_up_sync(0xFFFFFFFFu, inc_rows, d);
+      const int c = __shfl_up_sync(0xFFFFFFFFu, inc_chunks, d);
+      if (lane >= d) {
+        inc_rows += r;
+        inc_chunks += c;
+      }
+    }
+    if (lane == 31) {
+      warp_rows[warp] = inc_rows;
+      warp_chunks[warp] = inc_chunks;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      int wr = warp_rows[lane], wc = warp_chunks[lane];
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int r = __shfl_up_sync(0xFFFFFFFFu, wr, d);
+        const int c = __shfl_up_sync(0xFFFFFFFFu, wc, d);
+        if (lane >= d) {
+          wr += r;
+          wc += c;
+        }
+      }
+      warp_rows[lane] = wr;  // inclusive over warps
+      warp_chunks[lane] = wc;
+    }
+    __syncthreads();
+    const int before_rows = carry[0] + (warp ? warp_rows[warp - 1] : 0);
+    const int before_chunks = carry[1] + (warp ? warp_chunks[warp - 1] : 0);
+    if (i < n) {
+      offset[i] = before_rows + inc_rows - rows;
+      chunk_offset[i] = before_chunks + inc_chunks - chunks;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      carry[0] += warp_rows[31];
+      carry[1] += warp_chunks[31];
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    offset[n] = carry[0];
+    chunk_offset[n] = carry[1];
+  }
+}
+
+__global__ void dispatch_items_kernel(int2* __restrict__ items, const int32_t* __restrict__ count,
+                                      const int32_t* __restrict__ chunk_offset, int n_buckets) {
+  const int bucket = blockIdx.x * blockDim.x + threadIdx.x;
+  if (bucket >= n_buckets) return;
+  const int chunks = (count[bucket] + kRowsPerChunk - 1) / kRowsPerChunk;
+  for (int c = 0; c < chunks; ++c) items[chunk_offset[bucket] + c] = make_int2(bucket, c);
+}
+
+// ---- attention kernels -----------------------------------------------------------------------------------------
+struct ForwardArgs {
+  bf16* out;             // (N, H, D)
+  float* lse;            // (N, H)
+  float* o_part;         // (N * H * (top_k - 1), D) normalised partial outputs of the selected blocks
+  float* lse_part;       // (N * H * (top_k - 1)) their natural-log LSE
+  const bf16* q;         // (N, H, D)
+  const bf16* k;         // (N, Hkv, D)
+  const bf16* v;         // (N, Hkv, D)
+  const int32_t* selected;
+  const int32_t* cu_seqlens;
+  Dispatch dispatch;
+  int n_segments;
+  int64_t N;
+  int H, Hkv, D, B, top_k;
+  float scale_log2;      // softmax_scale * log2(e)
+};
+
+template <int DP>
+constexpr size_t forward_smem_bytes() {
+  return size_t{5} * 64 * (DP + 8) * sizeof(bf16) + 4 * 64 * sizeof(int);
+}
+
+// SELECTED: blockIdx.x is a dispatch work item (bucket, chunk): up to 64 gathered rows x one complete block, all
+// keys visible; writes o_part/lse_part. Otherwise: blockIdx.x is a 64-token tile, blockIdx.y the head; row t sees
+// keys [block_start(t), t]; merges its rows' partials and writes out/lse.
+template <int DP, bool SELECTED>
+__global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) {
+  constexpr int LD = DP + 8;        // padded row: ldmatrix rows land in distinct banks
+  constexpr int NT = kKeyTile / 8;  // n-tiles of S per warp
+  constexpr int DT = DP / 8;        // n-tiles of O per warp
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* sQ = reinterpret_cast<bf16*>(smem);  // (64, LD)
+  bf16* sK = sQ + 64 * LD;                   // (2, 64, LD)
+  bf16* sV = sK + 2 * 64 * LD;               // (2, 64, LD)
+  int* s_lo = reinterpret_cast<int*>(sV + 2 * 64 * LD);  // (64) first visible key of each row
+  int* s_hi = s_lo + 64;                                 // (64) one past the last visible key
+  int* s_row = s_hi + 64;                                // (64) query row t * H + h, or -1
+  int* s_aux = s_row + 64;  // (64) SELECTED: partial entry; else: the row's current block index
+  __shared__ int s_range[2];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int past_slots = a.top_k - 1;
+
+  int kv_head;
+  if constexpr (SELECTED) {
+    if (static_cast<int>(blockIdx.x) >= a.dispatch.chunk_offset[a.dispatch.n_buckets]) return;
+    const int2 item = a.dispatch.items[blockIdx.x];
+    const int bucket = item.x;
+    kv_head = bucket % a.Hkv;
+    const int start = a.dispatch.slot_start[bucket / a.Hkv];
+    const int n_rows = min(kRowsPerChunk, a.dispatch.count[bucket] - item.y * kRowsPerChunk);
+    if (tid < 64) {
+      int row = -1, entry = -1;
+      if (tid < n_rows) {
+        entry = a.dispatch.entries[a.dispatch.offset[bucket] + item.y * kRowsPerChunk + tid];
+        row = entry / past_slots;
+      }
+      s_row[tid] = row;
+      s_aux[tid] = entry;
+      s_lo[tid] = start;
+      s_hi[tid] = start + a.B;
+    }
+    if (tid == 0) {
+      s_range[0] = start;
+      s_range[1] = start + a.B;
+    }
+  } else {
+    const int h = blockIdx.y;
+    kv_head = h / (a.H / a.Hkv);
+    if (tid < 64) {
+      const int64_t t = static_cast<int64_t>(blockIdx.x) * 64 + tid;
+      int row = -1, lo = INT_MAX, hi = INT_MIN, current = 0;
+      if (t < a.N) {
+        const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, t, a.B);
+        row = static_cast<int>(t * a.H + h);
+        lo = static_cast<int>(tb.block_start);
+        hi = static_cast<int>(t + 1);
+        current = static_cast<int>((tb.block_start - tb.segment_start) / a.B);
+      }
+      s_row[tid] = row;
+      s_lo[tid] = lo;
+      s_hi[tid] = hi;
+      s_aux[tid] = current;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      int lo = min(s_lo[lane], s_lo[lane + 32]), hi = max(s_hi[lane], s_hi[lane + 32]);
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) {
+        lo = min(lo, __shfl_xor_sync(0xFFFFFFFFu, lo, d));
+        hi = max(hi, __shfl_xor_sync(0xFFFFFFFFu, hi, d));
+      }
+      if (lane == 0) {
+        s_range[0] = lo;
+        s_range[1] = hi;
+      }
+    }
+  }
+  __syncthreads();
+  const int key_begin = s_range[0], key_end = s_range[1];
+  const int n_tiles = (key_end - key_begin + kKeyTile - 1) / kKeyTile;
+
+  for (int idx = tid; idx < 64 * (DP / 8); idx += 128) {
+    const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
+    const int row = s_row[r];
+    const bool ok = row >= 0 && c < a.D;
+    cp_async16(sQ + r * LD + c, ok ? a.q + static_cast<int64_t>(row) * a.D + c : a.q, ok ? 16 : 0);
+  }
+  auto load_kv = [&](int tile, int buf) {
+    const int k0 = key_begin + tile * kKeyTile;
+    for (int idx = tid; idx < kKeyTile * (DP / 8); idx += 128) {
+      const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
+      const bool ok = k0 + r < key_end && c < a.D;
+      const int64_t off = (static_cast<int64_t>(k0 + r) * a.Hkv + kv_head) * a.D + c;
+      cp_async16(sK + (buf * 64 + r) * LD + c, ok ? a.k + off : a.k, ok ? 16 : 0);
+      cp_async16(sV + (buf * 64 + r) * LD + c, ok ? a.v + off : a.v, ok ? 16 : 0);
+    }
+  };
+  load_kv(0, 0);
+  cp_async_commit();
+
+  const int r0 = warp * 16 + (lane >> 2), r1 = r0 + 8, quad_col = 2 * (lane & 3);
+  const int lo0 = s_lo[r0], hi0 = s_hi[r0], lo1 = s_lo[r1], hi1 = s_hi[r1];
+  float o[DT][4];
+#pragma unroll
+  for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // running max (log2 units) and this thread's sum
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    if (tile + 1 < n_tiles) {
+      load_kv(tile + 1, (tile + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const bf16* k_s = sK + (tile & 1) * 64 * LD;
+    const bf16* v_s = sV + (tile & 1) * 64 * LD;
+
+    float s[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ++ks) {
+      uint32_t qa[4];
+      load_a(qa, sQ, LD, warp * 16, ks * 16, lane);
+#pragma unroll
+      for (int j2 = 0; j2 < NT / 2; ++j2) {
+        uint32_t b[4];
+        load_b_rows(b, k_s, LD, j2 * 16, ks * 16, lane);
+        mma_16816(s[2 * j2], qa, b[0], b[1]);
+        mma_16816(s[2 * j2 + 1], qa, b[2], b[3]);
+      }
+    }
+    const int k0 = key_begin + tile * kKeyTile;
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = k0 + j * 8 + quad_col + (e & 1);
+        const bool visible = e < 2 ? (key >= lo0 && key < hi0) : (key >= lo1 && key < hi1);
+        s[j][e] = visible ? s[j][e] * a.scale_log2 : -INFINITY;
+      }
+      mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+    }
+#pragma unroll
+    for (int d = 1; d <= 2; d <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xFFFFFFFFu, mx0, d));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xFFFFFFFFu, mx1, d));
+    }
+    const float new0 = fmaxf(m0, mx0), new1 = fmaxf(m1, mx1);
+    const float base0 = new0 == -INFINITY ? 0.0f : new0, base1 = new1 == -INFINITY ? 0.0f : new1;
+    const float alpha0 = exp2f(m0 - base0), alpha1 = exp2f(m1 - base1);
+    m0 = new0;
+    m1 = new1;
+    float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      s[j][0] = exp2f(s[j][0] - base0);
+      s[j][1] = exp2f(s[j][1] - base0);
+      s[j][2] = exp2f(s[j][2] - base1);
+      s[j][3] = exp2f(s[j][3] - base1);
+      sum0 += s[j][0] + s[j][1];
+      sum1 += s[j][2] + s[j][3];
+    }
+    l0 = l0 * alpha0 + sum0;
+    l1 = l1 * alpha1 + sum1;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      o[d][0] *= alpha0;
+      o[d][1] *= alpha0;
+      o[d][2] *= alpha1;
+      o[d][3] *= alpha1;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kKeyTile / 16; ++kk) {
+      const uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int d2 = 0; d2 < DT / 2; ++d2) {
+        uint32_t b[4];
+        load_b_cols(b, v_s, LD, kk * 16, d2 * 16, lane);
+        mma_16816(o[2 * d2], pa, b[0], b[1]);
+        mma_16816(o[2 * d2 + 1], pa, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // the next iteration's copy overwrites this buffer
+  }
+
+#pragma unroll
+  for (int d = 1; d <= 2; d <<= 1) {
+    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, d);
+    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, d);
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = half ? r1 : r0;
+    const int row = s_row[r];
+    if (row < 0) continue;
+    const float m = half ? m1 : m0, l = half ? l1 : l0;
+    const float row_lse2 = m + log2f(l);  // log2 of the row's softmax denominator over these keys
+    if constexpr (SELECTED) {
+      const int64_t entry = s_aux[r];
+      const float inv = 1.0f / l;
+      float* dst = a.o_part + entry * a.D;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        const int col = d * 8 + quad_col;
+        if (col < a.D) *reinterpret_cast<float2*>(dst + col) = make_float2(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
+      }
+      if ((lane & 3) == 0) a.lse_part[entry] = row_lse2 * kLn2;
+    } else {
+      // Merge with the selected blocks' partials: LSE = logsumexp of all parts; O = sum of exp(lse_i - LSE) o_i.
+      const int current = s_aux[r];
+      const int32_t* sel = a.selected + static_cast<int64_t>(row) * a.top_k;
+      const float* part_lse = a.lse_part + static_cast<int64_t>(row) * past_slots;
+      int n_past = 0;
+      float top = row_lse2;
+      while (n_past < past_slots && sel[n_past] >= 0 && sel[n_past] < current) {
+        top = fmaxf(top, part_lse[n_past] * kLog2e);
+        ++n_past;
+      }
+      float total = exp2f(row_lse2 - top);
+      for (int i = 0; i < n_past; ++i) total += exp2f(part_lse[i] * kLog2e - top);
+      const float lse2 = top + log2f(total);
+      const float w_diag = exp2f(row_lse2 - lse2) / l;
+      bf16* dst = a.out + static_cast<int64_t>(row) * a.D;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        const int col = d * 8 + quad_col;
+        if (col >= a.D) continue;
+        float x0 = o[d][2 * half] * w_diag, x1 = o[d][2 * half + 1] * w_diag;
+        for (int i = 0; i < n_past; ++i) {
+          const float w = exp2f(part_lse[i] * kLog2e - lse2);
+          const float2 p = *reinterpret_cast<const float2*>(a.o_part + (static_cast<int64_t>(row) * past_slots + i) * a.D + col);
+          x0 += w * p.x;
+          x1 += w * p.y;
+        }
+        *reinterpret_cast<__nv_bfloat162*>(dst + col) = __floats2bfloat162_rn(x0, x1);
+      }
+      if ((lane & 3) == 0) a.lse[row] = lse2 * kLn2;
+    }
+  }
+}
+
+template <int DP, bool SELECTED>
+void launch_forward(const ForwardArgs& a, dim3 grid, cudaStream_t stream) {
+  constexpr size_t bytes = forward_smem_bytes<DP>();
+  static const bool configured = [] {
+    MOBA_CUDA_CHECK(cudaFuncSetAttribute(moba_forward_kernel<DP, SELECTED>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    return true;
+  }();
+  (void)configured;
+  moba_forward_kernel<DP, SELECTED><<<grid, 128, bytes, stream>>>(a);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void check_moba_shape(const char* caller, int64_t N, int H, int Hkv, int D, int block_size, int top_k,
+                      int n_segments) {
+  MOBA_CHECK(N >= 0 && H >= 1 && Hkv >= 1 && H % Hkv == 0 && n_segments >= 1,
+             cat(caller, " (cuda): invalid shape N=", N, " H=", H, " Hkv=", Hkv, " segments=", n_segments),
+             "need N >= 0, at least one segment, and kv heads dividing the query heads");
+  MOBA_CHECK(D >= 8 && D <= 128 && D % 8 == 0, cat(caller, " (cuda): head_dim ", D, " is not supported"),
+             "the CUDA MoBA kernels take head dims 8..128 in steps of 8 (16-byte rows); use the cpu backend");
+  MOBA_CHECK(block_size >= 1 && top_k >= 1, cat(caller, " (cuda): block_size ", block_size, ", top_k ", top_k),
+             "need block_size >= 1 and top_k >= 1");
+  MOBA_CHECK(N * H * static_cast<int64_t>(top_k) < (int64_t{1} << 31),
+             cat(caller, " (cuda): N * H * top_k = ", N * H * top_k, " does not fit 32-bit indices"),
+             "split the batch into smaller micro-batches");
+}
+
+Dispatch build_dispatch(const CudaContext& ctx, const int32_t* selected, const int32_t* cu_seqlens, int n_segments,
+                        int64_t N, int H, int Hkv, int block_size, int top_k) {
+  Dispatch d;
+  d.n_slots = static_cast<int>((N + block_size - 1) / block_size);
+  d.n_buckets = d.n_slots * Hkv;
+  d.max_entries = N * H * (top_k - 1);
+  d.max_items = (d.max_entries + kRowsPerChunk - 1) / kRowsPerChunk + d.n_buckets;
+  const size_t nb = static_cast<size_t>(d.n_buckets);
+  const size_t words = 4 * nb + 2 + static_cast<size_t>(d.n_slots) + static_cast<size_t>(d.max_entries) +
+                       2 * static_cast<size_t>(d.max_items) + 4;
+  int32_t* base = static_cast<int32_t*>(ctx.scratch(5, words * sizeof(int32_t)));
+  d.count = base;
+  d.fill = d.count + nb;
+  d.offset = d.fill + nb;
+  d.chunk_offset = d.offset + nb + 1;
+  d.slot_start = d.chunk_offset + nb + 1;
+  d.entries = d.slot_start + d.n_slots;
+  d.items = reinterpret_cast<int2*>(d.entries + d.max_entries + ((d.max_entries + d.n_slots) & 1));  // 8-byte aligned
+  MOBA_CUDA_CHECK(cudaMemsetAsync(d.count, 0, 2 * nb * sizeof(int32_t), ctx.stream));
+  const int64_t rows = N * H;
+  const unsigned row_blocks = static_cast<unsigned>((rows + 255) / 256);
+  dispatch_count_kernel<<<row_blocks, 256, 0, ctx.stream>>>(d.count, d.slot_start, selected, cu_seqlens, n_segments,
+                                                            rows, H, Hkv, block_size, top_k);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+  dispatch_scan_kernel<<<1, 1024, 0, ctx.stream>>>(d.offset, d.chunk_offset, d.count, d.n_buckets);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+  dispatch_fill_kernel<<<row_blocks, 256, 0, ctx.stream>>>(d.entries, d.fill, d.offset, selected, cu_seqlens,
+                                                           n_segments, rows, H, Hkv, block_size, top_k);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+  dispatch_items_kernel<<<(d.n_buckets + 255) / 256, 256, 0, ctx.stream>>>(d.items, d.count, d.chunk_offset,
+                                                                           d.n_buckets);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+  return d;
+}
+
+}  // namespace moba_detail
+
+void moba_attention_forward(const CudaContext& ctx, bf16* out, float* lse, const bf16* q, const bf16* k,
+                            const bf16* v, const int32_t* selected, const int32_t* cu_seqlens, int n_segments,
+                            int64_t N, int H, int Hkv, int D, int block_size, int top_k, float softmax_scale) {
+  using namespace moba_detail;
+  check_moba_shape("moba_attention_forward", N, H, Hkv, D, block_size, top_k, n_segments);
+  if (N == 0) return;
+  ForwardArgs a{out, lse, nullptr, nullptr, q, k, v, selected, cu_seqlens, Dispatch{}, n_segments, N, H, Hkv, D,
+                block_size, top_k, softmax_scale * kLog2e};
+  if (top_k > 1) {
+    a.dispatch = build_dispatch(ctx, selected, cu_seqlens, n_segments, N, H, Hkv, block_size, top_k);
+    // Scratch slot 6: o_part (max_entries, D) f32, then lse_part (max_entries) f32.
+    float* part = static_cast<float*>(ctx.scratch(6, static_cast<size_t>(a.dispatch.max_entries) * (D + 1) * 4));
+    a.o_part = part;
+    a.lse_part = part + a.dispatch.max_entries * D;
+    const dim3 grid(static_cast<unsigned>(a.dispatch.max_items));
+    if (D <= 64)
+      launch_forward<64, true>(a, grid, ctx.stream);
+    else
+      launch_forward<128, true>(a, grid, ctx.stream);
+  }
+  const dim3 grid(static_cast<unsigned>((N + 63) / 64), H);
+  if (D <= 64)
+    launch_forward<64, false>(a, grid, ctx.stream);
+  else
+    launch_forward<128, false>(a, grid, ctx.stream);
+}
+
+}  // namespace moba::cuda
