@@ -1,0 +1,350 @@
+// Dense causal flash-attention backward over packed segments (FlashAttention-2's algorithm 2, Dao 2023), in three
+// launches on ctx.stream: (1) Delta = rowsum(dO * O) and lse * log2(e), both laid out (H, N); (2) one CTA per
+// (tile of kBlockN keys, kv head) loops over the query heads of its GQA group and the query tiles that can see its
+// keys, recomputes P^T = exp2(K Q^T * scale * log2 e - lse2) on tensor cores, accumulates dV = P^T dO and
+// dK = dS^T Q in registers and adds dQ = dS K into an f32 buffer with atomics; (3) dq += dq_accum * scale.
+// Invariants: dK/dV of a (key tile, kv head) are owned by one CTA (no atomics, plain read-add-write into bf16); the
+// dq accumulation buffer (scratch slot 2) is zeroed at every call; scratch slot 3 holds Delta and lse2.
+#include <algorithm>
+
+#include "kernels/cuda/attention.h"
+#include "kernels/cuda/flash_attention_common.cuh"
+
+namespace moba::cuda {
+namespace flash {
+namespace {
+
+// Tile constants of one backward instantiation. Each warp owns 16 keys (rows of S^T = K Q^T).
+template <int kD_, int kWarps_, int kBlockM_>
+struct BackwardTiles {
+  static constexpr int kD = kD_;              // padded head dim
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockN = 16 * kWarps;  // keys per CTA
+  static constexpr int kBlockM = kBlockM_;     // query rows per step
+  using KVTile = SmemTile<kBlockN, kD>;
+  using QTile = SmemTile<kBlockM, kD>;
+  using DSTile = SmemTile<kBlockN, kBlockM>;  // dS^T (keys, queries) bf16
+  // K, V, (Q, dO) x 2 stages, dS^T, (lse2, Delta) x 2 stages
+  static constexpr int kStatsOffset = 2 * KVTile::kBytes + 4 * QTile::kBytes + DSTile::kBytes;
+  static constexpr int kSmemBytes = kStatsOffset + 2 * 2 * kBlockM * 4;
+  // dQ (kBlockM, kD) = dS K is split over the warps: kMTilesQ row tiles, each shared by kWarps / kMTilesQ warps
+  // that split its columns, computed in passes of at most 64 columns (32 accumulators).
+  static constexpr int kMTilesQ = kBlockM / 16;
+  static constexpr int kDqCols = kD / (kWarps / kMTilesQ);
+  static constexpr int kDqPassCols = kDqCols < 64 ? kDqCols : 64;
+  static_assert(kD % 16 == 0 && kBlockM % 16 == 0 && kWarps % kMTilesQ == 0 && kDqCols % 16 == 0);
+};
+
+struct BackwardParams {
+  bf16* dk;                  // (N, Hkv, D) +=
+  bf16* dv;                  // (N, Hkv, D) +=
+  float* dq_accum;           // (N, H, D) f32, unscaled sum of dS K
+  const bf16* q;             // (N, H, D)
+  const bf16* k;             // (N, Hkv, D)
+  const bf16* v;             // (N, Hkv, D)
+  const bf16* dout;          // (N, H, D)
+  const float* lse2;         // (H, N) lse * log2(e)
+  const float* delta;        // (H, N) rowsum(dO * O)
+  const int32_t* cu_seqlens;  // (S + 1)
+  int n_segments, N, H, Hkv, D, group;
+  float scale_log2, scale;
+  bool vector;
+};
+
+// (1) One warp per (t, h): delta[h][t] = sum_d dout * out; lse2[h][t] = lse[t][h] * log2(e).
+__global__ void flash_backward_preprocess_kernel(float* delta, float* lse2, const bf16* dout, const bf16* out,
+                                                 const float* lse, int N, int H, int D) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= static_cast<int64_t>(N) * H) return;
+  const bf16* a = dout + row * D;
+  const bf16* b = out + row * D;
+  float sum = 0.0f;
+  for (int d = lane; d < D; d += 32) sum += __bfloat162float(a[d]) * __bfloat162float(b[d]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) {
+    const int64_t t = row / H, h = row % H;
+    delta[h * N + t] = sum;
+    lse2[h * N + t] = lse[row] * kLog2e;
+  }
+}
+
+// (2) dK, dV of one (key tile, kv head) and the dQ contributions of its keys.
+template <class T>
+__global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const BackwardParams p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int kD = T::kD, kBlockM = T::kBlockM, kBlockN = T::kBlockN;
+  constexpr int kQTiles = kBlockM / 8, kDTiles = kD / 8, kKStepsD = kD / 16, kKStepsM = kBlockM / 16;
+  using KVTile = typename T::KVTile;
+  using QTile = typename T::QTile;
+  using DSTile = typename T::DSTile;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, tig = lane % 4;
+  const int hk = static_cast<int>(blockIdx.x % p.Hkv);
+  const int n0 = static_cast<int>(blockIdx.x / p.Hkv) * kBlockN;  // tile 0 (most queries) launches first
+  const int keys_valid = min(kBlockN, p.N - n0);
+  const int q_end = segment_end(p.cu_seqlens, p.n_segments, n0 + keys_valid - 1);  // queries [n0, q_end) see keys
+  const int first_segment_end = segment_end(p.cu_seqlens, p.n_segments, n0);
+  const int n_q_tiles = (q_end - n0 + kBlockM - 1) / kBlockM;
+  const int steps = p.group * n_q_tiles;
+
+  // This thread's keys (fragment rows g, g + 8 of the warp's 16) and the ends of their segments.
+  int key_u[2], key_last_query[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    key_u[half] = n0 + warp * 16 + half * 8 + g;
+    key_last_query[half] = key_u[half] < p.N ? segment_end(p.cu_seqlens, p.n_segments, key_u[half]) - 1 : -1;
+  }
+
+  const int64_t q_stride = static_cast<int64_t>(p.H) * p.D, kv_stride = static_cast<int64_t>(p.Hkv) * p.D;
+  const uint32_t s_k = smem_address(smem), s_v = s_k + KVTile::kBytes;
+  auto s_q = [&](int stage) { return s_k + 2 * KVTile::kBytes + stage * 2 * QTile::kBytes; };
+  auto s_do = [&](int stage) { return s_q(stage) + QTile::kBytes; };
+  const uint32_t s_ds = s_k + 2 * KVTile::kBytes + 4 * QTile::kBytes;
+  auto s_lse = [&](int stage) { return s_k + T::kStatsOffset + stage * 2 * kBlockM * 4; };
+  auto s_delta = [&](int stage) { return s_lse(stage) + kBlockM * 4; };
+
+  const int64_t kv_offset = static_cast<int64_t>(n0) * kv_stride + static_cast<int64_t>(hk) * p.D;
+  load_tile<kBlockN, kD, T::kThreads>(s_k, p.k + kv_offset, kv_stride, keys_valid, p.D, p.vector, tid);
+  load_tile<kBlockN, kD, T::kThreads>(s_v, p.v + kv_offset, kv_stride, keys_valid, p.D, p.vector, tid);
+  cp_async_commit();
+  auto load_step = [&](int step, int stage) {
+    const int h = hk * p.group + step / n_q_tiles, m0 = n0 + (step % n_q_tiles) * kBlockM;
+    const int64_t offset = static_cast<int64_t>(m0) * q_stride + static_cast<int64_t>(h) * p.D;
+    const int rows = min(kBlockM, p.N - m0);
+    load_tile<kBlockM, kD, T::kThreads>(s_q(stage), p.q + offset, q_stride, rows, p.D, p.vector, tid);
+    load_tile<kBlockM, kD, T::kThreads>(s_do(stage), p.dout + offset, q_stride, rows, p.D, p.vector, tid);
+    const int64_t stats = static_cast<int64_t>(h) * p.N + m0;
+    for (int i = tid; i < kBlockM; i += T::kThreads) {
+      const bool valid = i < rows;
+      cp_async_4(s_lse(stage) + i * 4, p.lse2 + (valid ? stats + i : 0), valid);
+      cp_async_4(s_delta(stage) + i * 4, p.delta + (valid ? stats + i : 0), valid);
+    }
+  };
+  load_step(0, 0);
+  cp_async_commit();
+
+  float dk[kDTiles][4] = {}, dv[kDTiles][4] = {};
+  // ldmatrix lane offsets (Q, dO, K and V tiles share one layout): A rows, B rows, B transposed, dS A transposed.
+  const uint32_t lane_a = KVTile::offset(lane & 15, lane >> 4);
+  const uint32_t lane_b = KVTile::offset((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
+  const uint32_t lane_bt = KVTile::offset((lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4);
+  const uint32_t lane_ds = DSTile::offset((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step & 1;
+    const int h = hk * p.group + step / n_q_tiles, m0 = n0 + (step % n_q_tiles) * kBlockM;
+    if (step + 1 < steps) {
+      load_step(step + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    // ---- S^T = K Q^T for the warp's 16 keys (rows) and the kBlockM queries (columns) ----
+    float s[kQTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kKStepsD; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4(a, s_k + KVTile::at(lane_a, warp * 16, kk * 2));
+#pragma unroll
+      for (int np = 0; np < kQTiles / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, s_q(stage) + QTile::at(lane_b, np * 16, kk * 2));
+        mma_bf16_16816(s[2 * np], a, b[0], b[1]);
+        mma_bf16_16816(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    // ---- P^T = exp2(S^T * scale * log2 e - lse2), zero where the query must not see the key ----
+    const bool need_mask = m0 < n0 + warp * 16 + 15 || m0 + kBlockM > first_segment_end;
+#pragma unroll
+    for (int nt = 0; nt < kQTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * tig + (e & 1);
+        float pv = exp2f(fmaf(s[nt][e], p.scale_log2, -ld_shared_f32(s_lse(stage) + col * 4)));
+        if (need_mask) {
+          const int t = m0 + col;
+          if (t < key_u[e >> 1] || t > key_last_query[e >> 1]) pv = 0.0f;
+        }
+        s[nt][e] = pv;
+      }
+    // ---- dP^T = V dO^T ----
+    float dp[kQTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kKStepsD; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4(a, s_v + KVTile::at(lane_a, warp * 16, kk * 2));
+#pragma unroll
+      for (int np = 0; np < kQTiles / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, s_do(stage) + QTile::at(lane_b, np * 16, kk * 2));
+        mma_bf16_16816(dp[2 * np], a, b[0], b[1]);
+        mma_bf16_16816(dp[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    // ---- dS^T = P^T * (dP^T - Delta) ----
+#pragma unroll
+    for (int nt = 0; nt < kQTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * tig + (e & 1);
+        dp[nt][e] = s[nt][e] * (dp[nt][e] - ld_shared_f32(s_delta(stage) + col * 4));
+      }
+    // ---- dV += P^T dO and dK += dS^T Q (A operands straight from the accumulators) ----
+#pragma unroll
+    for (int ks = 0; ks < kKStepsM; ++ks) {
+      uint32_t a_p[4], a_ds[4];
+      accumulators_to_a(a_p, s[2 * ks], s[2 * ks + 1]);
+      accumulators_to_a(a_ds, dp[2 * ks], dp[2 * ks + 1]);
+#pragma unroll
+      for (int dq2 = 0; dq2 < kDTiles / 2; ++dq2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, s_do(stage) + QTile::at(lane_bt, ks * 16, dq2 * 2));
+        mma_bf16_16816(dv[2 * dq2], a_p, b[0], b[1]);
+        mma_bf16_16816(dv[2 * dq2 + 1], a_p, b[2], b[3]);
+        ldmatrix_x4_trans(b, s_q(stage) + QTile::at(lane_bt, ks * 16, dq2 * 2));
+        mma_bf16_16816(dk[2 * dq2], a_ds, b[0], b[1]);
+        mma_bf16_16816(dk[2 * dq2 + 1], a_ds, b[2], b[3]);
+      }
+    }
+    // ---- dS^T to shared memory (bf16) for dQ, which sums over all the CTA's keys ----
+#pragma unroll
+    for (int nt = 0; nt < kQTiles; ++nt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        st_shared_4(s_ds + DSTile::offset(warp * 16 + half * 8 + g, nt) + tig * 4,
+                    pack_bf16(dp[nt][2 * half], dp[nt][2 * half + 1]));
+    __syncthreads();
+    // ---- dQ (kBlockM, kD) += dS K: this warp's 16 query rows and kDqCols columns, then f32 atomics ----
+    {
+      const int mq = warp % T::kMTilesQ, col_begin = (warp / T::kMTilesQ) * T::kDqCols;
+#pragma unroll
+      for (int pass = 0; pass < T::kDqCols / T::kDqPassCols; ++pass) {
+        const int col0 = col_begin + pass * T::kDqPassCols;
+        float acc[T::kDqPassCols / 8][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          uint32_t a[4];  // dS (queries, keys) read transposed out of dS^T
+          ldmatrix_x4_trans(a, s_ds + DSTile::at(lane_ds, kk * 16, mq * 2));
+#pragma unroll
+          for (int dq2 = 0; dq2 < T::kDqPassCols / 16; ++dq2) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, s_k + KVTile::at(lane_bt, kk * 16, col0 / 8 + dq2 * 2));
+            mma_bf16_16816(acc[2 * dq2], a, b[0], b[1]);
+            mma_bf16_16816(acc[2 * dq2 + 1], a, b[2], b[3]);
+          }
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int t = m0 + mq * 16 + half * 8 + g;
+          if (t >= q_end) continue;
+          float* dst = p.dq_accum + (static_cast<int64_t>(t) * p.H + h) * p.D;
+#pragma unroll
+          for (int dt = 0; dt < T::kDqPassCols / 8; ++dt) {
+            const int col = col0 + dt * 8 + 2 * tig;
+            if (col < p.D)
+              atomicAdd(reinterpret_cast<float2*>(dst + col), make_float2(acc[dt][2 * half], acc[dt][2 * half + 1]));
+          }
+        }
+      }
+    }
+  }
+
+  // ---- dK (scaled) and dV added into the bf16 outputs; each (key, kv head) row belongs to this CTA alone ----
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int u = key_u[half];
+    if (u >= p.N) continue;
+    const int64_t row = (static_cast<int64_t>(u) * p.Hkv + hk) * p.D;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      const int col = dt * 8 + 2 * tig;
+      if (col >= p.D) continue;
+      const float2 old_k = load_bf16_pair(p.dk + row + col, p.vector);
+      const float2 old_v = load_bf16_pair(p.dv + row + col, p.vector);
+      store_bf16_pair(p.dk + row + col, old_k.x + dk[dt][2 * half] * p.scale,
+                      old_k.y + dk[dt][2 * half + 1] * p.scale, p.vector);
+      store_bf16_pair(p.dv + row + col, old_v.x + dv[dt][2 * half], old_v.y + dv[dt][2 * half + 1], p.vector);
+    }
+  }
+}
+
+// (3) dq (bf16) += dq_accum * scale, two elements per thread step (D is even).
+__global__ void flash_backward_dq_kernel(bf16* dq, const float* dq_accum, int64_t pairs, float scale, bool vector) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < pairs;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float2 acc = reinterpret_cast<const float2*>(dq_accum)[i];
+    const float2 old = load_bf16_pair(dq + 2 * i, vector);
+    store_bf16_pair(dq + 2 * i, old.x + acc.x * scale, old.y + acc.y * scale, vector);
+  }
+}
+
+template <class T>
+void launch_backward(const CudaContext& ctx, const BackwardParams& p) {
+  MOBA_CUDA_CHECK(cudaFuncSetAttribute(flash_backward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       T::kSmemBytes));
+  const int64_t blocks = static_cast<int64_t>((p.N + T::kBlockN - 1) / T::kBlockN) * p.Hkv;
+  flash_backward_kernel<T><<<static_cast<unsigned>(blocks), T::kThreads, T::kSmemBytes, ctx.stream>>>(p);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+}  // namespace
+}  // namespace flash
+
+void flash_attention_backward(const CudaContext& ctx, bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* q,
+                              const bf16* k, const bf16* v, const bf16* out, const float* lse,
+                              const int32_t* cu_seqlens, int n_segments, int64_t N, int H, int Hkv, int D,
+                              float softmax_scale) {
+  using namespace flash;
+  MOBA_CHECK(D >= 2 && D <= 128 && D % 2 == 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && n_segments >= 1 &&
+                 N < INT32_MAX,
+             cat("flash_attention_backward: unsupported shape (N ", N, ", H ", H, ", Hkv ", Hkv, ", D ", D, ")"),
+             "the CUDA attention needs an even head dim <= 128 and H divisible by Hkv");
+  if (N == 0) return;
+  const int64_t q_elems = N * H * D;
+  float* dq_accum = static_cast<float*>(ctx.scratch(2, static_cast<size_t>(q_elems) * sizeof(float)));  // (N, H, D)
+  float* stats = static_cast<float*>(ctx.scratch(3, static_cast<size_t>(2 * N * H) * sizeof(float)));
+  float* delta = stats;          // (H, N)
+  float* lse2 = stats + N * H;   // (H, N)
+  MOBA_CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, static_cast<size_t>(q_elems) * sizeof(float), ctx.stream));
+
+  constexpr int kPreprocessWarps = 8;
+  const int64_t rows = N * H;
+  flash_backward_preprocess_kernel<<<static_cast<unsigned>((rows + kPreprocessWarps - 1) / kPreprocessWarps),
+                                     kPreprocessWarps * 32, 0, ctx.stream>>>(delta, lse2, dout, out, lse,
+                                                                            static_cast<int>(N), H, D);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+
+  const bool vector = D % 8 == 0 && aligned16(dq) && aligned16(dk) && aligned16(dv) && aligned16(dout) &&
+                      aligned16(q) && aligned16(k) && aligned16(v);
+  const BackwardParams p{dk, dv, dq_accum, q, k, v, dout, lse2, delta, cu_seqlens, n_segments, static_cast<int>(N),
+                         H, Hkv, D, H / Hkv, softmax_scale * kLog2e, softmax_scale, vector};
+  switch (padded_head_dim(D)) {
+    case 16: launch_backward<BackwardTiles<16, 4, 64>>(ctx, p); break;
+    case 32: launch_backward<BackwardTiles<32, 4, 64>>(ctx, p); break;
+    case 64: launch_backward<BackwardTiles<64, 4, 64>>(ctx, p); break;
+    default:
+      switch (tuning_variant("MOBA_FLASH_BWD_VARIANT")) {
+        case 1: launch_backward<BackwardTiles<128, 8, 32>>(ctx, p); break;
+        case 2: launch_backward<BackwardTiles<128, 4, 64>>(ctx, p); break;
+        case 3: launch_backward<BackwardTiles<128, 4, 32>>(ctx, p); break;
+        default: launch_backward<BackwardTiles<128, 8, 64>>(ctx, p); break;
+      }
+  }
+
+  const int64_t pairs = q_elems / 2;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((pairs + threads - 1) / threads, static_cast<int64_t>(ctx.sm_count) * 16);
+  flash_backward_dq_kernel<<<static_cast<unsigned>(blocks), threads, 0, ctx.stream>>>(dq, dq_accum, pairs,
+                                                                                       softmax_scale, vector);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace moba::cuda

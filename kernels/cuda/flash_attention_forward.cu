@@ -1,0 +1,283 @@
+// Dense causal flash-attention forward over packed segments (FlashAttention-2's algorithm 1, Dao 2023): one CTA
+// per (tile of kBlockM packed query rows, query head); K/V tiles stream through shared memory (cp.async, double
+// buffered), S = Q K^T and O += P V on bf16 tensor cores (mma.sync m16n8k16, operands via ldmatrix), online
+// softmax in f32 with exp2 on log2(e)-prescaled scores. Writes out (N, H, D) bf16 and lse (N, H) f32 (natural log).
+// Invariants: a query tile may straddle segments; its keys run from the segment start of its first row to its last
+// row and every element is masked per row (segment start <= u <= t), so no host knowledge of lengths is needed.
+#include <algorithm>
+
+#include "kernels/cuda/attention.h"
+#include "kernels/cuda/flash_attention_common.cuh"
+
+namespace moba::cuda {
+namespace flash {
+namespace {
+
+// Tile constants of one forward instantiation.
+template <int kD_, int kWarps_, int kMTiles_, int kBlockN_, int kMinBlocks_ = 1>
+struct ForwardTiles {
+  static constexpr int kMinBlocks = kMinBlocks_;  // CTAs per SM the register budget must allow
+  static constexpr int kD = kD_;                  // padded head dim
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kMTiles = kMTiles_;        // 16-row MMA tiles of queries per warp
+  static constexpr int kWarpRows = 16 * kMTiles;
+  static constexpr int kBlockM = kWarps * kWarpRows;  // query rows per CTA
+  static constexpr int kBlockN = kBlockN_;        // keys per K/V tile
+  static constexpr bool kQInRegisters = kMTiles == 1;  // else Q fragments are re-read from shared memory
+  using QTile = SmemTile<kBlockM, kD>;
+  using KVTile = SmemTile<kBlockN, kD>;
+  static constexpr int kSmemBytes = QTile::kBytes + 4 * KVTile::kBytes;  // Q, (K, V) x 2 stages
+  static_assert(kD % 16 == 0 && kBlockN % 16 == 0);
+};
+
+struct ForwardParams {
+  bf16* out;              // (N, H, D)
+  float* lse;             // (N, H)
+  const bf16* q;          // (N, H, D)
+  const bf16* k;          // (N, Hkv, D)
+  const bf16* v;          // (N, Hkv, D)
+  const int32_t* cu_seqlens;  // (S + 1)
+  int n_segments, N, H, Hkv, D, group, n_tiles;
+  float scale_log2;       // softmax_scale * log2(e)
+  bool vector;            // D % 8 == 0 and 16-byte aligned pointers: cp.async loads and paired stores
+};
+
+template <class T>
+__global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kernel(const ForwardParams p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int kD = T::kD, kBlockM = T::kBlockM, kBlockN = T::kBlockN, kMTiles = T::kMTiles;
+  constexpr int kNTiles = kBlockN / 8, kDTiles = kD / 8, kKSteps = kD / 16, kPSteps = kBlockN / 16;
+  using QTile = typename T::QTile;
+  using KVTile = typename T::KVTile;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, tig = lane % 4;  // MMA fragment row group and thread-in-group
+  // Heavy tiles (most keys) first; the heads of one tile run side by side and share K/V through L2.
+  const int tile = p.n_tiles - 1 - static_cast<int>(blockIdx.x / p.H);
+  const int h = static_cast<int>(blockIdx.x % p.H), hk = h / p.group;
+  const int row0 = tile * kBlockM;
+  const int rows_valid = min(kBlockM, p.N - row0);
+  const int last_row = row0 + rows_valid - 1;
+  const int key_begin = segment_start(p.cu_seqlens, p.n_segments, row0);
+  const int last_segment_start = segment_start(p.cu_seqlens, p.n_segments, last_row);
+  const int key_end = last_row + 1;
+  const int n_key_tiles = (key_end - key_begin + kBlockN - 1) / kBlockN;
+
+  const int64_t q_stride = static_cast<int64_t>(p.H) * p.D, kv_stride = static_cast<int64_t>(p.Hkv) * p.D;
+  const uint32_t s_q = smem_address(smem);
+  auto s_k = [&](int stage) { return s_q + QTile::kBytes + stage * 2 * KVTile::kBytes; };
+  auto s_v = [&](int stage) { return s_k(stage) + KVTile::kBytes; };
+
+  // This thread's query rows (fragment rows g and g + 8 of each m-tile) and their segment starts; padding rows
+  // past N get an empty key range.
+  const int warp_row0 = row0 + warp * T::kWarpRows;
+  int row_t[kMTiles][2], row_first_key[kMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int t = warp_row0 + mt * 16 + half * 8 + g;
+      row_t[mt][half] = t;
+      row_first_key[mt][half] = t < p.N ? segment_start(p.cu_seqlens, p.n_segments, t) : INT32_MAX;
+    }
+
+  load_tile<kBlockM, kD, T::kThreads>(s_q, p.q + row0 * q_stride + static_cast<int64_t>(h) * p.D, q_stride,
+                                      rows_valid, p.D, p.vector, tid);
+  auto load_kv = [&](int j, int stage) {
+    const int n0 = key_begin + j * kBlockN;
+    const int64_t offset = n0 * kv_stride + static_cast<int64_t>(hk) * p.D;
+    const int rows = min(kBlockN, key_end - n0);
+    load_tile<kBlockN, kD, T::kThreads>(s_k(stage), p.k + offset, kv_stride, rows, p.D, p.vector, tid);
+    load_tile<kBlockN, kD, T::kThreads>(s_v(stage), p.v + offset, kv_stride, rows, p.D, p.vector, tid);
+  };
+  load_kv(0, 0);
+  cp_async_commit();
+
+  float o[kMTiles][kDTiles][4] = {};
+  float row_max[kMTiles][2], row_sum[kMTiles][2];  // running max (log2 domain) and this thread's partial sum
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      row_max[mt][half] = -INFINITY;
+      row_sum[mt][half] = 0.0f;
+    }
+  uint32_t q_frag[T::kQInRegisters ? kKSteps : 1][4];
+  // ldmatrix lane offsets: A (Q rows), B from K (rows = keys), B from V transposed (rows = keys).
+  const uint32_t lane_a = QTile::offset(lane & 15, lane >> 4);
+  const uint32_t lane_b = KVTile::offset((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
+  const uint32_t lane_bt = KVTile::offset((lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4);
+
+  for (int j = 0; j < n_key_tiles; ++j) {
+    const int stage = j & 1;
+    if (j + 1 < n_key_tiles) {
+      load_kv(j + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if constexpr (T::kQInRegisters) {
+      if (j == 0) {
+#pragma unroll
+        for (int kk = 0; kk < kKSteps; ++kk)
+          ldmatrix_x4(q_frag[kk], s_q + QTile::at(lane_a, warp * T::kWarpRows, kk * 2));
+      }
+    }
+    const int n0 = key_begin + j * kBlockN;
+    // A warp whose rows all precede the tile's first key has nothing to do here.
+    if (n0 <= warp_row0 + T::kWarpRows - 1) {
+      // ---- S = Q K^T (raw scores) ----
+      float s[kMTiles][kNTiles][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) {
+        uint32_t a[kMTiles][4];
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          if constexpr (T::kQInRegisters) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) a[mt][r] = q_frag[kk][r];
+          } else {
+            ldmatrix_x4(a[mt], s_q + QTile::at(lane_a, warp * T::kWarpRows + mt * 16, kk * 2));
+          }
+        }
+#pragma unroll
+        for (int np = 0; np < kNTiles / 2; ++np) {
+          uint32_t b[4];  // n-tile 2np: b[0], b[1]; n-tile 2np + 1: b[2], b[3]
+          ldmatrix_x4(b, s_k(stage) + KVTile::at(lane_b, np * 16, kk * 2));
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            mma_bf16_16816(s[mt][2 * np], a[mt], b[0], b[1]);
+            mma_bf16_16816(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+          }
+        }
+      }
+      // ---- mask: causal near the diagonal, segment starts when the tile straddles segments ----
+      if (n0 + kBlockN - 1 > warp_row0 || n0 < last_segment_start) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int u = n0 + nt * 8 + 2 * tig + (e & 1);
+              if (u > row_t[mt][e >> 1] || u < row_first_key[mt][e >> 1]) s[mt][nt][e] = -INFINITY;
+            }
+      }
+      // ---- online softmax (rows are shared by the 4 threads of a quad) ----
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float new_max = fmaxf(row_max[mt][half], mx * p.scale_log2);
+          const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet stays at zero
+          const float correction = exp2f(row_max[mt][half] - base);
+          row_max[mt][half] = new_max;
+          float sum = 0.0f;
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+            for (int e = 2 * half; e < 2 * half + 2; ++e) {
+              const float pv = exp2f(fmaf(s[mt][nt][e], p.scale_log2, -base));
+              s[mt][nt][e] = pv;
+              sum += pv;
+            }
+          row_sum[mt][half] = row_sum[mt][half] * correction + sum;
+#pragma unroll
+          for (int dt = 0; dt < kDTiles; ++dt) {
+            o[mt][dt][2 * half] *= correction;
+            o[mt][dt][2 * half + 1] *= correction;
+          }
+        }
+      // ---- O += P V (P stays in registers as the A operand) ----
+#pragma unroll
+      for (int ks = 0; ks < kPSteps; ++ks) {
+        uint32_t a[kMTiles][4];
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) accumulators_to_a(a[mt], s[mt][2 * ks], s[mt][2 * ks + 1]);
+#pragma unroll
+        for (int dp = 0; dp < kDTiles / 2; ++dp) {
+          uint32_t b[4];  // d-tile 2dp: b[0], b[1]; d-tile 2dp + 1: b[2], b[3]
+          ldmatrix_x4_trans(b, s_v(stage) + KVTile::at(lane_bt, ks * 16, dp * 2));
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            mma_bf16_16816(o[mt][2 * dp], a[mt], b[0], b[1]);
+            mma_bf16_16816(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // this stage is refilled by the next iteration's prefetch
+  }
+
+  // ---- epilogue: O / l, lse = (max + log2 l) * ln 2 ----
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float sum = row_sum[mt][half];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int t = row_t[mt][half];
+      if (t >= p.N) continue;
+      const float inv = 1.0f / sum;
+      bf16* out_row = p.out + (static_cast<int64_t>(t) * p.H + h) * p.D;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        const int col = dt * 8 + 2 * tig;
+        if (col < p.D) store_bf16_pair(out_row + col, o[mt][dt][2 * half] * inv, o[mt][dt][2 * half + 1] * inv,
+                                       p.vector);
+      }
+      if (tig == 0) p.lse[static_cast<int64_t>(t) * p.H + h] = (row_max[mt][half] + log2f(sum)) * kLn2;
+    }
+}
+
+template <class T>
+void launch_forward(const CudaContext& ctx, ForwardParams p) {
+  p.n_tiles = (p.N + T::kBlockM - 1) / T::kBlockM;
+  MOBA_CUDA_CHECK(cudaFuncSetAttribute(flash_forward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       T::kSmemBytes));
+  const int64_t blocks = static_cast<int64_t>(p.n_tiles) * p.H;
+  flash_forward_kernel<T><<<static_cast<unsigned>(blocks), T::kThreads, T::kSmemBytes, ctx.stream>>>(p);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+}  // namespace
+}  // namespace flash
+
+void flash_attention_forward(const CudaContext& ctx, bf16* out, float* lse, const bf16* q, const bf16* k,
+                             const bf16* v, const int32_t* cu_seqlens, int n_segments, int64_t N, int H, int Hkv,
+                             int D, float softmax_scale) {
+  using namespace flash;
+  MOBA_CHECK(D >= 2 && D <= 128 && D % 2 == 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && n_segments >= 1 &&
+                 N < INT32_MAX,
+             cat("flash_attention_forward: unsupported shape (N ", N, ", H ", H, ", Hkv ", Hkv, ", D ", D, ")"),
+             "the CUDA attention needs an even head dim <= 128 and H divisible by Hkv");
+  if (N == 0) return;
+  ForwardParams p{out, lse, q, k, v, cu_seqlens, n_segments, static_cast<int>(N), H, Hkv, D, H / Hkv, 0,
+                  softmax_scale * kLog2e,
+                  D % 8 == 0 && aligned16(out) && aligned16(q) && aligned16(k) && aligned16(v)};
+  switch (padded_head_dim(D)) {
+    case 16: launch_forward<ForwardTiles<16, 4, 1, 64>>(ctx, p); break;
+    case 32: launch_forward<ForwardTiles<32, 4, 1, 64>>(ctx, p); break;
+    case 64: launch_forward<ForwardTiles<64, 4, 2, 64>>(ctx, p); break;
+    default:
+      switch (tuning_variant("MOBA_FLASH_FWD_VARIANT")) {
+        case 1: launch_forward<ForwardTiles<128, 4, 1, 64>>(ctx, p); break;
+        case 2: launch_forward<ForwardTiles<128, 4, 2, 64>>(ctx, p); break;
+        case 3: launch_forward<ForwardTiles<128, 8, 1, 32>>(ctx, p); break;
+        default: launch_forward<ForwardTiles<128, 8, 1, 64>>(ctx, p); break;
+      }
+  }
+}
+
+}  // namespace moba::cuda
