@@ -1,0 +1,126 @@
+// RMSNorm on the GPU, one warp per row: out = inp * rstd * weight, rstd = 1 / sqrt(mean(inp^2) + eps) (f32).
+// Invariant: statistics in f32, rows independent in the forward. The backward's dweight is summed per block in
+// shared memory, then added to global memory with f32 atomics: block order varies run to run (f32 rounding).
+// Layout follows llm.c's layernorm kernels (a warp per row, a block-level partial for the weight gradient).
+#include <algorithm>
+
+#include "kernels/cuda/dense_util.cuh"
+#include "kernels/cuda/ops.h"
+
+namespace moba::cuda {
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps, 8 rows at a time per block
+constexpr int kWarps = kThreads / 32;
+
+// out (N, C), rstd (N); lane l of a warp handles columns l*kVec + 32*kVec*j.
+template <int kVec>
+__global__ void __launch_bounds__(kThreads)
+    rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, const bf16* weight, int64_t N, int C, float eps) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= N) return;
+  const bf16* x_row = inp + row * C;
+  float sum_squares = 0.0f;
+  for (int c = lane * kVec; c < C; c += 32 * kVec) {
+    float x[kVec];
+    load_bf16<kVec>(x, x_row + c);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) sum_squares += x[k] * x[k];
+  }
+  sum_squares = warp_sum(sum_squares);
+  const float r = 1.0f / sqrtf(sum_squares / C + eps);
+  bf16* y_row = out + row * C;
+  for (int c = lane * kVec; c < C; c += 32 * kVec) {  // second pass reads the row back from L1/L2
+    float x[kVec], w[kVec], y[kVec];
+    load_bf16<kVec>(x, x_row + c);
+    load_bf16<kVec>(w, weight + c);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) y[k] = (x[k] * r) * w[k];
+    store_bf16<kVec>(y_row + c, y);
+  }
+  if (lane == 0) rstd[row] = r;
+}
+
+// dinp_j += r * (dout_j w_j - x_j * r^2 * sum_c(dout_c w_c x_c) / C);  dweight_c += sum_t dout_tc x_tc r_t.
+// Grid-stride over rows, a warp per row; the block's dweight partial (C floats) lives in dynamic shared memory.
+template <int kVec>
+__global__ void __launch_bounds__(kThreads)
+    rmsnorm_backward_kernel(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp, const bf16* weight,
+                            const float* rstd, int64_t N, int C) {
+  extern __shared__ float dweight_partial[];  // (C)
+  for (int c = threadIdx.x; c < C; c += blockDim.x) dweight_partial[c] = 0.0f;
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; row < N;
+       row += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const bf16* x_row = inp + row * C;
+    const bf16* dy_row = dout + row * C;
+    float dot = 0.0f;
+    for (int c = lane * kVec; c < C; c += 32 * kVec) {
+      float x[kVec], dy[kVec], w[kVec];
+      load_bf16<kVec>(x, x_row + c);
+      load_bf16<kVec>(dy, dy_row + c);
+      load_bf16<kVec>(w, weight + c);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) dot += dy[k] * w[k] * x[k];
+    }
+    dot = warp_sum(dot);
+    const float r = rstd[row];
+    const float coeff = r * r * dot / C;
+    bf16* dx_row = dinp + row * C;
+    for (int c = lane * kVec; c < C; c += 32 * kVec) {
+      float x[kVec], dy[kVec], w[kVec], dx[kVec];
+      load_bf16<kVec>(x, x_row + c);
+      load_bf16<kVec>(dy, dy_row + c);
+      load_bf16<kVec>(w, weight + c);
+      load_bf16<kVec>(dx, dx_row + c);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        dx[k] += r * (dy[k] * w[k] - x[k] * coeff);
+        atomicAdd(&dweight_partial[c + k], dy[k] * x[k] * r);
+      }
+      store_bf16<kVec>(dx_row + c, dx);
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += blockDim.x) atomicAdd(dweight + c, dweight_partial[c]);
+}
+
+}  // namespace
+
+// out (N, C) bf16, rstd (N) f32, inp (N, C) bf16, weight (C) bf16
+void rmsnorm_forward(const CudaContext& ctx, bf16* out, float* rstd, const bf16* inp, const bf16* weight, int64_t N,
+                     int C, float eps) {
+  if (N == 0) return;
+  const unsigned blocks = static_cast<unsigned>((N + kWarps - 1) / kWarps);
+  if (C % 8 == 0 && aligned_16({out, inp, weight})) {
+    rmsnorm_forward_kernel<8><<<blocks, kThreads, 0, ctx.stream>>>(out, rstd, inp, weight, N, C, eps);
+  } else {
+    rmsnorm_forward_kernel<1><<<blocks, kThreads, 0, ctx.stream>>>(out, rstd, inp, weight, N, C, eps);
+  }
+  MOBA_CUDA_CHECK(cudaGetLastError());
+}
+
+// dinp (N, C) bf16 +=, dweight (C) f32 +=
+void rmsnorm_backward(const CudaContext& ctx, bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
+                      const bf16* weight, const float* rstd, int64_t N, int C) {
+  if (N == 0) return;
+  const size_t shared_bytes = sizeof(float) * static_cast<size_t>(C);
+  MOBA_CHECK(shared_bytes <= 48 * 1024, cat("rmsnorm_backward: C = ", C, " exceeds the 12288 channels supported"),
+             "use a model width of at most 12288");
+  // Four blocks (32 warps) per multiprocessor keep the loads in flight; more would only add global atomics.
+  const int64_t row_blocks = (N + kWarps - 1) / kWarps;
+  const int64_t max_blocks = 4 * static_cast<int64_t>(std::max(ctx.sm_count, 1));
+  const unsigned blocks = static_cast<unsigned>(std::min(row_blocks, max_blocks));
+  if (C % 8 == 0 && aligned_16({dinp, dout, inp, weight})) {
+    rmsnorm_backward_kernel<8>
+        <<<blocks, kThreads, shared_bytes, ctx.stream>>>(dinp, dweight, dout, inp, weight, rstd, N, C);
+  } else {
+    rmsnorm_backward_kernel<1>
+        <<<blocks, kThreads, shared_bytes, ctx.stream>>>(dinp, dweight, dout, inp, weight, rstd, N, C);
+  }
+  MOBA_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace moba::cuda

@@ -1,0 +1,91 @@
+// Rotary position embedding ("rotate-half", GPT-NeoX) on the GPU: forward rotation and, for the backward, the
+// inverse rotation (angle -> -angle) added into the strided gradient.
+// Invariant: each angle pos * theta^(-2i/D) and its cos/sin are computed in double and rounded once to f32, as the
+// CPU reference does, so large positions lose no precision; one thread owns pairs (t, i..i+kVec) for every head.
+#include "kernels/cuda/dense_util.cuh"
+#include "kernels/cuda/ops.h"
+
+namespace moba::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// dst[i] = src[i] cos - src[i + D/2] sin;  dst[i + D/2] = src[i + D/2] cos + src[i] sin.  kInverse negates sin
+// and adds into dst. src row t at src + t * src_stride, dst row t at dst + t * dst_stride, each (heads, D).
+template <int kVec, bool kInverse>
+__global__ void __launch_bounds__(kThreads)
+    rope_kernel(bf16* dst, int64_t dst_stride, const bf16* src, int64_t src_stride, const int32_t* pos, int64_t N,
+                int heads, int D, float theta) {
+  const int half = D / 2;
+  const int chunks = half / kVec;  // pair chunks per head
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= N * chunks) return;
+  const int64_t t = idx / chunks;
+  const int i0 = static_cast<int>(idx % chunks) * kVec;
+  float cos_i[kVec], sin_i[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    const double inv_freq = pow(static_cast<double>(theta), -2.0 * (i0 + k) / D);
+    double sin_d, cos_d;
+    sincos(static_cast<double>(pos[t]) * inv_freq, &sin_d, &cos_d);
+    cos_i[k] = static_cast<float>(cos_d);
+    sin_i[k] = kInverse ? -static_cast<float>(sin_d) : static_cast<float>(sin_d);
+  }
+  for (int h = 0; h < heads; ++h) {
+    const bf16* x = src + t * src_stride + static_cast<int64_t>(h) * D + i0;
+    bf16* y = dst + t * dst_stride + static_cast<int64_t>(h) * D + i0;
+    float lo[kVec], hi[kVec], y_lo[kVec], y_hi[kVec];
+    load_bf16<kVec>(lo, x);
+    load_bf16<kVec>(hi, x + half);
+    if constexpr (kInverse) {
+      load_bf16<kVec>(y_lo, y);
+      load_bf16<kVec>(y_hi, y + half);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) y_lo[k] = y_hi[k] = 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      y_lo[k] += lo[k] * cos_i[k] - hi[k] * sin_i[k];
+      y_hi[k] += hi[k] * cos_i[k] + lo[k] * sin_i[k];
+    }
+    store_bf16<kVec>(y, y_lo);
+    store_bf16<kVec>(y + half, y_hi);
+  }
+}
+
+// Forward: dst = rotate(src); inverse: dst += rotate^-1(src). 16-byte packs when every row and half-row is aligned.
+template <bool kInverse>
+void launch_rope(const CudaContext& ctx, bf16* dst, int64_t dst_stride, const bf16* src, int64_t src_stride,
+                 const int32_t* pos, int64_t N, int heads, int D, float theta) {
+  MOBA_CHECK(D % 2 == 0, cat("rope: head dimension D = ", D, " must be even"), "use an even head dimension");
+  if (N == 0 || heads == 0) return;
+  const int half = D / 2;
+  const bool packed = half % 8 == 0 && dst_stride % 8 == 0 && src_stride % 8 == 0 && aligned_16({dst, src});
+  const int64_t threads_total = N * (packed ? half / 8 : half);
+  const unsigned blocks = static_cast<unsigned>((threads_total + kThreads - 1) / kThreads);
+  if (packed) {
+    rope_kernel<8, kInverse>
+        <<<blocks, kThreads, 0, ctx.stream>>>(dst, dst_stride, src, src_stride, pos, N, heads, D, theta);
+  } else {
+    rope_kernel<1, kInverse>
+        <<<blocks, kThreads, 0, ctx.stream>>>(dst, dst_stride, src, src_stride, pos, N, heads, D, theta);
+  }
+  MOBA_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+// out (N, heads, D) contiguous; inp row t at inp + t * in_row_stride holding (heads, D); pos (N).
+void rope_forward(const CudaContext& ctx, bf16* out, const bf16* inp, int64_t in_row_stride, const int32_t* pos,
+                  int64_t N, int heads, int D, float theta) {
+  launch_rope<false>(ctx, out, static_cast<int64_t>(heads) * D, inp, in_row_stride, pos, N, heads, D, theta);
+}
+
+// dinp (row stride din_row_stride) += inverse rotation of dout (N, heads, D).
+void rope_backward(const CudaContext& ctx, bf16* dinp, int64_t din_row_stride, const bf16* dout, const int32_t* pos,
+                   int64_t N, int heads, int D, float theta) {
+  launch_rope<true>(ctx, dinp, din_row_stride, dout, static_cast<int64_t>(heads) * D, pos, N, heads, D, theta);
+}
+
+}  // namespace moba::cuda
