@@ -3,7 +3,9 @@
 // truncated compressed data never reads as a shorter, valid-looking file.
 #include "data/text_reader.h"
 
+#if MOBA_HAVE_LZMA
 #include <lzma.h>
+#endif
 #include <zlib.h>
 
 #include <algorithm>
@@ -63,6 +65,7 @@ class PlainStream : public ByteStream {
   InputFile file_;
 };
 
+#if MOBA_HAVE_LZMA
 // .xz (and concatenated .xz streams) through liblzma's stream decoder.
 class XzStream : public ByteStream {
  public:
@@ -111,6 +114,17 @@ class XzStream : public ByteStream {
   bool input_done_ = false;
   bool finished_ = false;
 };
+#else
+// Built without liblzma (e.g. a machine without liblzma-dev): .xz inputs are refused with the fix.
+class XzStream : public ByteStream {
+ public:
+  explicit XzStream(const std::string& path) {
+    throw Error(cat(path, " is xz-compressed but this moba was built without liblzma"),
+                "decompress it first (xz -dk FILE) or install liblzma-dev and rebuild");
+  }
+  size_t read(char*, size_t) override { return 0; }
+};
+#endif
 
 // .gz (and concatenated gzip members) through zlib's gz* interface.
 class GzStream : public ByteStream {
