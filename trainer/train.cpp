@@ -78,6 +78,7 @@ double validation_loss(model::Transformer& model, const data::TokenDataset& val,
 }
 
 struct Run {
+  Run(const Recipe& r, parallel::MpiContext& m) : recipe(r), mpi(m) {}
   const Recipe& recipe;
   parallel::MpiContext& mpi;
   std::unique_ptr<Backend> backend;
@@ -150,7 +151,7 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   Recipe recipe = load_recipe(ap.get("recipe"), ap.get_all("set"));
   const Recipe& r = recipe;
   const int64_t max_steps_now = ap.get_int("max-steps");
-  Run run{r, mpi};
+  Run run(r, mpi);
   check_layout(r, mpi, run);
   run.backend = make_backend(r.backend);
   if (run.backend->device() == Device::cpu) {
