@@ -10,7 +10,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -269,12 +268,10 @@ void benchmark_dense(int64_t N, int H, int Hkv, int D) {
   const double pairs = static_cast<double>(N) * (N + 1) / 2;
   const double fwd_flops = 4.0 * D * H * pairs, bwd_flops = 2.5 * fwd_flops;
   const double f = median(fwd), b = median(bwd), fb = median(both);
-  const char* fwd_variant = std::getenv("MOBA_FLASH_FWD_VARIANT");
-  const char* bwd_variant = std::getenv("MOBA_FLASH_BWD_VARIANT");
-  std::printf("[attention bench] %s N %lld H %d Hkv %d D %d variants fwd %s bwd %s | fwd %.3f ms (%.0f TFLOP/s, "
-              "min %.3f) | bwd %.3f ms (%.0f TFLOP/s) | fwd+bwd %.3f ms (%.0f TFLOP/s, min %.3f)\n",
-              prop.name, static_cast<long long>(N), H, Hkv, D, fwd_variant ? fwd_variant : "0",
-              bwd_variant ? bwd_variant : "0", f, fwd_flops / f * 1e-9, *std::min_element(fwd.begin(), fwd.end()),
+  std::printf("[attention bench] %s N %lld H %d Hkv %d D %d | fwd %.3f ms (%.0f TFLOP/s, min %.3f) | bwd %.3f ms "
+              "(%.0f TFLOP/s) | fwd+bwd %.3f ms (%.0f TFLOP/s, min %.3f)\n",
+              prop.name, static_cast<long long>(N), H, Hkv, D, f, fwd_flops / f * 1e-9,
+              *std::min_element(fwd.begin(), fwd.end()),
               b, bwd_flops / b * 1e-9, fb, (fwd_flops + bwd_flops) / fb * 1e-9,
               *std::min_element(both.begin(), both.end()));
   std::printf("{\"bench\": \"flash_attention_dense\", \"device\": \"%s\", \"N\": %lld, \"H\": %d, \"Hkv\": %d, "

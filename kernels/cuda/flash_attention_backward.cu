@@ -3,9 +3,12 @@
 // (tile of kBlockN keys, kv head) loops over the query heads of its GQA group and the query tiles that can see its
 // keys, recomputes P^T = exp2(K Q^T * scale * log2 e - lse2) on tensor cores, accumulates dV = P^T dO and
 // dK = dS^T Q in registers and adds dQ = dS K into an f32 buffer with atomics; (3) dq += dq_accum * scale.
+// On sm_90 with D = 128 the five products run on warpgroup MMAs (wgmma, as FlashAttention-3 does; Shah et al.
+// 2024), elsewhere on mma.sync; both share the masking, softmax recomputation and epilogues.
 // Invariants: dK/dV of a (key tile, kv head) are owned by one CTA (no atomics, plain read-add-write into bf16); the
 // dq accumulation buffer (scratch slot 2) is zeroed at every call; scratch slot 3 holds Delta and lse2.
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/flash_attention_common.cuh"
@@ -14,26 +17,30 @@ namespace moba::cuda {
 namespace flash {
 namespace {
 
-// Tile constants of one backward instantiation. Each warp owns 16 keys (rows of S^T = K Q^T).
-template <int kD_, int kWarps_, int kBlockM_>
+// Tile constants of one backward instantiation. Each warp owns 16 keys (rows of S^T = K Q^T); with kWgmma each
+// warpgroup (4 warps) owns 64 and issues S^T, dP^T, dV, dK as 64-row wgmmas, then dQ (64 queries) split by columns.
+template <int kD_, int kWarps_, int kBlockM_, bool kWgmma_ = false>
 struct BackwardTiles {
+  static constexpr bool kWgmma = kWgmma_;
   static constexpr int kD = kD_;              // padded head dim
   static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockN = 16 * kWarps;  // keys per CTA
   static constexpr int kBlockM = kBlockM_;     // query rows per step
-  using KVTile = SmemTile<kBlockN, kD>;
-  using QTile = SmemTile<kBlockM, kD>;
-  using DSTile = SmemTile<kBlockN, kBlockM>;  // dS^T (keys, queries) bf16
+  using KVTile = std::conditional_t<kWgmma, WgTile<kBlockN>, SmemTile<kBlockN, kD>>;
+  using QTile = std::conditional_t<kWgmma, WgTile<kBlockM>, SmemTile<kBlockM, kD>>;
+  using DSTile = SmemTile<kBlockN, kBlockM>;  // dS^T (keys, queries) bf16; for wgmma 128-byte rows, MN-major A
+  static constexpr int kAlign = kWgmma ? 1024 : 128;
   // K, V, (Q, dO) x 2 stages, dS^T, (lse2, Delta) x 2 stages
   static constexpr int kStatsOffset = 2 * KVTile::kBytes + 4 * QTile::kBytes + DSTile::kBytes;
-  static constexpr int kSmemBytes = kStatsOffset + 2 * 2 * kBlockM * 4;
-  // dQ (kBlockM, kD) = dS K is split over the warps: kMTilesQ row tiles, each shared by kWarps / kMTilesQ warps
-  // that split its columns, computed in passes of at most 64 columns (32 accumulators).
+  static constexpr int kSmemBytes = kStatsOffset + 2 * 2 * kBlockM * 4 + kAlign;
+  // mma.sync dQ (kBlockM, kD) = dS K is split over the warps: kMTilesQ row tiles, each shared by kWarps / kMTilesQ
+  // warps that split its columns, computed in passes of at most 64 columns (32 accumulators).
   static constexpr int kMTilesQ = kBlockM / 16;
   static constexpr int kDqCols = kD / (kWarps / kMTilesQ);
   static constexpr int kDqPassCols = kDqCols < 64 ? kDqCols : 64;
-  static_assert(kD % 16 == 0 && kBlockM % 16 == 0 && kWarps % kMTilesQ == 0 && kDqCols % 16 == 0);
+  static_assert(kD % 16 == 0 && kBlockM % 16 == 0 && kWarps % kMTilesQ == 0 && kDqPassCols % 16 == 0);
+  static_assert(!kWgmma || (kD == 128 && kWarps == 8 && kBlockM == 64));
 };
 
 struct BackwardParams {
@@ -71,10 +78,26 @@ __global__ void flash_backward_preprocess_kernel(float* delta, float* lse2, cons
   }
 }
 
+// dq_accum rows t, t + 8 (of head h), columns col + 8 j, +1 += one warp's 16-row accumulator tile, rows < q_end.
+template <int kTiles>
+__device__ __forceinline__ void add_dq_rows(const BackwardParams& p, const float (&acc)[kTiles][4], int t, int col,
+                                            int q_end, int h) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (t + half * 8 >= q_end) continue;
+    float* dst = p.dq_accum + (static_cast<int64_t>(t + half * 8) * p.H + h) * p.D;
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j)
+      if (col + 8 * j < p.D)
+        atomicAdd(reinterpret_cast<float2*>(dst + col + 8 * j), make_float2(acc[j][2 * half], acc[j][2 * half + 1]));
+  }
+}
+
 // (2) dK, dV of one (key tile, kv head) and the dQ contributions of its keys.
 template <class T>
 __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const BackwardParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t s_k = (smem_address(smem) + T::kAlign - 1) & ~static_cast<uint32_t>(T::kAlign - 1);
   constexpr int kD = T::kD, kBlockM = T::kBlockM, kBlockN = T::kBlockN;
   constexpr int kQTiles = kBlockM / 8, kDTiles = kD / 8, kKStepsD = kD / 16, kKStepsM = kBlockM / 16;
   using KVTile = typename T::KVTile;
@@ -100,7 +123,7 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
   }
 
   const int64_t q_stride = static_cast<int64_t>(p.H) * p.D, kv_stride = static_cast<int64_t>(p.Hkv) * p.D;
-  const uint32_t s_k = smem_address(smem), s_v = s_k + KVTile::kBytes;
+  const uint32_t s_v = s_k + KVTile::kBytes;
   auto s_q = [&](int stage) { return s_k + 2 * KVTile::kBytes + stage * 2 * QTile::kBytes; };
   auto s_do = [&](int stage) { return s_q(stage) + QTile::kBytes; };
   const uint32_t s_ds = s_k + 2 * KVTile::kBytes + 4 * QTile::kBytes;
@@ -108,15 +131,15 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
   auto s_delta = [&](int stage) { return s_lse(stage) + kBlockM * 4; };
 
   const int64_t kv_offset = static_cast<int64_t>(n0) * kv_stride + static_cast<int64_t>(hk) * p.D;
-  load_tile<kBlockN, kD, T::kThreads>(s_k, p.k + kv_offset, kv_stride, keys_valid, p.D, p.vector, tid);
-  load_tile<kBlockN, kD, T::kThreads>(s_v, p.v + kv_offset, kv_stride, keys_valid, p.D, p.vector, tid);
+  load_tile<KVTile, T::kThreads>(s_k, p.k + kv_offset, kv_stride, keys_valid, p.D, p.vector, tid);
+  load_tile<KVTile, T::kThreads>(s_v, p.v + kv_offset, kv_stride, keys_valid, p.D, p.vector, tid);
   cp_async_commit();
   auto load_step = [&](int step, int stage) {
     const int h = hk * p.group + step / n_q_tiles, m0 = n0 + (step % n_q_tiles) * kBlockM;
     const int64_t offset = static_cast<int64_t>(m0) * q_stride + static_cast<int64_t>(h) * p.D;
     const int rows = min(kBlockM, p.N - m0);
-    load_tile<kBlockM, kD, T::kThreads>(s_q(stage), p.q + offset, q_stride, rows, p.D, p.vector, tid);
-    load_tile<kBlockM, kD, T::kThreads>(s_do(stage), p.dout + offset, q_stride, rows, p.D, p.vector, tid);
+    load_tile<QTile, T::kThreads>(s_q(stage), p.q + offset, q_stride, rows, p.D, p.vector, tid);
+    load_tile<QTile, T::kThreads>(s_do(stage), p.dout + offset, q_stride, rows, p.D, p.vector, tid);
     const int64_t stats = static_cast<int64_t>(h) * p.N + m0;
     for (int i = tid; i < kBlockM; i += T::kThreads) {
       const bool valid = i < rows;
@@ -143,85 +166,126 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (T::kWgmma) fence_proxy_async();
     __syncthreads();
 
-    // ---- S^T = K Q^T for the warp's 16 keys (rows) and the kBlockM queries (columns) ----
-    float s[kQTiles][4] = {};
+    // ---- S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys (rows) and the kBlockM queries (columns) ----
+    float s[kQTiles][4] = {}, dp[kQTiles][4] = {};
+    if constexpr (T::kWgmma) {
+      const uint32_t key_rows = (warp / 4) * 64 * KVTile::kRowBytes;
+      fence_registers(s);
+      fence_registers(dp);
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kKStepsD; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, s_k + KVTile::at(lane_a, warp * 16, kk * 2));
+      for (int kk = 0; kk < kKStepsD; ++kk) {  // K-major operands: 16 columns = 32 bytes of a swizzled row
+        const uint32_t kv_column = key_rows + (kk / 4) * KVTile::kBlockBytes + (kk % 4) * 32;
+        const uint32_t q_column = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
+        wgmma_m64n64k16_ss<0, 0>(s, wgmma_descriptor(s_k + kv_column, 16, 1024),
+                                 wgmma_descriptor(s_q(stage) + q_column, 16, 1024));
+        wgmma_m64n64k16_ss<0, 0>(dp, wgmma_descriptor(s_v + kv_column, 16, 1024),
+                                 wgmma_descriptor(s_do(stage) + q_column, 16, 1024));
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+      fence_registers(s);
+      fence_registers(dp);
+    } else {
 #pragma unroll
-      for (int np = 0; np < kQTiles / 2; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4(b, s_q(stage) + QTile::at(lane_b, np * 16, kk * 2));
-        mma_bf16_16816(s[2 * np], a, b[0], b[1]);
-        mma_bf16_16816(s[2 * np + 1], a, b[2], b[3]);
+      for (int kk = 0; kk < kKStepsD; ++kk) {
+        uint32_t a[4], c[4];
+        ldmatrix_x4(a, s_k + KVTile::at(lane_a, warp * 16, kk * 2));
+        ldmatrix_x4(c, s_v + KVTile::at(lane_a, warp * 16, kk * 2));
+#pragma unroll
+        for (int np = 0; np < kQTiles / 2; ++np) {
+          uint32_t b[4];
+          ldmatrix_x4(b, s_q(stage) + QTile::at(lane_b, np * 16, kk * 2));
+          mma_bf16_16816(s[2 * np], a, b[0], b[1]);
+          mma_bf16_16816(s[2 * np + 1], a, b[2], b[3]);
+          ldmatrix_x4(b, s_do(stage) + QTile::at(lane_b, np * 16, kk * 2));
+          mma_bf16_16816(dp[2 * np], c, b[0], b[1]);
+          mma_bf16_16816(dp[2 * np + 1], c, b[2], b[3]);
+        }
       }
     }
-    // ---- P^T = exp2(S^T * scale * log2 e - lse2), zero where the query must not see the key ----
+    // ---- P^T = exp2(S^T * scale * log2 e - lse2), zero where the query must not see the key;
+    //      dS^T = P^T * (dP^T - Delta) ----
     const bool need_mask = m0 < n0 + warp * 16 + 15 || m0 + kBlockM > first_segment_end;
 #pragma unroll
     for (int nt = 0; nt < kQTiles; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * tig + (e & 1);
-        float pv = exp2f(fmaf(s[nt][e], p.scale_log2, -ld_shared_f32(s_lse(stage) + col * 4)));
+        float pv = fast_exp2(fmaf(s[nt][e], p.scale_log2, -ld_shared_f32(s_lse(stage) + col * 4)));
         if (need_mask) {
           const int t = m0 + col;
           if (t < key_u[e >> 1] || t > key_last_query[e >> 1]) pv = 0.0f;
         }
         s[nt][e] = pv;
-      }
-    // ---- dP^T = V dO^T ----
-    float dp[kQTiles][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < kKStepsD; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, s_v + KVTile::at(lane_a, warp * 16, kk * 2));
-#pragma unroll
-      for (int np = 0; np < kQTiles / 2; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4(b, s_do(stage) + QTile::at(lane_b, np * 16, kk * 2));
-        mma_bf16_16816(dp[2 * np], a, b[0], b[1]);
-        mma_bf16_16816(dp[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-    // ---- dS^T = P^T * (dP^T - Delta) ----
-#pragma unroll
-    for (int nt = 0; nt < kQTiles; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * tig + (e & 1);
-        dp[nt][e] = s[nt][e] * (dp[nt][e] - ld_shared_f32(s_delta(stage) + col * 4));
+        dp[nt][e] = pv * (dp[nt][e] - ld_shared_f32(s_delta(stage) + col * 4));
       }
     // ---- dV += P^T dO and dK += dS^T Q (A operands straight from the accumulators) ----
+    uint32_t a_p[kKStepsM][4], a_ds[kKStepsM][4];
 #pragma unroll
     for (int ks = 0; ks < kKStepsM; ++ks) {
-      uint32_t a_p[4], a_ds[4];
-      accumulators_to_a(a_p, s[2 * ks], s[2 * ks + 1]);
-      accumulators_to_a(a_ds, dp[2 * ks], dp[2 * ks + 1]);
+      accumulators_to_a(a_p[ks], s[2 * ks], s[2 * ks + 1]);
+      accumulators_to_a(a_ds[ks], dp[2 * ks], dp[2 * ks + 1]);
+    }
+    if constexpr (T::kWgmma) {
+      fence_registers(dv);
+      fence_registers(dk);
+      wgmma_fence();
 #pragma unroll
-      for (int dq2 = 0; dq2 < kDTiles / 2; ++dq2) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, s_do(stage) + QTile::at(lane_bt, ks * 16, dq2 * 2));
-        mma_bf16_16816(dv[2 * dq2], a_p, b[0], b[1]);
-        mma_bf16_16816(dv[2 * dq2 + 1], a_p, b[2], b[3]);
-        ldmatrix_x4_trans(b, s_q(stage) + QTile::at(lane_bt, ks * 16, dq2 * 2));
-        mma_bf16_16816(dk[2 * dq2], a_ds, b[0], b[1]);
-        mma_bf16_16816(dk[2 * dq2 + 1], a_ds, b[2], b[3]);
+      for (int ks = 0; ks < kKStepsM; ++ks) {  // dO and Q are MN-major here: 16 queries = 2048 bytes per step
+        const uint32_t rows = ks * 16 * QTile::kRowBytes;
+        wgmma_m64n128k16_rs<1>(dv, a_p[ks], wgmma_descriptor(s_do(stage) + rows, QTile::kBlockBytes, 1024));
+        wgmma_m64n128k16_rs<1>(dk, a_ds[ks], wgmma_descriptor(s_q(stage) + rows, QTile::kBlockBytes, 1024));
+      }
+      wgmma_commit();  // completes under the dQ wait below
+    } else {
+#pragma unroll
+      for (int ks = 0; ks < kKStepsM; ++ks) {
+#pragma unroll
+        for (int dq2 = 0; dq2 < kDTiles / 2; ++dq2) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, s_do(stage) + QTile::at(lane_bt, ks * 16, dq2 * 2));
+          mma_bf16_16816(dv[2 * dq2], a_p[ks], b[0], b[1]);
+          mma_bf16_16816(dv[2 * dq2 + 1], a_p[ks], b[2], b[3]);
+          ldmatrix_x4_trans(b, s_q(stage) + QTile::at(lane_bt, ks * 16, dq2 * 2));
+          mma_bf16_16816(dk[2 * dq2], a_ds[ks], b[0], b[1]);
+          mma_bf16_16816(dk[2 * dq2 + 1], a_ds[ks], b[2], b[3]);
+        }
       }
     }
     // ---- dS^T to shared memory (bf16) for dQ, which sums over all the CTA's keys ----
 #pragma unroll
-    for (int nt = 0; nt < kQTiles; ++nt)
+    for (int ks = 0; ks < kKStepsM; ++ks)
 #pragma unroll
-      for (int half = 0; half < 2; ++half)
-        st_shared_4(s_ds + DSTile::offset(warp * 16 + half * 8 + g, nt) + tig * 4,
-                    pack_bf16(dp[nt][2 * half], dp[nt][2 * half + 1]));
+      for (int r = 0; r < 4; ++r)  // a_ds[ks][r]: key row g + 8 (r & 1), query columns 16 ks + 8 (r >> 1) + 2 tig
+        st_shared_4(s_ds + DSTile::offset(warp * 16 + (r & 1) * 8 + g, 2 * ks + (r >> 1)) + tig * 4, a_ds[ks][r]);
+    if constexpr (T::kWgmma) fence_proxy_async();
     __syncthreads();
-    // ---- dQ (kBlockM, kD) += dS K: this warp's 16 query rows and kDqCols columns, then f32 atomics ----
-    {
+    // ---- dQ (kBlockM, kD) += dS K, then f32 atomics into dq_accum ----
+    if constexpr (T::kWgmma) {
+      // Warpgroup w: all 64 queries, columns [64 w, 64 w + 64); A = dS read MN-major out of dS^T, B = K MN-major.
+      float acc[8][4] = {};
+      fence_registers(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {  // 16 keys = 2048 bytes per step
+        const uint32_t rows = kk * 16 * KVTile::kRowBytes;
+        wgmma_m64n64k16_ss<1, 1>(acc, wgmma_descriptor(s_ds + rows, DSTile::kBytes, 1024),
+                                 wgmma_descriptor(s_k + (warp / 4) * KVTile::kBlockBytes + rows, KVTile::kBlockBytes,
+                                                  1024));
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+      fence_registers(acc);
+      fence_registers(dv);
+      fence_registers(dk);
+      fence_registers(a_p);
+      fence_registers(a_ds);
+      add_dq_rows<8>(p, acc, m0 + (warp % 4) * 16 + g, (warp / 4) * 64 + 2 * tig, q_end, h);
+    } else {
       const int mq = warp % T::kMTilesQ, col_begin = (warp / T::kMTilesQ) * T::kDqCols;
 #pragma unroll
       for (int pass = 0; pass < T::kDqCols / T::kDqPassCols; ++pass) {
@@ -239,18 +303,7 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
             mma_bf16_16816(acc[2 * dq2 + 1], a, b[2], b[3]);
           }
         }
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int t = m0 + mq * 16 + half * 8 + g;
-          if (t >= q_end) continue;
-          float* dst = p.dq_accum + (static_cast<int64_t>(t) * p.H + h) * p.D;
-#pragma unroll
-          for (int dt = 0; dt < T::kDqPassCols / 8; ++dt) {
-            const int col = col0 + dt * 8 + 2 * tig;
-            if (col < p.D)
-              atomicAdd(reinterpret_cast<float2*>(dst + col), make_float2(acc[dt][2 * half], acc[dt][2 * half + 1]));
-          }
-        }
+        add_dq_rows<T::kDqPassCols / 8>(p, acc, m0 + mq * 16 + g, col0 + 2 * tig, q_end, h);
       }
     }
   }
@@ -286,14 +339,22 @@ __global__ void flash_backward_dq_kernel(bf16* dq, const float* dq_accum, int64_
 
 template <class T>
 void launch_backward(const CudaContext& ctx, const BackwardParams& p) {
-  MOBA_CUDA_CHECK(cudaFuncSetAttribute(flash_backward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       T::kSmemBytes));
+  constexpr int smem = T::kSmemBytes;
+  MOBA_CUDA_CHECK(cudaFuncSetAttribute(flash_backward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int64_t blocks = static_cast<int64_t>((p.N + T::kBlockN - 1) / T::kBlockN) * p.Hkv;
-  flash_backward_kernel<T><<<static_cast<unsigned>(blocks), T::kThreads, T::kSmemBytes, ctx.stream>>>(p);
+  flash_backward_kernel<T><<<static_cast<unsigned>(blocks), T::kThreads, smem, ctx.stream>>>(p);
   MOBA_CUDA_CHECK(cudaGetLastError());
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// The wgmma kernels exist for compute capability 9.0 (built for sm_90a) only.
+bool device_has_wgmma(const CudaContext& ctx) {
+  int major = 0, minor = 0;
+  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ctx.device));
+  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ctx.device));
+  return major == 9 && minor == 0;
+}
 
 }  // namespace
 }  // namespace flash
@@ -330,13 +391,10 @@ void flash_attention_backward(const CudaContext& ctx, bf16* dq, bf16* dk, bf16* 
     case 16: launch_backward<BackwardTiles<16, 4, 64>>(ctx, p); break;
     case 32: launch_backward<BackwardTiles<32, 4, 64>>(ctx, p); break;
     case 64: launch_backward<BackwardTiles<64, 4, 64>>(ctx, p); break;
-    default:
-      switch (tuning_variant("MOBA_FLASH_BWD_VARIANT")) {
-        case 1: launch_backward<BackwardTiles<128, 8, 32>>(ctx, p); break;
-        case 2: launch_backward<BackwardTiles<128, 4, 64>>(ctx, p); break;
-        case 3: launch_backward<BackwardTiles<128, 4, 32>>(ctx, p); break;
-        default: launch_backward<BackwardTiles<128, 8, 64>>(ctx, p); break;
-      }
+    default:  // 128: warpgroup MMAs on sm_90, mma.sync elsewhere
+      if (device_has_wgmma(ctx)) launch_backward<BackwardTiles<128, 8, 64, true>>(ctx, p);
+      else launch_backward<BackwardTiles<128, 8, 64>>(ctx, p);
+      break;
   }
 
   const int64_t pairs = q_elems / 2;

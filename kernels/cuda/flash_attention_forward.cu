@@ -5,6 +5,7 @@
 // Invariants: a query tile may straddle segments; its keys run from the segment start of its first row to its last
 // row and every element is masked per row (segment start <= u <= t), so no host knowledge of lengths is needed.
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/flash_attention_common.cuh"
@@ -14,9 +15,13 @@ namespace flash {
 namespace {
 
 // Tile constants of one forward instantiation.
-template <int kD_, int kWarps_, int kMTiles_, int kBlockN_, int kMinBlocks_ = 1>
+// kWgmma (sm_90a, kD = 128, 16-row warps, kBlockN = 128): S and P V on warpgroup MMAs (Hopper wgmma; each group of
+// 4 warps owns 64 query rows, K and V feed the tensor cores from shared memory once per warpgroup, not per warp),
+// the softmax unchanged (the wgmma accumulator layout is the mma.sync one, warp by warp).
+template <int kD_, int kWarps_, int kMTiles_, int kBlockN_, int kMinBlocks_ = 1, bool kWgmma_ = false>
 struct ForwardTiles {
   static constexpr int kMinBlocks = kMinBlocks_;  // CTAs per SM the register budget must allow
+  static constexpr bool kWgmma = kWgmma_;
   static constexpr int kD = kD_;                  // padded head dim
   static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = kWarps * 32;
@@ -24,11 +29,15 @@ struct ForwardTiles {
   static constexpr int kWarpRows = 16 * kMTiles;
   static constexpr int kBlockM = kWarps * kWarpRows;  // query rows per CTA
   static constexpr int kBlockN = kBlockN_;        // keys per K/V tile
-  static constexpr bool kQInRegisters = kMTiles == 1;  // else Q fragments are re-read from shared memory
-  using QTile = SmemTile<kBlockM, kD>;
-  using KVTile = SmemTile<kBlockN, kD>;
-  static constexpr int kSmemBytes = QTile::kBytes + 4 * KVTile::kBytes;  // Q, (K, V) x 2 stages
+  static constexpr bool kQInRegisters = kMTiles == 1 && !kWgmma;  // else Q is re-read from shared memory
+  using QTile = std::conditional_t<kWgmma, WgTile<kBlockM>, SmemTile<kBlockM, kD>>;
+  using KVTile = std::conditional_t<kWgmma, WgTile<kBlockN>, SmemTile<kBlockN, kD>>;
+  static constexpr int kAlign = kWgmma ? 1024 : 128;  // wgmma's swizzle pattern repeats every 1024 bytes
+  static constexpr int kSmemBytes = QTile::kBytes + 4 * KVTile::kBytes + kAlign;  // Q, (K, V) x 2 stages
+  // Rows that must all precede a key tile for the MMA issuer (a warp, or a warpgroup for wgmma) to skip it.
+  static constexpr int kSkipRows = kWgmma ? 64 : kWarpRows;
   static_assert(kD % 16 == 0 && kBlockN % 16 == 0);
+  static_assert(!kWgmma || (kD == 128 && kMTiles == 1 && kBlockN == 128 && kWarps % 4 == 0));
 };
 
 struct ForwardParams {
@@ -46,6 +55,7 @@ struct ForwardParams {
 template <class T>
 __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kernel(const ForwardParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t s_q = (smem_address(smem) + T::kAlign - 1) & ~static_cast<uint32_t>(T::kAlign - 1);
   constexpr int kD = T::kD, kBlockM = T::kBlockM, kBlockN = T::kBlockN, kMTiles = T::kMTiles;
   constexpr int kNTiles = kBlockN / 8, kDTiles = kD / 8, kKSteps = kD / 16, kPSteps = kBlockN / 16;
   using QTile = typename T::QTile;
@@ -65,7 +75,6 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
   const int n_key_tiles = (key_end - key_begin + kBlockN - 1) / kBlockN;
 
   const int64_t q_stride = static_cast<int64_t>(p.H) * p.D, kv_stride = static_cast<int64_t>(p.Hkv) * p.D;
-  const uint32_t s_q = smem_address(smem);
   auto s_k = [&](int stage) { return s_q + QTile::kBytes + stage * 2 * KVTile::kBytes; };
   auto s_v = [&](int stage) { return s_k(stage) + KVTile::kBytes; };
 
@@ -82,14 +91,14 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
       row_first_key[mt][half] = t < p.N ? segment_start(p.cu_seqlens, p.n_segments, t) : INT32_MAX;
     }
 
-  load_tile<kBlockM, kD, T::kThreads>(s_q, p.q + row0 * q_stride + static_cast<int64_t>(h) * p.D, q_stride,
+  load_tile<QTile, T::kThreads>(s_q, p.q + row0 * q_stride + static_cast<int64_t>(h) * p.D, q_stride,
                                       rows_valid, p.D, p.vector, tid);
   auto load_kv = [&](int j, int stage) {
     const int n0 = key_begin + j * kBlockN;
     const int64_t offset = n0 * kv_stride + static_cast<int64_t>(hk) * p.D;
     const int rows = min(kBlockN, key_end - n0);
-    load_tile<kBlockN, kD, T::kThreads>(s_k(stage), p.k + offset, kv_stride, rows, p.D, p.vector, tid);
-    load_tile<kBlockN, kD, T::kThreads>(s_v(stage), p.v + offset, kv_stride, rows, p.D, p.vector, tid);
+    load_tile<KVTile, T::kThreads>(s_k(stage), p.k + offset, kv_stride, rows, p.D, p.vector, tid);
+    load_tile<KVTile, T::kThreads>(s_v(stage), p.v + offset, kv_stride, rows, p.D, p.vector, tid);
   };
   load_kv(0, 0);
   cp_async_commit();
@@ -118,6 +127,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (T::kWgmma) fence_proxy_async();
     __syncthreads();
     if constexpr (T::kQInRegisters) {
       if (j == 0) {
@@ -127,30 +137,46 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
       }
     }
     const int n0 = key_begin + j * kBlockN;
-    // A warp whose rows all precede the tile's first key has nothing to do here.
-    if (n0 <= warp_row0 + T::kWarpRows - 1) {
+    // A warp (warpgroup) whose rows all precede the tile's first key has nothing to do here.
+    if (n0 <= row0 + (warp * T::kWarpRows / T::kSkipRows + 1) * T::kSkipRows - 1) {
       // ---- S = Q K^T (raw scores) ----
       float s[kMTiles][kNTiles][4] = {};
+      if constexpr (T::kWgmma) {
+        const uint32_t q_rows = s_q + (warp / 4) * 64 * QTile::kRowBytes;
+        fence_registers(s[0]);
+        wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk) {
-        uint32_t a[kMTiles][4];
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          if constexpr (T::kQInRegisters) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) a[mt][r] = q_frag[kk][r];
-          } else {
-            ldmatrix_x4(a[mt], s_q + QTile::at(lane_a, warp * T::kWarpRows + mt * 16, kk * 2));
-          }
+        for (int kk = 0; kk < kKSteps; ++kk) {  // 16 columns = 32 bytes of a 128-byte swizzled row per step
+          const uint32_t column = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
+          const uint32_t k_column = (kk / 4) * KVTile::kBlockBytes + (kk % 4) * 32;
+          wgmma_m64n128k16_ss<0, 0>(s[0], wgmma_descriptor(q_rows + column, 16, 1024),
+                                 wgmma_descriptor(s_k(stage) + k_column, 16, 1024));
         }
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_registers(s[0]);
+      } else {
 #pragma unroll
-        for (int np = 0; np < kNTiles / 2; ++np) {
-          uint32_t b[4];  // n-tile 2np: b[0], b[1]; n-tile 2np + 1: b[2], b[3]
-          ldmatrix_x4(b, s_k(stage) + KVTile::at(lane_b, np * 16, kk * 2));
+        for (int kk = 0; kk < kKSteps; ++kk) {
+          uint32_t a[kMTiles][4];
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) {
-            mma_bf16_16816(s[mt][2 * np], a[mt], b[0], b[1]);
-            mma_bf16_16816(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+            if constexpr (T::kQInRegisters) {
+#pragma unroll
+              for (int r = 0; r < 4; ++r) a[mt][r] = q_frag[kk][r];
+            } else {
+              ldmatrix_x4(a[mt], s_q + QTile::at(lane_a, warp * T::kWarpRows + mt * 16, kk * 2));
+            }
+          }
+#pragma unroll
+          for (int np = 0; np < kNTiles / 2; ++np) {
+            uint32_t b[4];  // n-tile 2np: b[0], b[1]; n-tile 2np + 1: b[2], b[3]
+            ldmatrix_x4(b, s_k(stage) + KVTile::at(lane_b, np * 16, kk * 2));
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+              mma_bf16_16816(s[mt][2 * np], a[mt], b[0], b[1]);
+              mma_bf16_16816(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+            }
           }
         }
       }
@@ -178,14 +204,14 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
           const float new_max = fmaxf(row_max[mt][half], mx * p.scale_log2);
           const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet stays at zero
-          const float correction = exp2f(row_max[mt][half] - base);
+          const float correction = fast_exp2(row_max[mt][half] - base);
           row_max[mt][half] = new_max;
           float sum = 0.0f;
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
             for (int e = 2 * half; e < 2 * half + 2; ++e) {
-              const float pv = exp2f(fmaf(s[mt][nt][e], p.scale_log2, -base));
+              const float pv = fast_exp2(fmaf(s[mt][nt][e], p.scale_log2, -base));
               s[mt][nt][e] = pv;
               sum += pv;
             }
@@ -197,19 +223,35 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
           }
         }
       // ---- O += P V (P stays in registers as the A operand) ----
+      if constexpr (T::kWgmma) {
+        uint32_t a[kPSteps][4];
 #pragma unroll
-      for (int ks = 0; ks < kPSteps; ++ks) {
-        uint32_t a[kMTiles][4];
+        for (int ks = 0; ks < kPSteps; ++ks) accumulators_to_a(a[ks], s[0][2 * ks], s[0][2 * ks + 1]);
+        fence_registers(o[0]);
+        wgmma_fence();
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) accumulators_to_a(a[mt], s[mt][2 * ks], s[mt][2 * ks + 1]);
+        for (int ks = 0; ks < kPSteps; ++ks)  // V is MN-major: 16 keys = 2048 bytes per step
+          wgmma_m64n128k16_rs<1>(o[0], a[ks],
+                                 wgmma_descriptor(s_v(stage) + ks * 16 * KVTile::kRowBytes, KVTile::kBlockBytes, 1024));
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_registers(o[0]);
+        fence_registers(a);
+      } else {
 #pragma unroll
-        for (int dp = 0; dp < kDTiles / 2; ++dp) {
-          uint32_t b[4];  // d-tile 2dp: b[0], b[1]; d-tile 2dp + 1: b[2], b[3]
-          ldmatrix_x4_trans(b, s_v(stage) + KVTile::at(lane_bt, ks * 16, dp * 2));
+        for (int ks = 0; ks < kPSteps; ++ks) {
+          uint32_t a[kMTiles][4];
 #pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-            mma_bf16_16816(o[mt][2 * dp], a[mt], b[0], b[1]);
-            mma_bf16_16816(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+          for (int mt = 0; mt < kMTiles; ++mt) accumulators_to_a(a[mt], s[mt][2 * ks], s[mt][2 * ks + 1]);
+#pragma unroll
+          for (int dp = 0; dp < kDTiles / 2; ++dp) {
+            uint32_t b[4];  // d-tile 2dp: b[0], b[1]; d-tile 2dp + 1: b[2], b[3]
+            ldmatrix_x4_trans(b, s_v(stage) + KVTile::at(lane_bt, ks * 16, dp * 2));
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+              mma_bf16_16816(o[mt][2 * dp], a[mt], b[0], b[1]);
+              mma_bf16_16816(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+            }
           }
         }
       }
@@ -251,6 +293,14 @@ void launch_forward(const CudaContext& ctx, ForwardParams p) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// The wgmma kernels exist for compute capability 9.0 (built for sm_90a) only.
+bool device_has_wgmma(const CudaContext& ctx) {
+  int major = 0, minor = 0;
+  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ctx.device));
+  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ctx.device));
+  return major == 9 && minor == 0;
+}
+
 }  // namespace
 }  // namespace flash
 
@@ -270,13 +320,10 @@ void flash_attention_forward(const CudaContext& ctx, bf16* out, float* lse, cons
     case 16: launch_forward<ForwardTiles<16, 4, 1, 64>>(ctx, p); break;
     case 32: launch_forward<ForwardTiles<32, 4, 1, 64>>(ctx, p); break;
     case 64: launch_forward<ForwardTiles<64, 4, 2, 64>>(ctx, p); break;
-    default:
-      switch (tuning_variant("MOBA_FLASH_FWD_VARIANT")) {
-        case 1: launch_forward<ForwardTiles<128, 4, 1, 64>>(ctx, p); break;
-        case 2: launch_forward<ForwardTiles<128, 4, 2, 64>>(ctx, p); break;
-        case 3: launch_forward<ForwardTiles<128, 8, 1, 32>>(ctx, p); break;
-        default: launch_forward<ForwardTiles<128, 8, 1, 64>>(ctx, p); break;
-      }
+    default:  // 128: warpgroup MMAs on sm_90, mma.sync elsewhere
+      if (device_has_wgmma(ctx)) launch_forward<ForwardTiles<128, 8, 1, 128, 1, true>>(ctx, p);
+      else launch_forward<ForwardTiles<128, 8, 1, 64>>(ctx, p);
+      break;
   }
 }
 
