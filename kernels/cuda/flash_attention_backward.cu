@@ -211,18 +211,20 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
     //      dS^T = P^T * (dP^T - Delta) ----
     const bool need_mask = m0 < n0 + warp * 16 + 15 || m0 + kBlockM > first_segment_end;
 #pragma unroll
-    for (int nt = 0; nt < kQTiles; ++nt)
+    for (int nt = 0; nt < kQTiles; ++nt) {
+      const float2 lse2 = ld_shared_f32x2(s_lse(stage) + (nt * 8 + 2 * tig) * 4);  // columns 2 tig, 2 tig + 1
+      const float2 delta = ld_shared_f32x2(s_delta(stage) + (nt * 8 + 2 * tig) * 4);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * tig + (e & 1);
-        float pv = fast_exp2(fmaf(s[nt][e], p.scale_log2, -ld_shared_f32(s_lse(stage) + col * 4)));
+        float pv = fast_exp2(fmaf(s[nt][e], p.scale_log2, -((e & 1) ? lse2.y : lse2.x)));
         if (need_mask) {
-          const int t = m0 + col;
+          const int t = m0 + nt * 8 + 2 * tig + (e & 1);
           if (t < key_u[e >> 1] || t > key_last_query[e >> 1]) pv = 0.0f;
         }
         s[nt][e] = pv;
-        dp[nt][e] = pv * (dp[nt][e] - ld_shared_f32(s_delta(stage) + col * 4));
+        dp[nt][e] = pv * (dp[nt][e] - ((e & 1) ? delta.y : delta.x));
       }
+    }
     // ---- dV += P^T dO and dK += dS^T Q (A operands straight from the accumulators) ----
     uint32_t a_p[kKStepsM][4], a_ds[kKStepsM][4];
 #pragma unroll

@@ -63,9 +63,9 @@ __device__ __forceinline__ void st_shared_16(uint32_t dst, uint4 v) {
 __device__ __forceinline__ void st_shared_4(uint32_t dst, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst), "r"(v));
 }
-__device__ __forceinline__ float ld_shared_f32(uint32_t src) {
-  float v;
-  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(src));
+__device__ __forceinline__ float2 ld_shared_f32x2(uint32_t src) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(src));
   return v;
 }
 
@@ -253,14 +253,15 @@ template <class Tile, int kThreads>
 __device__ __forceinline__ void load_tile(uint32_t tile, const bf16* src, int64_t row_stride, int rows_valid, int D,
                                           bool vector, int tid) {
   constexpr int kRows = Tile::kRows, kChunks = Tile::kCols / 8, kRowsPerPass = kThreads / kChunks;
-  static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0 && kRowsPerPass % Tile::kSwizzle == 0);
+  static_assert(kThreads % kChunks == 0 && kRowsPerPass % Tile::kSwizzle == 0);
   const int c = tid % kChunks, r0 = tid / kChunks;
   const bool column_valid = c * 8 < D;
   const bf16* p = src + r0 * row_stride + c * 8;
   const int64_t step = kRowsPerPass * row_stride;
   uint32_t dst = tile + Tile::offset(r0, c);
 #pragma unroll
-  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+  for (int pass = 0; pass < (kRows + kRowsPerPass - 1) / kRowsPerPass; ++pass) {
+    if (kRows % kRowsPerPass != 0 && r0 + pass * kRowsPerPass >= kRows) break;
     const bool valid = column_valid && r0 + pass * kRowsPerPass < rows_valid;
     if (vector) {
       cp_async_16(dst, valid ? p : src, valid);

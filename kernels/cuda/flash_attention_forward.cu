@@ -15,9 +15,9 @@ namespace flash {
 namespace {
 
 // Tile constants of one forward instantiation.
-// kWgmma (sm_90a, kD = 128, 16-row warps, kBlockN = 128): S and P V on warpgroup MMAs (Hopper wgmma; each group of
-// 4 warps owns 64 query rows, K and V feed the tensor cores from shared memory once per warpgroup, not per warp),
-// the softmax unchanged (the wgmma accumulator layout is the mma.sync one, warp by warp).
+// kWgmma (sm_90a, kD = 128, 16-row warps, kBlockN 64 or 128): S and P V on warpgroup MMAs (Hopper wgmma; each
+// group of 4 warps owns 64 query rows, K and V feed the tensor cores from shared memory once per warpgroup, not
+// per warp), the softmax unchanged (the wgmma accumulator layout is the mma.sync one, warp by warp).
 template <int kD_, int kWarps_, int kMTiles_, int kBlockN_, int kMinBlocks_ = 1, bool kWgmma_ = false>
 struct ForwardTiles {
   static constexpr int kMinBlocks = kMinBlocks_;  // CTAs per SM the register budget must allow
@@ -37,7 +37,7 @@ struct ForwardTiles {
   // Rows that must all precede a key tile for the MMA issuer (a warp, or a warpgroup for wgmma) to skip it.
   static constexpr int kSkipRows = kWgmma ? 64 : kWarpRows;
   static_assert(kD % 16 == 0 && kBlockN % 16 == 0);
-  static_assert(!kWgmma || (kD == 128 && kMTiles == 1 && kBlockN == 128 && kWarps % 4 == 0));
+  static_assert(!kWgmma || (kD == 128 && kMTiles == 1 && (kBlockN == 64 || kBlockN == 128) && kWarps % 4 == 0));
 };
 
 struct ForwardParams {
@@ -149,8 +149,10 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
         for (int kk = 0; kk < kKSteps; ++kk) {  // 16 columns = 32 bytes of a 128-byte swizzled row per step
           const uint32_t column = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
           const uint32_t k_column = (kk / 4) * KVTile::kBlockBytes + (kk % 4) * 32;
-          wgmma_m64n128k16_ss<0, 0>(s[0], wgmma_descriptor(q_rows + column, 16, 1024),
-                                 wgmma_descriptor(s_k(stage) + k_column, 16, 1024));
+          const uint64_t desc_q = wgmma_descriptor(q_rows + column, 16, 1024);
+          const uint64_t desc_k = wgmma_descriptor(s_k(stage) + k_column, 16, 1024);
+          if constexpr (kBlockN == 128) wgmma_m64n128k16_ss<0, 0>(s[0], desc_q, desc_k);
+          else wgmma_m64n64k16_ss<0, 0>(s[0], desc_q, desc_k);
         }
         wgmma_commit();
         wgmma_wait_all();
@@ -321,7 +323,9 @@ void flash_attention_forward(const CudaContext& ctx, bf16* out, float* lse, cons
     case 32: launch_forward<ForwardTiles<32, 4, 1, 64>>(ctx, p); break;
     case 64: launch_forward<ForwardTiles<64, 4, 2, 64>>(ctx, p); break;
     default:  // 128: warpgroup MMAs on sm_90, mma.sync elsewhere
-      if (device_has_wgmma(ctx)) launch_forward<ForwardTiles<128, 8, 1, 128, 1, true>>(ctx, p);
+      // Two warpgroups x 64 rows and 64-key tiles at 128 registers: two CTAs per SM (measured 9.8 ms at 32K against
+      // 10.4 for 128-key tiles at one CTA per SM, 10.5 for three warpgroups; bench/notes/flash_attention.md).
+      if (device_has_wgmma(ctx)) launch_forward<ForwardTiles<128, 8, 1, 64, 2, true>>(ctx, p);
       else launch_forward<ForwardTiles<128, 8, 1, 64>>(ctx, p);
       break;
   }
