@@ -1,7 +1,8 @@
 // Dense causal flash-attention forward over packed segments (FlashAttention-2's algorithm 1, Dao 2023): one CTA
 // per (tile of kBlockM packed query rows, query head); K/V tiles stream through shared memory (cp.async, double
-// buffered), S = Q K^T and O += P V on bf16 tensor cores (mma.sync m16n8k16, operands via ldmatrix), online
-// softmax in f32 with exp2 on log2(e)-prescaled scores. Writes out (N, H, D) bf16 and lse (N, H) f32 (natural log).
+// buffered), S = Q K^T and O += P V on bf16 tensor cores (mma.sync m16n8k16 with ldmatrix operands; for D = 128 on
+// sm_90 warpgroup MMAs, wgmma, as in FlashAttention-3, Shah et al. 2024), online softmax in f32 with exp2 on
+// log2(e)-prescaled scores. Writes out (N, H, D) bf16 and lse (N, H) f32 (natural log).
 // Invariants: a query tile may straddle segments; its keys run from the segment start of its first row to its last
 // row and every element is masked per row (segment start <= u <= t), so no host knowledge of lengths is needed.
 #include <algorithm>
