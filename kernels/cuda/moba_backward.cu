@@ -2,17 +2,17 @@
 // dS = P * (dO V^T - Delta): dQ = scale * dS K, dK = scale * dS^T Q, dV = P^T dO, over the same union of keys as
 // the forward. Kernels, in stream order:
 //   delta             Delta (N, H) f32.
-//   dq, selected      per dispatch item (<= 64 gathered rows x one block): the block's dQ part -> dq_part slot.
 //   dk/dv, selected   per (block, kv head, 64-key tile): loops over every row that chose the block -> f32 buffer.
-//   dq, current       per (64-token tile, head): causal current-block dQ + the row's dq_part slots in selection
-//                     order, added into dq (bf16).
 //   dk/dv, current    per (64-key tile, kv head): the causal queries of the key's own block (all heads of the
 //                     group) + the selected part from the buffer, added into dk/dv (bf16).
-// Invariant: every dQ element is summed by one thread in a fixed order (no atomics), so dQ is bitwise reproducible
-// whatever `deterministic` says; dK/dV likewise have a single owner per element, but the selected part sums the
-// rows of a block in dispatch order, which atomics set, so dK/dV may differ in the last bits run to run.
-// dQ is recomputed key-major-free (a separate pass, FlashAttention-1 style) instead of atomics: 7 matrix products
-// per (query, key) pair instead of 5, the price of determinism without per-element atomics.
+// dQ, deterministic = false (what the backend uses): both dK/dV kernels also compute dQ = scale * dS K per row tile
+//   and add it into an f32 buffer with atomics (FlashAttention-2's backward, 5 matrix products per pair); a last
+//   pass adds the buffer into dq (bf16).
+// dQ, deterministic = true: two extra passes recompute P and dS query-major (7 products per pair): per dispatch
+//   item the selected block's dQ -> a per-(row, selection slot) f32 part; per (64-token tile, head) the causal
+//   current-block dQ + the row's parts in selection order, added into dq. No atomics: bitwise reproducible.
+// Invariant: dK/dV have a single owner per element (no atomics), but the selected part sums the rows of a block in
+// dispatch order, which atomics set, so dK/dV (and the atomic dQ) may differ in the last bits run to run.
 #include <climits>
 #include <cmath>
 
@@ -27,7 +27,8 @@ struct BackwardArgs {
   bf16* dq;               // (N, H, D) +=
   bf16* dk;               // (N, Hkv, D) +=
   bf16* dv;               // (N, Hkv, D) +=
-  float* dq_part;         // (N * H * (top_k - 1), D) dQ of each selected block, already scaled
+  float* dq_part;         // deterministic: (N * H * (top_k - 1), D) dQ of each selected block, already scaled
+  float* dq_acc;          // otherwise: (N, H, D) f32 dQ accumulated with atomics by the dK/dV kernels
   float* dk_sel;          // (N, Hkv, D) dK of the selected part (written only for blocks with a non-empty bucket)
   float* dv_sel;          // (N, Hkv, D)
   float* delta;           // (N, H)
@@ -287,34 +288,63 @@ __global__ void __launch_bounds__(128) moba_dq_kernel(const BackwardArgs a) {
   }
 }
 
-// ---- dK / dV ---------------------------------------------------------------------------------------------------
+// ---- dK / dV (and dQ with atomics) -------------------------------------------------------------------------------
 template <int DP>
 constexpr int kv_row_tile() {
   return DP == 128 ? 32 : 64;  // rows per iteration; keeps dK + dV + S^T + dP^T in registers
 }
+inline constexpr int kKvWarps = 4;                // dK/dV CTAs: 4 warps x 16 keys (8 measured no faster)
+inline constexpr int kKvKeys = 16 * kKvWarps;      // keys per dK/dV CTA
 template <int DP>
 constexpr size_t dkv_smem_bytes() {
   constexpr int RT = kv_row_tile<DP>();
-  return (size_t{2} * 64 + size_t{4} * RT) * (DP + 8) * sizeof(bf16) + 2 * 3 * RT * sizeof(float);
+  return (size_t{2} * kKvKeys + size_t{4} * RT) * (DP + 8) * sizeof(bf16) +
+         size_t{kKvKeys} * (RT + 8) * sizeof(bf16) + 2 * 4 * RT * sizeof(float);
+}
+
+// A operand (16 rows x 16 k at r0, k0) from a tile stored transposed, tile[k][row] with row stride ld.
+__device__ __forceinline__ void load_a_transposed(uint32_t (&a)[4], const bf16* tile, int ld, int r0, int k0, int lane) {
+  ldmatrix_x4_trans(a, tile + (k0 + (lane & 7) + ((lane >> 4) << 3)) * ld + r0 + ((lane >> 3) & 1) * 8);
+}
+
+// dq (rows) += dq_acc in bf16, 8 channels per thread (D % 8 == 0).
+__global__ void add_dq_kernel(bf16* __restrict__ dq, const float* __restrict__ dq_acc, int64_t n_vectors) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n_vectors) return;
+  uint4 g = reinterpret_cast<uint4*>(dq)[i];
+  const float4 x0 = reinterpret_cast<const float4*>(dq_acc)[2 * i], x1 = reinterpret_cast<const float4*>(dq_acc)[2 * i + 1];
+  g.x = pack_bf16(bf16_lo(g.x) + x0.x, bf16_hi(g.x) + x0.y);
+  g.y = pack_bf16(bf16_lo(g.y) + x0.z, bf16_hi(g.y) + x0.w);
+  g.z = pack_bf16(bf16_lo(g.z) + x1.x, bf16_hi(g.z) + x1.y);
+  g.w = pack_bf16(bf16_lo(g.w) + x1.z, bf16_hi(g.w) + x1.w);
+  reinterpret_cast<uint4*>(dq)[i] = g;
 }
 
 // SELECTED: blockIdx.x = bucket * key_tiles + key tile; rows = every entry of the bucket, all keys visible; writes
 // dk_sel/dv_sel. Otherwise: blockIdx.x = 64-key tile, blockIdx.y = kv head; rows = tokens t of each head of the
 // group with key <= t < end of the key's block; adds the selected part and writes into dk/dv.
-template <int DP, bool SELECTED>
-__global__ void __launch_bounds__(128) moba_dkv_kernel(const BackwardArgs a) {
+// FUSED_DQ (deterministic = false): each row tile also adds its dQ = scale * dS K into dq_acc with f32 atomics
+// (FlashAttention-2's backward: 5 matrix products per pair instead of 7 with the separate dQ pass), float4 atomics
+// (half the atomic operations of float2; measured neutral at D = 128, see bench/notes/moba_kernels.md).
+template <int DP, bool SELECTED, bool FUSED_DQ>
+__global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardArgs a) {
   constexpr int LD = DP + 8;
   constexpr int RT = kv_row_tile<DP>();
   constexpr int NT = RT / 8;  // n-tiles of S^T per warp
   constexpr int DT = DP / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* sK = reinterpret_cast<bf16*>(smem);  // (64, LD)
-  bf16* sV = sK + 64 * LD;                   // (64, LD)
-  bf16* sQ = sV + 64 * LD;                   // (2, RT, LD)
+  constexpr int KT = kKvKeys;
+  constexpr int kThreads = 32 * kKvWarps;
+  bf16* sK = reinterpret_cast<bf16*>(smem);  // (KT, LD)
+  bf16* sV = sK + KT * LD;                   // (KT, LD)
+  bf16* sQ = sV + KT * LD;                   // (2, RT, LD)
   bf16* sG = sQ + 2 * RT * LD;               // (2, RT, LD) dO rows
   float* s_lse2 = reinterpret_cast<float*>(sG + 2 * RT * LD);  // (2, RT)
   float* s_delta = s_lse2 + 2 * RT;                            // (2, RT)
   int* s_tok = reinterpret_cast<int*>(s_delta + 2 * RT);       // (2, RT) token of each row (mask), or -1
+  int* s_rowid = s_tok + 2 * RT;                               // (2, RT) query row t * H + h, or -1
+  bf16* sdS = reinterpret_cast<bf16*>(s_rowid + 2 * RT);        // (KT, RT + 8) dS^T of the row tile (FUSED_DQ)
+  constexpr int LDS = RT + 8;
   __shared__ int s_row_end;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int past_slots = a.top_k - 1;
@@ -324,18 +354,18 @@ __global__ void __launch_bounds__(128) moba_dkv_kernel(const BackwardArgs a) {
   int bucket = -1, n_rows = 0;      // SELECTED
   int first_row = 0, row_end = 0;   // else: query tokens [first_row, row_end) of each head
   if constexpr (SELECTED) {
-    const int key_tiles = (a.B + kKeyTile - 1) / kKeyTile;
+    const int key_tiles = (a.B + KT - 1) / KT;
     bucket = blockIdx.x / key_tiles;
     n_rows = a.dispatch.count[bucket];
     if (n_rows == 0) return;
     kv_head = bucket % a.Hkv;
     const int start = a.dispatch.slot_start[bucket / a.Hkv];
-    key_begin = start + static_cast<int>(blockIdx.x % key_tiles) * kKeyTile;
-    key_end = min(key_begin + kKeyTile, start + a.B);
+    key_begin = start + static_cast<int>(blockIdx.x % key_tiles) * KT;
+    key_end = min(key_begin + KT, start + a.B);
   } else {
     kv_head = blockIdx.y;
-    key_begin = blockIdx.x * kKeyTile;
-    key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + kKeyTile, a.N));
+    key_begin = blockIdx.x * KT;
+    key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + KT, a.N));
     first_row = key_begin;
     if (warp == 0) {
       int end = 0;
@@ -353,7 +383,7 @@ __global__ void __launch_bounds__(128) moba_dkv_kernel(const BackwardArgs a) {
   const int row_tiles_per_head = SELECTED ? (n_rows + RT - 1) / RT : (row_end - first_row + RT - 1) / RT;
   const int n_tiles = SELECTED ? row_tiles_per_head : row_tiles_per_head * group;
 
-  for (int idx = tid; idx < kKeyTile * (DP / 8); idx += 128) {
+  for (int idx = tid; idx < KT * (DP / 8); idx += kThreads) {
     const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
     const bool ok = key_begin + r < key_end && c < a.D;
     const int64_t off = (static_cast<int64_t>(key_begin + r) * a.Hkv + kv_head) * a.D + c;
@@ -380,10 +410,11 @@ __global__ void __launch_bounds__(128) moba_dkv_kernel(const BackwardArgs a) {
         }
       }
       s_tok[buf * RT + tid] = token;
+      s_rowid[buf * RT + tid] = row;
       s_lse2[buf * RT + tid] = row >= 0 ? a.lse[row] * kLog2e : INFINITY;
       s_delta[buf * RT + tid] = row >= 0 ? a.delta[row] : 0.0f;
     }
-    for (int idx = tid; idx < RT * (DP / 8); idx += 128) {
+    for (int idx = tid; idx < RT * (DP / 8); idx += kThreads) {
       const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
       int row = -1;
       if constexpr (SELECTED) {
@@ -503,6 +534,51 @@ __global__ void __launch_bounds__(128) moba_dkv_kernel(const BackwardArgs a) {
         mma_16816(dk[2 * d2 + 1], da, b[2], b[3]);
       }
     }
+    if constexpr (FUSED_DQ) {
+      // dS^T (16 keys of this warp x RT rows) -> sdS, then dQ (RT x DP) = dS (RT x KT keys) K, each warp one
+      // 16-row m-tile x DP / (warps / m-tiles) columns, 32 columns at a time, added with float4 atomics.
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int r = j * 8 + quad_col;
+        *reinterpret_cast<uint32_t*>(sdS + kr0 * LDS + r) = pack_bf16(dpt[j][0], dpt[j][1]);
+        *reinterpret_cast<uint32_t*>(sdS + kr1 * LDS + r) = pack_bf16(dpt[j][2], dpt[j][3]);
+      }
+      __syncthreads();
+      constexpr int kMTiles = RT / 16, kCols = DP / (kKvWarps / kMTiles);
+      const int m0 = (warp % kMTiles) * 16, col_base = (warp / kMTiles) * kCols;
+      const int row_a = s_rowid[buf * RT + m0 + (lane >> 2)], row_b = s_rowid[buf * RT + m0 + (lane >> 2) + 8];
+      const bool even = (lane & 1) == 0;  // float4 atomics: even lanes take row a, odd lanes row b of a lane pair
+      const int my_row = even ? row_a : row_b;
+#pragma unroll
+      for (int part = 0; part < kCols / 32; ++part) {
+        float acc[4][4];
+#pragma unroll
+        for (int n = 0; n < 4; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < KT / 16; ++ks) {
+          uint32_t sa[4];
+          load_a_transposed(sa, sdS, LDS, m0, ks * 16, lane);
+#pragma unroll
+          for (int n2 = 0; n2 < 2; ++n2) {
+            uint32_t b[4];
+            load_b_cols(b, sK, LD, ks * 16, col_base + part * 32 + n2 * 16, lane);
+            mma_16816(acc[2 * n2], sa, b[0], b[1]);
+            mma_16816(acc[2 * n2 + 1], sa, b[2], b[3]);
+          }
+        }
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+          // Lane pair (c, c ^ 1) swaps halves: the even lane gets row a, columns 4 * (c / 2) .. + 3, the odd lane row b.
+          const float give0 = even ? acc[n][2] : acc[n][0], give1 = even ? acc[n][3] : acc[n][1];
+          const float got0 = __shfl_xor_sync(0xFFFFFFFFu, give0, 1), got1 = __shfl_xor_sync(0xFFFFFFFFu, give1, 1);
+          const float4 v = even ? make_float4(acc[n][0], acc[n][1], got0, got1) : make_float4(got0, got1, acc[n][2], acc[n][3]);
+          const int col = col_base + part * 32 + n * 8 + ((lane & 3) >> 1) * 4;
+          if (my_row >= 0 && col < a.D)
+            atomicAdd(reinterpret_cast<float4*>(a.dq_acc + static_cast<int64_t>(my_row) * a.D + col),
+                      make_float4(v.x * a.scale, v.y * a.scale, v.z * a.scale, v.w * a.scale));
+        }
+      }
+    }
     __syncthreads();
   }
   cp_async_wait<0>();  // n_tiles == 0: the K/V group is still committed
@@ -545,12 +621,14 @@ void set_smem(Kernel kernel, size_t bytes) {
 }
 
 template <int DP>
-void launch_backward(const BackwardArgs& a, cudaStream_t stream) {
+void launch_backward(const BackwardArgs& a, bool deterministic, cudaStream_t stream) {
   static const bool configured = [] {
     set_smem(moba_dq_kernel<DP, true>, dq_smem_bytes<DP>());
     set_smem(moba_dq_kernel<DP, false>, dq_smem_bytes<DP>());
-    set_smem(moba_dkv_kernel<DP, true>, dkv_smem_bytes<DP>());
-    set_smem(moba_dkv_kernel<DP, false>, dkv_smem_bytes<DP>());
+    set_smem(moba_dkv_kernel<DP, true, false>, dkv_smem_bytes<DP>());
+    set_smem(moba_dkv_kernel<DP, false, false>, dkv_smem_bytes<DP>());
+    set_smem(moba_dkv_kernel<DP, true, true>, dkv_smem_bytes<DP>());
+    set_smem(moba_dkv_kernel<DP, false, true>, dkv_smem_bytes<DP>());
     return true;
   }();
   (void)configured;
@@ -559,18 +637,33 @@ void launch_backward(const BackwardArgs& a, cudaStream_t stream) {
   delta_kernel<DP><<<static_cast<unsigned>((delta_threads + 255) / 256), 256, 0, stream>>>(a.delta, a.out, a.dout,
                                                                                            rows, a.D);
   MOBA_CUDA_CHECK(cudaGetLastError());
-  if (a.top_k > 1) {
-    moba_dq_kernel<DP, true><<<static_cast<unsigned>(a.dispatch.max_items), 128, dq_smem_bytes<DP>(), stream>>>(a);
+  const int64_t key_tiles = (a.B + kKvKeys - 1) / kKvKeys;
+  const unsigned selected_blocks = static_cast<unsigned>(a.dispatch.n_buckets * key_tiles);
+  const unsigned tiles = static_cast<unsigned>((a.N + 63) / 64);
+  const unsigned key_blocks = static_cast<unsigned>((a.N + kKvKeys - 1) / kKvKeys);
+  constexpr int kKvThreads = 32 * kKvWarps;
+  if (deterministic) {  // dQ without atomics: per-slot parts, summed in selection order by the current-block pass
+    if (a.top_k > 1) {
+      moba_dq_kernel<DP, true><<<static_cast<unsigned>(a.dispatch.max_items), 128, dq_smem_bytes<DP>(), stream>>>(a);
+      MOBA_CUDA_CHECK(cudaGetLastError());
+      moba_dkv_kernel<DP, true, false><<<selected_blocks, kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
+      MOBA_CUDA_CHECK(cudaGetLastError());
+    }
+    moba_dq_kernel<DP, false><<<dim3(tiles, a.H), 128, dq_smem_bytes<DP>(), stream>>>(a);
     MOBA_CUDA_CHECK(cudaGetLastError());
-    const int64_t key_tiles = (a.B + kKeyTile - 1) / kKeyTile;
-    moba_dkv_kernel<DP, true>
-        <<<static_cast<unsigned>(a.dispatch.n_buckets * key_tiles), 128, dkv_smem_bytes<DP>(), stream>>>(a);
+    moba_dkv_kernel<DP, false, false><<<dim3(key_blocks, a.Hkv), kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
+    MOBA_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  MOBA_CUDA_CHECK(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(rows) * a.D * sizeof(float), stream));
+  if (a.top_k > 1) {
+    moba_dkv_kernel<DP, true, true><<<selected_blocks, kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
     MOBA_CUDA_CHECK(cudaGetLastError());
   }
-  const unsigned tiles = static_cast<unsigned>((a.N + 63) / 64);
-  moba_dq_kernel<DP, false><<<dim3(tiles, a.H), 128, dq_smem_bytes<DP>(), stream>>>(a);
+  moba_dkv_kernel<DP, false, true><<<dim3(key_blocks, a.Hkv), kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
   MOBA_CUDA_CHECK(cudaGetLastError());
-  moba_dkv_kernel<DP, false><<<dim3(tiles, a.Hkv), 128, dkv_smem_bytes<DP>(), stream>>>(a);
+  const int64_t vectors = rows * a.D / 8;
+  add_dq_kernel<<<static_cast<unsigned>((vectors + 255) / 256), 256, 0, stream>>>(a.dq, a.dq_acc, vectors);
   MOBA_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -582,11 +675,11 @@ void moba_attention_backward(const CudaContext& ctx, bf16* dq, bf16* dk, bf16* d
                              const int32_t* selected, const int32_t* cu_seqlens, int n_segments, int64_t N, int H,
                              int Hkv, int D, int block_size, int top_k, float softmax_scale, bool deterministic) {
   using namespace moba_detail;
-  (void)deterministic;  // dQ has no atomics: it is reproducible either way (see the file comment)
   check_moba_shape("moba_attention_backward", N, H, Hkv, D, block_size, top_k, n_segments);
   if (N == 0) return;
-  BackwardArgs a{dq, dk, dv, nullptr, nullptr, nullptr, nullptr, dout, q, k, v, out, lse, selected, cu_seqlens,
-                 Dispatch{}, n_segments, N, H, Hkv, D, block_size, top_k, softmax_scale, softmax_scale * kLog2e};
+  BackwardArgs a{dq, dk, dv, nullptr, nullptr, nullptr, nullptr, nullptr, dout, q, k, v, out, lse, selected,
+                 cu_seqlens, Dispatch{}, n_segments, N, H, Hkv, D, block_size, top_k, softmax_scale,
+                 softmax_scale * kLog2e};
   // Scratch slot 7: delta (N * H) f32, then dk_sel and dv_sel (N, Hkv, D) f32 each when top_k > 1.
   const size_t delta_floats = (static_cast<size_t>(N * H) + 63) / 64 * 64;
   const size_t sel_floats = top_k > 1 ? static_cast<size_t>(N) * Hkv * D : 0;
@@ -596,13 +689,18 @@ void moba_attention_backward(const CudaContext& ctx, bf16* dq, bf16* dk, bf16* d
     a.dk_sel = buf + delta_floats;
     a.dv_sel = a.dk_sel + sel_floats;
     a.dispatch = build_dispatch(ctx, selected, cu_seqlens, n_segments, N, H, Hkv, block_size, top_k);
-    // Scratch slot 6: dq_part (max_entries, D) f32.
-    a.dq_part = static_cast<float*>(ctx.scratch(6, static_cast<size_t>(a.dispatch.max_entries) * D * sizeof(float)));
+  }
+  // Scratch slot 6: deterministic: dq_part (max_entries, D) f32; otherwise dq_acc (N, H, D) f32.
+  if (deterministic) {
+    if (top_k > 1)
+      a.dq_part = static_cast<float*>(ctx.scratch(6, static_cast<size_t>(a.dispatch.max_entries) * D * sizeof(float)));
+  } else {
+    a.dq_acc = static_cast<float*>(ctx.scratch(6, static_cast<size_t>(N * H) * D * sizeof(float)));
   }
   if (D <= 64)
-    launch_backward<64>(a, ctx.stream);
+    launch_backward<64>(a, deterministic, ctx.stream);
   else
-    launch_backward<128>(a, ctx.stream);
+    launch_backward<128>(a, deterministic, ctx.stream);
 }
 
 }  // namespace moba::cuda

@@ -110,6 +110,19 @@ __device__ __forceinline__ TokenBlock token_block(const int32_t* cu_seqlens, int
   return {start, cu_seqlens[s + 1], start + (t - start) / B * B};
 }
 
+// The first token of the complete block whose slot is `slot` (the block starting in [slot * B, slot * B + B)), or
+// -1 when no complete block starts there: the first block boundary at or after the window start of the segment
+// holding it, or the first block of a later segment starting inside the window.
+__device__ __forceinline__ int64_t slot_block_start(const int32_t* cu_seqlens, int n_segments, int64_t slot, int B) {
+  const int64_t window = slot * B;
+  for (int s = segment_of(cu_seqlens, n_segments, window); s < n_segments && cu_seqlens[s] < window + B; ++s) {
+    const int64_t seg = cu_seqlens[s];
+    const int64_t first = seg >= window ? seg : seg + (window - seg + B - 1) / B * B;
+    if (first < window + B && first + B <= cu_seqlens[s + 1]) return first;
+  }
+  return -1;
+}
+
 // ---- dispatch: selection -> per-bucket lists of query rows ----------------------------------------------------
 // Layout of the dispatch buffer (scratch slot 5), all int32:
 //   count[n_buckets], fill[n_buckets]          entries per bucket (fill: write cursor)

@@ -6,6 +6,7 @@
 // Invariant: each output row is produced by one thread quad in a fixed order, so the forward is bitwise
 // reproducible; rows never interact inside a tile (mma rows are independent), so the order of rows within a
 // bucket (set by atomics) cannot change any result.
+#include <algorithm>
 #include <climits>
 #include <cmath>
 
@@ -35,28 +36,74 @@ __device__ __forceinline__ void for_each_past_block(const int32_t* selected, con
   }
 }
 
-__global__ void dispatch_count_kernel(int32_t* __restrict__ count, int32_t* __restrict__ slot_start,
-                                      const int32_t* __restrict__ selected, const int32_t* __restrict__ cu_seqlens,
-                                      int n_segments, int64_t rows, int H, int Hkv, int B, int top_k) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows) return;
-  for_each_past_block(selected, cu_seqlens, n_segments, row, H, Hkv, B, top_k,
-                      [&](int64_t start, int64_t bucket, int64_t) {
-                        atomicAdd(&count[bucket], 1);
-                        slot_start[start / B] = static_cast<int32_t>(start);  // every writer writes the same value
-                      });
+// Counting sort of the past selections into buckets. With `local` (n_buckets small enough), each CTA first builds
+// a histogram of its rows in shared memory and touches global counters once per non-empty bucket: the selections
+// of a whole layer land on only N / B * Hkv counters, and per-selection global atomics serialise on them.
+__global__ void __launch_bounds__(256) dispatch_count_kernel(int32_t* __restrict__ count,
+                                                             const int32_t* __restrict__ selected,
+                                                             const int32_t* __restrict__ cu_seqlens, int n_segments,
+                                                             int64_t rows, int H, int Hkv, int B, int top_k,
+                                                             int n_buckets, bool local) {
+  extern __shared__ int hist[];  // (n_buckets) when local
+  if (local) {
+    for (int i = threadIdx.x; i < n_buckets; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+  }
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    for_each_past_block(selected, cu_seqlens, n_segments, row, H, Hkv, B, top_k, [&](int64_t, int64_t bucket, int64_t) {
+      atomicAdd(local ? &hist[bucket] : &count[bucket], 1);
+    });
+  if (local) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < n_buckets; i += blockDim.x)
+      if (hist[i]) atomicAdd(&count[i], hist[i]);
+  }
 }
 
-__global__ void dispatch_fill_kernel(int32_t* __restrict__ entries, int32_t* __restrict__ fill,
-                                     const int32_t* __restrict__ offset, const int32_t* __restrict__ selected,
-                                     const int32_t* __restrict__ cu_seqlens, int n_segments, int64_t rows, int H,
-                                     int Hkv, int B, int top_k) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows) return;
-  for_each_past_block(selected, cu_seqlens, n_segments, row, H, Hkv, B, top_k,
-                      [&](int64_t, int64_t bucket, int64_t entry) {
-                        entries[offset[bucket] + atomicAdd(&fill[bucket], 1)] = static_cast<int32_t>(entry);
-                      });
+// Same traversal as the count; with `local`, the CTA reserves one contiguous range per bucket and places its rows
+// through shared-memory cursors.
+__global__ void __launch_bounds__(256) dispatch_fill_kernel(int32_t* __restrict__ entries, int32_t* __restrict__ fill,
+                                                            const int32_t* __restrict__ offset,
+                                                            const int32_t* __restrict__ selected,
+                                                            const int32_t* __restrict__ cu_seqlens, int n_segments,
+                                                            int64_t rows, int H, int Hkv, int B, int top_k,
+                                                            int n_buckets, bool local) {
+  extern __shared__ int hist[];  // (2, n_buckets) when local: counts / cursors, then range starts
+  int* base = hist + n_buckets;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  if (!local) {
+    for (int64_t row = first; row < rows; row += stride)
+      for_each_past_block(selected, cu_seqlens, n_segments, row, H, Hkv, B, top_k,
+                          [&](int64_t, int64_t bucket, int64_t entry) {
+                            entries[offset[bucket] + atomicAdd(&fill[bucket], 1)] = static_cast<int32_t>(entry);
+                          });
+    return;
+  }
+  for (int i = threadIdx.x; i < n_buckets; i += blockDim.x) hist[i] = 0;
+  __syncthreads();
+  for (int64_t row = first; row < rows; row += stride)
+    for_each_past_block(selected, cu_seqlens, n_segments, row, H, Hkv, B, top_k,
+                        [&](int64_t, int64_t bucket, int64_t) { atomicAdd(&hist[bucket], 1); });
+  __syncthreads();
+  for (int i = threadIdx.x; i < n_buckets; i += blockDim.x) {
+    base[i] = hist[i] ? offset[i] + atomicAdd(&fill[i], hist[i]) : 0;
+    hist[i] = 0;
+  }
+  __syncthreads();
+  for (int64_t row = first; row < rows; row += stride)
+    for_each_past_block(selected, cu_seqlens, n_segments, row, H, Hkv, B, top_k,
+                        [&](int64_t, int64_t bucket, int64_t entry) {
+                          entries[base[bucket] + atomicAdd(&hist[bucket], 1)] = static_cast<int32_t>(entry);
+                        });
+}
+
+// slot_start[slot] = first token of the slot's complete block (-1 when none).
+__global__ void dispatch_slot_start_kernel(int32_t* __restrict__ slot_start, const int32_t* __restrict__ cu_seqlens,
+                                           int n_segments, int n_slots, int B) {
+  const int slot = blockIdx.x * blockDim.x + threadIdx.x;
+  if (slot < n_slots) slot_start[slot] = static_cast<int32_t>(slot_block_start(cu_seqlens, n_segments, slot, B));
 }
 
 // One CTA of 1024 threads: offset = exclusive scan of count, chunk_offset = exclusive scan of
@@ -150,7 +197,7 @@ struct ForwardArgs {
 
 template <int DP>
 constexpr size_t forward_smem_bytes() {
-  return size_t{5} * 64 * (DP + 8) * sizeof(bf16) + 4 * 64 * sizeof(int);
+  return size_t{5} * 64 * (DP + 8) * sizeof(bf16) + 8 * 64 * sizeof(int);
 }
 
 // SELECTED: blockIdx.x is a dispatch work item (bucket, chunk): up to 64 gathered rows x one complete block, all
@@ -238,18 +285,21 @@ __global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) 
     const bool ok = row >= 0 && c < a.D;
     cp_async16(sQ + r * LD + c, ok ? a.q + static_cast<int64_t>(row) * a.D + c : a.q, ok ? 16 : 0);
   }
-  auto load_kv = [&](int tile, int buf) {
+  // K and V of a key tile travel in separate cp.async groups, so S = Q K^T starts while V is still in flight and
+  // the next K arrives during P V (FlashAttention-2's load schedule).
+  auto load_tile = [&](bf16* dst, const bf16* src, int tile, int buf) {
     const int k0 = key_begin + tile * kKeyTile;
     for (int idx = tid; idx < kKeyTile * (DP / 8); idx += 128) {
       const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
       const bool ok = k0 + r < key_end && c < a.D;
       const int64_t off = (static_cast<int64_t>(k0 + r) * a.Hkv + kv_head) * a.D + c;
-      cp_async16(sK + (buf * 64 + r) * LD + c, ok ? a.k + off : a.k, ok ? 16 : 0);
-      cp_async16(sV + (buf * 64 + r) * LD + c, ok ? a.v + off : a.v, ok ? 16 : 0);
+      cp_async16(dst + (buf * 64 + r) * LD + c, ok ? src + off : src, ok ? 16 : 0);
     }
   };
-  load_kv(0, 0);
-  cp_async_commit();
+  load_tile(sK, a.k, 0, 0);
+  cp_async_commit();  // Q + K of tile 0
+  load_tile(sV, a.v, 0, 0);
+  cp_async_commit();  // V of tile 0
 
   const int r0 = warp * 16 + (lane >> 2), r1 = r0 + 8, quad_col = 2 * (lane & 3);
   const int lo0 = s_lo[r0], hi0 = s_hi[r0], lo1 = s_lo[r1], hi1 = s_hi[r1];
@@ -259,14 +309,13 @@ __global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) 
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // running max (log2 units) and this thread's sum
 
   for (int tile = 0; tile < n_tiles; ++tile) {
-    if (tile + 1 < n_tiles) {
-      load_kv(tile + 1, (tile + 1) & 1);
+    const bool more = tile + 1 < n_tiles;
+    cp_async_wait<1>();  // everything but the newest group (this tile's V): this tile's K is in
+    __syncthreads();     // ... for every thread; and every warp is done with the previous tile
+    if (more) {
+      load_tile(sK, a.k, tile + 1, (tile + 1) & 1);
       cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
     }
-    __syncthreads();
     const bf16* k_s = sK + (tile & 1) * 64 * LD;
     const bf16* v_s = sV + (tile & 1) * 64 * LD;
 
@@ -327,6 +376,15 @@ __global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) 
       o[d][2] *= alpha1;
       o[d][3] *= alpha1;
     }
+    if (more)
+      cp_async_wait<1>();  // this tile's V is in (the next K may still be in flight)
+    else
+      cp_async_wait<0>();
+    __syncthreads();
+    if (more) {
+      load_tile(sV, a.v, tile + 1, (tile + 1) & 1);
+      cp_async_commit();
+    }
 #pragma unroll
     for (int kk = 0; kk < kKeyTile / 16; ++kk) {
       const uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
@@ -340,7 +398,6 @@ __global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) 
         mma_16816(o[2 * d2 + 1], pa, b[2], b[3]);
       }
     }
-    __syncthreads();  // the next iteration's copy overwrites this buffer
   }
 
 #pragma unroll
@@ -348,53 +405,115 @@ __global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) 
     l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, d);
     l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, d);
   }
+  if constexpr (SELECTED) {
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = half ? r1 : r0;
-    const int row = s_row[r];
-    if (row < 0) continue;
-    const float m = half ? m1 : m0, l = half ? l1 : l0;
-    const float row_lse2 = m + log2f(l);  // log2 of the row's softmax denominator over these keys
-    if constexpr (SELECTED) {
+    for (int half = 0; half < 2; ++half) {
+      const int r = half ? r1 : r0;
+      if (s_row[r] < 0) continue;
+      const float m = half ? m1 : m0, l = half ? l1 : l0;
       const int64_t entry = s_aux[r];
       const float inv = 1.0f / l;
       float* dst = a.o_part + entry * a.D;
 #pragma unroll
       for (int d = 0; d < DT; ++d) {
         const int col = d * 8 + quad_col;
-        if (col < a.D) *reinterpret_cast<float2*>(dst + col) = make_float2(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
+        if (col < a.D)
+          *reinterpret_cast<float2*>(dst + col) = make_float2(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
       }
-      if ((lane & 3) == 0) a.lse_part[entry] = row_lse2 * kLn2;
-    } else {
-      // Merge with the selected blocks' partials: LSE = logsumexp of all parts; O = sum of exp(lse_i - LSE) o_i.
-      const int current = s_aux[r];
-      const int32_t* sel = a.selected + static_cast<int64_t>(row) * a.top_k;
-      const float* part_lse = a.lse_part + static_cast<int64_t>(row) * past_slots;
+      if ((lane & 3) == 0) a.lse_part[entry] = (m + log2f(l)) * kLn2;
+    }
+  } else {
+    // Merge with the selected blocks' partials: LSE = logsumexp of all parts, O = sum of exp(lse_i - LSE) o_i.
+    // The partials are staged through shared memory one selection slot at a time (coalesced, all loads in
+    // flight at once); per-thread scattered loads made this epilogue latency-bound.
+    float* s_diag = reinterpret_cast<float*>(s_aux + 64);  // (64) log2 denominator of the current-block part
+    float* s_lse2 = s_diag + 64;                           // (64) log2 of the merged denominator
+    float* s_weight = s_lse2 + 64;                         // (64) weight of the partial being added
+    int* s_n_past = reinterpret_cast<int*>(s_weight + 64);  // (64) selected past blocks of the row
+    __shared__ int s_max_past;
+    if ((lane & 3) == 0) {
+      s_diag[r0] = m0 + log2f(l0);
+      s_diag[r1] = m1 + log2f(l1);
+    }
+    if (tid == 0) s_max_past = 0;
+    __syncthreads();  // also: every warp is done with sK/sV, which become the staging buffer
+    if (tid < 64) {
+      const int row = s_row[tid];
       int n_past = 0;
-      float top = row_lse2;
-      while (n_past < past_slots && sel[n_past] >= 0 && sel[n_past] < current) {
-        top = fmaxf(top, part_lse[n_past] * kLog2e);
-        ++n_past;
+      float lse2 = 0.0f;
+      if (row >= 0) {
+        const int current = s_aux[tid];
+        const int32_t* sel = a.selected + static_cast<int64_t>(row) * a.top_k;
+        const float* part_lse = a.lse_part + static_cast<int64_t>(row) * past_slots;
+        float top = s_diag[tid];
+        while (n_past < past_slots && sel[n_past] >= 0 && sel[n_past] < current) {
+          top = fmaxf(top, part_lse[n_past] * kLog2e);
+          ++n_past;
+        }
+        float total = exp2f(s_diag[tid] - top);
+        for (int i = 0; i < n_past; ++i) total += exp2f(part_lse[i] * kLog2e - top);
+        lse2 = top + log2f(total);
+        a.lse[row] = lse2 * kLn2;
+        atomicMax(&s_max_past, n_past);
       }
-      float total = exp2f(row_lse2 - top);
-      for (int i = 0; i < n_past; ++i) total += exp2f(part_lse[i] * kLog2e - top);
-      const float lse2 = top + log2f(total);
-      const float w_diag = exp2f(row_lse2 - lse2) / l;
+      s_lse2[tid] = lse2;
+      s_n_past[tid] = n_past;
+    }
+    __syncthreads();
+    const float w_diag0 = l0 > 0.0f ? exp2f(s_diag[r0] - s_lse2[r0]) / l0 : 0.0f;
+    const float w_diag1 = l1 > 0.0f ? exp2f(s_diag[r1] - s_lse2[r1]) / l1 : 0.0f;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      o[d][0] *= w_diag0;
+      o[d][1] *= w_diag0;
+      o[d][2] *= w_diag1;
+      o[d][3] *= w_diag1;
+    }
+    constexpr int LDF = DP + 8;                  // staging row stride (floats): conflict-free float2 reads
+    float* stage = reinterpret_cast<float*>(sK);  // (64, LDF) f32: exactly the two K buffers
+    const int max_past = s_max_past;
+    for (int i = 0; i < max_past; ++i) {
+      for (int idx = tid; idx < 64 * (DP / 4); idx += 128) {
+        const int r = idx / (DP / 4), c = idx % (DP / 4) * 4;
+        const int row = s_row[r];
+        const bool ok = row >= 0 && i < s_n_past[r] && c < a.D;
+        cp_async16(stage + r * LDF + c, ok ? a.o_part + (static_cast<int64_t>(row) * past_slots + i) * a.D + c : a.o_part,
+                   ok ? 16 : 0);
+      }
+      cp_async_commit();
+      if (tid < 64) {
+        const int row = s_row[tid];
+        s_weight[tid] = row >= 0 && i < s_n_past[tid]
+                            ? exp2f(a.lse_part[static_cast<int64_t>(row) * past_slots + i] * kLog2e - s_lse2[tid])
+                            : 0.0f;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+      const float w0 = s_weight[r0], w1 = s_weight[r1];
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        const int col = d * 8 + quad_col;
+        const float2 p0 = *reinterpret_cast<const float2*>(stage + r0 * LDF + col);
+        const float2 p1 = *reinterpret_cast<const float2*>(stage + r1 * LDF + col);
+        o[d][0] += w0 * p0.x;
+        o[d][1] += w0 * p0.y;
+        o[d][2] += w1 * p1.x;
+        o[d][3] += w1 * p1.y;
+      }
+      __syncthreads();  // the next slot overwrites the staging buffer
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = s_row[half ? r1 : r0];
+      if (row < 0) continue;
       bf16* dst = a.out + static_cast<int64_t>(row) * a.D;
 #pragma unroll
       for (int d = 0; d < DT; ++d) {
         const int col = d * 8 + quad_col;
-        if (col >= a.D) continue;
-        float x0 = o[d][2 * half] * w_diag, x1 = o[d][2 * half + 1] * w_diag;
-        for (int i = 0; i < n_past; ++i) {
-          const float w = exp2f(part_lse[i] * kLog2e - lse2);
-          const float2 p = *reinterpret_cast<const float2*>(a.o_part + (static_cast<int64_t>(row) * past_slots + i) * a.D + col);
-          x0 += w * p.x;
-          x1 += w * p.y;
-        }
-        *reinterpret_cast<__nv_bfloat162*>(dst + col) = __floats2bfloat162_rn(x0, x1);
+        if (col < a.D)
+          *reinterpret_cast<__nv_bfloat162*>(dst + col) =
+              __floats2bfloat162_rn(o[d][2 * half], o[d][2 * half + 1]);
       }
-      if ((lane & 3) == 0) a.lse[row] = lse2 * kLn2;
     }
   }
 }
@@ -448,14 +567,21 @@ Dispatch build_dispatch(const CudaContext& ctx, const int32_t* selected, const i
   d.items = reinterpret_cast<int2*>(d.entries + d.max_entries + ((d.max_entries + d.n_slots) & 1));  // 8-byte aligned
   MOBA_CUDA_CHECK(cudaMemsetAsync(d.count, 0, 2 * nb * sizeof(int32_t), ctx.stream));
   const int64_t rows = N * H;
-  const unsigned row_blocks = static_cast<unsigned>((rows + 255) / 256);
-  dispatch_count_kernel<<<row_blocks, 256, 0, ctx.stream>>>(d.count, d.slot_start, selected, cu_seqlens, n_segments,
-                                                            rows, H, Hkv, block_size, top_k);
+  const bool local = d.n_buckets <= 6144;  // (2, n_buckets) ints within the default 48 KB of shared memory
+  const int64_t row_blocks = (rows + 255) / 256;
+  const unsigned grid = static_cast<unsigned>(local ? std::min<int64_t>(row_blocks, 2 * std::max(ctx.sm_count, 1))
+                                                    : row_blocks);
+  dispatch_slot_start_kernel<<<(d.n_slots + 255) / 256, 256, 0, ctx.stream>>>(d.slot_start, cu_seqlens, n_segments,
+                                                                              d.n_slots, block_size);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+  dispatch_count_kernel<<<grid, 256, local ? nb * sizeof(int) : 0, ctx.stream>>>(
+      d.count, selected, cu_seqlens, n_segments, rows, H, Hkv, block_size, top_k, d.n_buckets, local);
   MOBA_CUDA_CHECK(cudaGetLastError());
   dispatch_scan_kernel<<<1, 1024, 0, ctx.stream>>>(d.offset, d.chunk_offset, d.count, d.n_buckets);
   MOBA_CUDA_CHECK(cudaGetLastError());
-  dispatch_fill_kernel<<<row_blocks, 256, 0, ctx.stream>>>(d.entries, d.fill, d.offset, selected, cu_seqlens,
-                                                           n_segments, rows, H, Hkv, block_size, top_k);
+  dispatch_fill_kernel<<<grid, 256, local ? 2 * nb * sizeof(int) : 0, ctx.stream>>>(
+      d.entries, d.fill, d.offset, selected, cu_seqlens, n_segments, rows, H, Hkv, block_size, top_k, d.n_buckets,
+      local);
   MOBA_CUDA_CHECK(cudaGetLastError());
   dispatch_items_kernel<<<(d.n_buckets + 255) / 256, 256, 0, ctx.stream>>>(d.items, d.count, d.chunk_offset,
                                                                            d.n_buckets);

@@ -1,10 +1,12 @@
 // MoBA routing on the GPU (moba-spec.md, Forward steps 1-4): bf16-rounded block means of K, the fp32 gate
 // <q, mean> without scale, and per (query, head) the top-(k-1) complete past blocks of the segment plus the current
-// block, ties to the lower block index. Invariant: the arithmetic is the CPU reference's, operation for operation
-// (kernels/cpu/moba_routing.cpp: block sums in fp32 in sequence order, then / B, then round-to-nearest-even to bf16;
-// the gate as 8 interleaved fp32 partial sums of separately rounded products, combined in the same tree), so on
-// the same bf16 inputs both backends select the same blocks bit for bit. No host synchronisation; no (N, H, blocks)
-// score tensor: each thread keeps its running top-(k-1) in registers.
+// block, ties to the lower block index. No host synchronisation and no (N, H, blocks) score tensor: a CTA takes 64
+// tokens of one head, computes the gate against 64 candidate blocks at a time on the tensor cores (bf16 products
+// are exact in fp32; fp32 accumulation) into shared memory, and one thread per token keeps its running
+// top-(k-1) in registers. Invariants: block means are summed in fp32 in sequence order (the CPU's order, so kbar is
+// bit-identical to the reference); identical block means give identical scores, so exact ties go to the lower
+// block like the CPU; only the gate's summation order differs from the CPU, which can flip a near-tie (measured
+// agreement in tests/test_cuda_moba_gpu.cpp and `moba check-vectors --backend cuda`).
 #include <cmath>
 #include <cstdlib>
 
@@ -15,25 +17,13 @@ namespace moba::cuda {
 namespace moba_detail {
 namespace {
 
-// kbar (n_slots, Hkv, D) bf16: the mean of the B keys of the complete block whose slot is blockIdx.x (blocks with
-// no complete block starting in [slot * B, slot * B + B) are left unwritten: no query ever reads them). One thread
-// per channel sums the block's B rows in sequence order (the reference's order).
+// kbar (n_slots, Hkv, D) bf16: the mean of the B keys of the complete block whose slot is blockIdx.x (slots with
+// no complete block are left unwritten: no query reads them). One thread per channel sums the block's B rows in
+// sequence order (the reference's order).
 __global__ void block_means_kernel(bf16* __restrict__ kbar, const bf16* __restrict__ k,
-                                   const int32_t* __restrict__ cu_seqlens, int n_segments, int64_t N, int Hkv, int D,
-                                   int B) {
+                                   const int32_t* __restrict__ cu_seqlens, int n_segments, int Hkv, int D, int B) {
   const int64_t slot = blockIdx.x;
-  const int64_t window = slot * B;
-  // The complete block starting in [window, window + B): the first block boundary at or after `window` of the
-  // segment holding `window`, or the first block of a later segment starting inside the window.
-  int64_t start = -1;
-  for (int s = segment_of(cu_seqlens, n_segments, window); s < n_segments && cu_seqlens[s] < window + B; ++s) {
-    const int64_t seg = cu_seqlens[s];
-    const int64_t first = seg >= window ? seg : seg + (window - seg + B - 1) / B * B;
-    if (first < window + B && first + B <= cu_seqlens[s + 1]) {
-      start = first;
-      break;
-    }
-  }
+  const int64_t start = slot_block_start(cu_seqlens, n_segments, slot, B);
   if (start < 0) return;
   const int channels = Hkv * D;
   for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < channels; c += gridDim.y * blockDim.x) {
@@ -52,50 +42,64 @@ __global__ void block_means_kernel(bf16* __restrict__ kbar, const bf16* __restri
   }
 }
 
-// One thread per (token, head). SLOTS >= top_k - 1 is the register list size: the list is kept sorted by score
-// descending (then block ascending) in its last top_k - 1 entries; the first SLOTS - (top_k - 1) entries hold +inf
-// sentinels that never move. Candidates arrive in ascending block order and enter only with a strictly greater
-// score than the list's last, so ties keep the lower block index (as the CPU reference).
+template <int DP>
+constexpr size_t route_smem_bytes() {
+  return size_t{2} * 64 * (DP + 8) * sizeof(bf16) + size_t{64} * 65 * sizeof(float);
+}
+
+// One CTA per (64-token tile, head); 4 warps. SLOTS >= top_k - 1 is the register list size of each token's thread:
+// sorted by score descending (then block ascending) in its last top_k - 1 entries; the first SLOTS - (top_k - 1)
+// entries hold +inf sentinels that never move. Candidates arrive in ascending block order and enter only with a
+// strictly greater score than the list's last, so ties keep the lower block index (as the CPU reference).
 template <int DP, int SLOTS>
 __global__ void __launch_bounds__(128) route_kernel(int32_t* __restrict__ selected, int* __restrict__ nonfinite_flag,
                                                     const bf16* __restrict__ q, const bf16* __restrict__ kbar,
                                                     const int32_t* __restrict__ cu_seqlens, int n_segments, int64_t N,
                                                     int H, int Hkv, int D, int B, int top_k) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= N) return;
-  const int h = blockIdx.y;
-  const int64_t row = t * H + h;
-  const TokenBlock tb = token_block(cu_seqlens, n_segments, t, B);
-  const int current = static_cast<int>((tb.block_start - tb.segment_start) / B);
+  constexpr int LD = DP + 8;
+  constexpr int LDS = 65;  // score row stride (floats): column reads by 64 row threads hit distinct banks
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* sQ = reinterpret_cast<bf16*>(smem);            // (64, LD) the tile's query rows
+  bf16* sM = sQ + 64 * LD;                             // (64, LD) block means of 64 candidates
+  float* sS = reinterpret_cast<float*>(sM + 64 * LD);  // (64, LDS) gate scores
+  __shared__ int s_seg[64], s_current[64];             // per token: segment (-1 past N), current block
+  __shared__ int s_candidates;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int h = blockIdx.y, kv_head = h / (H / Hkv);
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * 64;
   const int past_slots = top_k - 1;
-  int32_t* out = selected + row * top_k;
 
-  if (past_slots == 0) {  // k = 1: the current block only
-    out[0] = current;
-    return;
+  if (tid < 64) {
+    const int64_t t = t0 + tid;
+    int seg = -1, current = 0;
+    if (t < N) {
+      seg = segment_of(cu_seqlens, n_segments, t);
+      current = static_cast<int>((t - cu_seqlens[seg]) / B);
+    }
+    s_seg[tid] = seg;
+    s_current[tid] = current;
   }
-  if (current <= past_slots) {  // every complete past block fits: full causal attention inside the segment
-    for (int i = 0; i < top_k; ++i) out[i] = i < current ? i : (i == current ? current : -1);
-    return;
+  for (int idx = tid; idx < 64 * (DP / 8); idx += 128) {
+    const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
+    const bool ok = t0 + r < N && c < D;
+    cp_async16(sQ + r * LD + c, ok ? q + ((t0 + r) * H + h) * D + c : q, ok ? 16 : 0);
   }
-  // Gate: needs the query row (DP / 8 vectors of 8 bf16; channels >= D are never read).
-  uint4 qv[DP / 8];
-  bool finite = true;
-  const bf16* q_row = q + row * D;
-#pragma unroll
-  for (int v = 0; v < DP / 8; ++v) {
-    qv[v] = v * 8 < D ? *reinterpret_cast<const uint4*>(q_row + v * 8) : make_uint4(0, 0, 0, 0);
-    const uint32_t w[4] = {qv[v].x, qv[v].y, qv[v].z, qv[v].w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) finite = finite && isfinite(bf16_lo(w[i])) && isfinite(bf16_hi(w[i]));
-  }
-  if (!finite) {  // never route on NaN/Inf: current block only, and raise the flag (see moba_select_blocks)
-    atomicOr(nonfinite_flag, 1);
-    out[0] = current;
-    for (int i = 1; i < top_k; ++i) out[i] = -1;
-    return;
-  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
 
+  // Token state (threads 0..63): the running list, and whether the token needs the gate at all.
+  const int my_seg = tid < 64 ? s_seg[tid] : -1;
+  const int my_current = tid < 64 ? s_current[tid] : 0;
+  bool gated = my_seg >= 0 && past_slots > 0 && my_current > past_slots;
+  if (gated) {  // never route on NaN/Inf: current block only, and raise the flag (see moba_select_blocks)
+    bool finite = true;
+    for (int c = 0; c < D; ++c) finite = finite && isfinite(__bfloat162float(sQ[tid * LD + c]));
+    if (!finite) {
+      atomicOr(nonfinite_flag, 1);
+      gated = false;
+    }
+  }
   float best[SLOTS];
   int best_block[SLOTS];
 #pragma unroll
@@ -103,42 +107,82 @@ __global__ void __launch_bounds__(128) route_kernel(int32_t* __restrict__ select
     best[i] = i < SLOTS - past_slots ? INFINITY : -INFINITY;
     best_block[i] = -1;
   }
-  const int kv_head = h / (H / Hkv);
-  for (int j = 0; j < current; ++j) {
-    const int64_t slot = (tb.segment_start + static_cast<int64_t>(j) * B) / B;
-    const bf16* mean = kbar + (slot * Hkv + kv_head) * D;
-    float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+
+  const int last_row = static_cast<int>(N - 1 - t0 < 63 ? N - 1 - t0 : 63);
+  for (int seg = s_seg[0]; seg <= s_seg[last_row] && past_slots > 0; ++seg) {
+    if (tid == 0) s_candidates = 0;
+    __syncthreads();
+    if (gated && my_seg == seg) atomicMax(&s_candidates, my_current);
+    __syncthreads();
+    const int candidates = s_candidates;  // blocks 0 .. candidates-1 of segment seg are complete and past
+    __syncthreads();                       // read by all before the next segment resets it
+    const int64_t seg_start = cu_seqlens[seg];
+    for (int j0 = 0; j0 < candidates; j0 += 64) {
+      for (int idx = tid; idx < 64 * (DP / 8); idx += 128) {
+        const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
+        const bool ok = j0 + r < candidates && c < D;
+        const int64_t slot = (seg_start + static_cast<int64_t>(j0 + r) * B) / B;
+        cp_async16(sM + r * LD + c, ok ? kbar + (slot * Hkv + kv_head) * D + c : kbar, ok ? 16 : 0);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      float acc[8][4];
 #pragma unroll
-    for (int v = 0; v < DP / 8; ++v) {
-      if (v * 8 < D) {
-        const uint4 m = __ldg(reinterpret_cast<const uint4*>(mean + v * 8));
-        const uint32_t qw[4] = {qv[v].x, qv[v].y, qv[v].z, qv[v].w};
-        const uint32_t mw[4] = {m.x, m.y, m.z, m.w};
+      for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          partial[2 * i] = __fadd_rn(partial[2 * i], __fmul_rn(bf16_lo(qw[i]), bf16_lo(mw[i])));
-          partial[2 * i + 1] = __fadd_rn(partial[2 * i + 1], __fmul_rn(bf16_hi(qw[i]), bf16_hi(mw[i])));
+      for (int ks = 0; ks < DP / 16; ++ks) {
+        uint32_t qa[4];
+        load_a(qa, sQ, LD, warp * 16, ks * 16, lane);
+#pragma unroll
+        for (int j2 = 0; j2 < 4; ++j2) {
+          uint32_t b[4];
+          load_b_rows(b, sM, LD, j2 * 16, ks * 16, lane);
+          mma_16816(acc[2 * j2], qa, b[0], b[1]);
+          mma_16816(acc[2 * j2 + 1], qa, b[2], b[3]);
         }
       }
-    }
-    const float score = __fadd_rn(__fadd_rn(__fadd_rn(partial[0], partial[4]), __fadd_rn(partial[1], partial[5])),
-                                  __fadd_rn(__fadd_rn(partial[2], partial[6]), __fadd_rn(partial[3], partial[7])));
-    if (!(score > best[SLOTS - 1])) continue;
-    // Insert: new[i] = old[i-1] if old[i-1] < score, else score if old[i] < score, else old[i].
+      const int r0 = warp * 16 + (lane >> 2), col0 = 2 * (lane & 3);
 #pragma unroll
-    for (int i = SLOTS - 1; i > 0; --i) {
-      const bool shift = best[i - 1] < score;
-      const bool place = !shift && best[i] < score;
-      best[i] = shift ? best[i - 1] : (place ? score : best[i]);
-      best_block[i] = shift ? best_block[i - 1] : (place ? j : best_block[i]);
-    }
-    if (best[0] < score) {
-      best[0] = score;
-      best_block[0] = j;
+      for (int j = 0; j < 8; ++j) {
+        sS[r0 * LDS + j * 8 + col0] = acc[j][0];
+        sS[r0 * LDS + j * 8 + col0 + 1] = acc[j][1];
+        sS[(r0 + 8) * LDS + j * 8 + col0] = acc[j][2];
+        sS[(r0 + 8) * LDS + j * 8 + col0 + 1] = acc[j][3];
+      }
+      __syncthreads();
+      if (gated && my_seg == seg) {
+        const int n = min(64, my_current - j0);
+        for (int jj = 0; jj < n; ++jj) {
+          const float score = sS[tid * LDS + jj];
+          if (!(score > best[SLOTS - 1])) continue;
+          // Insert: new[i] = old[i-1] if old[i-1] < score, else score if old[i] < score, else old[i].
+#pragma unroll
+          for (int i = SLOTS - 1; i > 0; --i) {
+            const bool shift = best[i - 1] < score;
+            const bool place = !shift && best[i] < score;
+            best[i] = shift ? best[i - 1] : (place ? score : best[i]);
+            best_block[i] = shift ? best_block[i - 1] : (place ? j0 + jj : best_block[i]);
+          }
+          if (best[0] < score) {
+            best[0] = score;
+            best_block[0] = j0 + jj;
+          }
+        }
+      }
+      __syncthreads();  // sM and sS are rewritten by the next chunk
     }
   }
-  // Ascending block order: each chosen block's rank among the chosen ones.
-  int n_chosen = 0;
+
+  if (tid >= 64 || my_seg < 0) return;
+  int32_t* out = selected + ((t0 + tid) * H + h) * top_k;
+  if (!gated) {  // k = 1, all past blocks fit (full causal attention in the segment), or a non-finite query
+    const bool all_past = past_slots > 0 && my_current <= past_slots && my_seg >= 0;
+    const int n_past = all_past ? my_current : 0;
+    for (int i = 0; i < top_k; ++i) out[i] = i < n_past ? i : (i == n_past ? my_current : -1);
+    return;
+  }
+  int n_chosen = 0;  // ascending block order: each chosen block's rank among the chosen ones
 #pragma unroll
   for (int i = 0; i < SLOTS; ++i) {
     if (best_block[i] < 0) continue;
@@ -148,7 +192,7 @@ __global__ void __launch_bounds__(128) route_kernel(int32_t* __restrict__ select
     out[rank] = best_block[i];
     ++n_chosen;
   }
-  out[n_chosen] = current;
+  out[n_chosen] = my_current;
   for (int i = n_chosen + 1; i < top_k; ++i) out[i] = -1;
 }
 
@@ -156,9 +200,18 @@ template <int DP>
 void launch_route(dim3 grid, cudaStream_t stream, int32_t* selected, int* flag, const bf16* q, const bf16* kbar,
                   const int32_t* cu_seqlens, int n_segments, int64_t N, int H, int Hkv, int D, int B, int top_k) {
   const int past = top_k - 1;
-#define MOBA_ROUTE(SLOTS)                                                                                      \
-  route_kernel<DP, SLOTS><<<grid, 128, 0, stream>>>(selected, flag, q, kbar, cu_seqlens, n_segments, N, H, Hkv, \
-                                                    D, B, top_k)
+  constexpr size_t bytes = route_smem_bytes<DP>();
+#define MOBA_ROUTE(SLOTS)                                                                                       \
+  do {                                                                                                          \
+    static const bool configured = [] {                                                                         \
+      MOBA_CUDA_CHECK(cudaFuncSetAttribute(route_kernel<DP, SLOTS>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
+                                           static_cast<int>(bytes)));                                           \
+      return true;                                                                                              \
+    }();                                                                                                        \
+    (void)configured;                                                                                           \
+    route_kernel<DP, SLOTS><<<grid, 128, bytes, stream>>>(selected, flag, q, kbar, cu_seqlens, n_segments, N, H, \
+                                                          Hkv, D, B, top_k);                                    \
+  } while (0)
   if (past <= 2)
     MOBA_ROUTE(2);
   else if (past <= 4)
@@ -196,10 +249,10 @@ void moba_select_blocks(const CudaContext& ctx, int32_t* selected, const bf16* q
     const int channels = Hkv * D;
     const int threads = channels < 256 ? (channels + 31) / 32 * 32 : 256;
     const dim3 grid(static_cast<unsigned>(n_slots), (channels + threads - 1) / threads);
-    block_means_kernel<<<grid, threads, 0, ctx.stream>>>(kbar, k, cu_seqlens, n_segments, N, Hkv, D, block_size);
+    block_means_kernel<<<grid, threads, 0, ctx.stream>>>(kbar, k, cu_seqlens, n_segments, Hkv, D, block_size);
     MOBA_CUDA_CHECK(cudaGetLastError());
   }
-  const dim3 grid(static_cast<unsigned>((N + 127) / 128), H);
+  const dim3 grid(static_cast<unsigned>((N + 63) / 64), H);
   if (D <= 64)
     launch_route<64>(grid, ctx.stream, selected, flag, q, kbar, cu_seqlens, n_segments, N, H, Hkv, D, block_size,
                      top_k);
