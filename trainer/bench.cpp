@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <fstream>
 #include <random>
@@ -34,7 +35,9 @@ std::string today() {
   return buf;
 }
 
+// The commit measured: $MOBA_COMMIT when set (the GPU machine's copy of the tree has no .git), else git's.
 std::string git_commit() {
+  if (const char* env = std::getenv("MOBA_COMMIT"); env && *env) return env;
   FILE* p = popen("git rev-parse --short HEAD 2>/dev/null", "r");
   if (!p) return "unknown";
   char buf[64] = {0};
