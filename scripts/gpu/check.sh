@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: configure and build for sm_90a into build-gpu, then run the GPU tests (ctest label
-# "gpu") or the tests matching a regex. Logs go to $OUT when set. Usage: scripts/gpu/check.sh [regex] [targets]
+# "gpu") or the tests matching a regex; $CTEST_EXCLUDE (a regex) leaves tests out. Logs go to $OUT when set.
+# Usage: scripts/gpu/check.sh [regex] [targets]
 #   scripts/gpu/check.sh                       # all GPU tests
 #   scripts/gpu/check.sh 'CudaOps' test_cuda_ops_gpu   # one suite, building only its target
 set -euo pipefail
@@ -27,7 +28,7 @@ grep -E "warning: " "$out/build.log" | sort -u | head -10 || true
 cd build-gpu
 set -o pipefail
 if [ -n "$regex" ]; then
-  ctest --output-on-failure --no-tests=error -R "$regex" 2>&1 | tee "$out/ctest.log" | tail -40
+  ctest --output-on-failure --no-tests=error ${CTEST_EXCLUDE:+-E "$CTEST_EXCLUDE"} -R "$regex" 2>&1 | tee "$out/ctest.log" | tail -40
 else
-  ctest --output-on-failure --no-tests=error -L gpu 2>&1 | tee "$out/ctest.log" | tail -40
+  ctest --output-on-failure --no-tests=error ${CTEST_EXCLUDE:+-E "$CTEST_EXCLUDE"} -L gpu 2>&1 | tee "$out/ctest.log" | tail -40
 fi
