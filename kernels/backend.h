@@ -30,6 +30,8 @@ struct AttentionParams {
   // constant of the backward pass, so freezing it makes the layer smooth in Q and K (finite-difference
   // tests, analysis of a fixed routing).
   bool reuse_routing = false;
+  // Bitwise-reproducible gradients where the backend otherwise uses float atomics (CUDA MoBA dQ); slower.
+  bool deterministic = false;
 };
 
 class Backend {

@@ -449,6 +449,7 @@ Recipe parse_recipe_text(const std::string& text, const std::string& source, con
   train.get("grad_clip", t.grad_clip);
   train.get_choice("precision", t.precision, {"auto", "fp32", "bf16"});
   train.get_choice("recompute", t.recompute, {"none", "attention", "full"});
+  train.get("deterministic", t.deterministic);
   train.finish();
 
   Section par = top.child("parallel");
@@ -563,7 +564,8 @@ std::string recipe_to_yaml(const Recipe& r) {
     << "decay_fraction" << YAML::Value << num(t.schedule.decay_fraction) << YAML::Key << "min_lr_ratio" << YAML::Value
     << num(t.schedule.min_lr_ratio) << YAML::EndMap;
   e << YAML::Key << "grad_clip" << YAML::Value << num(t.grad_clip) << YAML::Key << "precision" << YAML::Value
-    << t.precision << YAML::Key << "recompute" << YAML::Value << t.recompute;
+    << t.precision << YAML::Key << "recompute" << YAML::Value << t.recompute << YAML::Key << "deterministic"
+    << YAML::Value << t.deterministic;
   e << YAML::EndMap;
   e << YAML::Key << "parallel" << YAML::Value << YAML::BeginMap << YAML::Key << "context" << YAML::Value
     << r.parallel.context << YAML::Key << "data" << YAML::Value;

@@ -89,6 +89,7 @@ struct TrainSettings {
   double grad_clip = 1.0;              // 0 = off
   std::string precision = "auto";      // auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16
   std::string recompute = "none";      // none | attention | full
+  bool deterministic = false;          // bitwise-reproducible GPU gradients where atomics are the default
 };
 
 struct ParallelSettings {

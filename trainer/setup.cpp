@@ -31,7 +31,8 @@ model::ModelConfig model_config_from(const Recipe& r, int dataset_vocab_size) {
   return c;
 }
 
-std::vector<AttentionParams> layer_attention(const AttentionSettings& a, const model::ModelConfig& c) {
+std::vector<AttentionParams> layer_attention(const AttentionSettings& a, const model::ModelConfig& c,
+                                             bool deterministic) {
   std::vector<AttentionParams> layers(static_cast<size_t>(c.n_layers));
   for (int l = 0; l < c.n_layers; ++l) {
     AttentionParams& p = layers[static_cast<size_t>(l)];
@@ -39,6 +40,7 @@ std::vector<AttentionParams> layer_attention(const AttentionSettings& a, const m
     p.block_size = a.moba.block_size;
     p.top_k = a.moba.top_k;
     p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    p.deterministic = deterministic;
   }
   return layers;
 }

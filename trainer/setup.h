@@ -12,7 +12,8 @@ namespace moba {
 // The model shape; vocab_size comes from the recipe or, when it says 0, from the dataset.
 model::ModelConfig model_config_from(const Recipe& recipe, int dataset_vocab_size);
 // How each layer attends under `attention` (full or moba with block size and top_k).
-std::vector<AttentionParams> layer_attention(const AttentionSettings& attention, const model::ModelConfig& config);
+std::vector<AttentionParams> layer_attention(const AttentionSettings& attention, const model::ModelConfig& config,
+                                             bool deterministic = false);
 // The largest top_k any phase can use (sizes the routing buffer).
 int max_top_k(const Recipe& recipe);
 model::TokenBatch token_batch(const data::Batch& batch);

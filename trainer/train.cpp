@@ -154,10 +154,12 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   Run run(r, mpi);
   check_layout(r, mpi, run);
   run.backend = make_backend(r.backend);
-  if (run.backend->device() == Device::cpu) {
-    if (r.train.precision == "bf16") warn("train.precision: bf16 - the CPU backend computes in fp32");
-    if (r.train.recompute != "none") warn("train.recompute: ", r.train.recompute, " has no effect on the CPU backend");
-  }
+  if (run.backend->device() == Device::cpu && r.train.precision == "bf16")
+    warn("train.precision: bf16 - the CPU backend computes in fp32");
+  if (run.backend->device() == Device::cuda && r.train.precision == "fp32")
+    warn("train.precision: fp32 - the CUDA backend computes in bf16 with f32 master weights and gradients");
+  if (r.train.recompute != "none")
+    warn("train.recompute: ", r.train.recompute, " is not implemented yet; every activation is kept");
   if (mpi.world_size() > 1 && r.parallel.zero == 1)
     warn("parallel.zero: 1 - optimizer-state sharding is not implemented yet; every rank keeps the full state");
   open_data(r, mpi, run);
@@ -270,7 +272,7 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
 
   while (state.step < run.total_steps) {
     AttentionSettings attention_now = r.attention_at(state.tokens_seen);
-    std::vector<AttentionParams> attention = layer_attention(attention_now, c);
+    std::vector<AttentionParams> attention = layer_attention(attention_now, c, r.train.deterministic);
     std::string desc = describe_attention(attention);
     if (desc != last_attention_desc) {
       info("attention from step ", state.step, ": ", desc);

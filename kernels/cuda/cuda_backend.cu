@@ -220,7 +220,7 @@ class CudaBackend final : public Backend {
     cuda::moba_attention_backward(ctx_, b16(dq, "dq"), b16(dk, "dk"), b16(dv, "dv"), b16(dout, "dout"), b16(q, "q"),
                                   b16(k, "k"), b16(v, "v"), b16(out, "out"), f32(lse, "lse"),
                                   i32(selected, "selected"), i32(cu_seqlens, "cu_seqlens"), segments, s.N, s.H, s.Hkv,
-                                  s.D, p.block_size, p.top_k, p.softmax_scale, /*deterministic=*/false);
+                                  s.D, p.block_size, p.top_k, p.softmax_scale, p.deterministic);
   }
 
   double cross_entropy_forward(Tensor losses, const Tensor& logits, const Tensor& targets,
