@@ -1,6 +1,12 @@
 // The CUDA backend: device memory and the Backend interface on one stream, activations in bf16, master
 // weights, gradients and statistics in f32 (see kernels/backend.h for the precision contract).
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <vector>
 
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda_backend.h"
@@ -22,6 +28,76 @@ bf16* b16(const Tensor& t, const char* what) { return typed<bf16>(t, DType::bf16
 float* f32(const Tensor& t, const char* what) { return typed<float>(t, DType::f32, what); }
 const int32_t* i32(const Tensor& t, const char* what) { return typed<int32_t>(t, DType::i32, what); }
 const uint8_t* u8(const Tensor& t, const char* what) { return typed<uint8_t>(t, DType::u8, what); }
+
+// MOBA_PROFILE=1: CUDA events around every op, summed per op name and printed (stderr) when the backend is
+// destroyed. The events serialise nothing but add a little launch overhead; off by default.
+class OpProfiler {
+ public:
+  explicit OpProfiler(cudaStream_t stream) : stream_(stream) {
+    const char* env = std::getenv("MOBA_PROFILE");
+    enabled_ = env && std::string(env) == "1";
+  }
+  bool enabled() const { return enabled_; }
+  void record(const char* name, cudaEvent_t start, cudaEvent_t stop) { pending_.push_back({name, start, stop}); }
+  cudaEvent_t event() {
+    cudaEvent_t e;
+    MOBA_CUDA_CHECK(cudaEventCreate(&e));
+    return e;
+  }
+  cudaStream_t stream() const { return stream_; }
+  void report() {
+    if (!enabled_ || pending_.empty()) return;
+    cudaStreamSynchronize(stream_);
+    std::map<std::string, std::pair<double, int64_t>> totals;
+    double all = 0;
+    for (const Pending& p : pending_) {
+      float ms = 0;
+      cudaEventElapsedTime(&ms, p.start, p.stop);
+      totals[p.name].first += ms;
+      totals[p.name].second += 1;
+      all += ms;
+      cudaEventDestroy(p.start);
+      cudaEventDestroy(p.stop);
+    }
+    pending_.clear();
+    std::vector<std::pair<double, std::string>> rows;
+    for (const auto& [name, t] : totals) rows.push_back({t.first, name});
+    std::sort(rows.rbegin(), rows.rend());
+    std::fprintf(stderr, "profile (MOBA_PROFILE=1): %.1f ms in ops\n", all);
+    for (const auto& [ms, name] : rows)
+      std::fprintf(stderr, "  %-24s %10.2f ms %6.1f%%  %8lld calls\n", name.c_str(), ms, 100.0 * ms / all,
+                   static_cast<long long>(totals[name].second));
+  }
+
+ private:
+  struct Pending {
+    const char* name;
+    cudaEvent_t start, stop;
+  };
+  cudaStream_t stream_;
+  bool enabled_ = false;
+  std::vector<Pending> pending_;
+};
+
+class OpTimer {
+ public:
+  OpTimer(OpProfiler& profiler, const char* name) : profiler_(profiler), name_(name) {
+    if (!profiler_.enabled()) return;
+    start_ = profiler_.event();
+    stop_ = profiler_.event();
+    MOBA_CUDA_CHECK(cudaEventRecord(start_, profiler_.stream()));
+  }
+  ~OpTimer() {
+    if (!profiler_.enabled()) return;
+    cudaEventRecord(stop_, profiler_.stream());
+    profiler_.record(name_, start_, stop_);
+  }
+
+ private:
+  OpProfiler& profiler_;
+  const char* name_;
+  cudaEvent_t start_ = nullptr, stop_ = nullptr;
+};
 
 struct Shape {
   int64_t N;
@@ -49,9 +125,11 @@ class CudaBackend final : public Backend {
     ctx_.workspace_bytes = 32u << 20;
     MOBA_CUDA_CHECK(cudaMalloc(&ctx_.workspace, ctx_.workspace_bytes));
     name_ = cat("cuda (", prop.name, ")");
+    profiler_ = std::make_unique<OpProfiler>(ctx_.stream);
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(ctx_.stream);
+    if (profiler_) profiler_->report();
     for (void* p : ctx_.scratch_ptr) cudaFree(p);
     cudaFree(ctx_.workspace);
     cublasLtDestroy(ctx_.lt);
@@ -107,6 +185,7 @@ class CudaBackend final : public Backend {
     return ms;
   }
   void zero(Tensor t) override {
+    OpTimer timer(*profiler_, "zero");
     if (t.contiguous()) {
       MOBA_CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.bytes(), ctx_.stream));
     } else {
@@ -127,23 +206,28 @@ class CudaBackend final : public Backend {
 
   // ---- ops: check dtypes/shapes here, launch in kernels/cuda/*.cu ----
   void embedding_forward(Tensor out, const Tensor& tokens, const Tensor& wte) override {
+    OpTimer timer(*profiler_, "embedding_forward");
     cuda::embedding_forward(ctx_, b16(out, "out"), i32(tokens, "tokens"), b16(wte, "wte"), out.rows(),
                             static_cast<int>(out.row_size()));
   }
   void embedding_backward(Tensor dwte, const Tensor& dout, const Tensor& tokens) override {
+    OpTimer timer(*profiler_, "embedding_backward");
     cuda::embedding_backward(ctx_, f32(dwte, "dwte"), b16(dout, "dout"), i32(tokens, "tokens"), dout.rows(),
                              static_cast<int>(dout.row_size()), static_cast<int>(dwte.rows()));
   }
   void rmsnorm_forward(Tensor out, Tensor rstd, const Tensor& inp, const Tensor& weight, float eps) override {
+    OpTimer timer(*profiler_, "rmsnorm_forward");
     cuda::rmsnorm_forward(ctx_, b16(out, "out"), f32(rstd, "rstd"), b16(inp, "inp"), b16(weight, "weight"),
                           inp.rows(), static_cast<int>(inp.row_size()), eps);
   }
   void rmsnorm_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp, const Tensor& weight,
                         const Tensor& rstd) override {
+    OpTimer timer(*profiler_, "rmsnorm_backward");
     cuda::rmsnorm_backward(ctx_, b16(dinp, "dinp"), f32(dweight, "dweight"), b16(dout, "dout"), b16(inp, "inp"),
                            b16(weight, "weight"), f32(rstd, "rstd"), inp.rows(), static_cast<int>(inp.row_size()));
   }
   void matmul_forward(Tensor out, const Tensor& inp, const Tensor& weight) override {
+    OpTimer timer(*profiler_, "matmul_forward");
     MOBA_ASSERT(out.contiguous() && inp.contiguous() && inp.row_size() == weight.row_size() &&
                 out.row_size() == weight.rows());
     cuda::matmul_forward(ctx_, b16(out, "out"), b16(inp, "inp"), b16(weight, "weight"), inp.rows(),
@@ -151,38 +235,46 @@ class CudaBackend final : public Backend {
   }
   void matmul_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp,
                        const Tensor& weight) override {
+    OpTimer timer(*profiler_, "matmul_backward");
     cuda::matmul_backward(ctx_, dinp.data ? b16(dinp, "dinp") : nullptr, dweight.data ? f32(dweight, "dweight") : nullptr,
                           b16(dout, "dout"), b16(inp, "inp"), b16(weight, "weight"), inp.rows(),
                           static_cast<int>(inp.row_size()), static_cast<int>(weight.rows()));
   }
   void rope_forward(Tensor out, const Tensor& inp, const Tensor& pos, float theta) override {
+    OpTimer timer(*profiler_, "rope_forward");
     MOBA_ASSERT(out.ndim == 3 && out.contiguous());
     cuda::rope_forward(ctx_, b16(out, "out"), b16(inp, "inp"), inp.stride0(), i32(pos, "pos"), out.shape[0],
                        static_cast<int>(out.shape[1]), static_cast<int>(out.shape[2]), theta);
   }
   void rope_backward(Tensor dinp, const Tensor& dout, const Tensor& pos, float theta) override {
+    OpTimer timer(*profiler_, "rope_backward");
     MOBA_ASSERT(dout.ndim == 3 && dout.contiguous());
     cuda::rope_backward(ctx_, b16(dinp, "dinp"), dinp.stride0(), b16(dout, "dout"), i32(pos, "pos"), dout.shape[0],
                         static_cast<int>(dout.shape[1]), static_cast<int>(dout.shape[2]), theta);
   }
   void swiglu_forward(Tensor out, const Tensor& inp) override {
+    OpTimer timer(*profiler_, "swiglu_forward");
     cuda::swiglu_forward(ctx_, b16(out, "out"), b16(inp, "inp"), out.rows(), static_cast<int>(out.row_size()));
   }
   void swiglu_backward(Tensor dinp, const Tensor& dout, const Tensor& inp) override {
+    OpTimer timer(*profiler_, "swiglu_backward");
     cuda::swiglu_backward(ctx_, b16(dinp, "dinp"), b16(dout, "dout"), b16(inp, "inp"), dout.rows(),
                           static_cast<int>(dout.row_size()));
   }
   void add_inplace(Tensor dst, const Tensor& src) override {
+    OpTimer timer(*profiler_, "add_inplace");
     MOBA_ASSERT(dst.numel() == src.numel() && dst.contiguous() && src.contiguous());
     cuda::add_inplace(ctx_, b16(dst, "dst"), b16(src, "src"), dst.numel());
   }
   void copy(Tensor dst, const Tensor& src) override {
+    OpTimer timer(*profiler_, "copy");
     MOBA_ASSERT(dst.rows() == src.rows() && dst.row_size() == src.row_size() && dst.dtype == src.dtype &&
                 dst.device == Device::cuda && src.device == Device::cuda);
     cuda::copy_rows(ctx_, dst.data, dst.stride0(), src.data, src.stride0(), src.rows(), src.row_size(),
                     static_cast<int>(dtype_size(src.dtype)));
   }
   void convert(Tensor dst, const Tensor& src) override {
+    OpTimer timer(*profiler_, "convert");
     MOBA_ASSERT(dst.numel() == src.numel() && dst.contiguous() && src.contiguous() && dst.device == Device::cuda &&
                 src.device == Device::cuda);
     cuda::convert(ctx_, dst.data, dst.dtype, src.data, src.dtype, dst.numel());
@@ -190,6 +282,7 @@ class CudaBackend final : public Backend {
 
   void attention_forward(Tensor out, Tensor lse, Tensor selected, const Tensor& q, const Tensor& k, const Tensor& v,
                          const Tensor& cu_seqlens, const AttentionParams& p) override {
+    OpTimer timer(*profiler_, "attention_forward");
     const Shape s = shape_of(q, k);
     const int segments = static_cast<int>(cu_seqlens.numel() - 1);
     if (p.mode == AttentionMode::full) {
@@ -209,6 +302,7 @@ class CudaBackend final : public Backend {
   void attention_backward(Tensor dq, Tensor dk, Tensor dv, const Tensor& dout, const Tensor& q, const Tensor& k,
                           const Tensor& v, const Tensor& out, const Tensor& lse, const Tensor& selected,
                           const Tensor& cu_seqlens, const AttentionParams& p) override {
+    OpTimer timer(*profiler_, "attention_backward");
     const Shape s = shape_of(q, k);
     const int segments = static_cast<int>(cu_seqlens.numel() - 1);
     if (p.mode == AttentionMode::full) {
@@ -225,28 +319,38 @@ class CudaBackend final : public Backend {
 
   double cross_entropy_forward(Tensor losses, const Tensor& logits, const Tensor& targets,
                                const Tensor& mask) override {
+    OpTimer timer(*profiler_, "cross_entropy_forward");
     return cuda::cross_entropy_forward(ctx_, f32(losses, "losses"), b16(logits, "logits"), i32(targets, "targets"),
                                        mask.data ? u8(mask, "mask") : nullptr, logits.rows(),
                                        static_cast<int>(logits.row_size()));
   }
   void cross_entropy_backward(Tensor dlogits, const Tensor& logits, const Tensor& targets, const Tensor& mask,
                               float grad_scale) override {
+    OpTimer timer(*profiler_, "cross_entropy_backward");
     cuda::cross_entropy_backward(ctx_, b16(dlogits, "dlogits"), b16(logits, "logits"), i32(targets, "targets"),
                                  mask.data ? u8(mask, "mask") : nullptr, grad_scale, logits.rows(),
                                  static_cast<int>(logits.row_size()));
   }
   void adamw_update(Tensor param, Tensor param_working, const Tensor& grad, Tensor m, Tensor v, float lr, float beta1,
                     float beta2, float eps, float weight_decay, int64_t step) override {
+    OpTimer timer(*profiler_, "adamw_update");
     MOBA_ASSERT(param.numel() == grad.numel() && param.numel() == m.numel() && param.numel() == v.numel());
     cuda::adamw_update(ctx_, f32(param, "param"), param_working.data ? b16(param_working, "param_working") : nullptr,
                        f32(grad, "grad"), f32(m, "m"), f32(v, "v"), param.numel(), lr, beta1, beta2, eps, weight_decay,
                        step);
   }
-  double sum_of_squares(const Tensor& x) override { return cuda::sum_of_squares(ctx_, f32(x, "x"), x.numel()); }
-  void scale(Tensor x, float s) override { cuda::scale(ctx_, f32(x, "x"), x.numel(), s); }
+  double sum_of_squares(const Tensor& x) override {
+    OpTimer timer(*profiler_, "sum_of_squares");
+    return cuda::sum_of_squares(ctx_, f32(x, "x"), x.numel());
+  }
+  void scale(Tensor x, float s) override {
+    OpTimer timer(*profiler_, "scale");
+    cuda::scale(ctx_, f32(x, "x"), x.numel(), s);
+  }
 
  private:
   CudaContext ctx_;
+  std::unique_ptr<OpProfiler> profiler_;  // per-op timings when MOBA_PROFILE=1
   std::string name_;
 };
 
