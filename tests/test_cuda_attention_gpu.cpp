@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -16,6 +17,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/cuda/attention.h"
+#include "kernels/cuda/timing.h"
 #include "tests/support/test_util.h"
 
 namespace moba {
@@ -243,22 +245,7 @@ void benchmark_dense(int64_t N, int H, int Hkv, int D) {
   auto backward = [&] {
     cuda::flash_attention_backward(ctx, dq, dk, dv, dout, q, k, v, out, lse, cu, 1, N, H, Hkv, D, scale);
   };
-  cudaEvent_t start, stop;
-  BENCH_CUDA_CHECK(cudaEventCreate(&start));
-  BENCH_CUDA_CHECK(cudaEventCreate(&stop));
-  auto time_ms = [&](auto&& fn, int reps) {
-    std::vector<double> ms;
-    for (int i = 0; i < reps; ++i) {
-      EXPECT_EQ(cudaEventRecord(start, ctx.stream), cudaSuccess);
-      fn();
-      EXPECT_EQ(cudaEventRecord(stop, ctx.stream), cudaSuccess);
-      EXPECT_EQ(cudaEventSynchronize(stop), cudaSuccess);
-      float t = 0;
-      EXPECT_EQ(cudaEventElapsedTime(&t, start, stop), cudaSuccess);
-      ms.push_back(t);
-    }
-    return ms;
-  };
+  auto time_ms = [&](const std::function<void()>& fn, int reps) { return cuda::time_on_stream(ctx.stream, fn, 0, reps); };
   time_ms([&] { forward(); backward(); }, 3);  // warm-up: module load, scratch growth
   const std::vector<double> fwd = time_ms(forward, 15);
   const std::vector<double> bwd = time_ms(backward, 15);
@@ -282,8 +269,6 @@ void benchmark_dense(int64_t N, int H, int Hkv, int D) {
   cudaFree(lse);
   cudaFree(cu);
   for (void* p : ctx.scratch_ptr) cudaFree(p);
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
   cudaStreamDestroy(ctx.stream);
 }
 

@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -20,6 +21,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/cuda/moba.h"
+#include "kernels/cuda/timing.h"
 #include "tests/support/test_util.h"
 
 namespace moba {
@@ -357,22 +359,10 @@ void benchmark(int64_t N, int H, int B, int top_k) {
                                   k.as<bf16>(), v.as<bf16>(), out.as<bf16>(), lse.as<float>(), sel.as<int32_t>(),
                                   cu.as<int32_t>(), 1, N, H, Hkv, D, B, top_k, scale, false);
   };
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
-  auto time_ms = [&](auto&& fn, int reps) {
-    std::vector<float> ms;
-    for (int r = 0; r < reps; ++r) {
-      cudaEventRecord(e0, st);
-      fn();
-      cudaEventRecord(e1, st);
-      cudaEventSynchronize(e1);
-      float t = 0;
-      cudaEventElapsedTime(&t, e0, e1);
-      ms.push_back(t);
-    }
+  auto time_ms = [&](const std::function<void()>& fn, int reps) {
+    std::vector<double> ms = cuda::time_on_stream(st, fn, 0, reps);
     std::sort(ms.begin(), ms.end());
-    return static_cast<double>(ms[ms.size() / 2]);
+    return ms[ms.size() / 2];
   };
   for (int w = 0; w < 3; ++w) {  // warm-up: scratch allocation, module load
     route();
@@ -393,8 +383,6 @@ void benchmark(int64_t N, int H, int B, int top_k) {
       "%.0f TFLOP/s | bwd %.3f ms %.0f TFLOP/s | fwd+bwd %.3f ms %.0f TFLOP/s | routing share %.1f%%\n",
       static_cast<long long>(N), H, D, B, top_k, route_ms, attn_fwd_ms, fwd_ms, flops_fwd / fwd_ms * 1e-9, bwd_ms,
       2.5 * flops_fwd / bwd_ms * 1e-9, step_ms, 3.5 * flops_fwd / step_ms * 1e-9, 100.0 * route_ms / step_ms);
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
 }
 
 TEST(CudaMoba, Benchmark8K) {

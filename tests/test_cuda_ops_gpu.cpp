@@ -21,6 +21,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/timing.h"
 #include "tests/support/test_util.h"
 
 namespace moba {
@@ -467,22 +468,7 @@ TEST(CudaOps, AdamwUpdatesMomentsWeightsAndWorkingCopy) {
 // Median milliseconds of `reps` runs of fn on ctx.stream (CUDA events), after `warmup` runs.
 template <typename Fn>
 double median_ms(const cuda::CudaContext& ctx, int warmup, int reps, Fn fn) {
-  for (int i = 0; i < warmup; ++i) fn();
-  cudaEvent_t start, stop;
-  MOBA_CUDA_CHECK(cudaEventCreate(&start));
-  MOBA_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    MOBA_CUDA_CHECK(cudaEventRecord(start, ctx.stream));
-    fn();
-    MOBA_CUDA_CHECK(cudaEventRecord(stop, ctx.stream));
-    MOBA_CUDA_CHECK(cudaEventSynchronize(stop));
-    float elapsed = 0;
-    MOBA_CUDA_CHECK(cudaEventElapsedTime(&elapsed, start, stop));
-    ms.push_back(elapsed);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
+  std::vector<double> ms = cuda::time_on_stream(ctx.stream, fn, warmup, reps);
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
 }

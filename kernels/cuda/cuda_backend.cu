@@ -12,6 +12,7 @@
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/moba.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/timing.h"
 
 namespace moba {
 namespace cuda {
@@ -166,23 +167,7 @@ class CudaBackend final : public Backend {
   size_t allocated_bytes() const override { return ctx_.allocated; }
   size_t peak_bytes() const override { return ctx_.peak; }
   std::vector<double> time_ms(const std::function<void()>& fn, int warmup, int reps) override {
-    for (int i = 0; i < warmup; ++i) fn();
-    cudaEvent_t start, stop;
-    MOBA_CUDA_CHECK(cudaEventCreate(&start));
-    MOBA_CUDA_CHECK(cudaEventCreate(&stop));
-    std::vector<double> ms;
-    for (int i = 0; i < reps; ++i) {
-      MOBA_CUDA_CHECK(cudaEventRecord(start, ctx_.stream));
-      fn();
-      MOBA_CUDA_CHECK(cudaEventRecord(stop, ctx_.stream));
-      MOBA_CUDA_CHECK(cudaEventSynchronize(stop));
-      float elapsed = 0;
-      MOBA_CUDA_CHECK(cudaEventElapsedTime(&elapsed, start, stop));
-      ms.push_back(elapsed);
-    }
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    return ms;
+    return cuda::time_on_stream(ctx_.stream, fn, warmup, reps);
   }
   void zero(Tensor t) override {
     OpTimer timer(*profiler_, "zero");
