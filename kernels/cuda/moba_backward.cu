@@ -98,59 +98,7 @@ __global__ void __launch_bounds__(128) moba_dq_kernel(const BackwardArgs a) {
   const int past_slots = a.top_k - 1;
 
   int kv_head;
-  if constexpr (SELECTED) {
-    if (static_cast<int>(blockIdx.x) >= a.dispatch.chunk_offset[a.dispatch.n_buckets]) return;
-    const int2 item = a.dispatch.items[blockIdx.x];
-    const int bucket = item.x;
-    kv_head = bucket % a.Hkv;
-    const int start = a.dispatch.slot_start[bucket / a.Hkv];
-    const int n_rows = min(kRowsPerChunk, a.dispatch.count[bucket] - item.y * kRowsPerChunk);
-    if (tid < 64) {
-      int row = -1, entry = -1;
-      if (tid < n_rows) {
-        entry = a.dispatch.entries[a.dispatch.offset[bucket] + item.y * kRowsPerChunk + tid];
-        row = entry / past_slots;
-      }
-      s_row[tid] = row;
-      s_aux[tid] = entry;
-      s_lo[tid] = start;
-      s_hi[tid] = start + a.B;
-    }
-    if (tid == 0) {
-      s_range[0] = start;
-      s_range[1] = start + a.B;
-    }
-  } else {
-    const int h = blockIdx.y;
-    kv_head = h / (a.H / a.Hkv);
-    if (tid < 64) {
-      const int64_t t = static_cast<int64_t>(blockIdx.x) * 64 + tid;
-      int row = -1, lo = INT_MAX, hi = INT_MIN;
-      if (t < a.N) {
-        const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, t, a.B);
-        row = static_cast<int>(t * a.H + h);
-        lo = static_cast<int>(tb.block_start);
-        hi = static_cast<int>(t + 1);
-      }
-      s_row[tid] = row;
-      s_lo[tid] = lo;
-      s_hi[tid] = hi;
-    }
-    __syncthreads();
-    if (warp == 0) {
-      int lo = min(s_lo[lane], s_lo[lane + 32]), hi = max(s_hi[lane], s_hi[lane + 32]);
-#pragma unroll
-      for (int d = 16; d > 0; d >>= 1) {
-        lo = min(lo, __shfl_xor_sync(0xFFFFFFFFu, lo, d));
-        hi = max(hi, __shfl_xor_sync(0xFFFFFFFFu, hi, d));
-      }
-      if (lane == 0) {
-        s_range[0] = lo;
-        s_range[1] = hi;
-      }
-    }
-  }
-  __syncthreads();
+  if (!tile_rows<SELECTED>(a, s_row, s_aux, s_lo, s_hi, s_range, &kv_head)) return;
   if (tid < 64) {
     const int row = s_row[tid];
     s_lse2[tid] = row >= 0 ? a.lse[row] * kLog2e : INFINITY;

@@ -8,6 +8,7 @@
 #pragma once
 #include <cuda_bf16.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "kernels/cuda/moba.h"
@@ -149,5 +150,74 @@ Dispatch build_dispatch(const CudaContext& ctx, const int32_t* selected, const i
 // Checks shared by the launchers (throw moba::Error with the caller's name).
 void check_moba_shape(const char* caller, int64_t N, int H, int Hkv, int D, int block_size, int top_k,
                       int n_segments);
+
+// ---- which query rows a CTA owns (forward and dQ kernels) -------------------------------------------------------
+// SELECTED: blockIdx.x is a dispatch work item: up to kRowsPerChunk gathered rows of one bucket (kv head, complete
+//   block); every row sees the whole block; s_aux[r] = the row's partial entry (row * (top_k - 1) + slot).
+// Otherwise: blockIdx.x is a 64-token tile of head blockIdx.y; row t sees keys [block_start(t), t]; s_aux[r] = the
+//   row's current block index inside its segment.
+// Fills s_row (t * H + h, or -1), s_aux, s_lo/s_hi (each row's visible keys) and s_range (their union), sets
+// *kv_head, and returns false when this CTA has no work item (uniform over the CTA: the caller returns).
+// Called by all 128 threads; ends with __syncthreads().
+template <bool SELECTED, typename Args>
+__device__ bool tile_rows(const Args& a, int* s_row, int* s_aux, int* s_lo, int* s_hi, int* s_range, int* kv_head) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if constexpr (SELECTED) {
+    if (static_cast<int>(blockIdx.x) >= a.dispatch.chunk_offset[a.dispatch.n_buckets]) return false;
+    const int2 item = a.dispatch.items[blockIdx.x];
+    const int bucket = item.x;
+    *kv_head = bucket % a.Hkv;
+    const int start = a.dispatch.slot_start[bucket / a.Hkv];
+    const int n_rows = min(kRowsPerChunk, a.dispatch.count[bucket] - item.y * kRowsPerChunk);
+    if (tid < 64) {
+      int row = -1, entry = -1;
+      if (tid < n_rows) {
+        entry = a.dispatch.entries[a.dispatch.offset[bucket] + item.y * kRowsPerChunk + tid];
+        row = entry / (a.top_k - 1);
+      }
+      s_row[tid] = row;
+      s_aux[tid] = entry;
+      s_lo[tid] = start;
+      s_hi[tid] = start + a.B;
+    }
+    if (tid == 0) {
+      s_range[0] = start;
+      s_range[1] = start + a.B;
+    }
+  } else {
+    const int h = blockIdx.y;
+    *kv_head = h / (a.H / a.Hkv);
+    if (tid < 64) {
+      const int64_t t = static_cast<int64_t>(blockIdx.x) * 64 + tid;
+      int row = -1, lo = INT_MAX, hi = INT_MIN, current = 0;
+      if (t < a.N) {
+        const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, t, a.B);
+        row = static_cast<int>(t * a.H + h);
+        lo = static_cast<int>(tb.block_start);
+        hi = static_cast<int>(t + 1);
+        current = static_cast<int>((tb.block_start - tb.segment_start) / a.B);
+      }
+      s_row[tid] = row;
+      s_lo[tid] = lo;
+      s_hi[tid] = hi;
+      s_aux[tid] = current;
+    }
+    __syncthreads();
+    if (warp == 0) {  // union of the 64 rows' key ranges
+      int lo = min(s_lo[lane], s_lo[lane + 32]), hi = max(s_hi[lane], s_hi[lane + 32]);
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) {
+        lo = min(lo, __shfl_xor_sync(0xFFFFFFFFu, lo, d));
+        hi = max(hi, __shfl_xor_sync(0xFFFFFFFFu, hi, d));
+      }
+      if (lane == 0) {
+        s_range[0] = lo;
+        s_range[1] = hi;
+      }
+    }
+  }
+  __syncthreads();
+  return true;
+}
 
 }  // namespace moba::cuda::moba_detail
