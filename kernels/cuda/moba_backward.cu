@@ -2,17 +2,19 @@
 // dS = P * (dO V^T - Delta): dQ = scale * dS K, dK = scale * dS^T Q, dV = P^T dO, over the same union of keys as
 // the forward. Kernels, in stream order:
 //   delta             Delta (N, H) f32.
-//   dk/dv, selected   per (block, kv head, 64-key tile): loops over every row that chose the block -> f32 buffer.
-//   dk/dv, current    per (64-key tile, kv head): the causal queries of the key's own block (all heads of the
-//                     group) + the selected part from the buffer, added into dk/dv (bf16).
-// dQ, deterministic = false (what the backend uses): both dK/dV kernels also compute dQ = scale * dS K per row tile
-//   and add it into an f32 buffer with atomics (FlashAttention-2's backward, 5 matrix products per pair); a last
+//   dk/dv             per (64-key tile, kv head): the causal queries of the keys' own blocks (all heads of the
+//                     group), then every row that chose one of the tile's blocks (the dispatch of all rows),
+//                     accumulated in registers and added into dk/dv (bf16) once.
+// dQ, deterministic = false (what the backend uses): the dK/dV kernel also computes dQ = scale * dS K per row tile
+//   and adds it into an f32 buffer with atomics (FlashAttention-2's backward, 5 matrix products per pair); a last
 //   pass adds the buffer into dq (bf16).
-// dQ, deterministic = true: two extra passes recompute P and dS query-major (7 products per pair): per dispatch
-//   item the selected block's dQ -> a per-(row, selection slot) f32 part; per (64-token tile, head) the causal
-//   current-block dQ + the row's parts in selection order, added into dq. No atomics: bitwise reproducible.
+// dQ, deterministic = true: two extra passes per chunk of query tokens recompute P and dS query-major (7 products
+//   per pair): per dispatch item the selected block's dQ -> a per-(row, selection slot) f32 part; per (64-token
+//   tile, head) the causal current-block dQ + the row's parts in selection order, added into dq. No atomics:
+//   bitwise reproducible. Chunks keep the parts within kEntryBudgetBytes.
 // Invariant: dK/dV have a single owner per element (no atomics), but the selected part sums the rows of a block in
 // dispatch order, which atomics set, so dK/dV (and the atomic dQ) may differ in the last bits run to run.
+#include <algorithm>
 #include <climits>
 #include <cmath>
 
@@ -27,10 +29,9 @@ struct BackwardArgs {
   bf16* dq;               // (N, H, D) +=
   bf16* dk;               // (N, Hkv, D) +=
   bf16* dv;               // (N, Hkv, D) +=
-  float* dq_part;         // deterministic: (N * H * (top_k - 1), D) dQ of each selected block, already scaled
-  float* dq_acc;          // otherwise: (N, H, D) f32 dQ accumulated with atomics by the dK/dV kernels
-  float* dk_sel;          // (N, Hkv, D) dK of the selected part (written only for blocks with a non-empty bucket)
-  float* dv_sel;          // (N, Hkv, D)
+  float* dq_part;         // deterministic: (entries of the chunk, D) dQ of each selected block, already scaled,
+                          // indexed by entry - dispatch.entry_base
+  float* dq_acc;          // otherwise: (N, H, D) f32 dQ accumulated with atomics by the dK/dV kernel
   float* delta;           // (N, H)
   const bf16* dout;       // (N, H, D)
   const bf16* q;
@@ -40,12 +41,13 @@ struct BackwardArgs {
   const float* lse;       // (N, H) natural log
   const int32_t* selected;
   const int32_t* cu_seqlens;
-  Dispatch dispatch;
+  Dispatch dispatch;      // dK/dV: of all rows; deterministic dQ passes: of the chunk being processed
   int n_segments;
   int64_t N;
   int H, Hkv, D, B, top_k;
   float scale;            // softmax scale
   float scale_log2;       // softmax scale * log2(e)
+  int tile_offset;        // deterministic current-block dQ pass: the chunk's first 64-token tile
 };
 
 // Delta (rows) = rowsum(dout * out) in f32; DP / 8 threads per row, 8 channels each.
@@ -201,7 +203,7 @@ __global__ void __launch_bounds__(128) moba_dq_kernel(const BackwardArgs a) {
     const int row = s_row[r];
     if (row < 0) continue;
     if constexpr (SELECTED) {
-      float* dst = a.dq_part + static_cast<int64_t>(s_aux[r]) * a.D;
+      float* dst = a.dq_part + (static_cast<int64_t>(s_aux[r]) - a.dispatch.entry_base) * a.D;
 #pragma unroll
       for (int d = 0; d < DT; ++d) {
         const int col = d * 8 + quad_col;
@@ -217,6 +219,7 @@ __global__ void __launch_bounds__(128) moba_dq_kernel(const BackwardArgs a) {
       int n_past = 0;
       while (n_past < past_slots && sel[n_past] >= 0 && sel[n_past] < current) ++n_past;
       bf16* dst = a.dq + static_cast<int64_t>(row) * a.D;
+      const int64_t part = (static_cast<int64_t>(row) * past_slots - a.dispatch.entry_base) * a.D;
 #pragma unroll
       for (int d = 0; d < DT; ++d) {
         const int col = d * 8 + quad_col;
@@ -224,7 +227,7 @@ __global__ void __launch_bounds__(128) moba_dq_kernel(const BackwardArgs a) {
         float x0 = dq[d][2 * half] * a.scale, x1 = dq[d][2 * half + 1] * a.scale;
         for (int i = 0; i < n_past; ++i) {  // selection order: fixed summation order
           const float2 p =
-              *reinterpret_cast<const float2*>(a.dq_part + (static_cast<int64_t>(row) * past_slots + i) * a.D + col);
+              *reinterpret_cast<const float2*>(a.dq_part + part + static_cast<int64_t>(i) * a.D + col);
           x0 += p.x;
           x1 += p.y;
         }
@@ -268,13 +271,15 @@ __global__ void add_dq_kernel(bf16* __restrict__ dq, const float* __restrict__ d
   reinterpret_cast<uint4*>(dq)[i] = g;
 }
 
-// SELECTED: blockIdx.x = bucket * key_tiles + key tile; rows = every entry of the bucket, all keys visible; writes
-// dk_sel/dv_sel. Otherwise: blockIdx.x = 64-key tile, blockIdx.y = kv head; rows = tokens t of each head of the
-// group with key <= t < end of the key's block; adds the selected part and writes into dk/dv.
+// One CTA per (64-key tile, kv head): blockIdx.x = key tile, blockIdx.y = kv head. Row tiles, in this order:
+//  - causal: tokens t of each head of the group with key <= t < end of the key's block;
+//  - selected: for each complete block overlapping the key tile (one when B and the segments are 64-aligned), every
+//    row of its bucket (rows that chose the block); a row sees the keys of that block only.
+// dK/dV of both parts accumulate in registers and are added into dk/dv (bf16) once: no f32 (N, Hkv, D) buffer.
 // FUSED_DQ (deterministic = false): each row tile also adds its dQ = scale * dS K into dq_acc with f32 atomics
 // (FlashAttention-2's backward: 5 matrix products per pair instead of 7 with the separate dQ pass), float4 atomics
 // (half the atomic operations of float2; measured neutral at D = 128, see bench/notes/moba_kernels.md).
-template <int DP, bool SELECTED, bool FUSED_DQ>
+template <int DP, bool FUSED_DQ>
 __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardArgs a) {
   constexpr int LD = DP + 8;
   constexpr int RT = kv_row_tile<DP>();
@@ -293,43 +298,70 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
   int* s_rowid = s_tok + 2 * RT;                               // (2, RT) query row t * H + h, or -1
   bf16* sdS = reinterpret_cast<bf16*>(s_rowid + 2 * RT);        // (KT, RT + 8) dS^T of the row tile (FUSED_DQ)
   constexpr int LDS = RT + 8;
-  __shared__ int s_row_end;
+  __shared__ int s_row_end, s_n_sel;
+  __shared__ int s_sel_start[KT], s_sel_bucket[KT], s_sel_rows[KT];  // selected blocks: first token, bucket, rows
+  __shared__ int s_sel_tile0[KT + 1];                               // their first row tile (after the causal ones)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int past_slots = a.top_k - 1;
   const int group = a.H / a.Hkv;
 
-  int kv_head, key_begin, key_end;  // this CTA's keys [key_begin, key_end)
-  int bucket = -1, n_rows = 0;      // SELECTED
-  int first_row = 0, row_end = 0;   // else: query tokens [first_row, row_end) of each head
-  if constexpr (SELECTED) {
-    const int key_tiles = (a.B + KT - 1) / KT;
-    bucket = blockIdx.x / key_tiles;
-    n_rows = a.dispatch.count[bucket];
-    if (n_rows == 0) return;
-    kv_head = bucket % a.Hkv;
-    const int start = a.dispatch.slot_start[bucket / a.Hkv];
-    key_begin = start + static_cast<int>(blockIdx.x % key_tiles) * KT;
-    key_end = min(key_begin + KT, start + a.B);
-  } else {
-    kv_head = blockIdx.y;
-    key_begin = blockIdx.x * KT;
-    key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + KT, a.N));
-    first_row = key_begin;
-    if (warp == 0) {
-      int end = 0;
-      for (int i = lane; i < key_end - key_begin; i += 32) {
-        const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, key_begin + i, a.B);
-        end = max(end, static_cast<int>(min(tb.block_start + a.B, tb.segment_end)));
-      }
+  const int kv_head = blockIdx.y;
+  const int key_begin = blockIdx.x * KT;  // this CTA's keys [key_begin, key_end)
+  const int key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + KT, a.N));
+  const int first_row = key_begin;        // causal rows: tokens [first_row, row_end) of each head
+  if (warp == 0) {
+    int end = 0, n_sel = 0;
 #pragma unroll
-      for (int d = 16; d > 0; d >>= 1) end = max(end, __shfl_xor_sync(0xFFFFFFFFu, end, d));
-      if (lane == 0) s_row_end = end;
+    for (int round = 0; round < KT / 32; ++round) {
+      const int i = round * 32 + lane, key = key_begin + i;
+      bool has = false;
+      int start = 0, bucket = 0, rows = 0;
+      if (key < key_end) {
+        const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, key, a.B);
+        end = max(end, static_cast<int>(min(tb.block_start + a.B, tb.segment_end)));
+        start = static_cast<int>(tb.block_start);
+        // The block's first key in this tile, a complete block, and chosen by some row.
+        if (past_slots > 0 && (i == 0 || key == start) && tb.block_start + a.B <= tb.segment_end) {
+          bucket = static_cast<int>((tb.block_start / a.B) * a.Hkv + kv_head);
+          rows = a.dispatch.count[bucket];
+          has = rows > 0;
+        }
+      }
+      const unsigned ballot = __ballot_sync(0xFFFFFFFFu, has);
+      if (has) {
+        const int pos = n_sel + __popc(ballot & ((1u << lane) - 1u));
+        s_sel_start[pos] = start;
+        s_sel_bucket[pos] = bucket;
+        s_sel_rows[pos] = rows;
+      }
+      n_sel += __popc(ballot);
     }
-    __syncthreads();
-    row_end = s_row_end;
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) end = max(end, __shfl_xor_sync(0xFFFFFFFFu, end, d));
+    __syncwarp();
+    if (lane == 0) {
+      s_row_end = end;
+      s_n_sel = n_sel;
+      int tiles = 0;
+      for (int b = 0; b < n_sel; ++b) {
+        s_sel_tile0[b] = tiles;
+        tiles += (s_sel_rows[b] + RT - 1) / RT;
+      }
+      s_sel_tile0[n_sel] = tiles;
+    }
   }
-  const int row_tiles_per_head = SELECTED ? (n_rows + RT - 1) / RT : (row_end - first_row + RT - 1) / RT;
-  const int n_tiles = SELECTED ? row_tiles_per_head : row_tiles_per_head * group;
+  __syncthreads();
+  const int row_end = s_row_end, n_sel = s_n_sel;
+  const int row_tiles_per_head = (row_end - first_row + RT - 1) / RT;
+  const int n_causal = row_tiles_per_head * group;
+  const int n_tiles = n_causal + s_sel_tile0[n_sel];
+  // The selected block of row tile `tile` (an index into s_sel_*), or -1 for a causal tile.
+  auto selected_block = [&](int tile) {
+    if (tile < n_causal) return -1;
+    int b = 0;
+    while (b + 1 < n_sel && s_sel_tile0[b + 1] <= tile - n_causal) ++b;
+    return b;
+  };
 
   for (int idx = tid; idx < KT * (DP / 8); idx += kThreads) {
     const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
@@ -340,39 +372,28 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
   }
   // Row tile `tile` into buffer `buf`: Q and dO rows by cp.async, lse/delta/token by plain stores (visible to the
   // other warps after the __syncthreads that precedes their use).
+  auto tile_row = [&](int tile, int b, int r) {  // query row t * H + h of row r of the tile, or -1
+    if (b < 0) {
+      const int h = kv_head * group + tile / row_tiles_per_head;
+      const int t = first_row + (tile % row_tiles_per_head) * RT + r;
+      return t < row_end ? t * a.H + h : -1;
+    }
+    const int i = (tile - n_causal - s_sel_tile0[b]) * RT + r;
+    const int bucket = s_sel_bucket[b];
+    return i < s_sel_rows[b] ? a.dispatch.entries[a.dispatch.offset[bucket] + i] / past_slots : -1;
+  };
   auto load_rows = [&](int tile, int buf) {
+    const int b = selected_block(tile);
     if (tid < RT) {
-      int row = -1, token = -1;
-      if constexpr (SELECTED) {
-        const int i = tile * RT + tid;
-        if (i < n_rows) {
-          row = a.dispatch.entries[a.dispatch.offset[bucket] + i] / past_slots;
-          token = row / a.H;
-        }
-      } else {
-        const int h = kv_head * group + tile / row_tiles_per_head;
-        const int t = first_row + (tile % row_tiles_per_head) * RT + tid;
-        if (t < row_end) {
-          row = t * a.H + h;
-          token = t;
-        }
-      }
-      s_tok[buf * RT + tid] = token;
+      const int row = tile_row(tile, b, tid);
+      s_tok[buf * RT + tid] = row >= 0 ? row / a.H : -1;
       s_rowid[buf * RT + tid] = row;
       s_lse2[buf * RT + tid] = row >= 0 ? a.lse[row] * kLog2e : INFINITY;
       s_delta[buf * RT + tid] = row >= 0 ? a.delta[row] : 0.0f;
     }
     for (int idx = tid; idx < RT * (DP / 8); idx += kThreads) {
       const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
-      int row = -1;
-      if constexpr (SELECTED) {
-        const int i = tile * RT + r;
-        if (i < n_rows) row = a.dispatch.entries[a.dispatch.offset[bucket] + i] / past_slots;
-      } else {
-        const int h = kv_head * group + tile / row_tiles_per_head;
-        const int t = first_row + (tile % row_tiles_per_head) * RT + r;
-        if (t < row_end) row = t * a.H + h;
-      }
+      const int row = tile_row(tile, b, r);
       const bool ok = row >= 0 && c < a.D;
       const int64_t off = static_cast<int64_t>(row) * a.D + c;
       cp_async16(sQ + (buf * RT + r) * LD + c, ok ? a.q + off : a.q, ok ? 16 : 0);
@@ -382,25 +403,19 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
   if (n_tiles > 0) load_rows(0, 0);
   cp_async_commit();
 
-  // This thread's two keys (rows g and g + 8 of the warp's 16) and, for the causal part, their blocks' ends.
+  // This thread's two keys (rows g and g + 8 of the warp's 16), their blocks' first tokens and ends.
   const int kr0 = warp * 16 + (lane >> 2), kr1 = kr0 + 8, quad_col = 2 * (lane & 3);
   const int key0 = key_begin + kr0, key1 = key_begin + kr1;
   const bool key0_ok = key0 < key_end, key1_ok = key1 < key_end;
-  int end0 = INT_MIN, end1 = INT_MIN;  // causal part: row t sees key u iff u <= t < end(u)
-  bool sel0 = false, sel1 = false;     // causal part: the key's block has a selected part in dk_sel/dv_sel
-  if constexpr (!SELECTED) {
+  int end0 = INT_MIN, end1 = INT_MIN;      // causal part: row t sees key u iff u <= t < end(u)
+  int start0 = INT_MIN, start1 = INT_MIN;  // selected part: a row of block b sees key u iff start(u) = b's start
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int key = half ? key1 : key0;
-      if (!(half ? key1_ok : key0_ok)) continue;
-      const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, key, a.B);
-      const bool complete = tb.block_start + a.B <= tb.segment_end;
-      const int end = static_cast<int>(min(tb.block_start + a.B, tb.segment_end));
-      const bool sel =
-          past_slots > 0 && complete && a.dispatch.count[(tb.block_start / a.B) * a.Hkv + kv_head] > 0;
-      (half ? end1 : end0) = end;
-      (half ? sel1 : sel0) = sel;
-    }
+  for (int half = 0; half < 2; ++half) {
+    const int key = half ? key1 : key0;
+    if (!(half ? key1_ok : key0_ok)) continue;
+    const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, key, a.B);
+    (half ? end1 : end0) = static_cast<int>(min(tb.block_start + a.B, tb.segment_end));
+    (half ? start1 : start0) = static_cast<int>(tb.block_start);
   }
 
   float dk[DT][4], dv[DT][4];
@@ -424,6 +439,9 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
     const float* lse_s = s_lse2 + buf * RT;
     const float* delta_s = s_delta + buf * RT;
     const int* tok_s = s_tok + buf * RT;
+    const int b = selected_block(tile);
+    const int sel_start = b < 0 ? INT_MIN : s_sel_start[b];
+    const bool see0 = b >= 0 && start0 == sel_start, see1 = b >= 0 && start1 == sel_start;  // selected tile
 
     float st[NT][4], dpt[NT][4];  // S^T and dP^T: (16 keys of this warp) x (RT rows)
 #pragma unroll
@@ -452,12 +470,8 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
       for (int e = 0; e < 4; ++e) {
         const int r = j * 8 + quad_col + (e & 1);
         const int token = tok_s[r];
-        bool visible;
-        if constexpr (SELECTED) {
-          visible = token >= 0 && (e < 2 ? key0_ok : key1_ok);
-        } else {
-          visible = e < 2 ? (key0 <= token && token < end0) : (key1 <= token && token < end1);
-        }
+        const bool visible = b >= 0 ? token >= 0 && (e < 2 ? see0 : see1)
+                                    : (e < 2 ? (key0 <= token && token < end0) : (key1 <= token && token < end1));
         const float p = visible ? exp2f(st[j][e] * a.scale_log2 - lse_s[r]) : 0.0f;
         st[j][e] = p;
         dpt[j][e] = p * (dpt[j][e] - delta_s[r]);  // dS^T
@@ -539,26 +553,13 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
     for (int d = 0; d < DT; ++d) {
       const int col = d * 8 + quad_col;
       if (col >= a.D) continue;
-      float k0v = dk[d][2 * half] * a.scale, k1v = dk[d][2 * half + 1] * a.scale;
-      float v0v = dv[d][2 * half], v1v = dv[d][2 * half + 1];
-      if constexpr (SELECTED) {
-        *reinterpret_cast<float2*>(a.dk_sel + base + col) = make_float2(k0v, k1v);
-        *reinterpret_cast<float2*>(a.dv_sel + base + col) = make_float2(v0v, v1v);
-      } else {
-        if (half ? sel1 : sel0) {
-          const float2 sk = *reinterpret_cast<const float2*>(a.dk_sel + base + col);
-          const float2 sv = *reinterpret_cast<const float2*>(a.dv_sel + base + col);
-          k0v += sk.x;
-          k1v += sk.y;
-          v0v += sv.x;
-          v1v += sv.y;
-        }
-        __nv_bfloat162* gk = reinterpret_cast<__nv_bfloat162*>(a.dk + base + col);
-        __nv_bfloat162* gv = reinterpret_cast<__nv_bfloat162*>(a.dv + base + col);
-        const float2 old_k = __bfloat1622float2(*gk), old_v = __bfloat1622float2(*gv);
-        *gk = __floats2bfloat162_rn(old_k.x + k0v, old_k.y + k1v);
-        *gv = __floats2bfloat162_rn(old_v.x + v0v, old_v.y + v1v);
-      }
+      const float k0v = dk[d][2 * half] * a.scale, k1v = dk[d][2 * half + 1] * a.scale;
+      const float v0v = dv[d][2 * half], v1v = dv[d][2 * half + 1];
+      __nv_bfloat162* gk = reinterpret_cast<__nv_bfloat162*>(a.dk + base + col);
+      __nv_bfloat162* gv = reinterpret_cast<__nv_bfloat162*>(a.dv + base + col);
+      const float2 old_k = __bfloat1622float2(*gk), old_v = __bfloat1622float2(*gv);
+      *gk = __floats2bfloat162_rn(old_k.x + k0v, old_k.y + k1v);
+      *gv = __floats2bfloat162_rn(old_v.x + v0v, old_v.y + v1v);
     }
   }
 }
@@ -569,46 +570,56 @@ void set_smem(Kernel kernel, size_t bytes) {
 }
 
 template <int DP>
-void launch_backward(const BackwardArgs& a, bool deterministic, cudaStream_t stream) {
+void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic) {
   static const bool configured = [] {
     set_smem(moba_dq_kernel<DP, true>, dq_smem_bytes<DP>());
     set_smem(moba_dq_kernel<DP, false>, dq_smem_bytes<DP>());
-    set_smem(moba_dkv_kernel<DP, true, false>, dkv_smem_bytes<DP>());
-    set_smem(moba_dkv_kernel<DP, false, false>, dkv_smem_bytes<DP>());
-    set_smem(moba_dkv_kernel<DP, true, true>, dkv_smem_bytes<DP>());
-    set_smem(moba_dkv_kernel<DP, false, true>, dkv_smem_bytes<DP>());
+    set_smem(moba_dkv_kernel<DP, false>, dkv_smem_bytes<DP>());
+    set_smem(moba_dkv_kernel<DP, true>, dkv_smem_bytes<DP>());
     return true;
   }();
   (void)configured;
+  cudaStream_t stream = ctx.stream;
   const int64_t rows = a.N * a.H;
   const int64_t delta_threads = rows * (DP / 8);
   delta_kernel<DP><<<static_cast<unsigned>((delta_threads + 255) / 256), 256, 0, stream>>>(a.delta, a.out, a.dout,
                                                                                            rows, a.D);
   MOBA_CUDA_CHECK(cudaGetLastError());
-  const int64_t key_tiles = (a.B + kKvKeys - 1) / kKvKeys;
-  const unsigned selected_blocks = static_cast<unsigned>(a.dispatch.n_buckets * key_tiles);
-  const unsigned tiles = static_cast<unsigned>((a.N + 63) / 64);
-  const unsigned key_blocks = static_cast<unsigned>((a.N + kKvKeys - 1) / kKvKeys);
+  const dim3 dkv_grid(static_cast<unsigned>((a.N + kKvKeys - 1) / kKvKeys), a.Hkv);
   constexpr int kKvThreads = 32 * kKvWarps;
-  if (deterministic) {  // dQ without atomics: per-slot parts, summed in selection order by the current-block pass
+  if (deterministic) {
+    // dQ without atomics, per chunk of query tokens (parts within kEntryBudgetBytes): the selected blocks' dQ ->
+    // per-entry parts, then the current-block pass adds them in selection order. One chunk reuses the dispatch of
+    // all rows.
+    const int64_t chunk = a.top_k > 1 ? chunk_tokens(a.N, a.H, a.top_k, a.D * static_cast<int64_t>(sizeof(float)))
+                                      : (a.N + 63) / 64 * 64;
     if (a.top_k > 1) {
-      moba_dq_kernel<DP, true><<<static_cast<unsigned>(a.dispatch.max_items), 128, dq_smem_bytes<DP>(), stream>>>(a);
-      MOBA_CUDA_CHECK(cudaGetLastError());
-      moba_dkv_kernel<DP, true, false><<<selected_blocks, kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
+      const int64_t max_entries = chunk * a.H * (a.top_k - 1);
+      // Scratch slot 6: dq_part (max_entries, D) f32.
+      a.dq_part = static_cast<float*>(ctx.scratch(6, static_cast<size_t>(max_entries) * a.D * sizeof(float)));
+    }
+    for (int64_t token_begin = 0; token_begin < a.N; token_begin += chunk) {
+      const int64_t token_end = std::min(a.N, token_begin + chunk);
+      BackwardArgs c = a;
+      c.tile_offset = static_cast<int>(token_begin / 64);
+      if (a.top_k > 1) {
+        // Scratch slot 4 (the router's, free after routing) holds the chunk's dispatch.
+        if (token_end - token_begin < a.N)
+          c.dispatch = build_dispatch(ctx, 4, a.selected, a.cu_seqlens, a.n_segments, a.N, a.H, a.Hkv, a.B, a.top_k,
+                                      token_begin, token_end, chunk);
+        moba_dq_kernel<DP, true><<<static_cast<unsigned>(c.dispatch.max_items), 128, dq_smem_bytes<DP>(), stream>>>(c);
+        MOBA_CUDA_CHECK(cudaGetLastError());
+      }
+      const dim3 grid(static_cast<unsigned>((token_end - token_begin + 63) / 64), a.H);
+      moba_dq_kernel<DP, false><<<grid, 128, dq_smem_bytes<DP>(), stream>>>(c);
       MOBA_CUDA_CHECK(cudaGetLastError());
     }
-    moba_dq_kernel<DP, false><<<dim3(tiles, a.H), 128, dq_smem_bytes<DP>(), stream>>>(a);
-    MOBA_CUDA_CHECK(cudaGetLastError());
-    moba_dkv_kernel<DP, false, false><<<dim3(key_blocks, a.Hkv), kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
+    moba_dkv_kernel<DP, false><<<dkv_grid, kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
     MOBA_CUDA_CHECK(cudaGetLastError());
     return;
   }
   MOBA_CUDA_CHECK(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(rows) * a.D * sizeof(float), stream));
-  if (a.top_k > 1) {
-    moba_dkv_kernel<DP, true, true><<<selected_blocks, kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
-    MOBA_CUDA_CHECK(cudaGetLastError());
-  }
-  moba_dkv_kernel<DP, false, true><<<dim3(key_blocks, a.Hkv), kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
+  moba_dkv_kernel<DP, true><<<dkv_grid, kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
   MOBA_CUDA_CHECK(cudaGetLastError());
   const int64_t vectors = rows * a.D / 8;
   add_dq_kernel<<<static_cast<unsigned>((vectors + 255) / 256), 256, 0, stream>>>(a.dq, a.dq_acc, vectors);
@@ -625,30 +636,20 @@ void moba_attention_backward(const CudaContext& ctx, bf16* dq, bf16* dk, bf16* d
   using namespace moba_detail;
   check_moba_shape("moba_attention_backward", N, H, Hkv, D, block_size, top_k, n_segments);
   if (N == 0) return;
-  BackwardArgs a{dq, dk, dv, nullptr, nullptr, nullptr, nullptr, nullptr, dout, q, k, v, out, lse, selected,
-                 cu_seqlens, Dispatch{}, n_segments, N, H, Hkv, D, block_size, top_k, softmax_scale,
-                 softmax_scale * kLog2e};
-  // Scratch slot 7: delta (N * H) f32, then dk_sel and dv_sel (N, Hkv, D) f32 each when top_k > 1.
-  const size_t delta_floats = (static_cast<size_t>(N * H) + 63) / 64 * 64;
-  const size_t sel_floats = top_k > 1 ? static_cast<size_t>(N) * Hkv * D : 0;
-  float* buf = static_cast<float*>(ctx.scratch(7, (delta_floats + 2 * sel_floats) * sizeof(float)));
-  a.delta = buf;
-  if (top_k > 1) {
-    a.dk_sel = buf + delta_floats;
-    a.dv_sel = a.dk_sel + sel_floats;
-    a.dispatch = build_dispatch(ctx, selected, cu_seqlens, n_segments, N, H, Hkv, block_size, top_k);
-  }
-  // Scratch slot 6: deterministic: dq_part (max_entries, D) f32; otherwise dq_acc (N, H, D) f32.
-  if (deterministic) {
-    if (top_k > 1)
-      a.dq_part = static_cast<float*>(ctx.scratch(6, static_cast<size_t>(a.dispatch.max_entries) * D * sizeof(float)));
-  } else {
-    a.dq_acc = static_cast<float*>(ctx.scratch(6, static_cast<size_t>(N * H) * D * sizeof(float)));
-  }
+  BackwardArgs a{dq, dk, dv, nullptr, nullptr, nullptr, dout, q, k, v, out, lse, selected, cu_seqlens, Dispatch{},
+                 n_segments, N, H, Hkv, D, block_size, top_k, softmax_scale, softmax_scale * kLog2e, 0};
+  // Scratch slot 7: delta (N * H) f32.
+  a.delta = static_cast<float*>(ctx.scratch(7, static_cast<size_t>(N * H) * sizeof(float)));
+  // Scratch slot 5: the dispatch of all rows (dK/dV visit every row of a block's bucket).
+  if (top_k > 1)
+    a.dispatch = build_dispatch(ctx, 5, selected, cu_seqlens, n_segments, N, H, Hkv, block_size, top_k, 0, N,
+                                (N + 63) / 64 * 64);
+  // Scratch slot 6, otherwise: dq_acc (N, H, D) f32 (deterministic: per-chunk dQ parts, see launch_backward).
+  if (!deterministic) a.dq_acc = static_cast<float*>(ctx.scratch(6, static_cast<size_t>(N * H) * D * sizeof(float)));
   if (D <= 64)
-    launch_backward<64>(a, deterministic, ctx.stream);
+    launch_backward<64>(a, ctx, deterministic);
   else
-    launch_backward<128>(a, deterministic, ctx.stream);
+    launch_backward<128>(a, ctx, deterministic);
 }
 
 }  // namespace moba::cuda

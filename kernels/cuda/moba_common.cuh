@@ -8,6 +8,7 @@
 #pragma once
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 
@@ -125,15 +126,18 @@ __device__ __forceinline__ int64_t slot_block_start(const int32_t* cu_seqlens, i
 }
 
 // ---- dispatch: selection -> per-bucket lists of query rows ----------------------------------------------------
-// Layout of the dispatch buffer (scratch slot 5), all int32:
+// A dispatch covers the query rows t * H + h of the tokens [token_begin, token_end) of one chunk (or of all N).
+// Layout of its buffer (one scratch slot), all int32:
 //   count[n_buckets], fill[n_buckets]          entries per bucket (fill: write cursor)
 //   offset[n_buckets + 1], chunk_offset[n_buckets + 1]   exclusive scans; chunk_offset[n_buckets] = work items
 //   slot_start[n_slots]                         first token of the complete block of each used slot
-//   entries[N * H * (top_k - 1)]                row * (top_k - 1) + i: the query row and its partial slot
+//   entries[max_entries]                        row * (top_k - 1) + i: the query row and its selection position
 //   items[2 * max_items]                        (bucket, chunk) per work item of kRowsPerChunk rows
+// Per-entry buffers of a chunk (partial outputs, dQ parts) are indexed by entry - entry_base.
 struct Dispatch {
   int n_slots = 0, n_buckets = 0;
   int64_t max_entries = 0, max_items = 0;
+  int64_t entry_base = 0;  // token_begin * H * (top_k - 1): the chunk's first entry
   int32_t* count = nullptr;
   int32_t* fill = nullptr;
   int32_t* offset = nullptr;
@@ -143,9 +147,24 @@ struct Dispatch {
   int2* items = nullptr;
 };
 
-// Builds the dispatch of `selected` on ctx.stream (no host synchronisation); requires top_k >= 2.
-Dispatch build_dispatch(const CudaContext& ctx, const int32_t* selected, const int32_t* cu_seqlens, int n_segments,
-                        int64_t N, int H, int Hkv, int block_size, int top_k);
+// Builds the dispatch of the rows of tokens [token_begin, token_end) into scratch slot `slot` on ctx.stream (no host
+// synchronisation), sized for max_tokens tokens, so every chunk of a layer fits the same buffer; top_k >= 2.
+Dispatch build_dispatch(const CudaContext& ctx, int slot, const int32_t* selected, const int32_t* cu_seqlens,
+                        int n_segments, int64_t N, int H, int Hkv, int block_size, int top_k, int64_t token_begin,
+                        int64_t token_end, int64_t max_tokens);
+
+// Per-entry f32 buffers (forward partial (o, lse), deterministic dQ parts) hold N * H * (top_k - 1) entries for a
+// whole layer (44 GiB at N = 1M, H = 8, k = 12, D = 128), so the query tokens are processed in chunks whose
+// entries fit this budget; buckets stay large (every block is chosen by many rows of a chunk).
+inline constexpr int64_t kEntryBudgetBytes = int64_t{4} << 30;
+// kEntryBudgetBytes, or MOBA_CUDA_ENTRY_BUDGET_MB (MiB) when set: tests use a small budget to run many chunks.
+int64_t entry_budget_bytes();
+// Tokens per chunk: a multiple of 64 (whole 64-token tiles), at least 64, at most N rounded up to 64.
+inline int64_t chunk_tokens(int64_t N, int H, int top_k, int64_t bytes_per_entry) {
+  const int64_t per_token = std::max<int64_t>(1, int64_t{H} * (top_k - 1) * bytes_per_entry);
+  const int64_t fit = entry_budget_bytes() / per_token / 64 * 64;
+  return std::min(std::max<int64_t>(fit, 64), (N + 63) / 64 * 64);
+}
 
 // Checks shared by the launchers (throw moba::Error with the caller's name).
 void check_moba_shape(const char* caller, int64_t N, int H, int Hkv, int D, int block_size, int top_k,
@@ -154,7 +173,7 @@ void check_moba_shape(const char* caller, int64_t N, int H, int Hkv, int D, int 
 // ---- which query rows a CTA owns (forward and dQ kernels) -------------------------------------------------------
 // SELECTED: blockIdx.x is a dispatch work item: up to kRowsPerChunk gathered rows of one bucket (kv head, complete
 //   block); every row sees the whole block; s_aux[r] = the row's partial entry (row * (top_k - 1) + slot).
-// Otherwise: blockIdx.x is a 64-token tile of head blockIdx.y; row t sees keys [block_start(t), t]; s_aux[r] = the
+// Otherwise: blockIdx.x + a.tile_offset is a 64-token tile of head blockIdx.y; row t sees keys [block_start(t), t]; s_aux[r] = the
 //   row's current block index inside its segment.
 // Fills s_row (t * H + h, or -1), s_aux, s_lo/s_hi (each row's visible keys) and s_range (their union), sets
 // *kv_head, and returns false when this CTA has no work item (uniform over the CTA: the caller returns).
@@ -188,7 +207,7 @@ __device__ bool tile_rows(const Args& a, int* s_row, int* s_aux, int* s_lo, int*
     const int h = blockIdx.y;
     *kv_head = h / (a.H / a.Hkv);
     if (tid < 64) {
-      const int64_t t = static_cast<int64_t>(blockIdx.x) * 64 + tid;
+      const int64_t t = (static_cast<int64_t>(blockIdx.x) + a.tile_offset) * 64 + tid;
       int row = -1, lo = INT_MAX, hi = INT_MIN, current = 0;
       if (t < a.N) {
         const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, t, a.B);

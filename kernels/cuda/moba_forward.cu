@@ -3,12 +3,15 @@
 // takes up to 64 query rows that chose one (block, kv head) - any heads of the GQA group - streams that block's
 // K/V once and writes a normalised partial (o, lse) per (row, selection slot); (2) the causal current-block
 // attention per (64-token tile, head), which merges the partials of its rows by log-sum-exp and writes O and LSE.
+// Both run per chunk of query tokens whose partials fit a fixed budget (kEntryBudgetBytes), so scratch does not
+// grow with N * H * (top_k - 1).
 // Invariant: each output row is produced by one thread quad in a fixed order, so the forward is bitwise
 // reproducible; rows never interact inside a tile (mma rows are independent), so the order of rows within a
 // bucket (set by atomics) cannot change any result.
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 
 #include "common/error.h"
 #include "kernels/cuda/moba_common.cuh"
@@ -42,14 +45,14 @@ __device__ __forceinline__ void for_each_past_block(const int32_t* selected, con
 __global__ void __launch_bounds__(256) dispatch_count_kernel(int32_t* __restrict__ count,
                                                              const int32_t* __restrict__ selected,
                                                              const int32_t* __restrict__ cu_seqlens, int n_segments,
-                                                             int64_t rows, int H, int Hkv, int B, int top_k,
-                                                             int n_buckets, bool local) {
+                                                             int64_t row_begin, int64_t row_end, int H, int Hkv, int B,
+                                                             int top_k, int n_buckets, bool local) {
   extern __shared__ int hist[];  // (n_buckets) when local
   if (local) {
     for (int i = threadIdx.x; i < n_buckets; i += blockDim.x) hist[i] = 0;
     __syncthreads();
   }
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < rows;
+  for (int64_t row = row_begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < row_end;
        row += static_cast<int64_t>(gridDim.x) * blockDim.x)
     for_each_past_block(selected, cu_seqlens, n_segments, row, H, Hkv, B, top_k, [&](int64_t, int64_t bucket, int64_t) {
       atomicAdd(local ? &hist[bucket] : &count[bucket], 1);
@@ -67,14 +70,14 @@ __global__ void __launch_bounds__(256) dispatch_fill_kernel(int32_t* __restrict_
                                                             const int32_t* __restrict__ offset,
                                                             const int32_t* __restrict__ selected,
                                                             const int32_t* __restrict__ cu_seqlens, int n_segments,
-                                                            int64_t rows, int H, int Hkv, int B, int top_k,
-                                                            int n_buckets, bool local) {
+                                                            int64_t row_begin, int64_t row_end, int H, int Hkv, int B,
+                                                            int top_k, int n_buckets, bool local) {
   extern __shared__ int hist[];  // (2, n_buckets) when local: counts / cursors, then range starts
   int* base = hist + n_buckets;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t first = row_begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   if (!local) {
-    for (int64_t row = first; row < rows; row += stride)
+    for (int64_t row = first; row < row_end; row += stride)
       for_each_past_block(selected, cu_seqlens, n_segments, row, H, Hkv, B, top_k,
                           [&](int64_t, int64_t bucket, int64_t entry) {
                             entries[offset[bucket] + atomicAdd(&fill[bucket], 1)] = static_cast<int32_t>(entry);
@@ -83,7 +86,7 @@ __global__ void __launch_bounds__(256) dispatch_fill_kernel(int32_t* __restrict_
   }
   for (int i = threadIdx.x; i < n_buckets; i += blockDim.x) hist[i] = 0;
   __syncthreads();
-  for (int64_t row = first; row < rows; row += stride)
+  for (int64_t row = first; row < row_end; row += stride)
     for_each_past_block(selected, cu_seqlens, n_segments, row, H, Hkv, B, top_k,
                         [&](int64_t, int64_t bucket, int64_t) { atomicAdd(&hist[bucket], 1); });
   __syncthreads();
@@ -92,7 +95,7 @@ __global__ void __launch_bounds__(256) dispatch_fill_kernel(int32_t* __restrict_
     hist[i] = 0;
   }
   __syncthreads();
-  for (int64_t row = first; row < rows; row += stride)
+  for (int64_t row = first; row < row_end; row += stride)
     for_each_past_block(selected, cu_seqlens, n_segments, row, H, Hkv, B, top_k,
                         [&](int64_t, int64_t bucket, int64_t entry) {
                           entries[base[bucket] + atomicAdd(&hist[bucket], 1)] = static_cast<int32_t>(entry);
@@ -181,18 +184,19 @@ __global__ void dispatch_items_kernel(int2* __restrict__ items, const int32_t* _
 struct ForwardArgs {
   bf16* out;             // (N, H, D)
   float* lse;            // (N, H)
-  float* o_part;         // (N * H * (top_k - 1), D) normalised partial outputs of the selected blocks
-  float* lse_part;       // (N * H * (top_k - 1)) their natural-log LSE
+  float* o_part;         // (entries of the chunk, D) normalised partial outputs of the selected blocks
+  float* lse_part;       // (entries of the chunk) their natural-log LSE; both indexed by entry - entry_base
   const bf16* q;         // (N, H, D)
   const bf16* k;         // (N, Hkv, D)
   const bf16* v;         // (N, Hkv, D)
   const int32_t* selected;
   const int32_t* cu_seqlens;
-  Dispatch dispatch;
+  Dispatch dispatch;      // of the chunk being processed
   int n_segments;
   int64_t N;
   int H, Hkv, D, B, top_k;
   float scale_log2;      // softmax_scale * log2(e)
+  int tile_offset;       // current-block pass: the chunk's first 64-token tile
 };
 
 template <int DP>
@@ -357,7 +361,7 @@ __global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) 
       const int r = half ? r1 : r0;
       if (s_row[r] < 0) continue;
       const float m = half ? m1 : m0, l = half ? l1 : l0;
-      const int64_t entry = s_aux[r];
+      const int64_t entry = s_aux[r] - a.dispatch.entry_base;
       const float inv = 1.0f / l;
       float* dst = a.o_part + entry * a.D;
 #pragma unroll
@@ -390,7 +394,7 @@ __global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) 
       if (row >= 0) {
         const int current = s_aux[tid];
         const int32_t* sel = a.selected + static_cast<int64_t>(row) * a.top_k;
-        const float* part_lse = a.lse_part + static_cast<int64_t>(row) * past_slots;
+        const float* part_lse = a.lse_part + (static_cast<int64_t>(row) * past_slots - a.dispatch.entry_base);
         float top = s_diag[tid];
         while (n_past < past_slots && sel[n_past] >= 0 && sel[n_past] < current) {
           top = fmaxf(top, part_lse[n_past] * kLog2e);
@@ -423,14 +427,16 @@ __global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) 
         const int r = idx / (DP / 4), c = idx % (DP / 4) * 4;
         const int row = s_row[r];
         const bool ok = row >= 0 && i < s_n_past[r] && c < a.D;
-        cp_async16(stage + r * LDF + c, ok ? a.o_part + (static_cast<int64_t>(row) * past_slots + i) * a.D + c : a.o_part,
-                   ok ? 16 : 0);
+        const int64_t entry = static_cast<int64_t>(row) * past_slots + i - a.dispatch.entry_base;
+        cp_async16(stage + r * LDF + c, ok ? a.o_part + entry * a.D + c : a.o_part, ok ? 16 : 0);
       }
       cp_async_commit();
       if (tid < 64) {
         const int row = s_row[tid];
         s_weight[tid] = row >= 0 && i < s_n_past[tid]
-                            ? exp2f(a.lse_part[static_cast<int64_t>(row) * past_slots + i] * kLog2e - s_lse2[tid])
+                            ? exp2f(a.lse_part[static_cast<int64_t>(row) * past_slots + i - a.dispatch.entry_base] *
+                                        kLog2e -
+                                    s_lse2[tid])
                             : 0.0f;
       }
       cp_async_wait<0>();
@@ -479,6 +485,15 @@ void launch_forward(const ForwardArgs& a, dim3 grid, cudaStream_t stream) {
 
 }  // namespace
 
+int64_t entry_budget_bytes() {
+  const char* v = std::getenv("MOBA_CUDA_ENTRY_BUDGET_MB");  // read per call: tests change it between runs
+  if (v == nullptr || v[0] == '\0') return kEntryBudgetBytes;
+  const long long mib = std::atoll(v);
+  MOBA_CHECK(mib > 0, cat("MOBA_CUDA_ENTRY_BUDGET_MB = '", v, "' is not a positive number of MiB"),
+             "unset it (default 4096) or give a positive integer");
+  return static_cast<int64_t>(mib) << 20;
+}
+
 void check_moba_shape(const char* caller, int64_t N, int H, int Hkv, int D, int block_size, int top_k,
                       int n_segments) {
   MOBA_CHECK(N >= 0 && H >= 1 && Hkv >= 1 && H % Hkv == 0 && n_segments >= 1,
@@ -493,17 +508,19 @@ void check_moba_shape(const char* caller, int64_t N, int H, int Hkv, int D, int 
              "split the batch into smaller micro-batches");
 }
 
-Dispatch build_dispatch(const CudaContext& ctx, const int32_t* selected, const int32_t* cu_seqlens, int n_segments,
-                        int64_t N, int H, int Hkv, int block_size, int top_k) {
+Dispatch build_dispatch(const CudaContext& ctx, int slot, const int32_t* selected, const int32_t* cu_seqlens,
+                        int n_segments, int64_t N, int H, int Hkv, int block_size, int top_k, int64_t token_begin,
+                        int64_t token_end, int64_t max_tokens) {
   Dispatch d;
   d.n_slots = static_cast<int>((N + block_size - 1) / block_size);
   d.n_buckets = d.n_slots * Hkv;
-  d.max_entries = N * H * (top_k - 1);
+  d.max_entries = max_tokens * H * (top_k - 1);
   d.max_items = (d.max_entries + kRowsPerChunk - 1) / kRowsPerChunk + d.n_buckets;
+  d.entry_base = token_begin * H * (top_k - 1);
   const size_t nb = static_cast<size_t>(d.n_buckets);
   const size_t words = 4 * nb + 2 + static_cast<size_t>(d.n_slots) + static_cast<size_t>(d.max_entries) +
                        2 * static_cast<size_t>(d.max_items) + 4;
-  int32_t* base = static_cast<int32_t*>(ctx.scratch(5, words * sizeof(int32_t)));
+  int32_t* base = static_cast<int32_t*>(ctx.scratch(slot, words * sizeof(int32_t)));
   d.count = base;
   d.fill = d.count + nb;
   d.offset = d.fill + nb;
@@ -512,22 +529,22 @@ Dispatch build_dispatch(const CudaContext& ctx, const int32_t* selected, const i
   d.entries = d.slot_start + d.n_slots;
   d.items = reinterpret_cast<int2*>(d.entries + d.max_entries + ((d.max_entries + d.n_slots) & 1));  // 8-byte aligned
   MOBA_CUDA_CHECK(cudaMemsetAsync(d.count, 0, 2 * nb * sizeof(int32_t), ctx.stream));
-  const int64_t rows = N * H;
+  const int64_t row_begin = token_begin * H, row_end = token_end * H;
   const bool local = d.n_buckets <= 6144;  // (2, n_buckets) ints within the default 48 KB of shared memory
-  const int64_t row_blocks = (rows + 255) / 256;
+  const int64_t row_blocks = std::max<int64_t>(1, (row_end - row_begin + 255) / 256);
   const unsigned grid = static_cast<unsigned>(local ? std::min<int64_t>(row_blocks, 2 * std::max(ctx.sm_count, 1))
                                                     : row_blocks);
   dispatch_slot_start_kernel<<<(d.n_slots + 255) / 256, 256, 0, ctx.stream>>>(d.slot_start, cu_seqlens, n_segments,
                                                                               d.n_slots, block_size);
   MOBA_CUDA_CHECK(cudaGetLastError());
   dispatch_count_kernel<<<grid, 256, local ? nb * sizeof(int) : 0, ctx.stream>>>(
-      d.count, selected, cu_seqlens, n_segments, rows, H, Hkv, block_size, top_k, d.n_buckets, local);
+      d.count, selected, cu_seqlens, n_segments, row_begin, row_end, H, Hkv, block_size, top_k, d.n_buckets, local);
   MOBA_CUDA_CHECK(cudaGetLastError());
   dispatch_scan_kernel<<<1, 1024, 0, ctx.stream>>>(d.offset, d.chunk_offset, d.count, d.n_buckets);
   MOBA_CUDA_CHECK(cudaGetLastError());
   dispatch_fill_kernel<<<grid, 256, local ? 2 * nb * sizeof(int) : 0, ctx.stream>>>(
-      d.entries, d.fill, d.offset, selected, cu_seqlens, n_segments, rows, H, Hkv, block_size, top_k, d.n_buckets,
-      local);
+      d.entries, d.fill, d.offset, selected, cu_seqlens, n_segments, row_begin, row_end, H, Hkv, block_size, top_k,
+      d.n_buckets, local);
   MOBA_CUDA_CHECK(cudaGetLastError());
   dispatch_items_kernel<<<(d.n_buckets + 255) / 256, 256, 0, ctx.stream>>>(d.items, d.count, d.chunk_offset,
                                                                            d.n_buckets);
@@ -544,24 +561,38 @@ void moba_attention_forward(const CudaContext& ctx, bf16* out, float* lse, const
   check_moba_shape("moba_attention_forward", N, H, Hkv, D, block_size, top_k, n_segments);
   if (N == 0) return;
   ForwardArgs a{out, lse, nullptr, nullptr, q, k, v, selected, cu_seqlens, Dispatch{}, n_segments, N, H, Hkv, D,
-                block_size, top_k, softmax_scale * kLog2e};
-  if (top_k > 1) {
-    a.dispatch = build_dispatch(ctx, selected, cu_seqlens, n_segments, N, H, Hkv, block_size, top_k);
-    // Scratch slot 6: o_part (max_entries, D) f32, then lse_part (max_entries) f32.
-    float* part = static_cast<float*>(ctx.scratch(6, static_cast<size_t>(a.dispatch.max_entries) * (D + 1) * 4));
-    a.o_part = part;
-    a.lse_part = part + a.dispatch.max_entries * D;
-    const dim3 grid(static_cast<unsigned>(a.dispatch.max_items));
+                block_size, top_k, softmax_scale * kLog2e, 0};
+  const int64_t n_tiles = (N + 63) / 64;
+  if (top_k == 1) {  // current block only: no partials
     if (D <= 64)
-      launch_forward<64, true>(a, grid, ctx.stream);
+      launch_forward<64, false>(a, dim3(static_cast<unsigned>(n_tiles), H), ctx.stream);
     else
-      launch_forward<128, true>(a, grid, ctx.stream);
+      launch_forward<128, false>(a, dim3(static_cast<unsigned>(n_tiles), H), ctx.stream);
+    return;
   }
-  const dim3 grid(static_cast<unsigned>((N + 63) / 64), H);
-  if (D <= 64)
-    launch_forward<64, false>(a, grid, ctx.stream);
-  else
-    launch_forward<128, false>(a, grid, ctx.stream);
+  // Query tokens in chunks whose partials fit kEntryBudgetBytes (one chunk at the usual sizes): per chunk, the
+  // dispatch of its rows, the selected-block pass, then the current-block pass that merges its partials.
+  const int64_t chunk = chunk_tokens(N, H, top_k, (D + 1) * static_cast<int64_t>(sizeof(float)));
+  const int64_t max_entries = chunk * H * (top_k - 1);
+  // Scratch slot 6: o_part (max_entries, D) f32, then lse_part (max_entries) f32.
+  float* part = static_cast<float*>(ctx.scratch(6, static_cast<size_t>(max_entries) * (D + 1) * sizeof(float)));
+  a.o_part = part;
+  a.lse_part = part + max_entries * D;
+  for (int64_t token_begin = 0; token_begin < N; token_begin += chunk) {
+    const int64_t token_end = std::min(N, token_begin + chunk);
+    a.dispatch = build_dispatch(ctx, 5, selected, cu_seqlens, n_segments, N, H, Hkv, block_size, top_k, token_begin,
+                                token_end, chunk);
+    a.tile_offset = static_cast<int>(token_begin / 64);
+    const dim3 selected_grid(static_cast<unsigned>(a.dispatch.max_items));
+    const dim3 current_grid(static_cast<unsigned>((token_end - token_begin + 63) / 64), H);
+    if (D <= 64) {
+      launch_forward<64, true>(a, selected_grid, ctx.stream);
+      launch_forward<64, false>(a, current_grid, ctx.stream);
+    } else {
+      launch_forward<128, true>(a, selected_grid, ctx.stream);
+      launch_forward<128, false>(a, current_grid, ctx.stream);
+    }
+  }
 }
 
 }  // namespace moba::cuda

@@ -1,12 +1,15 @@
 // MoBA routing on the GPU (moba-spec.md, Forward steps 1-4): bf16-rounded block means of K, the fp32 gate
 // <q, mean> without scale, and per (query, head) the top-(k-1) complete past blocks of the segment plus the current
-// block, ties to the lower block index. No host synchronisation and no (N, H, blocks) score tensor: a CTA takes 64
-// tokens of one head, computes the gate against 64 candidate blocks at a time on the tensor cores (bf16 products
-// are exact in fp32; fp32 accumulation) into shared memory, and one thread per token keeps its running
-// top-(k-1) in registers. Invariants: block means are summed in fp32 in sequence order (the CPU's order, so kbar is
-// bit-identical to the reference); identical block means give identical scores, so exact ties go to the lower
-// block like the CPU; only the gate's summation order differs from the CPU, which can flip a near-tie (measured
-// agreement in tests/test_cuda_moba_gpu.cpp and `moba check-vectors --backend cuda`).
+// block, ties to the lower block index, for any top_k. No host synchronisation and no (N, H, blocks) score tensor.
+// Two routers, one CTA per (64 tokens, head) each:
+//  - top_k - 1 <= 64 (fast): the gate against 64 candidate blocks at a time on the tensor cores (bf16 products are
+//    exact in fp32; fp32 accumulation) into shared memory; one thread per token keeps its running top-(k-1) in
+//    registers. Only the gate's summation order differs from the CPU, which can flip a near-tie (measured
+//    agreement in tests/test_cuda_moba_gpu.cpp and `moba check-vectors --backend cuda`).
+//  - top_k - 1 > 64 (general): the gate on the CUDA cores in the CPU's exact order, an exact radix select of the
+//    (k-1)-th largest score per token, then emission: selections bit-identical to the CPU's.
+// Invariants: block means are summed in fp32 in sequence order (the CPU's order, so kbar is bit-identical to the
+// reference); identical block means give identical scores, so exact ties go to the lower block like the CPU.
 #include <cmath>
 #include <cstdlib>
 
@@ -196,6 +199,191 @@ __global__ void __launch_bounds__(128) route_kernel(int32_t* __restrict__ select
   for (int i = n_chosen + 1; i < top_k; ++i) out[i] = -1;
 }
 
+// ---- general router (top_k - 1 > 64): exact gate, exact threshold by radix select -----------------------------
+// The gate in the CPU reference's arithmetic (detail::dot in kernels/cpu/attention_core.h: eight interleaved fp32
+// partial sums over the channels, combined as ((p0 + p4) + (p1 + p5)) + ((p2 + p6) + (p3 + p7)); bf16 x bf16
+// products are exact in fp32), so scores and selections are bit-identical to the CPU's. Per token, the (k-1)-th
+// largest score is found exactly by a most-significant-digit radix select over order-preserving keys of the float
+// bits (4 passes of 8 bits with per-token 256-bin histograms in shared memory; radix selection as in Alabi et al.,
+// "Fast k-selection algorithms for graphics processing units", ACM JEA 2012), recomputing the scores each pass
+// instead of storing a (tokens, blocks) score tensor; a fifth pass emits, in ascending block order, every candidate
+// above the threshold and the lowest-indexed ones equal to it (ties to the lower block, as the CPU's list).
+inline constexpr int kRadixBins = 256;
+inline constexpr int kHistLd = kRadixBins + 1;  // per-token histogram row stride: 64 tokens hit distinct banks
+
+// Order-preserving key: a > b as floats iff key(a) > key(b); -0 and +0 get one key (they tie on the CPU).
+__device__ __forceinline__ uint32_t order_key(float x) {
+  const uint32_t bits = x == 0.0f ? 0u : __float_as_uint(x);
+  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+}
+
+template <int DP>
+constexpr size_t route_radix_smem_bytes() {
+  return size_t{64} * DP * sizeof(bf16) + size_t{64} * 65 * sizeof(uint32_t) + size_t{64} * kHistLd * sizeof(int);
+}
+
+// One CTA per (64-token tile, head); 128 threads, two per token (each scores one half of a 64-candidate chunk with
+// the token's q row in registers; all lanes of a warp read the same block mean: shared-memory broadcasts).
+template <int DP>
+__global__ void __launch_bounds__(128) route_radix_kernel(int32_t* __restrict__ selected,
+                                                          int* __restrict__ nonfinite_flag, const bf16* __restrict__ q,
+                                                          const bf16* __restrict__ kbar,
+                                                          const int32_t* __restrict__ cu_seqlens, int n_segments,
+                                                          int64_t N, int H, int Hkv, int D, int B, int top_k) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* sM = reinterpret_cast<bf16*>(smem);                   // (64, DP) block means of 64 candidates
+  uint32_t* sKey = reinterpret_cast<uint32_t*>(sM + 64 * DP);  // (64, 65) keys of the chunk per token (emission)
+  int* hist = reinterpret_cast<int*>(sKey + 64 * 65);          // (64, kHistLd) digit histogram per token
+  __shared__ int s_seg[64], s_current[64];                     // per token: segment (-1 past N), current block
+  __shared__ int s_candidates;
+  const int tid = threadIdx.x, token = tid & 63, half = tid >> 6;
+  const int h = blockIdx.y, kv_head = h / (H / Hkv);
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * 64, t = t0 + token;
+  const int past_slots = top_k - 1;
+
+  if (tid < 64) {
+    int seg = -1, current = 0;
+    if (t < N) {
+      seg = segment_of(cu_seqlens, n_segments, t);
+      current = static_cast<int>((t - cu_seqlens[seg]) / B);
+    }
+    s_seg[tid] = seg;
+    s_current[tid] = current;
+  }
+  uint32_t qw[DP / 2];  // the token's q row, bf16 pairs (low half = lower channel)
+#pragma unroll
+  for (int i = 0; i < DP / 2; ++i) qw[i] = 0;
+  if (t < N) {
+    const uint4* src = reinterpret_cast<const uint4*>(q + (t * H + h) * D);
+#pragma unroll
+    for (int c = 0; c < DP / 8; ++c) {
+      if (c * 8 < D) {
+        const uint4 x = src[c];
+        qw[4 * c] = x.x;
+        qw[4 * c + 1] = x.y;
+        qw[4 * c + 2] = x.z;
+        qw[4 * c + 3] = x.w;
+      }
+    }
+  }
+  __syncthreads();
+  const int my_seg = s_seg[token], my_current = s_current[token];
+  bool gated = my_seg >= 0 && my_current > past_slots;
+  if (gated) {  // never route on NaN/Inf (see moba_select_blocks): current block only, and raise the flag
+    bool finite = true;
+#pragma unroll
+    for (int i = 0; i < DP / 2; ++i)
+      finite = finite && (qw[i] & 0x7F80u) != 0x7F80u && (qw[i] & 0x7F800000u) != 0x7F800000u;
+    if (!finite) {
+      if (half == 0) atomicOr(nonfinite_flag, 1);
+      gated = false;
+    }
+  }
+
+  // The gate of this token against the block mean at m (shared memory), in the CPU's exact order.
+  auto gate = [&](const bf16* m) {
+    float p[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int c = 0; c < DP / 8; ++c) {
+      if (c * 8 < D) {
+        const uint4 mv = *reinterpret_cast<const uint4*>(m + c * 8);
+        const uint32_t mw[4] = {mv.x, mv.y, mv.z, mv.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          p[2 * i] = __fadd_rn(p[2 * i], __fmul_rn(bf16_lo(qw[4 * c + i]), bf16_lo(mw[i])));
+          p[2 * i + 1] = __fadd_rn(p[2 * i + 1], __fmul_rn(bf16_hi(qw[4 * c + i]), bf16_hi(mw[i])));
+        }
+      }
+    }
+    return __fadd_rn(__fadd_rn(__fadd_rn(p[0], p[4]), __fadd_rn(p[1], p[5])),
+                     __fadd_rn(__fadd_rn(p[2], p[6]), __fadd_rn(p[3], p[7])));
+  };
+  // Calls visit(j0, n) for every chunk of 64 candidate blocks j0 .. j0 + 63 of every segment in the tile, with their
+  // means in sM; n = how many of them are this token's candidates (0: another segment or not gated). Called by all
+  // threads; visit may __syncthreads.
+  const int last_row = static_cast<int>(N - 1 - t0 < 63 ? N - 1 - t0 : 63);
+  auto for_each_chunk = [&](auto&& visit) {
+    for (int seg = s_seg[0]; seg <= s_seg[last_row]; ++seg) {
+      if (tid == 0) s_candidates = 0;
+      __syncthreads();
+      if (half == 0 && gated && my_seg == seg) atomicMax(&s_candidates, my_current);
+      __syncthreads();
+      const int candidates = s_candidates;
+      __syncthreads();
+      const int64_t seg_start = cu_seqlens[seg];
+      for (int j0 = 0; j0 < candidates; j0 += 64) {
+        for (int idx = tid; idx < 64 * (DP / 8); idx += 128) {
+          const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
+          const bool ok = j0 + r < candidates && c < D;
+          const int64_t slot = (seg_start + static_cast<int64_t>(j0 + r) * B) / B;
+          cp_async16(sM + r * DP + c, ok ? kbar + (slot * Hkv + kv_head) * D + c : kbar, ok ? 16 : 0);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        visit(j0, gated && my_seg == seg ? max(0, min(64, my_current - j0)) : 0);
+        __syncthreads();  // sM (and sKey) are rewritten by the next chunk
+      }
+    }
+  };
+
+  // Radix select: after the pass of `shift`, prefix holds the top bits of the threshold key (the (k-1)-th largest
+  // key of the token's candidates) and need how many candidates matching the prefix are still to be taken.
+  uint32_t prefix = 0, mask = 0;
+  int need = past_slots;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 64 * kHistLd; i += 128) hist[i] = 0;
+    __syncthreads();
+    for_each_chunk([&](int, int n) {
+      for (int jj = half * 32; jj < half * 32 + 32 && jj < n; ++jj) {
+        const uint32_t key = order_key(gate(sM + jj * DP));
+        if ((key & mask) == prefix) atomicAdd(&hist[token * kHistLd + ((key >> shift) & 0xFFu)], 1);
+      }
+    });
+    __syncthreads();
+    if (gated) {
+      int above = 0;  // candidates matching the prefix with a larger digit
+      for (int b = kRadixBins - 1; b >= 0; --b) {
+        const int c = hist[token * kHistLd + b];
+        if (above + c >= need) {
+          prefix |= static_cast<uint32_t>(b) << shift;
+          need -= above;
+          break;
+        }
+        above += c;
+      }
+    }
+    mask |= 0xFFu << shift;
+    __syncthreads();  // every token has read its histogram before the next pass clears it
+  }
+
+  // Emission in ascending block order: keys above the threshold, and the first `need` keys equal to it.
+  int32_t* out = selected + (t * H + h) * top_k;
+  int n_out = 0, ties_left = need;
+  for_each_chunk([&](int j0, int n) {
+    for (int jj = half * 32; jj < half * 32 + 32 && jj < n; ++jj) sKey[token * 65 + jj] = order_key(gate(sM + jj * DP));
+    __syncthreads();
+    if (half == 0) {
+      for (int jj = 0; jj < n; ++jj) {
+        const uint32_t key = sKey[token * 65 + jj];
+        if (key > prefix || (key == prefix && ties_left > 0)) {
+          ties_left -= key == prefix;
+          out[n_out++] = j0 + jj;
+        }
+      }
+    }
+  });
+
+  if (half != 0 || my_seg < 0) return;
+  if (!gated) {  // all past blocks fit (full causal attention in the segment), or a non-finite query
+    const int n_past = my_current <= past_slots ? my_current : 0;
+    for (int i = 0; i < top_k; ++i) out[i] = i < n_past ? i : (i == n_past ? my_current : -1);
+    return;
+  }
+  out[n_out] = my_current;  // n_out == past_slots
+  for (int i = n_out + 1; i < top_k; ++i) out[i] = -1;
+}
+
 template <int DP>
 void launch_route(dim3 grid, cudaStream_t stream, int32_t* selected, int* flag, const bf16* q, const bf16* kbar,
                   const int32_t* cu_seqlens, int n_segments, int64_t N, int H, int Hkv, int D, int B, int top_k) {
@@ -222,9 +410,20 @@ void launch_route(dim3 grid, cudaStream_t stream, int32_t* selected, int* flag, 
     MOBA_ROUTE(16);
   else if (past <= 32)
     MOBA_ROUTE(32);
-  else
+  else if (past <= 64)
     MOBA_ROUTE(64);
 #undef MOBA_ROUTE
+  else {
+    constexpr size_t radix_bytes = route_radix_smem_bytes<DP>();
+    static const bool configured = [] {
+      MOBA_CUDA_CHECK(cudaFuncSetAttribute(route_radix_kernel<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(radix_bytes)));
+      return true;
+    }();
+    (void)configured;
+    route_radix_kernel<DP><<<grid, 128, radix_bytes, stream>>>(selected, flag, q, kbar, cu_seqlens, n_segments, N, H,
+                                                               Hkv, D, B, top_k);
+  }
 }
 
 }  // namespace
@@ -235,8 +434,6 @@ void moba_select_blocks(const CudaContext& ctx, int32_t* selected, const bf16* q
                         int top_k) {
   using namespace moba_detail;
   check_moba_shape("moba_select_blocks", N, H, Hkv, D, block_size, top_k, n_segments);
-  MOBA_CHECK(top_k <= 65, cat("moba_select_blocks (cuda): top_k = ", top_k, " exceeds 65"),
-             "the CUDA router keeps at most 64 past blocks per query in registers; use a smaller top_k");
   if (N == 0) return;
   const int64_t n_slots = (N + block_size - 1) / block_size;
   // Scratch slot 4: kbar (n_slots, Hkv, D) bf16, then the non-finite flag.
