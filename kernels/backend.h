@@ -51,6 +51,8 @@ class Backend {
   // Bytes held by allocate() and backend scratch now, and the most held at once since creation.
   virtual size_t allocated_bytes() const = 0;
   virtual size_t peak_bytes() const = 0;
+  // Device memory still free for allocate(), or 0 where the backend sets no limit (host memory).
+  virtual size_t available_bytes() const = 0;
   // Runs fn `warmup` times, then `reps` times, returning each timed run's milliseconds (CUDA events on the
   // GPU, a steady clock on the CPU).
   virtual std::vector<double> time_ms(const std::function<void()>& fn, int warmup, int reps) = 0;
@@ -59,6 +61,10 @@ class Backend {
   virtual void embedding_forward(Tensor out, const Tensor& tokens, const Tensor& wte) = 0;
   virtual void embedding_backward(Tensor dwte, const Tensor& dout, const Tensor& tokens) = 0;
   virtual void rmsnorm_forward(Tensor out, Tensor rstd, const Tensor& inp, const Tensor& weight, float eps) = 0;
+  // The residual stream's add fused with the next norm: resid += residual, then out = rmsnorm(resid) (bitwise
+  // add_inplace followed by rmsnorm_forward, one pass less over memory).
+  virtual void residual_rmsnorm_forward(Tensor resid, Tensor out, Tensor rstd, const Tensor& residual,
+                                        const Tensor& weight, float eps) = 0;
   virtual void rmsnorm_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp,
                                 const Tensor& weight, const Tensor& rstd) = 0;
   virtual void matmul_forward(Tensor out, const Tensor& inp, const Tensor& weight) = 0;
@@ -89,6 +95,12 @@ class Backend {
                                        const Tensor& mask) = 0;
   virtual void cross_entropy_backward(Tensor dlogits, const Tensor& logits, const Tensor& targets,
                                       const Tensor& mask, float grad_scale) = 0;
+  // The fused loss head, one pass over a chunk of logit rows and no host synchronisation: writes the per-token
+  // losses and, when grad_scale != 0, overwrites logits with d(grad_scale * sum of losses)/d(logits) (0 on masked
+  // rows), so a model never holds logits and their gradient for the whole batch at once.
+  virtual void cross_entropy_fused(Tensor losses, Tensor logits, const Tensor& targets, const Tensor& mask,
+                                   float grad_scale) = 0;
+  virtual double sum(const Tensor& x) = 0;  // f32 x summed in double in a fixed order (synchronises)
 
   // ---- optimizer over flat arenas ----
   // Updates the f32 master `param`; when param_working is non-empty (mixed precision), also writes the

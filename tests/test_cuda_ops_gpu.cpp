@@ -196,6 +196,41 @@ TEST(CudaOps, RmsnormForwardAndBackward) {
   }
 }
 
+// The residual add fused with the norm: against the CPU, and bitwise against add_inplace + rmsnorm_forward on the GPU.
+TEST(CudaOps, ResidualRmsnormIsAddThenNorm) {
+  MOBA_REQUIRE_GPU();
+  Backends be;
+  const int64_t N = 257;
+  const float eps = 1e-5f;
+  for (int C : {1792, 100}) {
+    const std::string tag = " C=" + std::to_string(C);
+    const std::vector<float> branch = random_bf16(N * C, 15, -2.0f, 2.0f), resid = random_bf16(N * C, 16, -2.0f, 2.0f);
+    const std::vector<float> weight = random_bf16(C, 17, 0.5f, 1.5f);
+    std::vector<float> sum[2], out[2], rstd[2];
+    for (int side = 0; side < 2; ++side) {
+      Backend& b = side == 0 ? *be.cpu : *be.gpu;
+      Tensor x = be.activation(b, branch, {N, C}), r = be.activation(b, resid, {N, C}), w = be.activation(b, weight, {C});
+      Tensor y = be.empty(b, b.activation_dtype(), {N, C}), rs = be.empty(b, DType::f32, {N});
+      b.residual_rmsnorm_forward(x, y, rs, r, w, eps);
+      sum[side] = be.read(b, x);
+      out[side] = be.read(b, y);
+      rstd[side] = be.read(b, rs);
+    }
+    expect_close(sum[1], sum[0], kBf16, "residual_rmsnorm_forward resid" + tag);
+    expect_close(out[1], out[0], kBf16, "residual_rmsnorm_forward out" + tag);
+    expect_close(rstd[1], rstd[0], kF32, "residual_rmsnorm_forward rstd" + tag);
+    // Unfused on the GPU: the same bits.
+    Backend& g = *be.gpu;
+    Tensor x = be.activation(g, branch, {N, C}), r = be.activation(g, resid, {N, C}), w = be.activation(g, weight, {C});
+    Tensor y = be.empty(g, DType::bf16, {N, C}), rs = be.empty(g, DType::f32, {N});
+    g.add_inplace(x, r);
+    g.rmsnorm_forward(y, rs, x, w, eps);
+    EXPECT_EQ(be.read(g, x), sum[1]) << tag;
+    EXPECT_EQ(be.read(g, y), out[1]) << tag;
+    EXPECT_EQ(be.read(g, rs), rstd[1]) << tag;
+  }
+}
+
 // ---- matmul --------------------------------------------------------------------------------------------------
 
 // Forward, then backward into random starting gradients whose size matches the product's (so a lost += shows):
@@ -422,6 +457,47 @@ TEST(CudaOps, CrossEntropyWithMask) {
           ASSERT_EQ(dlogits[1][t * V + v], dlogits0[t * V + v]) << "masked row " << t << " got a gradient" << tag;
       }
     }
+  }
+}
+
+// The fused loss head against the CPU's fused op, and bitwise against forward + backward into zeros on the GPU.
+TEST(CudaOps, CrossEntropyFusedInPlace) {
+  MOBA_REQUIRE_GPU();
+  Backends be;
+  const int64_t N = 64;
+  for (int V : {32000, 1003}) {
+    const std::string tag = " V=" + std::to_string(V);
+    const std::vector<float> logits = random_bf16(N * V, 74, -6.0f, 6.0f);
+    const std::vector<int32_t> targets = random_ints(N, 75, V);
+    std::vector<uint8_t> mask(N, 1);
+    for (int64_t t = 0; t < N; t += 5) mask[t] = 0;
+    const float grad_scale = 0.75f;
+    std::vector<float> losses[2], grads[2];
+    for (int side = 0; side < 2; ++side) {
+      Backend& b = side == 0 ? *be.cpu : *be.gpu;
+      Tensor x = be.activation(b, logits, {N, V});
+      Tensor tgt = be.ints(b, DType::i32, targets, {N}), m = be.ints(b, DType::u8, mask, {N});
+      Tensor l = be.floats(b, DType::f32, random_vector(N, 76), {N});
+      b.cross_entropy_fused(l, x, tgt, m, grad_scale);
+      losses[side] = be.read(b, l);
+      grads[side] = be.read(b, x);
+    }
+    expect_close(losses[1], losses[0], kF32, "cross_entropy_fused losses" + tag);
+    expect_close(grads[1], grads[0], kBf16, "cross_entropy_fused dlogits" + tag);
+    Backend& g = *be.gpu;
+    Tensor x = be.activation(g, logits, {N, V}), dx = be.empty(g, DType::bf16, {N, V});
+    Tensor tgt = be.ints(g, DType::i32, targets, {N}), m = be.ints(g, DType::u8, mask, {N});
+    Tensor l = be.empty(g, DType::f32, {N});
+    g.cross_entropy_forward(l, x, tgt, m);
+    g.zero(dx);
+    g.cross_entropy_backward(dx, x, tgt, m, grad_scale);
+    EXPECT_EQ(be.read(g, l), losses[1]) << tag;
+    EXPECT_EQ(be.read(g, dx), grads[1]) << tag;
+    // grad_scale 0: losses only, the logits stay.
+    Tensor y = be.activation(g, logits, {N, V});
+    g.cross_entropy_fused(l, y, tgt, m, 0.0f);
+    EXPECT_EQ(be.read(g, y), logits) << tag;
+    EXPECT_EQ(be.read(g, l), losses[1]) << tag;
   }
 }
 

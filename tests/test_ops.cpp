@@ -427,6 +427,24 @@ TEST(CrossEntropy, GradientChecksWithMask) {
   }
 }
 
+// The fused head op: bitwise the losses of the forward and the gradient the backward adds to zeros, written over
+// the logits; with grad_scale 0 the logits stay untouched.
+TEST(CrossEntropy, FusedIsForwardPlusBackwardInPlace) {
+  CrossEntropyCase cc;
+  const float grad_scale = 0.37f;
+  std::vector<float> logits = random_vector(cc.N * cc.V, 38, -3.0f, 3.0f);
+  std::vector<float> losses(cc.N), dlogits(cc.N * cc.V, 0.0f);
+  cross_entropy_forward(losses.data(), logits.data(), cc.targets.data(), cc.mask.data(), cc.N, cc.V);
+  cross_entropy_backward(dlogits.data(), logits.data(), cc.targets.data(), cc.mask.data(), grad_scale, cc.N, cc.V);
+  std::vector<float> fused = logits, fused_losses(cc.N, -1.0f);
+  cross_entropy_fused(fused_losses.data(), fused.data(), cc.targets.data(), cc.mask.data(), 0.0f, cc.N, cc.V);
+  EXPECT_EQ(fused_losses, losses);
+  EXPECT_EQ(fused, logits);
+  cross_entropy_fused(fused_losses.data(), fused.data(), cc.targets.data(), cc.mask.data(), grad_scale, cc.N, cc.V);
+  EXPECT_EQ(fused_losses, losses);
+  EXPECT_EQ(fused, dlogits);
+}
+
 TEST(CrossEntropy, BackwardAccumulates) {
   CrossEntropyCase cc;
   std::vector<float> logits = random_vector(cc.N * cc.V, 37);

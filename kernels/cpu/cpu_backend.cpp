@@ -52,6 +52,7 @@ class CpuBackend final : public Backend {
   }
   size_t allocated_bytes() const override { return allocated_; }
   size_t peak_bytes() const override { return peak_; }
+  size_t available_bytes() const override { return 0; }
   std::vector<double> time_ms(const std::function<void()>& fn, int warmup, int reps) override {
     for (int i = 0; i < warmup; ++i) fn();
     std::vector<double> ms;
@@ -86,6 +87,11 @@ class CpuBackend final : public Backend {
     same_rows(out, inp, "rmsnorm_forward");
     cpu::rmsnorm_forward(f32(out, "out"), f32(rstd, "rstd"), f32(inp, "inp"), f32(weight, "weight"), inp.rows(),
                          static_cast<int>(inp.row_size()), eps);
+  }
+  void residual_rmsnorm_forward(Tensor resid, Tensor out, Tensor rstd, const Tensor& residual, const Tensor& weight,
+                                float eps) override {
+    add_inplace(resid, residual);
+    rmsnorm_forward(out, rstd, resid, weight, eps);
   }
   void rmsnorm_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp, const Tensor& weight,
                         const Tensor& rstd) override {
@@ -182,6 +188,19 @@ class CpuBackend final : public Backend {
     cpu::cross_entropy_backward(f32(dlogits, "dlogits"), f32(logits, "logits"), i32(targets, "targets"),
                                 mask.data ? mask.as<uint8_t>() : nullptr, grad_scale, logits.rows(),
                                 static_cast<int>(logits.row_size()));
+  }
+  void cross_entropy_fused(Tensor losses, Tensor logits, const Tensor& targets, const Tensor& mask,
+                           float grad_scale) override {
+    same_rows(losses, logits, "cross_entropy_fused");
+    cpu::cross_entropy_fused(f32(losses, "losses"), f32(logits, "logits"), i32(targets, "targets"),
+                             mask.data ? mask.as<uint8_t>() : nullptr, grad_scale, logits.rows(),
+                             static_cast<int>(logits.row_size()));
+  }
+  double sum(const Tensor& x) override {
+    const float* p = f32(x, "x");
+    double total = 0.0;
+    for (int64_t i = 0; i < x.numel(); ++i) total += p[i];
+    return total;
   }
 
   void adamw_update(Tensor param, Tensor param_working, const Tensor& grad, Tensor m, Tensor v, float lr,

@@ -1,6 +1,7 @@
 // CPU softmax cross-entropy over logits (N, V), forward (per-row losses) and backward (into dlogits).
 // Invariant: numerically stable (max subtracted before exp, sums in double); masked rows (mask[t] == 0) write a
 // zero loss and receive no gradient; the returned total is summed in index order, independent of threads.
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/cpu/ops.h"
@@ -60,6 +61,29 @@ void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* 
       const float prob = std::exp(row[v] - stats.max) * inv_sum;
       const float indicator = v == target ? 1.0f : 0.0f;
       drow[v] += (prob - indicator) * grad_scale;
+    }
+  }
+}
+
+void cross_entropy_fused(float* losses, float* logits, const int32_t* targets, const uint8_t* mask, float grad_scale,
+                         int64_t N, int V) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < N; ++t) {
+    float* row = logits + t * V;
+    if (!row_active(mask, t)) {
+      losses[t] = 0.0f;
+      if (grad_scale != 0.0f) std::fill(row, row + V, 0.0f);
+      continue;
+    }
+    const RowSoftmax stats = row_softmax_stats(row, V);
+    const int target = targets[t];
+    losses[t] = static_cast<float>(std::log(stats.sum_exp) + stats.max - row[target]);
+    if (grad_scale == 0.0f) continue;
+    const float inv_sum = static_cast<float>(1.0 / stats.sum_exp);
+    for (int v = 0; v < V; ++v) {
+      const float prob = std::exp(row[v] - stats.max) * inv_sum;
+      const float indicator = v == target ? 1.0f : 0.0f;
+      row[v] = 0.0f + (prob - indicator) * grad_scale;
     }
   }
 }

@@ -58,6 +58,10 @@ double cross_entropy_forward(float* losses, const float* logits, const int32_t* 
 // dlogits (N, V) += (softmax(logits[t]) - onehot(targets[t])) * grad_scale * mask[t].
 void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets, const uint8_t* mask,
                             float grad_scale, int64_t N, int V);
+// The fused loss head: losses as cross_entropy_forward; when grad_scale != 0, logits (N, V) is then overwritten by
+// (softmax - onehot) * grad_scale * mask (bitwise what cross_entropy_backward adds to a zeroed dlogits).
+void cross_entropy_fused(float* losses, float* logits, const int32_t* targets, const uint8_t* mask, float grad_scale,
+                         int64_t N, int V);
 
 // ---- optimizer -----------------------------------------------------------------------------------------------
 // One AdamW step (decoupled weight decay, bias-corrected), step is 1-based:

@@ -1,7 +1,8 @@
 // Softmax cross-entropy over bf16 logits (N, V) on the GPU, one block per row, all arithmetic in f32.
 // Invariant: a row's max and sum of exponentials come from an online (max, sum) merge in a fixed order, so results
 // are deterministic; masked rows write a zero loss and get no gradient. The loss total is summed in double by one
-// block in a fixed order and is the only host synchronisation (scratch slot 0).
+// block in a fixed order and is the only host synchronisation (scratch slot 0). cross_entropy_fused is the loss
+// head of training: loss and gradient in one pass, the gradient written over the logits.
 // The online-softmax merge follows llm.c's fused classifier and Milakov & Gimelshein (2018).
 #include <cmath>
 
@@ -115,6 +116,42 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The fused head's loss and gradient in one pass over the row: losses[t] as the forward kernel, then (when
+// grad_scale != 0) the row is overwritten by its gradient (softmax - onehot) * grad_scale, 0 where masked. Each
+// thread rewrites only the packs it read, after the block has agreed on the row's statistics.
+template <int kVec>
+__global__ void __launch_bounds__(kThreads)
+    cross_entropy_fused_kernel(float* losses, bf16* logits, const int32_t* targets, const uint8_t* mask,
+                               float grad_scale, int V) {
+  const int64_t t = blockIdx.x;
+  bf16* row = logits + t * V;
+  if (mask != nullptr && mask[t] == 0) {
+    if (threadIdx.x == 0) losses[t] = 0.0f;
+    if (grad_scale != 0.0f) {
+      const float zeros[kVec] = {};
+      for (int v = threadIdx.x * kVec; v < V; v += blockDim.x * kVec) store_bf16<kVec>(row + v, zeros);
+    }
+    return;
+  }
+  const SoftmaxStats stats = row_softmax_stats<kVec>(row, V);
+  const int target = targets[t];
+  if (threadIdx.x == 0) losses[t] = logf(stats.sum) + stats.max - __bfloat162float(row[target]);
+  if (grad_scale == 0.0f) return;
+  __syncthreads();  // row[target] is read above before any thread overwrites it
+  const float inv_sum = 1.0f / stats.sum;
+  for (int v = threadIdx.x * kVec; v < V; v += blockDim.x * kVec) {
+    float x[kVec];
+    load_bf16<kVec>(x, row + v);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const float prob = expf(x[k] - stats.max) * inv_sum;
+      const float indicator = v + k == target ? 1.0f : 0.0f;
+      x[k] = (prob - indicator) * grad_scale;
+    }
+    store_bf16<kVec>(row + v, x);
+  }
+}
+
 }  // namespace
 
 // losses (N) f32, logits (N, V) bf16, targets (N), mask (N) or nullptr; returns sum of losses (synchronises).
@@ -128,8 +165,25 @@ double cross_entropy_forward(const CudaContext& ctx, float* losses, const bf16* 
     cross_entropy_forward_kernel<1><<<blocks, kThreads, 0, ctx.stream>>>(losses, logits, targets, mask, V);
   }
   MOBA_CUDA_CHECK(cudaGetLastError());
+  return sum(ctx, losses, N);
+}
+
+void cross_entropy_fused(const CudaContext& ctx, float* losses, bf16* logits, const int32_t* targets,
+                         const uint8_t* mask, float grad_scale, int64_t N, int V) {
+  if (N == 0) return;
+  const unsigned blocks = static_cast<unsigned>(N);
+  if (V % 8 == 0 && aligned_16({logits})) {
+    cross_entropy_fused_kernel<8><<<blocks, kThreads, 0, ctx.stream>>>(losses, logits, targets, mask, grad_scale, V);
+  } else {
+    cross_entropy_fused_kernel<1><<<blocks, kThreads, 0, ctx.stream>>>(losses, logits, targets, mask, grad_scale, V);
+  }
+  MOBA_CUDA_CHECK(cudaGetLastError());
+}
+
+double sum(const CudaContext& ctx, const float* x, int64_t n) {
+  if (n == 0) return 0.0;
   auto* total_device = static_cast<double*>(ctx.scratch(0, sizeof(double)));
-  sum_losses_kernel<<<1, kSumThreads, 0, ctx.stream>>>(total_device, losses, N);
+  sum_losses_kernel<<<1, kSumThreads, 0, ctx.stream>>>(total_device, x, n);
   MOBA_CUDA_CHECK(cudaGetLastError());
   double total = 0.0;
   MOBA_CUDA_CHECK(cudaMemcpyAsync(&total, total_device, sizeof(double), cudaMemcpyDeviceToHost, ctx.stream));

@@ -152,7 +152,7 @@ class CudaBackend final : public Backend {
       cudaMemGetInfo(&free_bytes, &total_bytes);
       throw Error(cat("out of GPU memory allocating ", t.describe(), " (", bytes >> 20, " MiB; ", ctx_.allocated >> 20,
                       " MiB already held by moba, ", free_bytes >> 20, " MiB free of ", total_bytes >> 20, ")"),
-                  "lower train.micro_batch_seqs or data.seq_len, or set train.recompute: attention");
+                  "lower train.micro_batch_seqs or data.seq_len, or set train.recompute: attention (or full)");
     }
     MOBA_CUDA_CHECK(err);
     MOBA_CUDA_CHECK(cudaMemsetAsync(t.data, 0, bytes, ctx_.stream));
@@ -166,6 +166,11 @@ class CudaBackend final : public Backend {
   }
   size_t allocated_bytes() const override { return ctx_.allocated; }
   size_t peak_bytes() const override { return ctx_.peak; }
+  size_t available_bytes() const override {
+    size_t free_bytes = 0, total_bytes = 0;
+    MOBA_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    return free_bytes;
+  }
   std::vector<double> time_ms(const std::function<void()>& fn, int warmup, int reps) override {
     return cuda::time_on_stream(ctx_.stream, fn, warmup, reps);
   }
@@ -204,6 +209,15 @@ class CudaBackend final : public Backend {
     OpTimer timer(*profiler_, "rmsnorm_forward");
     cuda::rmsnorm_forward(ctx_, b16(out, "out"), f32(rstd, "rstd"), b16(inp, "inp"), b16(weight, "weight"),
                           inp.rows(), static_cast<int>(inp.row_size()), eps);
+  }
+  void residual_rmsnorm_forward(Tensor resid, Tensor out, Tensor rstd, const Tensor& residual, const Tensor& weight,
+                                float eps) override {
+    OpTimer timer(*profiler_, "residual_rmsnorm_forward");
+    MOBA_ASSERT(resid.contiguous() && residual.contiguous() && out.contiguous() && resid.numel() == residual.numel() &&
+                out.numel() == resid.numel());
+    cuda::residual_rmsnorm_forward(ctx_, b16(resid, "resid"), b16(out, "out"), f32(rstd, "rstd"),
+                                   b16(residual, "residual"), b16(weight, "weight"), resid.rows(),
+                                   static_cast<int>(resid.row_size()), eps);
   }
   void rmsnorm_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp, const Tensor& weight,
                         const Tensor& rstd) override {
@@ -315,6 +329,18 @@ class CudaBackend final : public Backend {
     cuda::cross_entropy_backward(ctx_, b16(dlogits, "dlogits"), b16(logits, "logits"), i32(targets, "targets"),
                                  mask.data ? u8(mask, "mask") : nullptr, grad_scale, logits.rows(),
                                  static_cast<int>(logits.row_size()));
+  }
+  void cross_entropy_fused(Tensor losses, Tensor logits, const Tensor& targets, const Tensor& mask,
+                           float grad_scale) override {
+    OpTimer timer(*profiler_, "cross_entropy_fused");
+    MOBA_ASSERT(logits.contiguous() && losses.numel() == logits.rows());
+    cuda::cross_entropy_fused(ctx_, f32(losses, "losses"), b16(logits, "logits"), i32(targets, "targets"),
+                              mask.data ? u8(mask, "mask") : nullptr, grad_scale, logits.rows(),
+                              static_cast<int>(logits.row_size()));
+  }
+  double sum(const Tensor& x) override {
+    OpTimer timer(*profiler_, "sum");
+    return cuda::sum(ctx_, f32(x, "x"), x.numel());
   }
   void adamw_update(Tensor param, Tensor param_working, const Tensor& grad, Tensor m, Tensor v, float lr, float beta1,
                     float beta2, float eps, float weight_decay, int64_t step) override {

@@ -1,7 +1,7 @@
 // Launchers of the dense CUDA ops (one .cu file per family). Semantics match kernels/cpu/ops.h exactly;
 // activations are bf16, statistics and weight gradients f32, accumulation in f32. Backward launchers
 // ACCUMULATE (+=) into their gradients. Everything runs on ctx.stream and never synchronises, except the
-// two reductions that return a host value (cross_entropy_forward, sum_of_squares).
+// reductions that return a host value (cross_entropy_forward, sum, sum_of_squares).
 #pragma once
 #include <cuda_bf16.h>
 
@@ -20,6 +20,9 @@ void embedding_backward(const CudaContext& ctx, float* dwte, const bf16* dout, c
 // out (N, C), rstd (N) f32, inp (N, C), weight (C); dinp (N, C) +=, dweight (C) f32 +=.
 void rmsnorm_forward(const CudaContext& ctx, bf16* out, float* rstd, const bf16* inp, const bf16* weight, int64_t N,
                      int C, float eps);
+// resid (N, C) += residual (rounded to bf16), then out = rmsnorm(resid) (bitwise add_inplace + rmsnorm_forward).
+void residual_rmsnorm_forward(const CudaContext& ctx, bf16* resid, bf16* out, float* rstd, const bf16* residual,
+                              const bf16* weight, int64_t N, int C, float eps);
 void rmsnorm_backward(const CudaContext& ctx, bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
                       const bf16* weight, const float* rstd, int64_t N, int C);
 // out (N, OC) = inp (N, IC) @ weight (OC, IC)^T via cuBLASLt (bf16 in, f32 accumulate).
@@ -47,6 +50,12 @@ double cross_entropy_forward(const CudaContext& ctx, float* losses, const bf16* 
 // dlogits (N, V) += (softmax - onehot) * grad_scale * mask.
 void cross_entropy_backward(const CudaContext& ctx, bf16* dlogits, const bf16* logits, const int32_t* targets,
                             const uint8_t* mask, float grad_scale, int64_t N, int V);
+// The fused loss head: losses (N) f32 = masked CE of logits (N, V); when grad_scale != 0 the logits are overwritten
+// in place by dlogits = (softmax - onehot) * grad_scale * mask (masked rows: 0). Never synchronises.
+void cross_entropy_fused(const CudaContext& ctx, float* losses, bf16* logits, const int32_t* targets,
+                         const uint8_t* mask, float grad_scale, int64_t N, int V);
+// Sum of x (n) f32 in double, in a fixed order (synchronises).
+double sum(const CudaContext& ctx, const float* x, int64_t n);
 // AdamW on f32 master weights (formula of kernels/cpu/ops.h); param_working (bf16, may be nullptr) gets the
 // updated weights rounded, in the same pass.
 void adamw_update(const CudaContext& ctx, float* param, bf16* param_working, const float* grad, float* m, float* v,

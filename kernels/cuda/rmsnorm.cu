@@ -1,4 +1,6 @@
-// RMSNorm on the GPU, one warp per row: out = inp * rstd * weight, rstd = 1 / sqrt(mean(inp^2) + eps) (f32).
+// RMSNorm on the GPU, one warp per row: out = inp * rstd * weight, rstd = 1 / sqrt(mean(inp^2) + eps) (f32);
+// the residual form first adds the residual stream in place (resid += residual, rounded to bf16) and normalises
+// the rounded sum, so it is bitwise add_inplace followed by rmsnorm_forward with one pass less over the row.
 // Invariant: statistics in f32, rows independent in the forward. The backward's dweight is summed per block in
 // shared memory, then added to global memory with f32 atomics: block order varies run to run (f32 rounding).
 // Layout follows llm.c's layernorm kernels (a warp per row, a block-level partial for the weight gradient).
@@ -40,6 +42,43 @@ __global__ void __launch_bounds__(kThreads)
     store_bf16<kVec>(y_row + c, y);
   }
   if (lane == 0) rstd[row] = r;
+}
+
+// resid (N, C) += residual (rounded to bf16), then out = rmsnorm(resid), rstd (N). Same arithmetic as
+// add_bf16_kernel followed by rmsnorm_forward_kernel; the row is read twice from memory instead of four times.
+template <int kVec>
+__global__ void __launch_bounds__(kThreads)
+    residual_rmsnorm_forward_kernel(bf16* resid, bf16* out, float* rstd, const bf16* residual, const bf16* weight,
+                                    int64_t N, int C, float eps) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= N) return;
+  bf16* x_row = resid + row * C;
+  const bf16* r_row = residual + row * C;
+  float sum_squares = 0.0f;
+  for (int c = lane * kVec; c < C; c += 32 * kVec) {
+    float x[kVec], r[kVec];
+    load_bf16<kVec>(x, x_row + c);
+    load_bf16<kVec>(r, r_row + c);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      x[k] = __bfloat162float(__float2bfloat16_rn(x[k] + r[k]));  // the sum as stored, as rmsnorm would read it
+      sum_squares += x[k] * x[k];
+    }
+    store_bf16<kVec>(x_row + c, x);
+  }
+  sum_squares = warp_sum(sum_squares);
+  const float rs = 1.0f / sqrtf(sum_squares / C + eps);
+  bf16* y_row = out + row * C;
+  for (int c = lane * kVec; c < C; c += 32 * kVec) {  // each lane re-reads only the columns it wrote
+    float x[kVec], w[kVec], y[kVec];
+    load_bf16<kVec>(x, x_row + c);
+    load_bf16<kVec>(w, weight + c);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) y[k] = (x[k] * rs) * w[k];
+    store_bf16<kVec>(y_row + c, y);
+  }
+  if (lane == 0) rstd[row] = rs;
 }
 
 // dinp_j += r * (dout_j w_j - x_j * r^2 * sum_c(dout_c w_c x_c) / C);  dweight_c += sum_t dout_tc x_tc r_t.
@@ -123,6 +162,19 @@ void rmsnorm_forward(const CudaContext& ctx, bf16* out, float* rstd, const bf16*
     rmsnorm_forward_kernel<8><<<blocks, kThreads, 0, ctx.stream>>>(out, rstd, inp, weight, N, C, eps);
   } else {
     rmsnorm_forward_kernel<1><<<blocks, kThreads, 0, ctx.stream>>>(out, rstd, inp, weight, N, C, eps);
+  }
+  MOBA_CUDA_CHECK(cudaGetLastError());
+}
+
+// resid (N, C) bf16 += residual (N, C); out (N, C) bf16 = rmsnorm(resid); rstd (N) f32
+void residual_rmsnorm_forward(const CudaContext& ctx, bf16* resid, bf16* out, float* rstd, const bf16* residual,
+                              const bf16* weight, int64_t N, int C, float eps) {
+  if (N == 0) return;
+  const unsigned blocks = static_cast<unsigned>((N + kWarps - 1) / kWarps);
+  if (C % 8 == 0 && aligned_16({resid, out, residual, weight})) {
+    residual_rmsnorm_forward_kernel<8><<<blocks, kThreads, 0, ctx.stream>>>(resid, out, rstd, residual, weight, N, C, eps);
+  } else {
+    residual_rmsnorm_forward_kernel<1><<<blocks, kThreads, 0, ctx.stream>>>(resid, out, rstd, residual, weight, N, C, eps);
   }
   MOBA_CUDA_CHECK(cudaGetLastError());
 }
