@@ -1,94 +1,153 @@
 #include "model/transformer.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "common/error.h"
 
 namespace moba::model {
 
-// Every buffer of one micro-batch. Per-layer activations are stacked as (L * N_max, width): layer l, n rows
-// is slice_rows(l * N_max, n). Shapes below use N = max_tokens.
+Recompute parse_recompute(const std::string& name) {
+  if (name == "none") return Recompute::none;
+  if (name == "attention") return Recompute::attention;
+  if (name == "full") return Recompute::full;
+  throw Error(cat("unknown recompute setting '", name, "'"), "use none, attention or full");
+}
+const char* recompute_name(Recompute r) {
+  switch (r) {
+    case Recompute::none: return "none";
+    case Recompute::attention: return "attention";
+    case Recompute::full: return "full";
+  }
+  return "?";
+}
+
+// Every buffer of one micro-batch. Per-layer activations are stacked as (slots * N_max, width): slot s, n rows is
+// slice_rows(s * N_max, n). A sublayer whose activations are recomputed has one slot, reused by every layer;
+// otherwise one slot per layer. Shapes below use N = max_tokens, La / Lm = slots of the attention / MLP sublayer.
 struct Transformer::Activations {
   Tensor inputs, targets, positions;  // (N) i32
   Tensor mask;                        // (N) u8
   Tensor cu_seqlens;                  // (N + 1) i32: at most one segment per row
-  Tensor resid;                       // (L + 1, N, C) input of layer l; resid[L] feeds the final norm
-  Tensor resid_mid;                   // (L, N, C) after the attention residual
-  Tensor ln1, ln2;                    // (L, N, C)
-  Tensor ln1_rstd, ln2_rstd;          // (L, N)
-  Tensor qkv;                         // (L, N, (H + 2 Hkv) D)
-  Tensor q, att;                      // (L, N, H, D) roped queries; attention output
-  Tensor k, v;                        // (L, N, Hkv, D) roped keys; values
-  Tensor lse;                         // (L, N, H) fp32 log-sum-exp
-  Tensor selected;                    // (L, N, H, max_top_k) i32 MoBA routing (empty if no MoBA)
-  Tensor gate_up;                     // (L, N, 2F)
-  Tensor swiglu;                      // (L, N, F)
+  Tensor resid;                       // (L + 1, N, C) input of layer l, always kept; resid[L] feeds the final norm
+  Tensor selected;                    // (L, N, H * max_top_k) i32 MoBA routing, always kept (empty if no MoBA)
+  // attention sublayer, La slots
+  Tensor ln1;                         // (La, N, C)
+  Tensor ln1_rstd;                    // (La, N)
+  Tensor q, att;                      // (La, N, H, D) roped queries; attention output
+  Tensor k, v;                        // (La, N, Hkv, D) roped keys; values
+  Tensor lse;                         // (La, N, H) fp32 log-sum-exp
+  // MLP sublayer, Lm slots
+  Tensor resid_mid;                   // (Lm, N, C) after the attention residual
+  Tensor ln2;                         // (Lm, N, C)
+  Tensor ln2_rstd;                    // (Lm, N)
+  Tensor gate_up;                     // (Lm, N, 2F)
+  Tensor swiglu;                      // (Lm, N, F)
+  // per micro-batch
+  Tensor qkv;                         // (N, (H + 2 Hkv) D) the fused projection, consumed by rope right away
   Tensor lnf;                         // (N, C)
   Tensor lnf_rstd;                    // (N)
-  Tensor logits, dlogits;             // (N, V)
+  Tensor logits;                      // (head_rows, V) one chunk of the LM head; its gradient overwrites it
   Tensor losses;                      // (N)
-  // backward scratch, reused by every layer
+  // backward scratch, reused by every layer (dln also carries the head's gradient from forward to backward)
   Tensor dresid, dln;                 // (N, C)
   Tensor dqkv;                        // (N, (H + 2 Hkv) D)
   Tensor dq, datt;                    // (N, H, D)
   Tensor dk, dv;                      // (N, Hkv, D)
   Tensor dgate_up;                    // (N, 2F)
   Tensor dswiglu;                     // (N, F)
+
+  // One entry per buffer: where it goes, its name in the memory plan, dtype and 2-D shape.
+  struct Spec {
+    Tensor* tensor;
+    const char* name;
+    DType dtype;
+    int64_t rows, cols;
+  };
+  std::vector<Spec> specs(const ModelConfig& c, int64_t N, int max_top_k, Recompute recompute, int64_t head_rows,
+                          DType A) {
+    const int64_t L = c.n_layers, C = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads, D = c.head_dim;
+    const int64_t F = c.ffn_hidden, V = c.vocab_size;
+    const int64_t La = recompute == Recompute::none ? L : 1, Lm = recompute == Recompute::full ? 1 : L;
+    std::vector<Spec> out = {
+        {&inputs, "inputs", DType::i32, N, 1}, {&targets, "targets", DType::i32, N, 1},
+        {&positions, "positions", DType::i32, N, 1}, {&mask, "loss mask", DType::u8, N, 1},
+        {&cu_seqlens, "cu_seqlens", DType::i32, N + 1, 1}, {&resid, "residual stream", A, (L + 1) * N, C},
+        {&ln1, "attention: norm", A, La * N, C}, {&ln1_rstd, "attention: norm rstd", DType::f32, La * N, 1},
+        {&q, "attention: q", A, La * N, H * D}, {&k, "attention: k", A, La * N, Hkv * D},
+        {&v, "attention: v", A, La * N, Hkv * D}, {&att, "attention: output", A, La * N, H * D},
+        {&lse, "attention: lse", DType::f32, La * N, H}, {&resid_mid, "mlp: input", A, Lm * N, C},
+        {&ln2, "mlp: norm", A, Lm * N, C}, {&ln2_rstd, "mlp: norm rstd", DType::f32, Lm * N, 1},
+        {&gate_up, "mlp: gate/up", A, Lm * N, 2 * F}, {&swiglu, "mlp: swiglu", A, Lm * N, F},
+        {&qkv, "qkv projection", A, N, c.qkv_dim()}, {&lnf, "final norm", A, N, C},
+        {&lnf_rstd, "final norm rstd", DType::f32, N, 1}, {&logits, "logits chunk", A, head_rows, V},
+        {&losses, "losses", DType::f32, N, 1}, {&dresid, "grad: residual", A, N, C}, {&dln, "grad: norm", A, N, C},
+        {&dqkv, "grad: qkv", A, N, c.qkv_dim()}, {&dq, "grad: q", A, N, H * D}, {&datt, "grad: attention", A, N, H * D},
+        {&dk, "grad: k", A, N, Hkv * D}, {&dv, "grad: v", A, N, Hkv * D}, {&dgate_up, "grad: gate/up", A, N, 2 * F},
+        {&dswiglu, "grad: swiglu", A, N, F}};
+    if (max_top_k > 0) out.push_back({&selected, "moba routing", DType::i32, L * N, H * max_top_k});
+    return out;
+  }
   std::vector<Tensor*> all() {
-    return {&inputs, &targets, &positions, &mask, &cu_seqlens, &resid, &resid_mid, &ln1, &ln2, &ln1_rstd,
-            &ln2_rstd, &qkv, &q, &att, &k, &v, &lse, &selected, &gate_up, &swiglu, &lnf, &lnf_rstd, &logits,
-            &dlogits, &losses, &dresid, &dln, &dqkv, &dq, &datt, &dk, &dv, &dgate_up, &dswiglu};
+    return {&inputs, &targets, &positions, &mask, &cu_seqlens, &resid, &selected, &ln1, &ln1_rstd, &q, &att, &k, &v,
+            &lse, &resid_mid, &ln2, &ln2_rstd, &gate_up, &swiglu, &qkv, &lnf, &lnf_rstd, &logits, &losses, &dresid,
+            &dln, &dqkv, &dq, &datt, &dk, &dv, &dgate_up, &dswiglu};
   }
 };
 
-Transformer::Transformer(Backend& backend, const ModelConfig& config, int64_t max_tokens, int max_top_k)
-    : be_(backend), config_(config), layout_(config), max_tokens_(max_tokens), max_top_k_(max_top_k) {
+namespace {
+int64_t head_rows_for(const ModelConfig& c, int64_t max_tokens, int64_t requested) {
+  if (requested > 0) return std::min(requested, max_tokens);
+  // About 2^27 logits (256 MiB in bf16) per chunk, in multiples of 128 rows for the GEMMs.
+  int64_t rows = std::max<int64_t>(128, (int64_t{1} << 27) / std::max(c.vocab_size, 1) / 128 * 128);
+  return std::min(rows, max_tokens);
+}
+size_t padded_bytes(DType dtype, int64_t rows, int64_t cols) {
+  return (static_cast<size_t>(rows * cols) * dtype_size(dtype) + 255) / 256 * 256;
+}
+}  // namespace
+
+std::vector<MemoryItem> Transformer::memory_plan(const ModelConfig& c, int64_t max_tokens,
+                                                 const TransformerOptions& options, DType A) {
+  ParameterLayout layout(c);
+  const size_t P = static_cast<size_t>(layout.total());
+  std::vector<MemoryItem> plan = {{"master weights (f32)", padded_bytes(DType::f32, 1, P)},
+                                  {"gradients (f32)", padded_bytes(DType::f32, 1, P)}};
+  if (A != DType::f32) plan.push_back({cat("working weights (", dtype_name(A), ")"), padded_bytes(A, 1, P)});
+  Activations a;
+  size_t stored = 0, layer_scratch = 0, head = 0, grads = 0;
+  for (const Activations::Spec& sp :
+       a.specs(c, max_tokens, options.max_top_k, options.recompute, head_rows_for(c, max_tokens, options.head_chunk_rows), A)) {
+    const size_t bytes = padded_bytes(sp.dtype, sp.rows, sp.cols);
+    const std::string name = sp.name;
+    if (name.rfind("grad: ", 0) == 0) grads += bytes;
+    else if (name == "logits chunk" || name == "losses" || name.rfind("final norm", 0) == 0) head += bytes;
+    else if (name.rfind("attention: ", 0) == 0 || name.rfind("mlp: ", 0) == 0 || name == "residual stream" ||
+             name == "moba routing") stored += bytes;
+    else layer_scratch += bytes;
+  }
+  plan.push_back({cat("activations kept for backward (recompute: ", recompute_name(options.recompute), ")"), stored});
+  plan.push_back({"LM head (final norm, one logits chunk, losses)", head});
+  plan.push_back({"activation gradients (one layer at a time)", grads});
+  plan.push_back({"inputs and projection scratch", layer_scratch});
+  return plan;
+}
+
+Transformer::Transformer(Backend& backend, const ModelConfig& config, int64_t max_tokens,
+                         const TransformerOptions& options)
+    : be_(backend), config_(config), layout_(config), max_tokens_(max_tokens), max_top_k_(options.max_top_k),
+      recompute_(options.recompute) {
   const ModelConfig& c = config_;
   MOBA_ASSERT(c.vocab_size > 0 && c.n_heads % c.n_kv_heads == 0 && c.head_dim % 2 == 0 && max_tokens > 0);
-  const int64_t N = max_tokens, L = c.n_layers, C = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads, D = c.head_dim;
-  const int64_t F = c.ffn_hidden, V = c.vocab_size;
   act_dtype_ = be_.activation_dtype();
-  const DType A = act_dtype_;  // activations and their gradients; statistics stay f32
+  head_rows_ = head_rows_for(c, max_tokens, options.head_chunk_rows);
   params_ = be_.allocate(DType::f32, {layout_.total()});
   grads_ = be_.allocate(DType::f32, {layout_.total()});
-  working_ = A != DType::f32;
-  if (working_) params_working_ = be_.allocate(A, {layout_.total()});
+  working_ = act_dtype_ != DType::f32;
+  if (working_) params_working_ = be_.allocate(act_dtype_, {layout_.total()});
   act_ = std::make_unique<Activations>();
-  Activations& a = *act_;
-  a.inputs = be_.allocate(DType::i32, {N});
-  a.targets = be_.allocate(DType::i32, {N});
-  a.positions = be_.allocate(DType::i32, {N});
-  a.mask = be_.allocate(DType::u8, {N});
-  a.cu_seqlens = be_.allocate(DType::i32, {N + 1});
-  a.resid = be_.allocate(A, {(L + 1) * N, C});
-  a.resid_mid = be_.allocate(A, {L * N, C});
-  a.ln1 = be_.allocate(A, {L * N, C});
-  a.ln2 = be_.allocate(A, {L * N, C});
-  a.ln1_rstd = be_.allocate(DType::f32, {L * N});
-  a.ln2_rstd = be_.allocate(DType::f32, {L * N});
-  a.qkv = be_.allocate(A, {L * N, c.qkv_dim()});
-  a.q = be_.allocate(A, {L * N, H * D});
-  a.att = be_.allocate(A, {L * N, H * D});
-  a.k = be_.allocate(A, {L * N, Hkv * D});
-  a.v = be_.allocate(A, {L * N, Hkv * D});
-  a.lse = be_.allocate(DType::f32, {L * N, H});
-  if (max_top_k > 0) a.selected = be_.allocate(DType::i32, {L * N, H * max_top_k});
-  a.gate_up = be_.allocate(A, {L * N, 2 * F});
-  a.swiglu = be_.allocate(A, {L * N, F});
-  a.lnf = be_.allocate(A, {N, C});
-  a.lnf_rstd = be_.allocate(DType::f32, {N});
-  a.logits = be_.allocate(A, {N, V});
-  a.dlogits = be_.allocate(A, {N, V});
-  a.losses = be_.allocate(DType::f32, {N});
-  a.dresid = be_.allocate(A, {N, C});
-  a.dln = be_.allocate(A, {N, C});
-  a.dqkv = be_.allocate(A, {N, c.qkv_dim()});
-  a.dq = be_.allocate(A, {N, H * D});
-  a.datt = be_.allocate(A, {N, H * D});
-  a.dk = be_.allocate(A, {N, Hkv * D});
-  a.dv = be_.allocate(A, {N, Hkv * D});
-  a.dgate_up = be_.allocate(A, {N, 2 * F});
-  a.dswiglu = be_.allocate(A, {N, F});
+  for (const Activations::Spec& sp : act_->specs(c, max_tokens, max_top_k_, recompute_, head_rows_, act_dtype_))
+    *sp.tensor = sp.cols == 1 ? be_.allocate(sp.dtype, {sp.rows}) : be_.allocate(sp.dtype, {sp.rows, sp.cols});
 }
 
 Transformer::~Transformer() {
@@ -145,18 +204,94 @@ std::vector<float> Transformer::params_to_host() const {
 void Transformer::zero_grads() { be_.zero(grads_); }
 
 namespace {
-// Layer l's n rows of a stacked (L * N_max, width) activation, optionally viewed as (n, heads, head_dim).
-Tensor rows_of(const Tensor& stacked, int64_t n_max, int layer, int64_t n) {
-  return stacked.slice_rows(layer * n_max, n);
-}
 Tensor heads(const Tensor& t, int64_t n, int64_t h, int64_t d) { return t.reshape({n, h, d}); }
+// The n rows of slot `slot` of a stacked (slots * N_max, width) activation.
+Tensor slot_rows(const Tensor& stacked, int64_t n_max, int64_t slot, int64_t n) {
+  return stacked.slice_rows(slot * n_max, n);
+}
 }  // namespace
 
-double Transformer::forward(const TokenBatch& batch, const std::vector<AttentionParams>& attention) {
+// Layer l's views of the activations for the current micro-batch (n rows), whichever slot holds them.
+struct Transformer::LayerViews {
+  Tensor x, out;              // resid[l], resid[l + 1]: (n, C)
+  Tensor ln1, ln1_rstd;       // (n, C), (n)
+  Tensor q, k, v, att, lse;   // (n, H, D), (n, Hkv, D) x 2, (n, H, D), (n, H)
+  Tensor sel;                 // (n * H * top_k) for a moba layer, else empty
+  Tensor mid, ln2, ln2_rstd;  // (n, C), (n, C), (n)
+  Tensor gate_up, swiglu;     // (n, 2F), (n, F)
+};
+
+Transformer::LayerViews Transformer::layer_views(int l) const {
+  const ModelConfig& c = config_;
+  const Activations& a = *act_;
+  const int64_t n = last_tokens_, N = max_tokens_, H = c.n_heads, Hkv = c.n_kv_heads, D = c.head_dim;
+  const int64_t sa = recompute_ == Recompute::none ? l : 0, sm = recompute_ == Recompute::full ? 0 : l;
+  LayerViews v;
+  v.x = slot_rows(a.resid, N, l, n);
+  v.out = slot_rows(a.resid, N, l + 1, n);
+  v.ln1 = slot_rows(a.ln1, N, sa, n);
+  v.ln1_rstd = slot_rows(a.ln1_rstd, N, sa, n);
+  v.q = heads(slot_rows(a.q, N, sa, n), n, H, D);
+  v.k = heads(slot_rows(a.k, N, sa, n), n, Hkv, D);
+  v.v = heads(slot_rows(a.v, N, sa, n), n, Hkv, D);
+  v.att = heads(slot_rows(a.att, N, sa, n), n, H, D);
+  v.lse = slot_rows(a.lse, N, sa, n);
+  const AttentionParams& p = last_attention_[static_cast<size_t>(l)];
+  if (a.selected.data && p.mode == AttentionMode::moba)
+    v.sel = slot_rows(a.selected, N, l, n).reshape({n * H * max_top_k_}).slice_rows(0, n * H * p.top_k);
+  v.mid = slot_rows(a.resid_mid, N, sm, n);
+  v.ln2 = slot_rows(a.ln2, N, sm, n);
+  v.ln2_rstd = slot_rows(a.ln2_rstd, N, sm, n);
+  v.gate_up = slot_rows(a.gate_up, N, sm, n);
+  v.swiglu = slot_rows(a.swiglu, N, sm, n);
+  return v;
+}
+
+// ln1 (already normalised) -> qkv -> rope(q), rope(k), v -> attention -> att, lse.
+void Transformer::attention_sublayer_forward(int l, const AttentionParams& p) {
+  const ModelConfig& c = config_;
+  const int64_t n = last_tokens_, H = c.n_heads, Hkv = c.n_kv_heads, D = c.head_dim;
+  const LayerViews lv = layer_views(l);
+  Tensor positions = act_->positions.slice_rows(0, n);
+  Tensor qkv = act_->qkv.slice_rows(0, n);  // (n, (H + 2 Hkv) D)
+  be_.matmul_forward(qkv, lv.ln1, layer_param("layers.wqkv", l));
+  be_.rope_forward(lv.q, qkv.columns(0, H * D), positions, c.rope_theta);
+  be_.rope_forward(lv.k, qkv.columns(H * D, Hkv * D), positions, c.rope_theta);
+  be_.copy(lv.v.reshape({n, Hkv * D}), qkv.columns((H + Hkv) * D, Hkv * D));
+  be_.attention_forward(lv.att, lv.lse, lv.sel, lv.q, lv.k, lv.v, act_->cu_seqlens.slice_rows(0, last_segments_ + 1), p);
+}
+
+// mid (holding Wo att on entry) += x, ln2 = rmsnorm(mid) -> gate_up -> swiglu.
+void Transformer::mlp_sublayer_forward(int l) {
+  const LayerViews lv = layer_views(l);
+  be_.matmul_forward(lv.mid, lv.att.reshape({last_tokens_, config_.n_heads * config_.head_dim}),
+                     layer_param("layers.wo", l));
+  be_.residual_rmsnorm_forward(lv.mid, lv.ln2, lv.ln2_rstd, lv.x, layer_param("layers.ln2", l), config_.norm_eps);
+  be_.matmul_forward(lv.gate_up, lv.ln2, layer_param("layers.w_gate_up", l));
+  be_.swiglu_forward(lv.swiglu, lv.gate_up);
+}
+
+void Transformer::head(float grad_scale) {
+  const ModelConfig& c = config_;
+  Activations& a = *act_;
+  const int64_t n = last_tokens_;
+  const char* name = c.tie_embeddings ? "wte" : "lm_head";
+  Tensor dln = a.dln.slice_rows(0, n), lnf = a.lnf.slice_rows(0, n);
+  if (grad_scale != 0.0f) be_.zero(dln);
+  for (int64_t r0 = 0; r0 < n; r0 += head_rows_) {
+    const int64_t rows = std::min(head_rows_, n - r0);
+    Tensor logits = a.logits.slice_rows(0, rows), x = lnf.slice_rows(r0, rows);
+    be_.matmul_forward(logits, x, param(name));
+    be_.cross_entropy_fused(a.losses.slice_rows(r0, rows), logits, a.targets.slice_rows(r0, rows),
+                            a.mask.slice_rows(r0, rows), grad_scale);  // logits now hold dlogits
+    if (grad_scale != 0.0f) be_.matmul_backward(dln.slice_rows(r0, rows), grad(name), logits, x, param(name));
+  }
+}
+
+double Transformer::forward(const TokenBatch& batch, const std::vector<AttentionParams>& attention, float grad_scale) {
   const ModelConfig& c = config_;
   Activations& a = *act_;
   const int64_t n = batch.num_tokens, N = max_tokens_;
-  const int64_t H = c.n_heads, Hkv = c.n_kv_heads, D = c.head_dim;
   MOBA_CHECK(n > 0 && n <= N, cat("micro-batch of ", n, " tokens does not fit the model's buffers (", N, ")"),
              "this is a bug in the caller");
   MOBA_CHECK(batch.num_segments >= 1 && batch.num_segments <= n && batch.cu_seqlens[batch.num_segments] == n,
@@ -169,49 +304,36 @@ double Transformer::forward(const TokenBatch& batch, const std::vector<Attention
   last_tokens_ = n;
   last_segments_ = batch.num_segments;
 
-  Tensor inputs = a.inputs.slice_rows(0, n), targets = a.targets.slice_rows(0, n);
-  Tensor positions = a.positions.slice_rows(0, n), mask = a.mask.slice_rows(0, n);
-  Tensor cu = a.cu_seqlens.slice_rows(0, batch.num_segments + 1);
-  be_.upload(inputs, batch.inputs);
-  be_.upload(targets, batch.targets);
-  be_.upload(positions, batch.positions);
-  be_.upload(mask, batch.loss_mask);
-  be_.upload(cu, batch.cu_seqlens);
+  be_.upload(a.inputs.slice_rows(0, n), batch.inputs);
+  be_.upload(a.targets.slice_rows(0, n), batch.targets);
+  be_.upload(a.positions.slice_rows(0, n), batch.positions);
+  be_.upload(a.mask.slice_rows(0, n), batch.loss_mask);
+  be_.upload(a.cu_seqlens.slice_rows(0, batch.num_segments + 1), batch.cu_seqlens);
 
-  be_.embedding_forward(rows_of(a.resid, N, 0, n), inputs, param("wte"));
-  for (int l = 0; l < c.n_layers; ++l) {
-    Tensor x = rows_of(a.resid, N, l, n);
-    Tensor ln1 = rows_of(a.ln1, N, l, n), ln1_rstd = rows_of(a.ln1_rstd, N, l, n);
-    be_.rmsnorm_forward(ln1, ln1_rstd, x, layer_param("layers.ln1", l), c.norm_eps);
-    Tensor qkv = rows_of(a.qkv, N, l, n);  // (n, (H + 2 Hkv) D)
-    be_.matmul_forward(qkv, ln1, layer_param("layers.wqkv", l));
-    Tensor q = heads(rows_of(a.q, N, l, n), n, H, D), k = heads(rows_of(a.k, N, l, n), n, Hkv, D);
-    Tensor v = heads(rows_of(a.v, N, l, n), n, Hkv, D);
-    be_.rope_forward(q, qkv.columns(0, H * D), positions, c.rope_theta);
-    be_.rope_forward(k, qkv.columns(H * D, Hkv * D), positions, c.rope_theta);
-    be_.copy(v.reshape({n, Hkv * D}), qkv.columns((H + Hkv) * D, Hkv * D));
-    Tensor att = heads(rows_of(a.att, N, l, n), n, H, D), lse = rows_of(a.lse, N, l, n);
-    Tensor sel = a.selected.data ? rows_of(a.selected, N, l, n) : Tensor();
-    if (sel.data && attention[l].mode == AttentionMode::moba) sel = sel.reshape({n * H * max_top_k_})
-                                                                        .slice_rows(0, n * H * attention[l].top_k);
-    be_.attention_forward(att, lse, sel, q, k, v, cu, attention[l]);
-    Tensor mid = rows_of(a.resid_mid, N, l, n);
-    be_.matmul_forward(mid, att.reshape({n, H * D}), layer_param("layers.wo", l));
-    be_.add_inplace(mid, x);
-    Tensor ln2 = rows_of(a.ln2, N, l, n), ln2_rstd = rows_of(a.ln2_rstd, N, l, n);
-    be_.rmsnorm_forward(ln2, ln2_rstd, mid, layer_param("layers.ln2", l), c.norm_eps);
-    Tensor gu = rows_of(a.gate_up, N, l, n), act = rows_of(a.swiglu, N, l, n);
-    be_.matmul_forward(gu, ln2, layer_param("layers.w_gate_up", l));
-    be_.swiglu_forward(act, gu);
-    Tensor out = rows_of(a.resid, N, l + 1, n);
-    be_.matmul_forward(out, act, layer_param("layers.w_down", l));
-    be_.add_inplace(out, mid);
+  Tensor x0 = slot_rows(a.resid, N, 0, n);
+  be_.embedding_forward(x0, a.inputs.slice_rows(0, n), param("wte"));
+  {
+    const LayerViews first = layer_views(0);
+    be_.rmsnorm_forward(first.ln1, first.ln1_rstd, x0, layer_param("layers.ln1", 0), c.norm_eps);
   }
-  Tensor lnf = a.lnf.slice_rows(0, n), lnf_rstd = a.lnf_rstd.slice_rows(0, n);
-  be_.rmsnorm_forward(lnf, lnf_rstd, rows_of(a.resid, N, c.n_layers, n), param("ln_f"), c.norm_eps);
-  Tensor logits = a.logits.slice_rows(0, n);
-  be_.matmul_forward(logits, lnf, param(c.tie_embeddings ? "wte" : "lm_head"));
-  return be_.cross_entropy_forward(a.losses.slice_rows(0, n), logits, targets, mask);
+  for (int l = 0; l < c.n_layers; ++l) {
+    attention_sublayer_forward(l, attention[static_cast<size_t>(l)]);
+    mlp_sublayer_forward(l);
+    // resid[l + 1] = mid + Wdown swiglu, fused with the norm that reads it: the next layer's ln1, or ln_f.
+    const LayerViews lv = layer_views(l);
+    be_.matmul_forward(lv.out, lv.swiglu, layer_param("layers.w_down", l));
+    if (l + 1 < c.n_layers) {
+      const LayerViews next = layer_views(l + 1);
+      be_.residual_rmsnorm_forward(lv.out, next.ln1, next.ln1_rstd, lv.mid, layer_param("layers.ln1", l + 1),
+                                   c.norm_eps);
+    } else {
+      be_.residual_rmsnorm_forward(lv.out, a.lnf.slice_rows(0, n), a.lnf_rstd.slice_rows(0, n), lv.mid,
+                                   param("ln_f"), c.norm_eps);
+    }
+  }
+  head(grad_scale);
+  head_grad_scale_ = grad_scale;
+  return be_.sum(a.losses.slice_rows(0, n));
 }
 
 void Transformer::backward(float grad_scale) {
@@ -220,61 +342,60 @@ void Transformer::backward(float grad_scale) {
   const int64_t n = last_tokens_, N = max_tokens_;
   const int64_t H = c.n_heads, Hkv = c.n_kv_heads, D = c.head_dim;
   MOBA_ASSERT(n > 0);
+  MOBA_CHECK(head_grad_scale_ == 0.0f || head_grad_scale_ == grad_scale,
+             cat("backward(", grad_scale, ") after a forward whose LM head used grad_scale ", head_grad_scale_),
+             "pass the same grad_scale to forward() and backward()");
   Tensor positions = a.positions.slice_rows(0, n);
   Tensor cu = a.cu_seqlens.slice_rows(0, last_segments_ + 1);
 
-  Tensor logits = a.logits.slice_rows(0, n), dlogits = a.dlogits.slice_rows(0, n);
-  be_.zero(dlogits);
-  be_.cross_entropy_backward(dlogits, logits, a.targets.slice_rows(0, n), a.mask.slice_rows(0, n), grad_scale);
+  if (head_grad_scale_ == 0.0f) {  // the head's backward did not run in forward
+    if (grad_scale != 0.0f) head(grad_scale);
+    else be_.zero(a.dln.slice_rows(0, n));
+  }
+  head_grad_scale_ = 0.0f;
   Tensor dln = a.dln.slice_rows(0, n), dresid = a.dresid.slice_rows(0, n);
-  be_.zero(dln);
-  const char* head = c.tie_embeddings ? "wte" : "lm_head";
-  be_.matmul_backward(dln, grad(head), dlogits, a.lnf.slice_rows(0, n), param(head));
   be_.zero(dresid);
-  be_.rmsnorm_backward(dresid, grad("ln_f"), dln, rows_of(a.resid, N, c.n_layers, n), param("ln_f"),
+  be_.rmsnorm_backward(dresid, grad("ln_f"), dln, slot_rows(a.resid, N, c.n_layers, n), param("ln_f"),
                        a.lnf_rstd.slice_rows(0, n));
 
   for (int l = c.n_layers - 1; l >= 0; --l) {
+    const AttentionParams& p = last_attention_[static_cast<size_t>(l)];
+    const LayerViews lv = layer_views(l);
+    if (recompute_ != Recompute::none) {  // rebuild this layer's activations from resid[l], routing frozen
+      AttentionParams again = p;
+      again.reuse_routing = true;
+      be_.rmsnorm_forward(lv.ln1, lv.ln1_rstd, lv.x, layer_param("layers.ln1", l), c.norm_eps);
+      attention_sublayer_forward(l, again);
+      if (recompute_ == Recompute::full) mlp_sublayer_forward(l);
+    }
     // MLP branch: resid[l+1] = mid + Wdown swiglu(Wgu ln2(mid)); dresid holds d resid[l+1] -> d mid.
-    Tensor mid = rows_of(a.resid_mid, N, l, n);
     Tensor dact = a.dswiglu.slice_rows(0, n), dgu = a.dgate_up.slice_rows(0, n);
     be_.zero(dact);
-    be_.matmul_backward(dact, layer_grad("layers.w_down", l), dresid, rows_of(a.swiglu, N, l, n),
-                        layer_param("layers.w_down", l));
+    be_.matmul_backward(dact, layer_grad("layers.w_down", l), dresid, lv.swiglu, layer_param("layers.w_down", l));
     be_.zero(dgu);
-    be_.swiglu_backward(dgu, dact, rows_of(a.gate_up, N, l, n));
+    be_.swiglu_backward(dgu, dact, lv.gate_up);
     be_.zero(dln);
-    be_.matmul_backward(dln, layer_grad("layers.w_gate_up", l), dgu, rows_of(a.ln2, N, l, n),
-                        layer_param("layers.w_gate_up", l));
-    be_.rmsnorm_backward(dresid, layer_grad("layers.ln2", l), dln, mid, layer_param("layers.ln2", l),
-                         rows_of(a.ln2_rstd, N, l, n));
+    be_.matmul_backward(dln, layer_grad("layers.w_gate_up", l), dgu, lv.ln2, layer_param("layers.w_gate_up", l));
+    be_.rmsnorm_backward(dresid, layer_grad("layers.ln2", l), dln, lv.mid, layer_param("layers.ln2", l), lv.ln2_rstd);
     // Attention branch: mid = x + Wo attn(...); dresid holds d mid -> d x.
-    Tensor att = heads(rows_of(a.att, N, l, n), n, H, D);
     Tensor datt = heads(a.datt.slice_rows(0, n), n, H, D);
     be_.zero(datt);
-    be_.matmul_backward(datt.reshape({n, H * D}), layer_grad("layers.wo", l), dresid, att.reshape({n, H * D}),
+    be_.matmul_backward(datt.reshape({n, H * D}), layer_grad("layers.wo", l), dresid, lv.att.reshape({n, H * D}),
                         layer_param("layers.wo", l));
     Tensor dq = heads(a.dq.slice_rows(0, n), n, H, D), dk = heads(a.dk.slice_rows(0, n), n, Hkv, D);
     Tensor dv = heads(a.dv.slice_rows(0, n), n, Hkv, D);
     be_.zero(dq);
     be_.zero(dk);
     be_.zero(dv);
-    const AttentionParams& p = last_attention_[static_cast<size_t>(l)];
-    Tensor sel = a.selected.data ? rows_of(a.selected, N, l, n) : Tensor();
-    if (sel.data && p.mode == AttentionMode::moba) sel = sel.reshape({n * H * max_top_k_}).slice_rows(0, n * H * p.top_k);
-    be_.attention_backward(dq, dk, dv, datt, heads(rows_of(a.q, N, l, n), n, H, D),
-                           heads(rows_of(a.k, N, l, n), n, Hkv, D), heads(rows_of(a.v, N, l, n), n, Hkv, D), att,
-                           rows_of(a.lse, N, l, n), sel, cu, p);
+    be_.attention_backward(dq, dk, dv, datt, lv.q, lv.k, lv.v, lv.att, lv.lse, lv.sel, cu, p);
     Tensor dqkv = a.dqkv.slice_rows(0, n);
     be_.zero(dqkv);
     be_.rope_backward(dqkv.columns(0, H * D), dq, positions, c.rope_theta);
     be_.rope_backward(dqkv.columns(H * D, Hkv * D), dk, positions, c.rope_theta);
     be_.copy(dqkv.columns((H + Hkv) * D, Hkv * D), dv.reshape({n, Hkv * D}));
     be_.zero(dln);
-    be_.matmul_backward(dln, layer_grad("layers.wqkv", l), dqkv, rows_of(a.ln1, N, l, n),
-                        layer_param("layers.wqkv", l));
-    be_.rmsnorm_backward(dresid, layer_grad("layers.ln1", l), dln, rows_of(a.resid, N, l, n),
-                         layer_param("layers.ln1", l), rows_of(a.ln1_rstd, N, l, n));
+    be_.matmul_backward(dln, layer_grad("layers.wqkv", l), dqkv, lv.ln1, layer_param("layers.wqkv", l));
+    be_.rmsnorm_backward(dresid, layer_grad("layers.ln1", l), dln, lv.x, layer_param("layers.ln1", l), lv.ln1_rstd);
   }
   be_.embedding_backward(grad("wte"), dresid, a.inputs.slice_rows(0, n));
 }

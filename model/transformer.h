@@ -2,10 +2,16 @@
 //   x = wte[tokens]; per layer: x += Wo attn(rope(q), rope(k), v; rmsnorm(x)); x += Wdown swiglu(Wgu rmsnorm(x))
 //   logits = head(rmsnorm(x)); loss = masked cross-entropy.
 // All buffers are allocated once for a micro-batch of up to max_tokens rows; nothing is allocated per step.
-// Invariant: backward() uses exactly the activations and routing saved by the last forward().
+// Each residual add is fused with the norm that follows it. The LM head runs in chunks of rows with the loss and
+// its gradient in one op, so logits exist for one chunk at a time. Activation recompute (train.recompute) keeps
+// one layer's worth of the attention sublayer's activations (attention) or of the whole layer's (full) and
+// rebuilds them from the stored layer inputs in backward, with the routing of the forward.
+// Invariant: backward() uses exactly the activations and routing saved by the last forward(); recomputation
+// gives bitwise the activations the forward had, so gradients do not depend on the recompute setting.
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "kernels/backend.h"
@@ -24,10 +30,27 @@ struct TokenBatch {
   int num_segments = 0;
 };
 
+enum class Recompute { none, attention, full };
+Recompute parse_recompute(const std::string& name);  // "none" | "attention" | "full"
+const char* recompute_name(Recompute r);
+
+struct TransformerOptions {
+  int max_top_k = 0;  // the largest MoBA top_k any layer may use (sizes the routing buffer); 0 if no MoBA ever
+  Recompute recompute = Recompute::none;
+  int64_t head_chunk_rows = 0;  // rows of logits held at once; 0 = about 2^27 logits per chunk
+};
+
+// One named device buffer of the memory plan.
+struct MemoryItem {
+  std::string name;
+  size_t bytes = 0;
+};
+
 class Transformer {
  public:
-  // max_top_k: the largest MoBA top_k any layer may use (sizes the routing buffer); 0 if no MoBA ever.
-  Transformer(Backend& backend, const ModelConfig& config, int64_t max_tokens, int max_top_k);
+  Transformer(Backend& backend, const ModelConfig& config, int64_t max_tokens, const TransformerOptions& options);
+  Transformer(Backend& backend, const ModelConfig& config, int64_t max_tokens, int max_top_k)
+      : Transformer(backend, config, max_tokens, TransformerOptions{max_top_k, Recompute::none, 0}) {}
   ~Transformer();
   Transformer(const Transformer&) = delete;
   Transformer& operator=(const Transformer&) = delete;
@@ -48,9 +71,16 @@ class Transformer {
   std::vector<float> params_to_host() const;
   void zero_grads();
 
+  // What the constructor allocates for these settings, by buffer (parameters, optimizer-free): the plan printed
+  // before training. Attention kernels' scratch comes on top (it grows in the first step).
+  static std::vector<MemoryItem> memory_plan(const ModelConfig& config, int64_t max_tokens,
+                                             const TransformerOptions& options, DType activation_dtype);
+
   // Runs the forward pass; returns the sum of the per-token losses over unmasked targets.
   // attention[l] says how layer l attends (full or moba with its block size / top_k).
-  double forward(const TokenBatch& batch, const std::vector<AttentionParams>& attention);
+  // grad_scale != 0 (training): the LM head's backward runs here, chunk by chunk, while its logits are at hand;
+  // backward() must then get the same grad_scale. grad_scale == 0: loss only (backward() recomputes the head).
+  double forward(const TokenBatch& batch, const std::vector<AttentionParams>& attention, float grad_scale = 0.0f);
   // Accumulates d(grad_scale * loss_sum)/d(params) into grads(). Call after forward() on the same batch.
   void backward(float grad_scale);
   // Per-token losses of the last forward (N), 0 where masked.
@@ -58,6 +88,11 @@ class Transformer {
 
  private:
   struct Activations;
+  struct LayerViews;
+  LayerViews layer_views(int layer) const;
+  void attention_sublayer_forward(int layer, const AttentionParams& p);  // ln1 (given) -> q, k, v, att, lse
+  void mlp_sublayer_forward(int layer);                                  // mid -> ln2, gate_up, swiglu
+  void head(float grad_scale);  // the chunked LM head: losses, and with grad_scale != 0 dln and the head's grads
   Tensor layer_param(const std::string& name, int layer) const;
   Tensor layer_grad(const std::string& name, int layer) const;
   Tensor view(const Tensor& arena, const ParamTensor& t, int layer) const;
@@ -67,6 +102,9 @@ class Transformer {
   ParameterLayout layout_;
   int64_t max_tokens_;
   int max_top_k_;
+  Recompute recompute_;
+  int64_t head_rows_ = 0;      // rows per LM-head chunk
+  float head_grad_scale_ = 0;  // grad_scale the last forward's head backward used (0: not run)
   Tensor params_, grads_;   // (P) f32
   Tensor params_working_;   // (P) activation dtype; only when it is not f32
   bool working_ = false;

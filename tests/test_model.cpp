@@ -95,6 +95,97 @@ INSTANTIATE_TEST_SUITE_P(Attention, ModelGradient,
                                            Case{"moba_mqa", 4, 1, AttentionMode::moba, true}),
                          [](const auto& info) { return std::string(info.param.name); });
 
+// A 3-layer hybrid model (MoBA, full, MoBA; GQA) on two packed segments, shared by the checks below.
+struct SmallModel {
+  model::ModelConfig c{37, 16, 3, 4, 2, 8, 24};
+  static constexpr int64_t N = 45;
+  std::vector<int32_t> cu{0, 26, 45}, inputs, targets, positions;
+  std::vector<uint8_t> mask;
+  std::vector<AttentionParams> attention;
+  std::vector<float> params;
+  SmallModel() : inputs(N), targets(N), positions(N), mask(N, 1), attention(3) {
+    std::mt19937 rng(9);
+    for (int64_t t = 0; t < N; ++t) {
+      inputs[t] = static_cast<int32_t>(rng() % c.vocab_size);
+      targets[t] = static_cast<int32_t>(rng() % c.vocab_size);
+      positions[t] = static_cast<int32_t>(t < 26 ? t : t - 26);
+    }
+    mask[2] = mask[40] = 0;
+    for (auto& p : attention) p = AttentionParams{AttentionMode::moba, 4, 3, 1.0f / std::sqrt(8.0f)};
+    attention[1].mode = AttentionMode::full;
+    model::ParameterLayout layout(c);
+    model::initialize_parameters(layout, c, 0.2f, 4, params);
+  }
+  model::TokenBatch batch() { return {inputs.data(), targets.data(), mask.data(), positions.data(), cu.data(), N, 2}; }
+  // Loss sum and gradients of one forward + backward under `options`; grad_scale_in_forward runs the LM head's
+  // backward inside forward (the trainer's path).
+  std::pair<double, std::vector<float>> run(Backend& be, const model::TransformerOptions& options,
+                                            bool grad_scale_in_forward) {
+    model::Transformer m(be, c, N, options);
+    m.set_params_from_host(params);
+    m.zero_grads();
+    const float scale = 1.0f / 43.0f;
+    const double loss = m.forward(batch(), attention, grad_scale_in_forward ? scale : 0.0f);
+    m.backward(scale);
+    std::vector<float> grad(static_cast<size_t>(m.layout().total()));
+    be.download(grad.data(), m.grads());
+    return {loss, grad};
+  }
+};
+
+// Recomputing activations in backward rebuilds bitwise what the forward had (routing frozen), so the gradients
+// are bitwise those of keeping everything.
+TEST(Model, RecomputeGivesBitwiseTheSameGradients) {
+  SmallModel sm;
+  auto be = make_cpu_backend();
+  const auto [loss0, grad0] = sm.run(*be, {3, model::Recompute::none, 0}, true);
+  for (model::Recompute r : {model::Recompute::attention, model::Recompute::full}) {
+    const auto [loss, grad] = sm.run(*be, {3, r, 0}, true);
+    EXPECT_EQ(loss, loss0) << model::recompute_name(r);
+    ASSERT_EQ(grad.size(), grad0.size());
+    size_t differing = 0;
+    for (size_t i = 0; i < grad.size(); ++i) differing += grad[i] != grad0[i];
+    EXPECT_EQ(differing, 0u) << model::recompute_name(r) << ": gradients differ from recompute none";
+  }
+}
+
+// The chunked LM head (a few rows of logits at a time, loss and gradient in one op) and the head's backward run
+// in forward give the loss and gradients of the one-chunk head run in backward, up to f32 summation order.
+TEST(Model, ChunkedHeadMatchesTheWholeHead) {
+  SmallModel sm;
+  auto be = make_cpu_backend();
+  const auto [loss0, grad0] = sm.run(*be, {3, model::Recompute::none, SmallModel::N}, false);
+  for (int64_t rows : {int64_t{7}, int64_t{16}, SmallModel::N}) {
+    for (bool in_forward : {false, true}) {
+      const auto [loss, grad] = sm.run(*be, {3, model::Recompute::none, rows}, in_forward);
+      EXPECT_EQ(loss, loss0) << rows << " rows per chunk";  // per-row losses are independent of chunking
+      double num = 0, den = 0;
+      for (size_t i = 0; i < grad.size(); ++i) {
+        num += (grad[i] - grad0[i]) * (grad[i] - grad0[i]);
+        den += grad0[i] * grad0[i];
+      }
+      EXPECT_LT(std::sqrt(num / den), 1e-6) << rows << " rows per chunk, head backward in forward: " << in_forward;
+      EXPECT_GT(den, 0.0);
+    }
+  }
+}
+
+TEST(Model, MemoryPlanShrinksWithRecompute) {
+  model::ModelConfig c{32000, 1792, 14, 14, 14, 128, 4864};
+  auto total = [&](model::Recompute r) {
+    size_t sum = 0;
+    for (const model::MemoryItem& m : model::Transformer::memory_plan(c, 8192, {0, r, 0}, DType::bf16)) sum += m.bytes;
+    return sum;
+  };
+  const size_t none = total(model::Recompute::none), attention = total(model::Recompute::attention),
+               full = total(model::Recompute::full);
+  EXPECT_LT(attention, none);
+  EXPECT_LT(full, attention);
+  // Full recompute keeps the (N, C) residual per layer and one layer's activations: the other 13 layers' attention
+  // and MLP activations (13 x 8192 x (7 x 1792 + 3 x 4864) x 2 bytes = 5.3 GiB) are not allocated.
+  EXPECT_GT(none - full, size_t{5} << 30);
+}
+
 TEST(Model, FreshModelLossIsNearLogVocab) {
   model::ModelConfig c{97, 32, 2, 4, 2, 8, 64};
   auto backend = make_cpu_backend();

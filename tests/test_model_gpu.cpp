@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -25,12 +26,14 @@ struct ModelRun {
 };
 
 ModelRun run_model(Backend& be, const model::ModelConfig& c, const std::vector<float>& params, const model::TokenBatch& b,
-              const std::vector<AttentionParams>& attention, double count) {
-  model::Transformer m(be, c, b.num_tokens, 3);
+                   const std::vector<AttentionParams>& attention, double count,
+                   const model::TransformerOptions& options = {3, model::Recompute::none, 0},
+                   bool head_backward_in_forward = false) {
+  model::Transformer m(be, c, b.num_tokens, options);
   m.set_params_from_host(params);
   m.zero_grads();
   ModelRun r;
-  r.loss = m.forward(b, attention) / count;
+  r.loss = m.forward(b, attention, head_backward_in_forward ? static_cast<float>(1.0 / count) : 0.0f) / count;
   m.backward(static_cast<float>(1.0 / count));
   r.grads.resize(static_cast<size_t>(m.layout().total()));
   be.download(r.grads.data(), m.grads());
@@ -76,6 +79,16 @@ TEST_P(ModelGpu, LossAndGradientsMatchTheCpuReference) {
     double err = test::rel_l2(got.grads.data() + t.offset, ref.grads.data() + t.offset, static_cast<size_t>(t.numel));
     // bf16 activations through two layers: measured errors are reported by the failure message.
     EXPECT_LT(err, 5e-2) << t.name;
+  }
+  // The trainer's path on the GPU: LM head in chunks of 48 rows with its backward in forward, and each recompute
+  // setting. Recomputation rebuilds the forward's activations bitwise, so only float atomics in the backward
+  // (RMSNorm weight gradients, attention dQ) separate these runs from the plain one.
+  for (model::Recompute rc : {model::Recompute::none, model::Recompute::attention, model::Recompute::full}) {
+    ModelRun alt = run_model(*gpu, c, params, b, attention, N - 1, {3, rc, 48}, true);
+    EXPECT_NEAR(alt.loss, got.loss, 1e-6 * got.loss) << model::recompute_name(rc);
+    const double err = test::rel_l2(alt.grads.data(), got.grads.data(), got.grads.size());
+    std::printf("[ rel-L2   ] recompute %-10s chunked head: gradients vs plain GPU run %.2e\n", model::recompute_name(rc), err);
+    EXPECT_LT(err, 1e-3) << model::recompute_name(rc);
   }
 }
 

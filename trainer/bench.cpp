@@ -197,7 +197,9 @@ int bench_train(const std::vector<std::string>& args) {
   model::ModelConfig c = model_config_from(r, r.model.vocab_size);
   const int64_t T = r.data.seq_len, micro = r.train.micro_batch_seqs;
   const int64_t accumulation = r.train.global_batch_tokens / (micro * T);
-  model::Transformer m(*be, c, micro * T, max_top_k(r));
+  const model::TransformerOptions model_options = transformer_options(r);
+  check_memory_plan(r, c, micro * T, model_options, *be);
+  model::Transformer m(*be, c, micro * T, model_options);
   AdamW opt(*be, m, r.train.optimizer);
   std::vector<float> host;
   model::initialize_parameters(m.layout(), c, static_cast<float>(r.model.init_std), r.seed, host);
@@ -227,7 +229,7 @@ int bench_train(const std::vector<std::string>& args) {
     m.zero_grads();
     loss = 0;
     for (int64_t a = 0; a < accumulation; ++a) {
-      loss += m.forward(batch, attention) * scale;
+      loss += m.forward(batch, attention, static_cast<float>(scale)) * scale;
       m.backward(static_cast<float>(scale));
     }
     opt.clip_gradients(r.train.grad_clip);
@@ -250,7 +252,7 @@ int bench_train(const std::vector<std::string>& args) {
         {"micro_batch_seqs", cat(micro)}, {"global_batch_tokens", cat(r.train.global_batch_tokens)},
         {"step_ms", json_number(step_ms)}, {"tokens_per_s", json_number(std::round(tokens_per_s))},
         {"mfu", json_number(mfu)}, {"peak_gib", json_number(static_cast<double>(be->peak_bytes()) / (1 << 30))},
-        {"loss", json_number(loss)}, {"steps", ap.get("steps")}},
+        {"recompute", json_string(r.train.recompute)}, {"loss", json_number(loss)}, {"steps", ap.get("steps")}},
        ap.get("out"));
   return 0;
 }

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "common/error.h"
+#include "common/log.h"
 
 namespace moba {
 
@@ -50,6 +52,46 @@ int max_top_k(const Recipe& r) {
   for (const Phase& p : r.phases)
     if (p.moba) k = std::max(k, p.moba->top_k);
   return k;
+}
+
+model::TransformerOptions transformer_options(const Recipe& r) {
+  model::TransformerOptions o;
+  o.max_top_k = max_top_k(r);
+  o.recompute = model::parse_recompute(r.train.recompute);
+  return o;
+}
+
+void check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t micro_tokens,
+                       const model::TransformerOptions& options, const Backend& backend) {
+  std::vector<model::MemoryItem> plan =
+      model::Transformer::memory_plan(c, micro_tokens, options, backend.activation_dtype());
+  const size_t params = static_cast<size_t>(model::ParameterLayout(c).total());
+  plan.insert(plan.begin() + 2, {"AdamW moments (f32)", 2 * ((params * 4 + 255) / 256 * 256)});
+  size_t total = 0;
+  for (const model::MemoryItem& m : plan) total += m.bytes;
+  auto mib = [](size_t bytes) { return cat(static_cast<double>(bytes) / (1 << 20)); };
+  info("memory plan on ", backend.name(), " (micro-batch ", micro_tokens, " tokens, recompute: ",
+       model::recompute_name(options.recompute), "):");
+  for (const model::MemoryItem& m : plan) {
+    char line[160];
+    std::snprintf(line, sizeof line, "  %-58s %10.1f MiB", m.name.c_str(), static_cast<double>(m.bytes) / (1 << 20));
+    info(line);
+  }
+  char line[160];
+  std::snprintf(line, sizeof line, "  %-58s %10.1f MiB", "total before attention scratch",
+                static_cast<double>(total) / (1 << 20));
+  info(line);
+  const size_t available = backend.available_bytes();
+  if (available == 0) return;
+  const bool recompute_left = options.recompute != model::Recompute::full;
+  MOBA_CHECK(total <= available,
+             cat("the model needs ", mib(total), " MiB for a micro-batch of ", micro_tokens, " tokens but ",
+                 backend.name(), " has ", mib(available), " MiB free"),
+             cat("lower train.micro_batch_seqs (", r.train.micro_batch_seqs, ") or data.seq_len (", r.data.seq_len, ")",
+                 recompute_left ? cat(", or set train.recompute: ",
+                                      options.recompute == model::Recompute::none ? "attention or full" : "full")
+                                : std::string(),
+                 "; the plan above shows where the memory goes"));
 }
 
 model::TokenBatch token_batch(const data::Batch& b) {

@@ -16,6 +16,12 @@ std::vector<AttentionParams> layer_attention(const AttentionSettings& attention,
                                              bool deterministic = false);
 // The largest top_k any phase can use (sizes the routing buffer).
 int max_top_k(const Recipe& recipe);
+// How the model keeps its activations (routing buffer size, train.recompute).
+model::TransformerOptions transformer_options(const Recipe& recipe);
+// Prints what the model and AdamW will allocate for a micro-batch of micro_tokens, and fails before allocating
+// anything when it cannot fit the backend's free memory (naming the settings that shrink it).
+void check_memory_plan(const Recipe& recipe, const model::ModelConfig& config, int64_t micro_tokens,
+                       const model::TransformerOptions& options, const Backend& backend);
 model::TokenBatch token_batch(const data::Batch& batch);
 data::PackMode pack_mode_of(const DataSettings& data);
 // A one-line description of per-layer attention, e.g. "moba(B=512,k=3) x10 + full x2 (layers 10-11)".

@@ -158,8 +158,6 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
     warn("train.precision: bf16 - the CPU backend computes in fp32");
   if (run.backend->device() == Device::cuda && r.train.precision == "fp32")
     warn("train.precision: fp32 - the CUDA backend computes in bf16 with f32 master weights and gradients");
-  if (r.train.recompute != "none")
-    warn("train.recompute: ", r.train.recompute, " is not implemented yet; every activation is kept");
   if (mpi.world_size() > 1 && r.parallel.zero == 1)
     warn("parallel.zero: 1 - optimizer-state sharding is not implemented yet; every rank keeps the full state");
   open_data(r, mpi, run);
@@ -167,7 +165,9 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   recipe.model.vocab_size = run.config.vocab_size;  // saved resolved, so eval rebuilds the same model
   const model::ModelConfig& c = run.config;
   const int64_t micro_tokens = static_cast<int64_t>(r.train.micro_batch_seqs) * r.data.seq_len;
-  run.model = std::make_unique<model::Transformer>(*run.backend, c, micro_tokens, max_top_k(r));
+  const model::TransformerOptions model_options = transformer_options(r);
+  check_memory_plan(r, c, micro_tokens, model_options, *run.backend);  // every rank: each checks its own GPU
+  run.model = std::make_unique<model::Transformer>(*run.backend, c, micro_tokens, model_options);
   run.optimizer = std::make_unique<AdamW>(*run.backend, *run.model, r.train.optimizer);
 
   data::SamplerConfig sc;
@@ -294,7 +294,7 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
     run.model->zero_grads();
     double loss_sum = 0;
     for (const auto& b : micro) {
-      loss_sum += run.model->forward(token_batch(b), attention);
+      loss_sum += run.model->forward(token_batch(b), attention, static_cast<float>(scale));
       run.model->backward(static_cast<float>(scale));
     }
     if (mpi.world_size() > 1) {
