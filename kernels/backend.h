@@ -5,6 +5,8 @@
 //   activations and the working copy of the weights: activation_dtype() (CPU f32, CUDA bf16);
 //   master weights, weight gradients, optimizer moments, rstd, lse, losses: f32;
 //   gradients of activations (dinp, dq, dlogits, ...): activation_dtype().
+// Where a backward op takes `accumulate`, false overwrites that gradient instead (no zeroing pass needed first;
+// the result equals accumulating into zeros).
 // Invariant: for the same inputs, the CPU backend's results are bitwise reproducible run to run.
 #pragma once
 #include <cstdint>
@@ -68,14 +70,14 @@ class Backend {
   virtual void rmsnorm_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp,
                                 const Tensor& weight, const Tensor& rstd) = 0;
   virtual void matmul_forward(Tensor out, const Tensor& inp, const Tensor& weight) = 0;
-  // dinp or dweight may be empty (data == nullptr) to skip it.
+  // dinp or dweight may be empty (data == nullptr) to skip it; accumulate applies to dinp (dweight always adds).
   virtual void matmul_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp,
-                               const Tensor& weight) = 0;
+                               const Tensor& weight, bool accumulate = true) = 0;
   // out (N, heads, D) contiguous; inp rows (N, heads*D) may be strided; pos (N) int32.
   virtual void rope_forward(Tensor out, const Tensor& inp, const Tensor& pos, float theta) = 0;
   virtual void rope_backward(Tensor dinp, const Tensor& dout, const Tensor& pos, float theta) = 0;
   virtual void swiglu_forward(Tensor out, const Tensor& inp) = 0;   // inp (N, 2F) = [gate | up]
-  virtual void swiglu_backward(Tensor dinp, const Tensor& dout, const Tensor& inp) = 0;
+  virtual void swiglu_backward(Tensor dinp, const Tensor& dout, const Tensor& inp, bool accumulate = true) = 0;
   virtual void add_inplace(Tensor dst, const Tensor& src) = 0;
   virtual void copy(Tensor dst, const Tensor& src) = 0;  // same shape and dtype, either may be row-strided
   virtual void convert(Tensor dst, const Tensor& src) = 0;  // contiguous, same numel, any float dtypes

@@ -277,14 +277,13 @@ void Transformer::head(float grad_scale) {
   const int64_t n = last_tokens_;
   const char* name = c.tie_embeddings ? "wte" : "lm_head";
   Tensor dln = a.dln.slice_rows(0, n), lnf = a.lnf.slice_rows(0, n);
-  if (grad_scale != 0.0f) be_.zero(dln);
   for (int64_t r0 = 0; r0 < n; r0 += head_rows_) {
     const int64_t rows = std::min(head_rows_, n - r0);
     Tensor logits = a.logits.slice_rows(0, rows), x = lnf.slice_rows(r0, rows);
     be_.matmul_forward(logits, x, param(name));
     be_.cross_entropy_fused(a.losses.slice_rows(r0, rows), logits, a.targets.slice_rows(r0, rows),
                             a.mask.slice_rows(r0, rows), grad_scale);  // logits now hold dlogits
-    if (grad_scale != 0.0f) be_.matmul_backward(dln.slice_rows(r0, rows), grad(name), logits, x, param(name));
+    if (grad_scale != 0.0f) be_.matmul_backward(dln.slice_rows(r0, rows), grad(name), logits, x, param(name), false);
   }
 }
 
@@ -369,19 +368,18 @@ void Transformer::backward(float grad_scale) {
       if (recompute_ == Recompute::full) mlp_sublayer_forward(l);
     }
     // MLP branch: resid[l+1] = mid + Wdown swiglu(Wgu ln2(mid)); dresid holds d resid[l+1] -> d mid.
+    // The activation gradients below are overwritten (accumulate = false), not zeroed first.
     Tensor dact = a.dswiglu.slice_rows(0, n), dgu = a.dgate_up.slice_rows(0, n);
-    be_.zero(dact);
-    be_.matmul_backward(dact, layer_grad("layers.w_down", l), dresid, lv.swiglu, layer_param("layers.w_down", l));
-    be_.zero(dgu);
-    be_.swiglu_backward(dgu, dact, lv.gate_up);
-    be_.zero(dln);
-    be_.matmul_backward(dln, layer_grad("layers.w_gate_up", l), dgu, lv.ln2, layer_param("layers.w_gate_up", l));
+    be_.matmul_backward(dact, layer_grad("layers.w_down", l), dresid, lv.swiglu, layer_param("layers.w_down", l),
+                        false);
+    be_.swiglu_backward(dgu, dact, lv.gate_up, false);
+    be_.matmul_backward(dln, layer_grad("layers.w_gate_up", l), dgu, lv.ln2, layer_param("layers.w_gate_up", l),
+                        false);
     be_.rmsnorm_backward(dresid, layer_grad("layers.ln2", l), dln, lv.mid, layer_param("layers.ln2", l), lv.ln2_rstd);
     // Attention branch: mid = x + Wo attn(...); dresid holds d mid -> d x.
     Tensor datt = heads(a.datt.slice_rows(0, n), n, H, D);
-    be_.zero(datt);
     be_.matmul_backward(datt.reshape({n, H * D}), layer_grad("layers.wo", l), dresid, lv.att.reshape({n, H * D}),
-                        layer_param("layers.wo", l));
+                        layer_param("layers.wo", l), false);
     Tensor dq = heads(a.dq.slice_rows(0, n), n, H, D), dk = heads(a.dk.slice_rows(0, n), n, Hkv, D);
     Tensor dv = heads(a.dv.slice_rows(0, n), n, Hkv, D);
     be_.zero(dq);
@@ -393,8 +391,7 @@ void Transformer::backward(float grad_scale) {
     be_.rope_backward(dqkv.columns(0, H * D), dq, positions, c.rope_theta);
     be_.rope_backward(dqkv.columns(H * D, Hkv * D), dk, positions, c.rope_theta);
     be_.copy(dqkv.columns((H + Hkv) * D, Hkv * D), dv.reshape({n, Hkv * D}));
-    be_.zero(dln);
-    be_.matmul_backward(dln, layer_grad("layers.wqkv", l), dqkv, lv.ln1, layer_param("layers.wqkv", l));
+    be_.matmul_backward(dln, layer_grad("layers.wqkv", l), dqkv, lv.ln1, layer_param("layers.wqkv", l), false);
     be_.rmsnorm_backward(dresid, layer_grad("layers.ln1", l), dln, lv.x, layer_param("layers.ln1", l), lv.ln1_rstd);
   }
   be_.embedding_backward(grad("wte"), dresid, a.inputs.slice_rows(0, n));

@@ -501,6 +501,33 @@ TEST(CudaOps, CrossEntropyFusedInPlace) {
   }
 }
 
+// accumulate = false overwrites the input gradient: stale values in the buffer (here large random ones) must not
+// leak into the result, which equals the CPU's accumulation into zeros.
+TEST(CudaOps, BackwardOverwriteIgnoresStaleGradients) {
+  MOBA_REQUIRE_GPU();
+  Backends be;
+  const int64_t N = 130;
+  const int IC = 96, OC = 200, F = 104;
+  const std::vector<float> inp = random_bf16(N * IC, 80), weight = random_bf16(OC * IC, 81), dout = random_bf16(N * OC, 82);
+  const std::vector<float> gu = random_bf16(N * 2 * F, 83, -3.0f, 3.0f), dact = random_bf16(N * F, 84);
+  const std::vector<float> stale_mm = random_bf16(N * IC, 85, -100.0f, 100.0f);
+  const std::vector<float> stale_gu = random_bf16(N * 2 * F, 86, -100.0f, 100.0f);
+  std::vector<float> dinp[2], dgu[2];
+  for (int side = 0; side < 2; ++side) {
+    Backend& b = side == 0 ? *be.cpu : *be.gpu;
+    Tensor x = be.activation(b, inp, {N, IC}), w = be.activation(b, weight, {OC, IC}), dy = be.activation(b, dout, {N, OC});
+    Tensor dx = be.activation(b, stale_mm, {N, IC});
+    b.matmul_backward(dx, Tensor{}, dy, x, w, false);
+    dinp[side] = be.read(b, dx);
+    Tensor g = be.activation(b, gu, {N, 2 * F}), da = be.activation(b, dact, {N, F});
+    Tensor dg = be.activation(b, stale_gu, {N, 2 * F});
+    b.swiglu_backward(dg, da, g, false);
+    dgu[side] = be.read(b, dg);
+  }
+  expect_close(dinp[1], dinp[0], kBf16, "matmul_backward dinp (overwrite)");
+  expect_close(dgu[1], dgu[0], kBf16, "swiglu_backward dinp (overwrite)");
+}
+
 // ---- adamw ---------------------------------------------------------------------------------------------------
 
 TEST(CudaOps, AdamwUpdatesMomentsWeightsAndWorkingCopy) {

@@ -80,15 +80,21 @@ TEST_P(ModelGpu, LossAndGradientsMatchTheCpuReference) {
     // bf16 activations through two layers: measured errors are reported by the failure message.
     EXPECT_LT(err, 5e-2) << t.name;
   }
-  // The trainer's path on the GPU: LM head in chunks of 48 rows with its backward in forward, and each recompute
-  // setting. Recomputation rebuilds the forward's activations bitwise, so only float atomics in the backward
-  // (RMSNorm weight gradients, attention dQ) separate these runs from the plain one.
-  for (model::Recompute rc : {model::Recompute::none, model::Recompute::attention, model::Recompute::full}) {
+  // The trainer's path on the GPU: LM head in chunks of 48 rows with its backward in forward. Other GEMM shapes
+  // round the bf16 logits differently (measured 2.0e-3 on an H200: bf16 noise, within the CPU tolerance).
+  ModelRun chunked = run_model(*gpu, c, params, b, attention, N - 1, {3, model::Recompute::none, 48}, true);
+  EXPECT_NEAR(chunked.loss, got.loss, 1e-4 * got.loss);
+  const double chunk_err = test::rel_l2(chunked.grads.data(), got.grads.data(), got.grads.size());
+  std::printf("[ rel-L2   ] chunked head: gradients vs one-chunk GPU run %.2e\n", chunk_err);
+  EXPECT_LT(chunk_err, 1e-2);
+  // Recomputation rebuilds the forward's activations bitwise: only float atomics in the backward (RMSNorm weight
+  // gradients, attention dQ) can separate these runs from the chunked one.
+  for (model::Recompute rc : {model::Recompute::attention, model::Recompute::full}) {
     ModelRun alt = run_model(*gpu, c, params, b, attention, N - 1, {3, rc, 48}, true);
-    EXPECT_NEAR(alt.loss, got.loss, 1e-6 * got.loss) << model::recompute_name(rc);
-    const double err = test::rel_l2(alt.grads.data(), got.grads.data(), got.grads.size());
-    std::printf("[ rel-L2   ] recompute %-10s chunked head: gradients vs plain GPU run %.2e\n", model::recompute_name(rc), err);
-    EXPECT_LT(err, 1e-3) << model::recompute_name(rc);
+    EXPECT_EQ(alt.loss, chunked.loss) << model::recompute_name(rc);
+    const double err = test::rel_l2(alt.grads.data(), chunked.grads.data(), got.grads.size());
+    std::printf("[ rel-L2   ] recompute %-10s gradients vs recompute none %.2e\n", model::recompute_name(rc), err);
+    EXPECT_LT(err, 1e-5) << model::recompute_name(rc);
   }
 }
 

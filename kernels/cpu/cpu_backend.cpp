@@ -105,8 +105,9 @@ class CpuBackend final : public Backend {
     cpu::matmul_forward(f32(out, "out"), f32(inp, "inp"), f32(weight, "weight"), inp.rows(),
                         static_cast<int>(inp.row_size()), static_cast<int>(weight.rows()));
   }
-  void matmul_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp,
-                       const Tensor& weight) override {
+  void matmul_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp, const Tensor& weight,
+                       bool accumulate) override {
+    if (!accumulate && dinp.data) zero(dinp);
     cpu::matmul_backward(dinp.data ? f32(dinp, "dinp") : nullptr, dweight.data ? f32(dweight, "dweight") : nullptr,
                          f32(dout, "dout"), f32(inp, "inp"), f32(weight, "weight"), inp.rows(),
                          static_cast<int>(inp.row_size()), static_cast<int>(weight.rows()));
@@ -124,7 +125,8 @@ class CpuBackend final : public Backend {
   void swiglu_forward(Tensor out, const Tensor& inp) override {
     cpu::swiglu_forward(f32(out, "out"), f32(inp, "inp"), out.rows(), static_cast<int>(out.row_size()));
   }
-  void swiglu_backward(Tensor dinp, const Tensor& dout, const Tensor& inp) override {
+  void swiglu_backward(Tensor dinp, const Tensor& dout, const Tensor& inp, bool accumulate) override {
+    if (!accumulate) zero(dinp);
     cpu::swiglu_backward(f32(dinp, "dinp"), f32(dout, "dout"), f32(inp, "inp"), dout.rows(),
                          static_cast<int>(dout.row_size()));
   }

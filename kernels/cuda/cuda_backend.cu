@@ -232,12 +232,12 @@ class CudaBackend final : public Backend {
     cuda::matmul_forward(ctx_, b16(out, "out"), b16(inp, "inp"), b16(weight, "weight"), inp.rows(),
                          static_cast<int>(inp.row_size()), static_cast<int>(weight.rows()));
   }
-  void matmul_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp,
-                       const Tensor& weight) override {
+  void matmul_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp, const Tensor& weight,
+                       bool accumulate) override {
     OpTimer timer(*profiler_, "matmul_backward");
     cuda::matmul_backward(ctx_, dinp.data ? b16(dinp, "dinp") : nullptr, dweight.data ? f32(dweight, "dweight") : nullptr,
                           b16(dout, "dout"), b16(inp, "inp"), b16(weight, "weight"), inp.rows(),
-                          static_cast<int>(inp.row_size()), static_cast<int>(weight.rows()));
+                          static_cast<int>(inp.row_size()), static_cast<int>(weight.rows()), accumulate);
   }
   void rope_forward(Tensor out, const Tensor& inp, const Tensor& pos, float theta) override {
     OpTimer timer(*profiler_, "rope_forward");
@@ -255,10 +255,10 @@ class CudaBackend final : public Backend {
     OpTimer timer(*profiler_, "swiglu_forward");
     cuda::swiglu_forward(ctx_, b16(out, "out"), b16(inp, "inp"), out.rows(), static_cast<int>(out.row_size()));
   }
-  void swiglu_backward(Tensor dinp, const Tensor& dout, const Tensor& inp) override {
+  void swiglu_backward(Tensor dinp, const Tensor& dout, const Tensor& inp, bool accumulate) override {
     OpTimer timer(*profiler_, "swiglu_backward");
     cuda::swiglu_backward(ctx_, b16(dinp, "dinp"), b16(dout, "dout"), b16(inp, "inp"), dout.rows(),
-                          static_cast<int>(dout.row_size()));
+                          static_cast<int>(dout.row_size()), accumulate);
   }
   void add_inplace(Tensor dst, const Tensor& src) override {
     OpTimer timer(*profiler_, "add_inplace");

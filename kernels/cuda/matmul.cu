@@ -131,11 +131,11 @@ void matmul_forward(const CudaContext& ctx, bf16* out, const bf16* inp, const bf
 // dinp (N, IC) += dout (N, OC) @ weight (OC, IC):  dinp^T (IC, N) += W^T (stored (IC, OC)) @ dout^T (OC, N).
 // dweight (OC, IC) += dout^T @ inp:                 dweight^T (IC, OC) += inp^T (IC, N) @ dout (stored (OC, N))^T.
 void matmul_backward(const CudaContext& ctx, bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
-                     const bf16* weight, int64_t N, int IC, int OC) {
+                     const bf16* weight, int64_t N, int IC, int OC, bool accumulate) {
   if (N == 0) return;
   if (dinp != nullptr) {
     const GemmShape s{Product::backward_input, IC, N, OC, false, false, IC, OC, CUDA_R_16BF};
-    gemm(ctx, s, dinp, weight, dout, /*beta=*/1.0f);
+    gemm(ctx, s, dinp, weight, dout, /*beta=*/accumulate ? 1.0f : 0.0f);  // beta 0: dinp is not read
   }
   if (dweight != nullptr) {
     const GemmShape s{Product::backward_weight, IC, OC, N, false, true, IC, OC, CUDA_R_32F};

@@ -26,18 +26,19 @@ void residual_rmsnorm_forward(const CudaContext& ctx, bf16* resid, bf16* out, fl
 void rmsnorm_backward(const CudaContext& ctx, bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
                       const bf16* weight, const float* rstd, int64_t N, int C);
 // out (N, OC) = inp (N, IC) @ weight (OC, IC)^T via cuBLASLt (bf16 in, f32 accumulate).
-// dinp (N, IC) += dout @ weight; dweight (OC, IC) f32 += dout^T @ inp. Either may be nullptr.
+// dinp (N, IC) += dout @ weight (= when !accumulate); dweight (OC, IC) f32 += dout^T @ inp. Either may be nullptr.
 void matmul_forward(const CudaContext& ctx, bf16* out, const bf16* inp, const bf16* weight, int64_t N, int IC, int OC);
 void matmul_backward(const CudaContext& ctx, bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
-                     const bf16* weight, int64_t N, int IC, int OC);
+                     const bf16* weight, int64_t N, int IC, int OC, bool accumulate = true);
 // Rotate-half RoPE; inp rows strided by in_row_stride elements; out (N, heads, D) contiguous.
 void rope_forward(const CudaContext& ctx, bf16* out, const bf16* inp, int64_t in_row_stride, const int32_t* pos,
                   int64_t N, int heads, int D, float theta);
 void rope_backward(const CudaContext& ctx, bf16* dinp, int64_t din_row_stride, const bf16* dout, const int32_t* pos,
                    int64_t N, int heads, int D, float theta);
-// out (N, F) = silu(gate) * up with inp (N, 2F) = [gate | up]; dinp (N, 2F) +=.
+// out (N, F) = silu(gate) * up with inp (N, 2F) = [gate | up]; dinp (N, 2F) += (= when !accumulate).
 void swiglu_forward(const CudaContext& ctx, bf16* out, const bf16* inp, int64_t N, int F);
-void swiglu_backward(const CudaContext& ctx, bf16* dinp, const bf16* dout, const bf16* inp, int64_t N, int F);
+void swiglu_backward(const CudaContext& ctx, bf16* dinp, const bf16* dout, const bf16* inp, int64_t N, int F,
+                     bool accumulate = true);
 void add_inplace(const CudaContext& ctx, bf16* dst, const bf16* src, int64_t n);
 // Strided row copy of elem_bytes-wide elements (any dtype).
 void copy_rows(const CudaContext& ctx, void* dst, int64_t dst_stride, const void* src, int64_t src_stride,

@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kThreads) swiglu_forward_kernel(bf16* out, con
 // silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g))):  dgate += dout * up * silu'(gate);  dup += dout * silu(gate).
 template <int kVec>
 __global__ void __launch_bounds__(kThreads)
-    swiglu_backward_kernel(bf16* dinp, const bf16* dout, const bf16* inp, int64_t N, int F) {
+    swiglu_backward_kernel(bf16* dinp, const bf16* dout, const bf16* inp, int64_t N, int F, bool accumulate) {
   const int chunks = F / kVec;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= N * chunks) return;
@@ -44,8 +44,13 @@ __global__ void __launch_bounds__(kThreads)
   load_bf16<kVec>(gate, gate_row + f);
   load_bf16<kVec>(up, gate_row + F + f);
   load_bf16<kVec>(dy, dout + t * F + f);
-  load_bf16<kVec>(dgate, dgate_row + f);
-  load_bf16<kVec>(dup, dgate_row + F + f);
+  if (accumulate) {
+    load_bf16<kVec>(dgate, dgate_row + f);
+    load_bf16<kVec>(dup, dgate_row + F + f);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) dgate[k] = dup[k] = 0.0f;
+  }
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
     const float g = gate[k];
@@ -75,12 +80,13 @@ void swiglu_forward(const CudaContext& ctx, bf16* out, const bf16* inp, int64_t 
 }
 
 // dinp (N, 2F) bf16 +=, dout (N, F) bf16, inp (N, 2F) bf16
-void swiglu_backward(const CudaContext& ctx, bf16* dinp, const bf16* dout, const bf16* inp, int64_t N, int F) {
+void swiglu_backward(const CudaContext& ctx, bf16* dinp, const bf16* dout, const bf16* inp, int64_t N, int F,
+                     bool accumulate) {
   if (N == 0 || F == 0) return;
   if (F % 8 == 0 && aligned_16({dinp, dout, inp})) {
-    swiglu_backward_kernel<8><<<blocks_for(N * F / 8), kThreads, 0, ctx.stream>>>(dinp, dout, inp, N, F);
+    swiglu_backward_kernel<8><<<blocks_for(N * F / 8), kThreads, 0, ctx.stream>>>(dinp, dout, inp, N, F, accumulate);
   } else {
-    swiglu_backward_kernel<1><<<blocks_for(N * F), kThreads, 0, ctx.stream>>>(dinp, dout, inp, N, F);
+    swiglu_backward_kernel<1><<<blocks_for(N * F), kThreads, 0, ctx.stream>>>(dinp, dout, inp, N, F, accumulate);
   }
   MOBA_CUDA_CHECK(cudaGetLastError());
 }
