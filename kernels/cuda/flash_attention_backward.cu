@@ -2,11 +2,14 @@
 // launches on ctx.stream: (1) Delta = rowsum(dO * O) and lse * log2(e), both laid out (H, N); (2) one CTA per
 // (tile of kBlockN keys, kv head) loops over the query heads of its GQA group and the query tiles that can see its
 // keys, recomputes P^T = exp2(K Q^T * scale * log2 e - lse2) on tensor cores, accumulates dV = P^T dO and
-// dK = dS^T Q in registers and adds dQ = dS K into an f32 buffer with atomics; (3) dq += dq_accum * scale.
+// dK = dS^T Q in registers and adds dQ = dS K into an f32 buffer; (3) dq += dq_accum * scale.
 // On sm_90 with D = 128 the five products run on warpgroup MMAs (wgmma, as FlashAttention-3 does; Shah et al.
-// 2024), elsewhere on mma.sync; both share the masking, softmax recomputation and epilogues.
+// 2024), elsewhere on mma.sync; both share the masking, softmax recomputation and epilogues. dq_accum is laid out
+// in the order of the MMA accumulators (dq_tile_index), so each thread adds its four dQ values of a 16x8 tile with
+// one 16-byte vector reduction and a warp's reductions cover whole contiguous 512-byte ranges.
 // Invariants: dK/dV of a (key tile, kv head) are owned by one CTA (no atomics, plain read-add-write into bf16); the
-// dq accumulation buffer (scratch slot 2) is zeroed at every call; scratch slot 3 holds Delta and lse2.
+// dq accumulation buffer (scratch slot 2, layout in dq_tile_index) is zeroed at every call; scratch slot 3 holds
+// Delta and lse2; query tiles start at multiples of 64 (kBlockM) for every key tile.
 #include <algorithm>
 #include <type_traits>
 
@@ -39,14 +42,14 @@ struct BackwardTiles {
   static constexpr int kMTilesQ = kBlockM / 16;
   static constexpr int kDqCols = kD / (kWarps / kMTilesQ);
   static constexpr int kDqPassCols = kDqCols < 64 ? kDqCols : 64;
-  static_assert(kD % 16 == 0 && kBlockM % 16 == 0 && kWarps % kMTilesQ == 0 && kDqPassCols % 16 == 0);
+  static_assert(kD % 16 == 0 && kBlockM == 64 && kWarps % kMTilesQ == 0 && kDqPassCols % 16 == 0);
   static_assert(!kWgmma || (kD == 128 && kWarps == 8 && kBlockM == 64));
 };
 
 struct BackwardParams {
   bf16* dk;                  // (N, Hkv, D) +=
   bf16* dv;                  // (N, Hkv, D) +=
-  float* dq_accum;           // (N, H, D) f32, unscaled sum of dS K
+  float* dq_accum;           // (H, ceil(N / 64), 64 * kD) f32, unscaled sum of dS K (dq_tile_index)
   const bf16* q;             // (N, H, D)
   const bf16* k;             // (N, Hkv, D)
   const bf16* v;             // (N, Hkv, D)
@@ -54,7 +57,7 @@ struct BackwardParams {
   const float* lse2;         // (H, N) lse * log2(e)
   const float* delta;        // (H, N) rowsum(dO * O)
   const int32_t* cu_seqlens;  // (S + 1)
-  int n_segments, N, H, Hkv, D, group;
+  int n_segments, N, H, Hkv, D, group, dq_tiles;  // dq_tiles = ceil(N / 64) per head
   float scale_log2, scale;
   bool vector;
 };
@@ -78,19 +81,30 @@ __global__ void flash_backward_preprocess_kernel(float* delta, float* lse2, cons
   }
 }
 
-// dq_accum rows t, t + 8 (of head h), columns col + 8 j, +1 += one warp's 16-row accumulator tile, rows < q_end.
-template <int kTiles>
-__device__ __forceinline__ void add_dq_rows(const BackwardParams& p, const float (&acc)[kTiles][4], int t, int col,
-                                            int q_end, int h) {
+// Position of dQ element (row r, column c) inside a 64-row tile of dq_accum: the order in which the accumulators of
+// 64-column block c / 64 lie in the registers of the warps (16-row band r / 16, 8-column group, lane = 4 (r % 8) +
+// c % 8 / 2, then r % 16 / 8, c % 2; the m16n8 accumulator layout that wgmma shares). A thread's 4 accumulators of
+// one 16x8 tile are 4 consecutive floats, a warp's 32 lanes 512 contiguous bytes. Tiles are (head, row / 64) in order.
+template <int kD>
+__device__ __forceinline__ int dq_tile_index(int r, int c) {
+  constexpr int kGroups = (kD < 64 ? kD : 64) / 8;  // 8-column groups per column block
+  return (((c >> 6) * 4 + (r >> 4)) * kGroups + ((c & 63) >> 3)) * 128 + ((r & 7) * 4 + ((c & 7) >> 1)) * 4 +
+         ((r >> 3) & 1) * 2 + (c & 1);
+}
+__device__ __forceinline__ float* dq_tile(const BackwardParams& p, int kD, int h, int m0) {
+  return p.dq_accum + (static_cast<int64_t>(h) * p.dq_tiles + m0 / 64) * 64 * kD;
+}
+
+// The dq_accum tile at m0 (head h) += one warp's accumulators of rows 16 band + [0, 16) and columns col0 + [0, 8
+// kTiles) (col0 a multiple of 8 kTiles, inside one 64-column block). Rows past the queries that see the keys and
+// columns past D hold zeros (P, hence dS, is masked there; K's padding columns are zero), so whole tiles are added
+// (the buffer has 64 rows per tile); wasted adds only touch the last, partial query tile of a key tile.
+template <int kD, int kTiles>
+__device__ __forceinline__ void add_dq_band(const BackwardParams& p, const float (&acc)[kTiles][4], int h, int m0,
+                                            int band, int col0, int lane) {
+  float* dst = dq_tile(p, kD, h, m0) + dq_tile_index<kD>(band * 16 + lane / 4, col0 + 2 * (lane % 4));
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    if (t + half * 8 >= q_end) continue;
-    float* dst = p.dq_accum + (static_cast<int64_t>(t + half * 8) * p.H + h) * p.D;
-#pragma unroll
-    for (int j = 0; j < kTiles; ++j)
-      if (col + 8 * j < p.D)
-        atomicAdd(reinterpret_cast<float2*>(dst + col + 8 * j), make_float2(acc[j][2 * half], acc[j][2 * half + 1]));
-  }
+  for (int j = 0; j < kTiles; ++j) red_add_f32x4(dst + j * 128, acc[j]);  // column + 8 = index + 128 in a block
 }
 
 // (2) dK, dV of one (key tile, kv head) and the dQ contributions of its keys.
@@ -266,7 +280,7 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
         st_shared_4(s_ds + DSTile::offset(warp * 16 + (r & 1) * 8 + g, 2 * ks + (r >> 1)) + tig * 4, a_ds[ks][r]);
     if constexpr (T::kWgmma) fence_proxy_async();
     __syncthreads();
-    // ---- dQ (kBlockM, kD) += dS K, then f32 atomics into dq_accum ----
+    // ---- dQ (kBlockM, kD) += dS K, then vector reductions into dq_accum ----
     if constexpr (T::kWgmma) {
       // Warpgroup w: all 64 queries, columns [64 w, 64 w + 64); A = dS read MN-major out of dS^T, B = K MN-major.
       float acc[8][4] = {};
@@ -286,7 +300,7 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
       fence_registers(dk);
       fence_registers(a_p);
       fence_registers(a_ds);
-      add_dq_rows<8>(p, acc, m0 + (warp % 4) * 16 + g, (warp / 4) * 64 + 2 * tig, q_end, h);
+      add_dq_band<kD, 8>(p, acc, h, m0, warp % 4, (warp / 4) * 64, lane);
     } else {
       const int mq = warp % T::kMTilesQ, col_begin = (warp / T::kMTilesQ) * T::kDqCols;
 #pragma unroll
@@ -305,7 +319,7 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
             mma_bf16_16816(acc[2 * dq2 + 1], a, b[2], b[3]);
           }
         }
-        add_dq_rows<T::kDqPassCols / 8>(p, acc, m0 + mq * 16 + g, col0 + 2 * tig, q_end, h);
+        add_dq_band<kD, T::kDqPassCols / 8>(p, acc, h, m0, mq, col0, lane);
       }
     }
   }
@@ -329,13 +343,29 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
   }
 }
 
-// (3) dq (bf16) += dq_accum * scale, two elements per thread step (D is even).
-__global__ void flash_backward_dq_kernel(bf16* dq, const float* dq_accum, int64_t pairs, float scale, bool vector) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < pairs;
+// (3) dq (bf16) += dq_accum * scale: each thread step reads 4 consecutive floats of dq_accum, the pairs (r, c),
+// (r, c + 1) and (r + 8, c), (r + 8, c + 1) of a tile (dq_tile_index read backwards).
+template <int kD>
+__global__ void flash_backward_dq_kernel(bf16* dq, const float* dq_accum, int N, int H, int D, int dq_tiles,
+                                         float scale, bool vector) {
+  constexpr int kGroups = (kD < 64 ? kD : 64) / 8, kVectorsPerTile = 64 * kD / 4;
+  const int64_t vectors = static_cast<int64_t>(H) * dq_tiles * kVectorsPerTile;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < vectors;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float2 acc = reinterpret_cast<const float2*>(dq_accum)[i];
-    const float2 old = load_bf16_pair(dq + 2 * i, vector);
-    store_bf16_pair(dq + 2 * i, old.x + acc.x * scale, old.y + acc.y * scale, vector);
+    const int64_t tile = i / kVectorsPerTile;
+    const int within = static_cast<int>(i % kVectorsPerTile), chunk = within / 32, lane = within % 32;
+    const int r = (chunk / kGroups % 4) * 16 + lane / 4;
+    const int c = (chunk / (4 * kGroups)) * 64 + (chunk % kGroups) * 8 + (lane % 4) * 2;
+    const int h = static_cast<int>(tile / dq_tiles), t = static_cast<int>(tile % dq_tiles) * 64 + r;
+    if (c >= D) continue;
+    const float4 acc = reinterpret_cast<const float4*>(dq_accum)[i];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if (t + 8 * half >= N) continue;
+      bf16* dst = dq + (static_cast<int64_t>(t + 8 * half) * H + h) * D + c;
+      const float2 old = load_bf16_pair(dst, vector);
+      store_bf16_pair(dst, old.x + (half ? acc.z : acc.x) * scale, old.y + (half ? acc.w : acc.y) * scale, vector);
+    }
   }
 }
 
@@ -371,12 +401,13 @@ void flash_attention_backward(const CudaContext& ctx, bf16* dq, bf16* dk, bf16* 
              cat("flash_attention_backward: unsupported shape (N ", N, ", H ", H, ", Hkv ", Hkv, ", D ", D, ")"),
              "the CUDA attention needs an even head dim <= 128 and H divisible by Hkv");
   if (N == 0) return;
-  const int64_t q_elems = N * H * D;
-  float* dq_accum = static_cast<float*>(ctx.scratch(2, static_cast<size_t>(q_elems) * sizeof(float)));  // (N, H, D)
+  const int kD = padded_head_dim(D), dq_tiles = static_cast<int>((N + 63) / 64);
+  const size_t dq_accum_bytes = static_cast<size_t>(H) * dq_tiles * 64 * kD * sizeof(float);
+  float* dq_accum = static_cast<float*>(ctx.scratch(2, dq_accum_bytes));  // (H, dq_tiles, 64 * kD)
   float* stats = static_cast<float*>(ctx.scratch(3, static_cast<size_t>(2 * N * H) * sizeof(float)));
   float* delta = stats;          // (H, N)
   float* lse2 = stats + N * H;   // (H, N)
-  MOBA_CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, static_cast<size_t>(q_elems) * sizeof(float), ctx.stream));
+  MOBA_CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, dq_accum_bytes, ctx.stream));
 
   constexpr int kPreprocessWarps = 8;
   const int64_t rows = N * H;
@@ -388,8 +419,8 @@ void flash_attention_backward(const CudaContext& ctx, bf16* dq, bf16* dk, bf16* 
   const bool vector = D % 8 == 0 && aligned16(dq) && aligned16(dk) && aligned16(dv) && aligned16(dout) &&
                       aligned16(q) && aligned16(k) && aligned16(v);
   const BackwardParams p{dk, dv, dq_accum, q, k, v, dout, lse2, delta, cu_seqlens, n_segments, static_cast<int>(N),
-                         H, Hkv, D, H / Hkv, softmax_scale * kLog2e, softmax_scale, vector};
-  switch (padded_head_dim(D)) {
+                         H, Hkv, D, H / Hkv, dq_tiles, softmax_scale * kLog2e, softmax_scale, vector};
+  switch (kD) {
     case 16: launch_backward<BackwardTiles<16, 4, 64>>(ctx, p); break;
     case 32: launch_backward<BackwardTiles<32, 4, 64>>(ctx, p); break;
     case 64: launch_backward<BackwardTiles<64, 4, 64>>(ctx, p); break;
@@ -399,11 +430,20 @@ void flash_attention_backward(const CudaContext& ctx, bf16* dq, bf16* dk, bf16* 
       break;
   }
 
-  const int64_t pairs = q_elems / 2;
+  const int64_t vectors = static_cast<int64_t>(H) * dq_tiles * 16 * kD;
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((pairs + threads - 1) / threads, static_cast<int64_t>(ctx.sm_count) * 16);
-  flash_backward_dq_kernel<<<static_cast<unsigned>(blocks), threads, 0, ctx.stream>>>(dq, dq_accum, pairs,
-                                                                                       softmax_scale, vector);
+  const unsigned blocks = static_cast<unsigned>(
+      std::min<int64_t>((vectors + threads - 1) / threads, static_cast<int64_t>(ctx.sm_count) * 16));
+  auto finish_dq = [&](auto kernel) {
+    kernel<<<blocks, threads, 0, ctx.stream>>>(dq, dq_accum, static_cast<int>(N), H, D, dq_tiles, softmax_scale,
+                                               vector);
+  };
+  switch (kD) {
+    case 16: finish_dq(flash_backward_dq_kernel<16>); break;
+    case 32: finish_dq(flash_backward_dq_kernel<32>); break;
+    case 64: finish_dq(flash_backward_dq_kernel<64>); break;
+    default: finish_dq(flash_backward_dq_kernel<128>); break;
+  }
   MOBA_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -75,6 +75,16 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
+// global[dst, dst + 4) += v element-wise as one 16-byte vector reduction (red.global.add.v4.f32, sm_90; PTX ISA
+// "red"), dst 16-byte aligned; four scalar atomics before sm_90.
+__device__ __forceinline__ void red_add_f32x4(float* dst, const float (&v)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
+               : "memory");
+#else
+  for (int i = 0; i < 4; ++i) atomicAdd(dst + i, v[i]);
+#endif
+}
 // Four 8x8 bf16 matrices; lanes 8i..8i+7 give the row addresses of matrix i; register i of every lane holds
 // (row lane/4, columns 2*(lane%4), +1) of matrix i, or with .trans (rows 2*(lane%4), +1; column lane/4).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {

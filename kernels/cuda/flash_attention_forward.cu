@@ -53,6 +53,86 @@ struct ForwardParams {
   bool vector;            // D % 8 == 0 and 16-byte aligned pointers: cp.async loads and paired stores
 };
 
+// Scores of one 16-row tile (the thread's rows t[0], t[1], fragment layout) set to -inf where key u = n0 + column
+// is after the row or before its segment start.
+template <int kNTiles>
+__device__ __forceinline__ void mask_scores(float (&s)[kNTiles][4], int n0, const int (&row_t)[2],
+                                            const int (&row_first_key)[2], int tig) {
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int u = n0 + nt * 8 + 2 * tig + (e & 1);
+      if (u > row_t[e >> 1] || u < row_first_key[e >> 1]) s[nt][e] = -INFINITY;
+    }
+}
+
+// Online softmax step for the thread's two rows (shared by the 4 threads of a quad): raw scores s become
+// P = exp2(s * scale_log2 - running max), row_max and the thread's partial row_sum move on; returns the factors
+// (one per row) by which the rows of O accumulated so far must be multiplied.
+template <int kNTiles>
+__device__ __forceinline__ float2 online_softmax(float (&s)[kNTiles][4], float (&row_max)[2], float (&row_sum)[2],
+                                                 float scale_log2) {
+  float correction[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float new_max = fmaxf(row_max[half], mx * scale_log2);
+    const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet stays at zero
+    correction[half] = fast_exp2(row_max[half] - base);
+    row_max[half] = new_max;
+    float sum = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int e = 2 * half; e < 2 * half + 2; ++e) {
+        const float pv = fast_exp2(fmaf(s[nt][e], scale_log2, -base));
+        s[nt][e] = pv;
+        sum += pv;
+      }
+    row_sum[half] = row_sum[half] * correction[half] + sum;
+  }
+  return make_float2(correction[0], correction[1]);
+}
+
+template <int kDTiles>
+__device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], float2 correction) {
+#pragma unroll
+  for (int dt = 0; dt < kDTiles; ++dt) {
+    o[dt][0] *= correction.x;
+    o[dt][1] *= correction.x;
+    o[dt][2] *= correction.y;
+    o[dt][3] *= correction.y;
+  }
+}
+
+// Epilogue of one 16-row tile: out = O / l, lse = (max + log2 l) * ln 2 for the thread's rows below N.
+template <int kDTiles>
+__device__ __forceinline__ void store_output_rows(const ForwardParams& p, const float (&o)[kDTiles][4],
+                                                  const float (&row_max)[2], const float (&row_sum)[2],
+                                                  const int (&row_t)[2], int h, int tig) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float sum = row_sum[half];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int t = row_t[half];
+    if (t >= p.N) continue;
+    const float inv = 1.0f / sum;
+    bf16* out_row = p.out + (static_cast<int64_t>(t) * p.H + h) * p.D;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      const int col = dt * 8 + 2 * tig;
+      if (col < p.D) store_bf16_pair(out_row + col, o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv, p.vector);
+    }
+    if (tig == 0) p.lse[static_cast<int64_t>(t) * p.H + h] = (row_max[half] + log2f(sum)) * kLn2;
+  }
+}
+
 template <class T>
 __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kernel(const ForwardParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -186,45 +266,12 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
       // ---- mask: causal near the diagonal, segment starts when the tile straddles segments ----
       if (n0 + kBlockN - 1 > warp_row0 || n0 < last_segment_start) {
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int u = n0 + nt * 8 + 2 * tig + (e & 1);
-              if (u > row_t[mt][e >> 1] || u < row_first_key[mt][e >> 1]) s[mt][nt][e] = -INFINITY;
-            }
+        for (int mt = 0; mt < kMTiles; ++mt) mask_scores(s[mt], n0, row_t[mt], row_first_key[mt], tig);
       }
       // ---- online softmax (rows are shared by the 4 threads of a quad) ----
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float new_max = fmaxf(row_max[mt][half], mx * p.scale_log2);
-          const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet stays at zero
-          const float correction = fast_exp2(row_max[mt][half] - base);
-          row_max[mt][half] = new_max;
-          float sum = 0.0f;
-#pragma unroll
-          for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-            for (int e = 2 * half; e < 2 * half + 2; ++e) {
-              const float pv = fast_exp2(fmaf(s[mt][nt][e], p.scale_log2, -base));
-              s[mt][nt][e] = pv;
-              sum += pv;
-            }
-          row_sum[mt][half] = row_sum[mt][half] * correction + sum;
-#pragma unroll
-          for (int dt = 0; dt < kDTiles; ++dt) {
-            o[mt][dt][2 * half] *= correction;
-            o[mt][dt][2 * half + 1] *= correction;
-          }
-        }
+        rescale_rows(o[mt], online_softmax(s[mt], row_max[mt], row_sum[mt], p.scale_log2));
       // ---- O += P V (P stays in registers as the A operand) ----
       if constexpr (T::kWgmma) {
         uint32_t a[kPSteps][4];
@@ -262,26 +309,9 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
   }
 
-  // ---- epilogue: O / l, lse = (max + log2 l) * ln 2 ----
+  // ---- epilogue ----
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float sum = row_sum[mt][half];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const int t = row_t[mt][half];
-      if (t >= p.N) continue;
-      const float inv = 1.0f / sum;
-      bf16* out_row = p.out + (static_cast<int64_t>(t) * p.H + h) * p.D;
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        const int col = dt * 8 + 2 * tig;
-        if (col < p.D) store_bf16_pair(out_row + col, o[mt][dt][2 * half] * inv, o[mt][dt][2 * half + 1] * inv,
-                                       p.vector);
-      }
-      if (tig == 0) p.lse[static_cast<int64_t>(t) * p.H + h] = (row_max[mt][half] + log2f(sum)) * kLn2;
-    }
+  for (int mt = 0; mt < kMTiles; ++mt) store_output_rows(p, o[mt], row_max[mt], row_sum[mt], row_t[mt], h, tig);
 }
 
 template <class T>
