@@ -39,7 +39,9 @@ class OpProfiler {
     enabled_ = env && std::string(env) == "1";
   }
   bool enabled() const { return enabled_; }
-  void record(const char* name, cudaEvent_t start, cudaEvent_t stop) { pending_.push_back({name, start, stop}); }
+  void record(std::string name, cudaEvent_t start, cudaEvent_t stop) {
+    pending_.push_back({std::move(name), start, stop});
+  }
   cudaEvent_t event() {
     cudaEvent_t e;
     MOBA_CUDA_CHECK(cudaEventCreate(&e));
@@ -66,13 +68,13 @@ class OpProfiler {
     std::sort(rows.rbegin(), rows.rend());
     std::fprintf(stderr, "profile (MOBA_PROFILE=1): %.1f ms in ops\n", all);
     for (const auto& [ms, name] : rows)
-      std::fprintf(stderr, "  %-24s %10.2f ms %6.1f%%  %8lld calls\n", name.c_str(), ms, 100.0 * ms / all,
+      std::fprintf(stderr, "  %-36s %10.2f ms %6.1f%%  %8lld calls\n", name.c_str(), ms, 100.0 * ms / all,
                    static_cast<long long>(totals[name].second));
   }
 
  private:
   struct Pending {
-    const char* name;
+    std::string name;
     cudaEvent_t start, stop;
   };
   cudaStream_t stream_;
@@ -82,7 +84,7 @@ class OpProfiler {
 
 class OpTimer {
  public:
-  OpTimer(OpProfiler& profiler, const char* name) : profiler_(profiler), name_(name) {
+  OpTimer(OpProfiler& profiler, std::string name) : profiler_(profiler), name_(std::move(name)) {
     if (!profiler_.enabled()) return;
     start_ = profiler_.event();
     stop_ = profiler_.event();
@@ -91,12 +93,12 @@ class OpTimer {
   ~OpTimer() {
     if (!profiler_.enabled()) return;
     cudaEventRecord(stop_, profiler_.stream());
-    profiler_.record(name_, start_, stop_);
+    profiler_.record(std::move(name_), start_, stop_);
   }
 
  private:
   OpProfiler& profiler_;
-  const char* name_;
+  std::string name_;
   cudaEvent_t start_ = nullptr, stop_ = nullptr;
 };
 
@@ -226,7 +228,8 @@ class CudaBackend final : public Backend {
                            b16(weight, "weight"), f32(rstd, "rstd"), inp.rows(), static_cast<int>(inp.row_size()));
   }
   void matmul_forward(Tensor out, const Tensor& inp, const Tensor& weight) override {
-    OpTimer timer(*profiler_, "matmul_forward");
+    OpTimer timer(*profiler_, profiler_->enabled() ? cat("matmul_forward ", inp.rows(), "x", inp.row_size(), "->",
+                                                         weight.rows()) : std::string());
     MOBA_ASSERT(out.contiguous() && inp.contiguous() && inp.row_size() == weight.row_size() &&
                 out.row_size() == weight.rows());
     cuda::matmul_forward(ctx_, b16(out, "out"), b16(inp, "inp"), b16(weight, "weight"), inp.rows(),
@@ -234,7 +237,8 @@ class CudaBackend final : public Backend {
   }
   void matmul_backward(Tensor dinp, Tensor dweight, const Tensor& dout, const Tensor& inp, const Tensor& weight,
                        bool accumulate) override {
-    OpTimer timer(*profiler_, "matmul_backward");
+    OpTimer timer(*profiler_, profiler_->enabled() ? cat("matmul_backward ", inp.rows(), "x", inp.row_size(), "->",
+                                                         weight.rows()) : std::string());
     cuda::matmul_backward(ctx_, dinp.data ? b16(dinp, "dinp") : nullptr, dweight.data ? f32(dweight, "dweight") : nullptr,
                           b16(dout, "dout"), b16(inp, "inp"), b16(weight, "weight"), inp.rows(),
                           static_cast<int>(inp.row_size()), static_cast<int>(weight.rows()), accumulate);

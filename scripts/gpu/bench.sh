@@ -6,12 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 what=${1:-all}
 out=${OUT:-/tmp}
-if [ -x /usr/bin/g++-12 ]; then export CUDAHOSTCXX=/usr/bin/g++-12; fi
-if [ ! -f build-gpu/build.ninja ]; then
-  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a -DMOBA_CUDA=ON \
-    > "$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
-fi
-ninja -C build-gpu moba > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+source scripts/gpu/build_here.sh
+gpu_build moba
 moba=build-gpu/moba
 att() { $moba bench attention "$@" --out "$out/attention.jsonl"; }
 if [ "$what" = attention ] || [ "$what" = all ]; then
