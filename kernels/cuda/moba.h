@@ -2,7 +2,9 @@
 // (bf16-rounded block means, fp32 gate, top-(k-1) past blocks + the current block, ties to the lower index,
 // per query head, GQA-native), attention over the union with one softmax, and the backward. Layouts as in
 // attention.h; selected (N, H, top_k) int32 ascending, -1 padded, block indices relative to the segment.
-// No host synchronisation; scratch comes from ctx.scratch.
+// Any top_k >= 1 (top_k - 1 > 64 past blocks take an exact radix-select router: selections equal to the CPU's).
+// No host synchronisation; scratch comes from ctx.scratch slots 4-7, bounded independently of top_k by query chunks
+// (kEntryBudgetBytes in moba_common.cuh).
 #pragma once
 #include "kernels/cuda/ops.h"
 
