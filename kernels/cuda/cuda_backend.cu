@@ -31,12 +31,14 @@ const int32_t* i32(const Tensor& t, const char* what) { return typed<int32_t>(t,
 const uint8_t* u8(const Tensor& t, const char* what) { return typed<uint8_t>(t, DType::u8, what); }
 
 // MOBA_PROFILE=1: CUDA events around every op, summed per op name and printed (stderr) when the backend is
-// destroyed. The events serialise nothing but add a little launch overhead; off by default.
+// destroyed (MOBA_PROFILE=2: every call too, in order). The events serialise nothing but add a little launch
+// overhead; off by default.
 class OpProfiler {
  public:
   explicit OpProfiler(cudaStream_t stream) : stream_(stream) {
     const char* env = std::getenv("MOBA_PROFILE");
-    enabled_ = env && std::string(env) == "1";
+    enabled_ = env && (std::string(env) == "1" || std::string(env) == "2");
+    every_call_ = env && std::string(env) == "2";
   }
   bool enabled() const { return enabled_; }
   void record(std::string name, cudaEvent_t start, cudaEvent_t stop) {
@@ -56,6 +58,7 @@ class OpProfiler {
     for (const Pending& p : pending_) {
       float ms = 0;
       cudaEventElapsedTime(&ms, p.start, p.stop);
+      if (every_call_) std::fprintf(stderr, "op %-36s %9.3f ms\n", p.name.c_str(), ms);
       totals[p.name].first += ms;
       totals[p.name].second += 1;
       all += ms;
@@ -79,6 +82,7 @@ class OpProfiler {
   };
   cudaStream_t stream_;
   bool enabled_ = false;
+  bool every_call_ = false;  // MOBA_PROFILE=2: also every call in order
   std::vector<Pending> pending_;
 };
 
