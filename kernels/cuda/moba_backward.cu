@@ -372,31 +372,49 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
     cp_async16(sK + r * LD + c, ok ? a.k + off : a.k, ok ? 16 : 0);
     cp_async16(sV + r * LD + c, ok ? a.v + off : a.v, ok ? 16 : 0);
   }
+  // Where row tile `tile` takes its rows, worked out once per tile (the per-row work below is then one load or one
+  // multiply-add): a selected tile reads n entries of its bucket, a causal tile takes tokens t0 .. t0 + n - 1 of
+  // head h.
+  struct TileSource {
+    const int32_t* entries;  // selected: the tile's first entry; causal: nullptr
+    int n, h, t0;
+  };
+  auto tile_source = [&](int tile) {
+    TileSource src{nullptr, 0, 0, 0};
+    const int b = selected_block(tile);
+    if (b >= 0) {
+      const int first = (tile - s_sel_tile0[b]) * RT;
+      src.entries = a.dispatch.entries + a.dispatch.offset[s_sel_bucket[b]] + first;
+      src.n = min(RT, s_sel_rows[b] - first);
+    } else {
+      const int causal = tile - n_selected;
+      src.h = kv_head * group + causal / row_tiles_per_head;
+      src.t0 = first_row + (causal % row_tiles_per_head) * RT;
+      src.n = min(RT, row_end - src.t0);
+    }
+    return src;
+  };
+  auto source_row = [&](const TileSource& src, int r) {  // query row t * H + h of row r of the tile, or -1
+    if (r >= src.n) return -1;
+    return src.entries != nullptr ? src.entries[r] / past_slots : (src.t0 + r) * a.H + src.h;
+  };
   // Row tile `tile` into buffer `buf`: Q and dO rows by cp.async, lse/delta/token by plain stores (visible to the
   // other warps after the __syncthreads that precedes their use).
-  auto tile_row = [&](int tile, int b, int r) {  // query row t * H + h of row r of the tile, or -1
-    if (b < 0) {
-      const int causal = tile - n_selected;
-      const int h = kv_head * group + causal / row_tiles_per_head;
-      const int t = first_row + (causal % row_tiles_per_head) * RT + r;
-      return t < row_end ? t * a.H + h : -1;
-    }
-    const int i = (tile - s_sel_tile0[b]) * RT + r;
-    const int bucket = s_sel_bucket[b];
-    return i < s_sel_rows[b] ? a.dispatch.entries[a.dispatch.offset[bucket] + i] / past_slots : -1;
-  };
+  static_assert(RT * (DP / 8) % kThreads == 0, "whole row-tile copies per thread");
   auto load_rows = [&](int tile, int buf) {
-    const int b = selected_block(tile);
+    const TileSource src = tile_source(tile);
     if (tid < RT) {
-      const int row = tile_row(tile, b, tid);
+      const int row = source_row(src, tid);
       s_tok[buf * RT + tid] = row >= 0 ? row / a.H : -1;
       s_rowid[buf * RT + tid] = row;
       s_lse2[buf * RT + tid] = row >= 0 ? a.lse[row] * kLog2e : INFINITY;
       s_delta[buf * RT + tid] = row >= 0 ? a.delta[row] : 0.0f;
     }
-    for (int idx = tid; idx < RT * (DP / 8); idx += kThreads) {
+#pragma unroll
+    for (int i = 0; i < RT * (DP / 8) / kThreads; ++i) {
+      const int idx = tid + i * kThreads;
       const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
-      const int row = tile_row(tile, b, r);
+      const int row = source_row(src, r);
       const bool ok = row >= 0 && c < a.D;
       const int64_t off = static_cast<int64_t>(row) * a.D + c;
       cp_async16(sQ + (buf * RT + r) * LD + c, ok ? a.q + off : a.q, ok ? 16 : 0);
@@ -442,9 +460,18 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
     const float* lse_s = s_lse2 + buf * RT;
     const float* delta_s = s_delta + buf * RT;
     const int* tok_s = s_tok + buf * RT;
+    // Rows of this tile that see each of this thread's keys: tokens [lo, hi). Causal tile: [key, end(key)); selected
+    // tile: every row when the key lies in the tile's block, else none. One mask formula for both kinds of tile, as
+    // the separate causal kernel had: no per-element branch on the tile kind.
     const int b = selected_block(tile);
-    const int sel_start = b < 0 ? INT_MIN : s_sel_start[b];
-    const bool see0 = b >= 0 && start0 == sel_start, see1 = b >= 0 && start1 == sel_start;  // selected tile
+    int lo0 = key0, hi0 = end0, lo1 = key1, hi1 = end1;
+    if (b >= 0) {
+      const int sel_start = s_sel_start[b];
+      lo0 = start0 == sel_start ? 0 : INT_MAX;
+      hi0 = start0 == sel_start ? INT_MAX : INT_MIN;
+      lo1 = start1 == sel_start ? 0 : INT_MAX;
+      hi1 = start1 == sel_start ? INT_MAX : INT_MIN;
+    }
 
     float st[NT][4], dpt[NT][4];  // S^T and dP^T: (16 keys of this warp) x (RT rows)
 #pragma unroll
@@ -473,8 +500,7 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
       for (int e = 0; e < 4; ++e) {
         const int r = j * 8 + quad_col + (e & 1);
         const int token = tok_s[r];
-        const bool visible = b >= 0 ? token >= 0 && (e < 2 ? see0 : see1)
-                                    : (e < 2 ? (key0 <= token && token < end0) : (key1 <= token && token < end1));
+        const bool visible = e < 2 ? (lo0 <= token && token < hi0) : (lo1 <= token && token < hi1);
         const float p = visible ? exp2f(st[j][e] * a.scale_log2 - lse_s[r]) : 0.0f;
         st[j][e] = p;
         dpt[j][e] = p * (dpt[j][e] - delta_s[r]);  // dS^T
