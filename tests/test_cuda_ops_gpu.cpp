@@ -8,7 +8,8 @@
 //   kF32: f32 outputs computed from the same bf16 inputs (weight gradients, rstd, AdamW state, losses). Only the
 //         summation order differs from the CPU (which sums some reductions in double): ~1e-6 expected, 1e-3 allowed.
 // Measured on an H200 (2026-11-23): bf16 outputs 1.1e-3 to 2.2e-3; f32 outputs 1e-8 to 3e-6; losses 3e-8;
-// sum_of_squares 3e-14; matmul_forward 8192x1792x5376 at 737 TFLOP/s (dinp 725, dweight 756).
+// sum_of_squares 3e-14. GEMMs of the 545M training step (MatmulTflops, 2026-11-23): 716-803 TFLOP/s forward,
+// 711-813 dinp, 600-784 dweight (f32 +=).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -577,19 +578,12 @@ double median_ms(const cuda::CudaContext& ctx, int warmup, int reps, Fn fn) {
 }
 
 // Benchmark line: matmul TFLOP/s at N=8192, IC=1792, OC=5376 (a d1792 model's MLP up-projection), random data.
+// TFLOP/s of every GEMM shape of the 545M benchmark model's training step (16384-token micro-batch, LM head in
+// 4096-row chunks): forward, dinp overwritten (beta 0) and dweight accumulated into f32. Printed, not asserted.
 TEST(CudaOps, MatmulTflops) {
   MOBA_REQUIRE_GPU();
   Backends be;
   Backend& g = *be.gpu;
-  const int64_t N = 8192;
-  const int IC = 1792, OC = 5376;
-  Tensor x = be.activation(g, random_bf16(N * IC, 90), {N, IC});
-  Tensor w = be.activation(g, random_bf16(static_cast<size_t>(OC) * IC, 91), {OC, IC});
-  Tensor dy = be.activation(g, random_bf16(N * OC, 92), {N, OC});
-  Tensor y = be.empty(g, DType::bf16, {N, OC}), dx = be.empty(g, DType::bf16, {N, IC});
-  Tensor dw = be.empty(g, DType::f32, {OC, IC});
-  g.synchronize();
-
   // A context of our own, so that CUDA events can bracket the launches on its stream.
   cuda::CudaContext ctx;
   cudaDeviceProp prop{};
@@ -599,22 +593,38 @@ TEST(CudaOps, MatmulTflops) {
   MOBA_CUBLAS_CHECK(cublasLtCreate(&ctx.lt));
   ctx.workspace_bytes = 32u << 20;
   MOBA_CUDA_CHECK(cudaMalloc(&ctx.workspace, ctx.workspace_bytes));
-  auto* xp = x.as<cuda::bf16>();
-  auto* wp = w.as<cuda::bf16>();
-  auto* dyp = dy.as<cuda::bf16>();
-  const double forward =
-      median_ms(ctx, 5, 20, [&] { cuda::matmul_forward(ctx, y.as<cuda::bf16>(), xp, wp, N, IC, OC); });
-  const double dinp =
-      median_ms(ctx, 5, 20, [&] { cuda::matmul_backward(ctx, dx.as<cuda::bf16>(), nullptr, dyp, xp, wp, N, IC, OC); });
-  const double dweight =
-      median_ms(ctx, 5, 20, [&] { cuda::matmul_backward(ctx, nullptr, dw.as<float>(), dyp, xp, wp, N, IC, OC); });
-  const double flops = 2.0 * N * IC * OC;
-  std::printf(
-      "[ bench    ] matmul N=%lld IC=%d OC=%d on %s (median of 20): forward %.3f ms = %.0f TFLOP/s, "
-      "dinp %.0f TFLOP/s, dweight (f32 +=) %.0f TFLOP/s\n",
-      static_cast<long long>(N), IC, OC, prop.name, forward, flops / forward / 1e9, flops / dinp / 1e9,
-      flops / dweight / 1e9);
-  RecordProperty("matmul_forward_tflops", static_cast<int>(flops / forward / 1e9));
+  struct GemmCase {
+    int64_t N;
+    int IC, OC;
+    const char* what;
+  };
+  for (const GemmCase& gc : {GemmCase{16384, 1792, 5376, "qkv"}, GemmCase{16384, 1792, 1792, "wo"},
+                             GemmCase{16384, 1792, 9728, "gate_up"}, GemmCase{16384, 4864, 1792, "down"},
+                             GemmCase{4096, 1792, 32000, "head chunk"}, GemmCase{8192, 1792, 5376, "qkv 8K"}}) {
+    const int64_t N = gc.N;
+    const int IC = gc.IC, OC = gc.OC;
+    Tensor x = be.activation(g, random_bf16(N * IC, 90), {N, IC});
+    Tensor w = be.activation(g, random_bf16(static_cast<size_t>(OC) * IC, 91), {OC, IC});
+    Tensor dy = be.activation(g, random_bf16(N * OC, 92), {N, OC});
+    Tensor y = be.empty(g, DType::bf16, {N, OC}), dx = be.empty(g, DType::bf16, {N, IC});
+    Tensor dw = be.empty(g, DType::f32, {OC, IC});
+    g.synchronize();
+    auto* xp = x.as<cuda::bf16>();
+    auto* wp = w.as<cuda::bf16>();
+    auto* dyp = dy.as<cuda::bf16>();
+    const double forward =
+        median_ms(ctx, 5, 20, [&] { cuda::matmul_forward(ctx, y.as<cuda::bf16>(), xp, wp, N, IC, OC); });
+    const double dinp = median_ms(
+        ctx, 5, 20, [&] { cuda::matmul_backward(ctx, dx.as<cuda::bf16>(), nullptr, dyp, xp, wp, N, IC, OC, false); });
+    const double dweight =
+        median_ms(ctx, 5, 20, [&] { cuda::matmul_backward(ctx, nullptr, dw.as<float>(), dyp, xp, wp, N, IC, OC); });
+    const double flops = 2.0 * N * IC * OC;
+    std::printf(
+        "[ bench    ] matmul %-10s N=%lld IC=%d OC=%d on %s (median of 20): forward %.3f ms = %.0f TFLOP/s, "
+        "dinp %.0f TFLOP/s, dweight (f32 +=) %.0f TFLOP/s\n",
+        gc.what, static_cast<long long>(N), IC, OC, prop.name, forward, flops / forward / 1e9, flops / dinp / 1e9,
+        flops / dweight / 1e9);
+  }
   cudaFree(ctx.workspace);
   cublasLtDestroy(ctx.lt);
   cudaStreamDestroy(ctx.stream);
