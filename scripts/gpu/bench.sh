@@ -27,6 +27,9 @@ if [ "$what" = train ] || [ "$what" = all ]; then
   for r in d1792-full-seq8192 d1792-full-seq32768 d1792-moba-seq32768; do
     $moba bench train --recipe recipes/bench/$r.yaml --warmup 2 --steps 5 --out "$out/train.jsonl"
   done
+  # the memory / speed trade of activation recompute
+  $moba bench train --recipe recipes/bench/d1792-full-seq8192.yaml --set train.recompute=full --warmup 2 --steps 5 \
+    --out "$out/train.jsonl"
 fi
 echo "---- summary"
 python3 - "$out" <<'PY'
