@@ -107,8 +107,10 @@ class Backend {
   // ---- optimizer over flat arenas ----
   // Updates the f32 master `param`; when param_working is non-empty (mixed precision), also writes the
   // updated values rounded to its dtype there (the weights the next forward uses).
+  // grad_scale multiplies the gradient first (clipping folded into the update: no separate pass over grad).
   virtual void adamw_update(Tensor param, Tensor param_working, const Tensor& grad, Tensor m, Tensor v, float lr,
-                            float beta1, float beta2, float eps, float weight_decay, int64_t step) = 0;
+                            float beta1, float beta2, float eps, float weight_decay, int64_t step,
+                            float grad_scale = 1.0f) = 0;
   virtual double sum_of_squares(const Tensor& x) = 0;
   virtual void scale(Tensor x, float s) = 0;
 };

@@ -546,7 +546,7 @@ TEST(CudaOps, AdamwUpdatesMomentsWeightsAndWorkingCopy) {
       Tensor p = be.floats(b, DType::f32, param0, {n}), g = be.floats(b, DType::f32, grad, {n});
       Tensor mt = be.floats(b, DType::f32, m0, {n}), vt = be.floats(b, DType::f32, v0, {n});
       Tensor pw = side == 0 ? Tensor{} : be.empty(b, DType::bf16, {n});
-      b.adamw_update(p, pw, g, mt, vt, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 7);
+      b.adamw_update(p, pw, g, mt, vt, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 7, 0.5f);  // with a clipping factor
       param[side] = be.read(b, p);
       m[side] = be.read(b, mt);
       v[side] = be.read(b, vt);

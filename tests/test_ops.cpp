@@ -480,6 +480,22 @@ TEST(AdamW, MatchesScalarReferenceOverThreeSteps) {
   for (int64_t i = 0; i < n; ++i) EXPECT_NE(param[i], initial[i]);
 }
 
+// Clipping folded into the update: bitwise the update on gradients scaled beforehand.
+TEST(AdamW, GradScaleEqualsScalingTheGradientsFirst) {
+  const int64_t n = 1000;
+  const float scale = 0.37f;
+  std::vector<float> p1 = random_vector(n, 40), m1(n, 0.0f), v1(n, 0.0f), p2 = p1, m2 = m1, v2 = v1;
+  for (int64_t step = 1; step <= 2; ++step) {
+    std::vector<float> grad = random_vector(n, 200 + step), scaled = grad;
+    for (float& g : scaled) g *= scale;
+    adamw_update(p1.data(), scaled.data(), m1.data(), v1.data(), n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, step);
+    adamw_update(p2.data(), grad.data(), m2.data(), v2.data(), n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, step, scale);
+  }
+  EXPECT_EQ(p1, p2);
+  EXPECT_EQ(m1, m2);
+  EXPECT_EQ(v1, v2);
+}
+
 TEST(SumOfSquares, MatchesDirectSumAndGradientChecks) {
   const int64_t n = 100003;  // several blocks, last one partial
   std::vector<float> g = random_vector(n, 39);

@@ -34,7 +34,8 @@ bool AdamW::decays(const model::ParamTensor& t) const {
 
 double AdamW::clip_gradients(double clip) {
   double norm = std::sqrt(be_.sum_of_squares(model_.grads()));
-  if (clip > 0 && norm > clip) be_.scale(model_.grads(), static_cast<float>(clip / (norm + 1e-6)));
+  // Applied inside the next step()'s update rather than by a pass over the gradients here.
+  grad_scale_ = clip > 0 && norm > clip ? static_cast<float>(clip / (norm + 1e-6)) : 1.0f;
   return norm;
 }
 
@@ -47,8 +48,9 @@ void AdamW::step(double lr) {
     Tensor m = m_.slice_rows(t.offset, t.numel), v = v_.slice_rows(t.offset, t.numel);
     be_.adamw_update(p, working, g, m, v, static_cast<float>(lr), static_cast<float>(s_.beta1),
                      static_cast<float>(s_.beta2), static_cast<float>(s_.eps),
-                     decays(t) ? static_cast<float>(s_.weight_decay) : 0.0f, step_);
+                     decays(t) ? static_cast<float>(s_.weight_decay) : 0.0f, step_, grad_scale_);
   }
+  grad_scale_ = 1.0f;
 }
 
 }  // namespace moba

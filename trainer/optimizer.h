@@ -18,7 +18,8 @@ class AdamW {
   AdamW(const AdamW&) = delete;
   AdamW& operator=(const AdamW&) = delete;
 
-  // Global L2 norm of the gradients; when clip > 0 and the norm exceeds it, gradients are scaled to `clip`.
+  // Global L2 norm of the gradients; when clip > 0 and the norm exceeds it, the next step() uses the gradients
+  // scaled to norm `clip` (the scale is applied inside the update; grads() itself is left as it is).
   double clip_gradients(double clip);
   void step(double lr);
 
@@ -36,6 +37,7 @@ class AdamW {
   OptimizerSettings s_;
   Tensor m_, v_;
   int64_t step_ = 0;
+  float grad_scale_ = 1.0f;  // clipping factor from clip_gradients(), used by the next step()
 };
 
 }  // namespace moba

@@ -67,8 +67,9 @@ void cross_entropy_fused(float* losses, float* logits, const int32_t* targets, c
 // One AdamW step (decoupled weight decay, bias-corrected), step is 1-based:
 //   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  mhat = m/(1-b1^step);  vhat = v/(1-b2^step)
 //   param -= lr * (mhat / (sqrt(vhat) + eps) + weight_decay * param)
+// g = grad * grad_scale (gradient clipping folded in; x 1 is exact).
 void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
-                  float beta2, float eps, float weight_decay, int64_t step);
+                  float beta2, float eps, float weight_decay, int64_t step, float grad_scale = 1.0f);
 // Sum of squares of g in double, fixed order (blocks summed in index order).
 double sum_of_squares(const float* g, int64_t n);
 void scale_inplace(float* x, int64_t n, float s);

@@ -13,6 +13,7 @@ constexpr int kThreads = 256;
 
 struct AdamwParams {
   float lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2;
+  float grad_scale;  // multiplies every gradient first (clipping)
 };
 
 // param, grad, m, v (n) f32; param_working (n) bf16 or nullptr. One thread per kVec elements.
@@ -28,6 +29,7 @@ __global__ void __launch_bounds__(kThreads)
   load_f32<kVec>(v_k, v + i);
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
+    g[k] *= p.grad_scale;  // gradient clipping, folded in (x 1 is exact)
     m_k[k] = p.beta1 * m_k[k] + (1.0f - p.beta1) * g[k];
     v_k[k] = p.beta2 * v_k[k] + (1.0f - p.beta2) * (g[k] * g[k]);
     const float m_hat = m_k[k] / p.bias_correction1;
@@ -46,7 +48,8 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 void adamw_update(const CudaContext& ctx, float* param, bf16* param_working, const float* grad, float* m, float* v,
-                  int64_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step) {
+                  int64_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
+                  float grad_scale) {
   if (n == 0) return;
   const AdamwParams p{lr,
                       beta1,
@@ -54,7 +57,8 @@ void adamw_update(const CudaContext& ctx, float* param, bf16* param_working, con
                       eps,
                       weight_decay,
                       static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), step)),
-                      static_cast<float>(1.0 - std::pow(static_cast<double>(beta2), step))};
+                      static_cast<float>(1.0 - std::pow(static_cast<double>(beta2), step)),
+                      grad_scale};
   if (n % 4 == 0 && aligned_16({param, grad, m, v})) {
     const unsigned blocks = static_cast<unsigned>((n / 4 + kThreads - 1) / kThreads);
     adamw_kernel<4><<<blocks, kThreads, 0, ctx.stream>>>(param, param_working, grad, m, v, n, p);

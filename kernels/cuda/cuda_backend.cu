@@ -351,12 +351,12 @@ class CudaBackend final : public Backend {
     return cuda::sum(ctx_, f32(x, "x"), x.numel());
   }
   void adamw_update(Tensor param, Tensor param_working, const Tensor& grad, Tensor m, Tensor v, float lr, float beta1,
-                    float beta2, float eps, float weight_decay, int64_t step) override {
+                    float beta2, float eps, float weight_decay, int64_t step, float grad_scale) override {
     OpTimer timer(*profiler_, "adamw_update");
     MOBA_ASSERT(param.numel() == grad.numel() && param.numel() == m.numel() && param.numel() == v.numel());
     cuda::adamw_update(ctx_, f32(param, "param"), param_working.data ? b16(param_working, "param_working") : nullptr,
                        f32(grad, "grad"), f32(m, "m"), f32(v, "v"), param.numel(), lr, beta1, beta2, eps, weight_decay,
-                       step);
+                       step, grad_scale);
   }
   double sum_of_squares(const Tensor& x) override {
     OpTimer timer(*profiler_, "sum_of_squares");

@@ -60,7 +60,8 @@ double sum(const CudaContext& ctx, const float* x, int64_t n);
 // AdamW on f32 master weights (formula of kernels/cpu/ops.h); param_working (bf16, may be nullptr) gets the
 // updated weights rounded, in the same pass.
 void adamw_update(const CudaContext& ctx, float* param, bf16* param_working, const float* grad, float* m, float* v,
-                  int64_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step);
+                  int64_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
+                  float grad_scale = 1.0f);
 double sum_of_squares(const CudaContext& ctx, const float* x, int64_t n);  // synchronises
 void scale(const CudaContext& ctx, float* x, int64_t n, float s);
 
