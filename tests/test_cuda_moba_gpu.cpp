@@ -272,43 +272,96 @@ struct DirectRun {
   std::vector<uint16_t> out, dq, dk, dv;
   std::vector<float> lse;
 };
-DirectRun run_direct(OwnContext& own, const MobaCase& c, const Inputs& in, bool deterministic) {
-  const int64_t N = c.tokens();
-  const size_t nq = static_cast<size_t>(N * c.H * c.D), nk = static_cast<size_t>(N * c.Hkv * c.D);
-  DeviceBuffer q(nq * 2), k(nk * 2), v(nk * 2), dout(nq * 2), out(nq * 2), dq(nq * 2), dk(nk * 2), dv(nk * 2);
-  DeviceBuffer lse(static_cast<size_t>(N * c.H) * 4), sel(static_cast<size_t>(N * c.H * c.top_k) * 4),
-      cu(c.cu_seqlens.size() * 4);
-  DirectRun r;
-  auto up = [](const DeviceBuffer& dst, const std::vector<float>& x) {
-    EXPECT_EQ(cudaMemcpy(dst.ptr, to_bf16_bits(x).data(), x.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-  };
-  up(q, in.q);
-  up(k, in.k);
-  up(v, in.v);
-  up(dout, in.dout);
-  EXPECT_EQ(cudaMemcpy(cu.ptr, c.cu_seqlens.data(), c.cu_seqlens.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-  EXPECT_EQ(cudaMemset(dq.ptr, 0, nq * 2), cudaSuccess);
-  EXPECT_EQ(cudaMemset(dk.ptr, 0, nk * 2), cudaSuccess);
-  EXPECT_EQ(cudaMemset(dv.ptr, 0, nk * 2), cudaSuccess);
-  const int S = static_cast<int>(c.cu_seqlens.size()) - 1;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(c.D));
-  using cuda::bf16;
-  cuda::moba_select_blocks(own.ctx, sel.as<int32_t>(), q.as<bf16>(), k.as<bf16>(), cu.as<int32_t>(), S, N, c.H, c.Hkv,
-                           c.D, c.B, c.top_k);
-  cuda::moba_attention_forward(own.ctx, out.as<bf16>(), lse.as<float>(), q.as<bf16>(), k.as<bf16>(), v.as<bf16>(),
-                               sel.as<int32_t>(), cu.as<int32_t>(), S, N, c.H, c.Hkv, c.D, c.B, c.top_k, scale);
-  cuda::moba_attention_backward(own.ctx, dq.as<bf16>(), dk.as<bf16>(), dv.as<bf16>(), dout.as<bf16>(), q.as<bf16>(),
-                                k.as<bf16>(), v.as<bf16>(), out.as<bf16>(), lse.as<float>(), sel.as<int32_t>(),
-                                cu.as<int32_t>(), S, N, c.H, c.Hkv, c.D, c.B, c.top_k, scale, deterministic);
-  EXPECT_EQ(cudaStreamSynchronize(own.ctx.stream), cudaSuccess);
-  for (auto [dst, buf, n] : {std::tuple{&r.out, &out, nq}, std::tuple{&r.dq, &dq, nq}, std::tuple{&r.dk, &dk, nk},
-                             std::tuple{&r.dv, &dv, nk}}) {
-    dst->resize(n);
-    EXPECT_EQ(cudaMemcpy(dst->data(), buf->ptr, n * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+
+// The device buffers of one layer call, filled from `in`; launch() enqueues zeroing of the gradients, routing,
+// forward and backward on own's stream without synchronising (so it can be captured into a CUDA graph).
+struct DirectLayer {
+  const MobaCase& c;
+  int64_t N;
+  size_t nq, nk;
+  DeviceBuffer q, k, v, dout, out, dq, dk, dv, lse, sel, cu;
+  DirectLayer(const MobaCase& mc, const Inputs& in)
+      : c(mc), N(mc.tokens()), nq(static_cast<size_t>(N * mc.H * mc.D)), nk(static_cast<size_t>(N * mc.Hkv * mc.D)),
+        q(nq * 2), k(nk * 2), v(nk * 2), dout(nq * 2), out(nq * 2), dq(nq * 2), dk(nk * 2), dv(nk * 2),
+        lse(static_cast<size_t>(N * mc.H) * 4), sel(static_cast<size_t>(N * mc.H * mc.top_k) * 4),
+        cu(mc.cu_seqlens.size() * 4) {
+    auto up = [](const DeviceBuffer& dst, const std::vector<float>& x) {
+      EXPECT_EQ(cudaMemcpy(dst.ptr, to_bf16_bits(x).data(), x.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    };
+    up(q, in.q);
+    up(k, in.k);
+    up(v, in.v);
+    up(dout, in.dout);
+    EXPECT_EQ(cudaMemcpy(cu.ptr, c.cu_seqlens.data(), c.cu_seqlens.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
   }
-  r.lse.resize(static_cast<size_t>(N * c.H));
-  EXPECT_EQ(cudaMemcpy(r.lse.data(), lse.ptr, r.lse.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-  return r;
+  void launch(OwnContext& own, bool deterministic) {
+    cudaStream_t stream = own.ctx.stream;
+    EXPECT_EQ(cudaMemsetAsync(dq.ptr, 0, nq * 2, stream), cudaSuccess);
+    EXPECT_EQ(cudaMemsetAsync(dk.ptr, 0, nk * 2, stream), cudaSuccess);
+    EXPECT_EQ(cudaMemsetAsync(dv.ptr, 0, nk * 2, stream), cudaSuccess);
+    const int S = static_cast<int>(c.cu_seqlens.size()) - 1;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.D));
+    using cuda::bf16;
+    cuda::moba_select_blocks(own.ctx, sel.as<int32_t>(), q.as<bf16>(), k.as<bf16>(), cu.as<int32_t>(), S, N, c.H,
+                             c.Hkv, c.D, c.B, c.top_k);
+    cuda::moba_attention_forward(own.ctx, out.as<bf16>(), lse.as<float>(), q.as<bf16>(), k.as<bf16>(), v.as<bf16>(),
+                                 sel.as<int32_t>(), cu.as<int32_t>(), S, N, c.H, c.Hkv, c.D, c.B, c.top_k, scale);
+    cuda::moba_attention_backward(own.ctx, dq.as<bf16>(), dk.as<bf16>(), dv.as<bf16>(), dout.as<bf16>(), q.as<bf16>(),
+                                  k.as<bf16>(), v.as<bf16>(), out.as<bf16>(), lse.as<float>(), sel.as<int32_t>(),
+                                  cu.as<int32_t>(), S, N, c.H, c.Hkv, c.D, c.B, c.top_k, scale, deterministic);
+  }
+  DirectRun read() const {
+    DirectRun r;
+    for (auto [dst, buf, n] : {std::tuple{&r.out, &out, nq}, std::tuple{&r.dq, &dq, nq}, std::tuple{&r.dk, &dk, nk},
+                               std::tuple{&r.dv, &dv, nk}}) {
+      dst->resize(n);
+      EXPECT_EQ(cudaMemcpy(dst->data(), buf->ptr, n * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    }
+    r.lse.resize(static_cast<size_t>(N * c.H));
+    EXPECT_EQ(cudaMemcpy(r.lse.data(), lse.ptr, r.lse.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    return r;
+  }
+};
+
+DirectRun run_direct(OwnContext& own, const MobaCase& c, const Inputs& in, bool deterministic) {
+  DirectLayer layer(c, in);
+  layer.launch(own, deterministic);
+  EXPECT_EQ(cudaStreamSynchronize(own.ctx.stream), cudaSuccess);
+  return layer.read();
+}
+
+// No host synchronisation inside the layer: once a first call has sized the scratch, zeroing, routing, forward and
+// backward capture into one CUDA graph (a synchronising call would end the capture with an error), and replaying
+// the graph twice gives the eager O, LSE and (deterministic) dQ bit for bit.
+TEST(CudaMoba, LayerCapturesIntoACudaGraph) {
+  MOBA_REQUIRE_GPU();
+  const MobaCase c{"graph", {0, 1500, 1501, 3000}, 8, 2, 128, 128, 4};
+  const Inputs in = make_inputs(c, 91);
+  OwnContext own;
+  const DirectRun eager = run_direct(own, c, in, true);
+  DirectLayer layer(c, in);
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(own.ctx.stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  layer.launch(own, true);
+  ASSERT_EQ(cudaStreamEndCapture(own.ctx.stream, &graph), cudaSuccess) << "the layer synchronised during capture";
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  size_t nodes = 0;
+  ASSERT_EQ(cudaGraphGetNodes(graph, nullptr, &nodes), cudaSuccess);
+  std::printf("captured MoBA layer (routing, forward, backward): %zu graph nodes\n", nodes);
+  for (int replay = 0; replay < 2; ++replay) {
+    ASSERT_EQ(cudaGraphLaunch(exec, own.ctx.stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(own.ctx.stream), cudaSuccess);
+    const DirectRun got = layer.read();
+    EXPECT_EQ(got.out, eager.out) << "replay " << replay;
+    EXPECT_EQ(got.lse, eager.lse) << "replay " << replay;
+    EXPECT_EQ(got.dq, eager.dq) << "replay " << replay;
+    // dK/dV sum a bucket's rows in the dispatch's fill order, which atomics make vary run to run.
+    EXPECT_LE(rel(from_bf16_bits(got.dk), from_bf16_bits(eager.dk)), 1e-3) << "replay " << replay;
+    EXPECT_LE(rel(from_bf16_bits(got.dv), from_bf16_bits(eager.dv)), 1e-3) << "replay " << replay;
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
 }
 
 TEST(CudaMoba, DeterministicDqIsBitwiseReproducible) {
