@@ -15,67 +15,40 @@ namespace {
 constexpr int kThreads = 256;  // 8 warps, 8 rows at a time per block
 constexpr int kWarps = kThreads / 32;
 
-// out (N, C), rstd (N); lane l of a warp handles columns l*kVec + 32*kVec*j.
-template <int kVec>
+// out (N, C) = rmsnorm(x), rstd (N); lane l of a warp handles columns l*kVec + 32*kVec*j. kResidual: x (N, C) +=
+// residual first, rounded to bf16 and stored, and the norm is taken of the stored sum - the same arithmetic as
+// add_bf16_kernel followed by the plain kernel, with the row read twice from memory instead of four times.
+template <int kVec, bool kResidual>
 __global__ void __launch_bounds__(kThreads)
-    rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, const bf16* weight, int64_t N, int C, float eps) {
+    rmsnorm_forward_kernel(bf16* out, float* rstd, bf16* x, const bf16* residual, const bf16* weight, int64_t N, int C,
+                           float eps) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= N) return;
-  const bf16* x_row = inp + row * C;
+  bf16* x_row = x + row * C;
   float sum_squares = 0.0f;
   for (int c = lane * kVec; c < C; c += 32 * kVec) {
-    float x[kVec];
-    load_bf16<kVec>(x, x_row + c);
+    float v[kVec];
+    load_bf16<kVec>(v, x_row + c);
+    if constexpr (kResidual) {
+      float r[kVec];
+      load_bf16<kVec>(r, residual + row * C + c);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) sum_squares += x[k] * x[k];
-  }
-  sum_squares = warp_sum(sum_squares);
-  const float r = 1.0f / sqrtf(sum_squares / C + eps);
-  bf16* y_row = out + row * C;
-  for (int c = lane * kVec; c < C; c += 32 * kVec) {  // second pass reads the row back from L1/L2
-    float x[kVec], w[kVec], y[kVec];
-    load_bf16<kVec>(x, x_row + c);
-    load_bf16<kVec>(w, weight + c);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) y[k] = (x[k] * r) * w[k];
-    store_bf16<kVec>(y_row + c, y);
-  }
-  if (lane == 0) rstd[row] = r;
-}
-
-// resid (N, C) += residual (rounded to bf16), then out = rmsnorm(resid), rstd (N). Same arithmetic as
-// add_bf16_kernel followed by rmsnorm_forward_kernel; the row is read twice from memory instead of four times.
-template <int kVec>
-__global__ void __launch_bounds__(kThreads)
-    residual_rmsnorm_forward_kernel(bf16* resid, bf16* out, float* rstd, const bf16* residual, const bf16* weight,
-                                    int64_t N, int C, float eps) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= N) return;
-  bf16* x_row = resid + row * C;
-  const bf16* r_row = residual + row * C;
-  float sum_squares = 0.0f;
-  for (int c = lane * kVec; c < C; c += 32 * kVec) {
-    float x[kVec], r[kVec];
-    load_bf16<kVec>(x, x_row + c);
-    load_bf16<kVec>(r, r_row + c);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      x[k] = __bfloat162float(__float2bfloat16_rn(x[k] + r[k]));  // the sum as stored, as rmsnorm would read it
-      sum_squares += x[k] * x[k];
+      for (int k = 0; k < kVec; ++k) v[k] = __bfloat162float(__float2bfloat16_rn(v[k] + r[k]));  // as stored
+      store_bf16<kVec>(x_row + c, v);
     }
-    store_bf16<kVec>(x_row + c, x);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) sum_squares += v[k] * v[k];
   }
   sum_squares = warp_sum(sum_squares);
   const float rs = 1.0f / sqrtf(sum_squares / C + eps);
   bf16* y_row = out + row * C;
-  for (int c = lane * kVec; c < C; c += 32 * kVec) {  // each lane re-reads only the columns it wrote
-    float x[kVec], w[kVec], y[kVec];
-    load_bf16<kVec>(x, x_row + c);
+  for (int c = lane * kVec; c < C; c += 32 * kVec) {  // re-reads (from L1/L2) only the columns this lane wrote
+    float v[kVec], w[kVec], y[kVec];
+    load_bf16<kVec>(v, x_row + c);
     load_bf16<kVec>(w, weight + c);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) y[k] = (x[k] * rs) * w[k];
+    for (int k = 0; k < kVec; ++k) y[k] = (v[k] * rs) * w[k];
     store_bf16<kVec>(y_row + c, y);
   }
   if (lane == 0) rstd[row] = rs;
@@ -151,32 +124,32 @@ void launch_rmsnorm_backward(const CudaContext& ctx, unsigned blocks, bf16* dinp
   }
 }
 
+template <bool kResidual>
+void launch_rmsnorm_forward(const CudaContext& ctx, bf16* out, float* rstd, bf16* x, const bf16* residual,
+                            const bf16* weight, int64_t N, int C, float eps) {
+  if (N == 0) return;
+  const unsigned blocks = static_cast<unsigned>((N + kWarps - 1) / kWarps);
+  if (C % 8 == 0 && aligned_16({out, x, weight}) && (!kResidual || aligned_16({residual}))) {
+    rmsnorm_forward_kernel<8, kResidual><<<blocks, kThreads, 0, ctx.stream>>>(out, rstd, x, residual, weight, N, C, eps);
+  } else {
+    rmsnorm_forward_kernel<1, kResidual><<<blocks, kThreads, 0, ctx.stream>>>(out, rstd, x, residual, weight, N, C, eps);
+  }
+  MOBA_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
 
 // out (N, C) bf16, rstd (N) f32, inp (N, C) bf16, weight (C) bf16
 void rmsnorm_forward(const CudaContext& ctx, bf16* out, float* rstd, const bf16* inp, const bf16* weight, int64_t N,
                      int C, float eps) {
-  if (N == 0) return;
-  const unsigned blocks = static_cast<unsigned>((N + kWarps - 1) / kWarps);
-  if (C % 8 == 0 && aligned_16({out, inp, weight})) {
-    rmsnorm_forward_kernel<8><<<blocks, kThreads, 0, ctx.stream>>>(out, rstd, inp, weight, N, C, eps);
-  } else {
-    rmsnorm_forward_kernel<1><<<blocks, kThreads, 0, ctx.stream>>>(out, rstd, inp, weight, N, C, eps);
-  }
-  MOBA_CUDA_CHECK(cudaGetLastError());
+  // The plain kernel only reads x.
+  launch_rmsnorm_forward<false>(ctx, out, rstd, const_cast<bf16*>(inp), nullptr, weight, N, C, eps);
 }
 
 // resid (N, C) bf16 += residual (N, C); out (N, C) bf16 = rmsnorm(resid); rstd (N) f32
 void residual_rmsnorm_forward(const CudaContext& ctx, bf16* resid, bf16* out, float* rstd, const bf16* residual,
                               const bf16* weight, int64_t N, int C, float eps) {
-  if (N == 0) return;
-  const unsigned blocks = static_cast<unsigned>((N + kWarps - 1) / kWarps);
-  if (C % 8 == 0 && aligned_16({resid, out, residual, weight})) {
-    residual_rmsnorm_forward_kernel<8><<<blocks, kThreads, 0, ctx.stream>>>(resid, out, rstd, residual, weight, N, C, eps);
-  } else {
-    residual_rmsnorm_forward_kernel<1><<<blocks, kThreads, 0, ctx.stream>>>(resid, out, rstd, residual, weight, N, C, eps);
-  }
-  MOBA_CUDA_CHECK(cudaGetLastError());
+  launch_rmsnorm_forward<true>(ctx, out, rstd, resid, residual, weight, N, C, eps);
 }
 
 // dinp (N, C) bf16 +=, dweight (C) f32 +=
