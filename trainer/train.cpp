@@ -158,6 +158,10 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
     warn("train.precision: bf16 - the CPU backend computes in fp32");
   if (run.backend->device() == Device::cuda && r.train.precision == "fp32")
     warn("train.precision: fp32 - the CUDA backend computes in bf16 with f32 master weights and gradients");
+  MOBA_CHECK(mpi.world_size() == 1 || run.backend->device() == Device::cpu,
+             cat("backend: cuda with ", mpi.world_size(), " ranks: multi-GPU data parallelism (NCCL) is not implemented "
+                 "yet"),
+             "train on one GPU (mpirun -np 1, or no mpirun), or use backend: cpu for several data-parallel ranks");
   if (mpi.world_size() > 1 && r.parallel.zero == 1)
     warn("parallel.zero: 1 - optimizer-state sharding is not implemented yet; every rank keeps the full state");
   open_data(r, mpi, run);
