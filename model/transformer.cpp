@@ -57,35 +57,55 @@ struct Transformer::Activations {
   Tensor dgate_up;                    // (N, 2F)
   Tensor dswiglu;                     // (N, F)
 
-  // One entry per buffer: where it goes, its name in the memory plan, dtype and 2-D shape.
+  // One entry per buffer: where it goes, its name, its line of the memory plan, dtype and 2-D shape.
+  enum class Group { kept, head, gradient, scratch };
   struct Spec {
     Tensor* tensor;
     const char* name;
     DType dtype;
     int64_t rows, cols;
+    Group group;
   };
   std::vector<Spec> specs(const ModelConfig& c, int64_t N, int max_top_k, Recompute recompute, int64_t head_rows,
                           DType A) {
     const int64_t L = c.n_layers, C = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads, D = c.head_dim;
     const int64_t F = c.ffn_hidden, V = c.vocab_size;
     const int64_t La = recompute == Recompute::none ? L : 1, Lm = recompute == Recompute::full ? 1 : L;
+    using G = Group;
     std::vector<Spec> out = {
-        {&inputs, "inputs", DType::i32, N, 1}, {&targets, "targets", DType::i32, N, 1},
-        {&positions, "positions", DType::i32, N, 1}, {&mask, "loss mask", DType::u8, N, 1},
-        {&cu_seqlens, "cu_seqlens", DType::i32, N + 1, 1}, {&resid, "residual stream", A, (L + 1) * N, C},
-        {&ln1, "attention: norm", A, La * N, C}, {&ln1_rstd, "attention: norm rstd", DType::f32, La * N, 1},
-        {&q, "attention: q", A, La * N, H * D}, {&k, "attention: k", A, La * N, Hkv * D},
-        {&v, "attention: v", A, La * N, Hkv * D}, {&att, "attention: output", A, La * N, H * D},
-        {&lse, "attention: lse", DType::f32, La * N, H}, {&resid_mid, "mlp: input", A, Lm * N, C},
-        {&ln2, "mlp: norm", A, Lm * N, C}, {&ln2_rstd, "mlp: norm rstd", DType::f32, Lm * N, 1},
-        {&gate_up, "mlp: gate/up", A, Lm * N, 2 * F}, {&swiglu, "mlp: swiglu", A, Lm * N, F},
-        {&qkv, "qkv projection", A, N, c.qkv_dim()}, {&lnf, "final norm", A, N, C},
-        {&lnf_rstd, "final norm rstd", DType::f32, N, 1}, {&logits, "logits chunk", A, head_rows, V},
-        {&losses, "losses", DType::f32, N, 1}, {&dresid, "grad: residual", A, N, C}, {&dln, "grad: norm", A, N, C},
-        {&dqkv, "grad: qkv", A, N, c.qkv_dim()}, {&dq, "grad: q", A, N, H * D}, {&datt, "grad: attention", A, N, H * D},
-        {&dk, "grad: k", A, N, Hkv * D}, {&dv, "grad: v", A, N, Hkv * D}, {&dgate_up, "grad: gate/up", A, N, 2 * F},
-        {&dswiglu, "grad: swiglu", A, N, F}};
-    if (max_top_k > 0) out.push_back({&selected, "moba routing", DType::i32, L * N, H * max_top_k});
+        {&inputs, "inputs", DType::i32, N, 1, G::scratch},
+        {&targets, "targets", DType::i32, N, 1, G::scratch},
+        {&positions, "positions", DType::i32, N, 1, G::scratch},
+        {&mask, "loss mask", DType::u8, N, 1, G::scratch},
+        {&cu_seqlens, "cu_seqlens", DType::i32, N + 1, 1, G::scratch},
+        {&resid, "residual stream", A, (L + 1) * N, C, G::kept},
+        {&ln1, "attention: norm", A, La * N, C, G::kept},
+        {&ln1_rstd, "attention: norm rstd", DType::f32, La * N, 1, G::kept},
+        {&q, "attention: q", A, La * N, H * D, G::kept},
+        {&k, "attention: k", A, La * N, Hkv * D, G::kept},
+        {&v, "attention: v", A, La * N, Hkv * D, G::kept},
+        {&att, "attention: output", A, La * N, H * D, G::kept},
+        {&lse, "attention: lse", DType::f32, La * N, H, G::kept},
+        {&resid_mid, "mlp: input", A, Lm * N, C, G::kept},
+        {&ln2, "mlp: norm", A, Lm * N, C, G::kept},
+        {&ln2_rstd, "mlp: norm rstd", DType::f32, Lm * N, 1, G::kept},
+        {&gate_up, "mlp: gate/up", A, Lm * N, 2 * F, G::kept},
+        {&swiglu, "mlp: swiglu", A, Lm * N, F, G::kept},
+        {&qkv, "qkv projection", A, N, c.qkv_dim(), G::scratch},
+        {&lnf, "final norm", A, N, C, G::head},
+        {&lnf_rstd, "final norm rstd", DType::f32, N, 1, G::head},
+        {&logits, "logits chunk", A, head_rows, V, G::head},
+        {&losses, "losses", DType::f32, N, 1, G::head},
+        {&dresid, "grad: residual", A, N, C, G::gradient},
+        {&dln, "grad: norm", A, N, C, G::gradient},
+        {&dqkv, "grad: qkv", A, N, c.qkv_dim(), G::gradient},
+        {&dq, "grad: q", A, N, H * D, G::gradient},
+        {&datt, "grad: attention", A, N, H * D, G::gradient},
+        {&dk, "grad: k", A, N, Hkv * D, G::gradient},
+        {&dv, "grad: v", A, N, Hkv * D, G::gradient},
+        {&dgate_up, "grad: gate/up", A, N, 2 * F, G::gradient},
+        {&dswiglu, "grad: swiglu", A, N, F, G::gradient}};
+    if (max_top_k > 0) out.push_back({&selected, "moba routing", DType::i32, L * N, H * max_top_k, G::kept});
     return out;
   }
   std::vector<Tensor*> all() {
@@ -116,15 +136,15 @@ std::vector<MemoryItem> Transformer::memory_plan(const ModelConfig& c, int64_t m
   if (A != DType::f32) plan.push_back({cat("working weights (", dtype_name(A), ")"), padded_bytes(A, 1, P)});
   Activations a;
   size_t stored = 0, layer_scratch = 0, head = 0, grads = 0;
-  for (const Activations::Spec& sp :
-       a.specs(c, max_tokens, options.max_top_k, options.recompute, head_rows_for(c, max_tokens, options.head_chunk_rows), A)) {
+  const int64_t head_rows = head_rows_for(c, max_tokens, options.head_chunk_rows);
+  for (const Activations::Spec& sp : a.specs(c, max_tokens, options.max_top_k, options.recompute, head_rows, A)) {
     const size_t bytes = padded_bytes(sp.dtype, sp.rows, sp.cols);
-    const std::string name = sp.name;
-    if (name.rfind("grad: ", 0) == 0) grads += bytes;
-    else if (name == "logits chunk" || name == "losses" || name.rfind("final norm", 0) == 0) head += bytes;
-    else if (name.rfind("attention: ", 0) == 0 || name.rfind("mlp: ", 0) == 0 || name == "residual stream" ||
-             name == "moba routing") stored += bytes;
-    else layer_scratch += bytes;
+    switch (sp.group) {
+      case Activations::Group::kept: stored += bytes; break;
+      case Activations::Group::head: head += bytes; break;
+      case Activations::Group::gradient: grads += bytes; break;
+      case Activations::Group::scratch: layer_scratch += bytes; break;
+    }
   }
   plan.push_back({cat("activations kept for backward (recompute: ", recompute_name(options.recompute), ")"), stored});
   plan.push_back({"LM head (final norm, one logits chunk, losses)", head});

@@ -170,6 +170,21 @@ TEST(Model, ChunkedHeadMatchesTheWholeHead) {
   }
 }
 
+// The printed plan is what the constructor allocates (up to per-buffer padding), for every recompute setting.
+TEST(Model, MemoryPlanMatchesTheAllocations) {
+  SmallModel sm;
+  for (model::Recompute r : {model::Recompute::none, model::Recompute::attention, model::Recompute::full}) {
+    auto be = make_cpu_backend();
+    const model::TransformerOptions options{3, r, 16};
+    size_t planned = 0;
+    for (const model::MemoryItem& m : model::Transformer::memory_plan(sm.c, SmallModel::N, options, DType::f32))
+      planned += m.bytes;
+    model::Transformer m(*be, sm.c, SmallModel::N, options);
+    const double allocated = static_cast<double>(be->allocated_bytes());
+    EXPECT_NEAR(static_cast<double>(planned), allocated, 0.05 * allocated) << model::recompute_name(r);
+  }
+}
+
 TEST(Model, MemoryPlanShrinksWithRecompute) {
   model::ModelConfig c{32000, 1792, 14, 14, 14, 128, 4864};
   auto total = [&](model::Recompute r) {
