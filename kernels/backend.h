@@ -76,6 +76,12 @@ class Backend {
   // out (N, heads, D) contiguous; inp rows (N, heads*D) may be strided; pos (N) int32.
   virtual void rope_forward(Tensor out, const Tensor& inp, const Tensor& pos, float theta) = 0;
   virtual void rope_backward(Tensor dinp, const Tensor& dout, const Tensor& pos, float theta) = 0;
+  // The fused projection's split: q (N, H, D) and k (N, Hkv, D) = rope of qkv's q and k columns, v (N, Hkv, D) =
+  // its v columns, qkv rows (N, (H + 2 Hkv) D). Backward writes (overwrites) all of dqkv: [rope^-1(dq) | rope^-1(dk)
+  // | dv]. The same as rope_forward x 2 + copy, and zero + rope_backward x 2 + copy, in one pass.
+  virtual void qkv_rope_forward(Tensor q, Tensor k, Tensor v, const Tensor& qkv, const Tensor& pos, float theta) = 0;
+  virtual void qkv_rope_backward(Tensor dqkv, const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& pos,
+                                 float theta) = 0;
   virtual void swiglu_forward(Tensor out, const Tensor& inp) = 0;   // inp (N, 2F) = [gate | up]
   virtual void swiglu_backward(Tensor dinp, const Tensor& dout, const Tensor& inp, bool accumulate = true) = 0;
   virtual void add_inplace(Tensor dst, const Tensor& src) = 0;

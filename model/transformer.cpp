@@ -270,14 +270,12 @@ Transformer::LayerViews Transformer::layer_views(int l) const {
 // ln1 (already normalised) -> qkv -> rope(q), rope(k), v -> attention -> att, lse.
 void Transformer::attention_sublayer_forward(int l, const AttentionParams& p) {
   const ModelConfig& c = config_;
-  const int64_t n = last_tokens_, H = c.n_heads, Hkv = c.n_kv_heads, D = c.head_dim;
+  const int64_t n = last_tokens_;
   const LayerViews lv = layer_views(l);
   Tensor positions = act_->positions.slice_rows(0, n);
   Tensor qkv = act_->qkv.slice_rows(0, n);  // (n, (H + 2 Hkv) D)
   be_.matmul_forward(qkv, lv.ln1, layer_param("layers.wqkv", l));
-  be_.rope_forward(lv.q, qkv.columns(0, H * D), positions, c.rope_theta);
-  be_.rope_forward(lv.k, qkv.columns(H * D, Hkv * D), positions, c.rope_theta);
-  be_.copy(lv.v.reshape({n, Hkv * D}), qkv.columns((H + Hkv) * D, Hkv * D));
+  be_.qkv_rope_forward(lv.q, lv.k, lv.v, qkv, positions, c.rope_theta);
   be_.attention_forward(lv.att, lv.lse, lv.sel, lv.q, lv.k, lv.v, act_->cu_seqlens.slice_rows(0, last_segments_ + 1), p);
 }
 
@@ -407,10 +405,7 @@ void Transformer::backward(float grad_scale) {
     be_.zero(dv);
     be_.attention_backward(dq, dk, dv, datt, lv.q, lv.k, lv.v, lv.att, lv.lse, lv.sel, cu, p);
     Tensor dqkv = a.dqkv.slice_rows(0, n);
-    be_.zero(dqkv);
-    be_.rope_backward(dqkv.columns(0, H * D), dq, positions, c.rope_theta);
-    be_.rope_backward(dqkv.columns(H * D, Hkv * D), dk, positions, c.rope_theta);
-    be_.copy(dqkv.columns((H + Hkv) * D, Hkv * D), dv.reshape({n, Hkv * D}));
+    be_.qkv_rope_backward(dqkv, dq, dk, dv, positions, c.rope_theta);  // overwrites every column
     be_.matmul_backward(dln, layer_grad("layers.wqkv", l), dqkv, lv.ln1, layer_param("layers.wqkv", l), false);
     be_.rmsnorm_backward(dresid, layer_grad("layers.ln1", l), dln, lv.x, layer_param("layers.ln1", l), lv.ln1_rstd);
   }

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/backend.h"
@@ -323,6 +324,41 @@ TEST(CudaOps, RopeOnStridedRows) {
 }
 
 // ---- swiglu --------------------------------------------------------------------------------------------------
+
+// The fused qkv split: q, k rotated and v moved out of the packed rows, and the backward overwriting every column of
+// the packed gradient (stale values must not survive), against the CPU's composition of rope and copy.
+TEST(CudaOps, QkvRopeSplitsAndJoins) {
+  MOBA_REQUIRE_GPU();
+  Backends be;
+  const int64_t N = 77;
+  for (const auto& [H, Hkv, D] : {std::tuple{4, 2, 128}, std::tuple{3, 1, 20}}) {
+    const std::string tag = " H=" + std::to_string(H) + "/" + std::to_string(Hkv) + " D=" + std::to_string(D);
+    const int64_t width = static_cast<int64_t>(H + 2 * Hkv) * D;
+    const std::vector<int32_t> pos = random_ints(N, 34, 100000);
+    const std::vector<float> qkv = random_bf16(N * width, 35);
+    const std::vector<float> dq = random_bf16(N * H * D, 36), dk = random_bf16(N * Hkv * D, 37);
+    const std::vector<float> dv = random_bf16(N * Hkv * D, 38), stale = random_bf16(N * width, 39, -50.0f, 50.0f);
+    std::vector<float> q[2], k[2], v[2], dqkv[2];
+    for (int side = 0; side < 2; ++side) {
+      Backend& b = side == 0 ? *be.cpu : *be.gpu;
+      const DType A = b.activation_dtype();
+      Tensor p = be.ints(b, DType::i32, pos, {N});
+      Tensor tq = be.empty(b, A, {N, H, D}), tk = be.empty(b, A, {N, Hkv, D}), tv = be.empty(b, A, {N, Hkv, D});
+      b.qkv_rope_forward(tq, tk, tv, be.activation(b, qkv, {N, width}), p, 10000.0f);
+      Tensor d = be.activation(b, stale, {N, width});
+      b.qkv_rope_backward(d, be.activation(b, dq, {N, H, D}), be.activation(b, dk, {N, Hkv, D}),
+                          be.activation(b, dv, {N, Hkv, D}), p, 10000.0f);
+      q[side] = be.read(b, tq);
+      k[side] = be.read(b, tk);
+      v[side] = be.read(b, tv);
+      dqkv[side] = be.read(b, d);
+    }
+    expect_close(q[1], q[0], kBf16, "qkv_rope_forward q" + tag);
+    expect_close(k[1], k[0], kBf16, "qkv_rope_forward k" + tag);
+    EXPECT_EQ(v[1], v[0]) << "v is moved, not computed" << tag;
+    expect_close(dqkv[1], dqkv[0], kBf16, "qkv_rope_backward dqkv (overwrite)" + tag);
+  }
+}
 
 TEST(CudaOps, SwigluForwardAndBackward) {
   MOBA_REQUIRE_GPU();

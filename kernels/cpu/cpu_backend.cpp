@@ -122,6 +122,22 @@ class CpuBackend final : public Backend {
     cpu::rope_backward(f32(dinp, "dinp"), dinp.stride0(), f32(dout, "dout"), i32(pos, "pos"), dout.shape[0],
                        static_cast<int>(dout.shape[1]), static_cast<int>(dout.shape[2]), theta);
   }
+  void qkv_rope_forward(Tensor q, Tensor k, Tensor v, const Tensor& qkv, const Tensor& pos, float theta) override {
+    const int64_t qd = q.row_size(), kd = k.row_size();
+    MOBA_ASSERT(qkv.row_size() == qd + 2 * kd && v.row_size() == kd);
+    rope_forward(q, qkv.columns(0, qd), pos, theta);
+    rope_forward(k, qkv.columns(qd, kd), pos, theta);
+    copy(v.reshape({v.shape[0], kd}), qkv.columns(qd + kd, kd));
+  }
+  void qkv_rope_backward(Tensor dqkv, const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& pos,
+                         float theta) override {
+    const int64_t qd = dq.row_size(), kd = dk.row_size();
+    MOBA_ASSERT(dqkv.row_size() == qd + 2 * kd && dv.row_size() == kd);
+    zero(dqkv);
+    rope_backward(dqkv.columns(0, qd), dq, pos, theta);
+    rope_backward(dqkv.columns(qd, kd), dk, pos, theta);
+    copy(dqkv.columns(qd + kd, kd), dv.reshape({dv.shape[0], kd}));
+  }
   void swiglu_forward(Tensor out, const Tensor& inp) override {
     cpu::swiglu_forward(f32(out, "out"), f32(inp, "inp"), out.rows(), static_cast<int>(out.row_size()));
   }

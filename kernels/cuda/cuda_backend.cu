@@ -259,6 +259,24 @@ class CudaBackend final : public Backend {
     cuda::rope_backward(ctx_, b16(dinp, "dinp"), dinp.stride0(), b16(dout, "dout"), i32(pos, "pos"), dout.shape[0],
                         static_cast<int>(dout.shape[1]), static_cast<int>(dout.shape[2]), theta);
   }
+  void qkv_rope_forward(Tensor q, Tensor k, Tensor v, const Tensor& qkv, const Tensor& pos, float theta) override {
+    OpTimer timer(*profiler_, "qkv_rope_forward");
+    MOBA_ASSERT(q.ndim == 3 && k.ndim == 3 && v.ndim == 3 && q.contiguous() && k.contiguous() && v.contiguous() &&
+                qkv.row_size() == q.row_size() + 2 * k.row_size() && k.shape[1] == v.shape[1]);
+    cuda::qkv_rope(ctx_, b16(q, "q"), b16(k, "k"), b16(v, "v"), const_cast<bf16*>(b16(qkv, "qkv")), qkv.stride0(),
+                   i32(pos, "pos"), q.shape[0], static_cast<int>(q.shape[1]), static_cast<int>(k.shape[1]),
+                   static_cast<int>(q.shape[2]), theta, /*backward=*/false);
+  }
+  void qkv_rope_backward(Tensor dqkv, const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& pos,
+                         float theta) override {
+    OpTimer timer(*profiler_, "qkv_rope_backward");
+    MOBA_ASSERT(dq.ndim == 3 && dk.ndim == 3 && dv.ndim == 3 && dq.contiguous() && dk.contiguous() &&
+                dv.contiguous() && dqkv.row_size() == dq.row_size() + 2 * dk.row_size() && dk.shape[1] == dv.shape[1]);
+    cuda::qkv_rope(ctx_, const_cast<bf16*>(b16(dq, "dq")), const_cast<bf16*>(b16(dk, "dk")),
+                   const_cast<bf16*>(b16(dv, "dv")), b16(dqkv, "dqkv"), dqkv.stride0(), i32(pos, "pos"), dq.shape[0],
+                   static_cast<int>(dq.shape[1]), static_cast<int>(dk.shape[1]), static_cast<int>(dq.shape[2]), theta,
+                   /*backward=*/true);
+  }
   void swiglu_forward(Tensor out, const Tensor& inp) override {
     OpTimer timer(*profiler_, "swiglu_forward");
     cuda::swiglu_forward(ctx_, b16(out, "out"), b16(inp, "inp"), out.rows(), static_cast<int>(out.row_size()));

@@ -35,6 +35,11 @@ void rope_forward(const CudaContext& ctx, bf16* out, const bf16* inp, int64_t in
                   int64_t N, int heads, int D, float theta);
 void rope_backward(const CudaContext& ctx, bf16* dinp, int64_t din_row_stride, const bf16* dout, const int32_t* pos,
                    int64_t N, int heads, int D, float theta);
+// Forward: q (N, H, D), k (N, Hkv, D) = rope of qkv's q / k columns, v = its v columns (qkv rows of qkv_stride
+// elements: [q heads | k heads | v heads]). Backward: qkv rows = [rope^-1(q) | rope^-1(k) | v], overwritten, with
+// q / k / v holding the gradients. One thread computes a pair chunk's cos/sin once for every head of its row.
+void qkv_rope(const CudaContext& ctx, bf16* q, bf16* k, bf16* v, bf16* qkv, int64_t qkv_stride, const int32_t* pos,
+              int64_t N, int H, int Hkv, int D, float theta, bool backward);
 // out (N, F) = silu(gate) * up with inp (N, 2F) = [gate | up]; dinp (N, 2F) += (= when !accumulate).
 void swiglu_forward(const CudaContext& ctx, bf16* out, const bf16* inp, int64_t N, int F);
 void swiglu_backward(const CudaContext& ctx, bf16* dinp, const bf16* dout, const bf16* inp, int64_t N, int F,

@@ -54,6 +54,58 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The qkv split with rope for every head of a row from one cos/sin computation: thread (t, i0..i0+kVec) rotates
+// pairs i0.. of the H q heads and Hkv k heads and moves the same columns of the Hkv v heads. Forward reads qkv and
+// writes q/k/v; kBackward reads q/k/v (the gradients) and overwrites qkv with the inverse rotation.
+template <int kVec, bool kBackward>
+__global__ void __launch_bounds__(kThreads)
+    qkv_rope_kernel(bf16* q, bf16* k, bf16* v, bf16* qkv, int64_t qkv_stride, const int32_t* pos, int64_t N, int H,
+                    int Hkv, int D, float theta) {
+  const int half = D / 2;
+  const int chunks = half / kVec;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= N * chunks) return;
+  const int64_t t = idx / chunks;
+  const int i0 = static_cast<int>(idx % chunks) * kVec;
+  float cos_i[kVec], sin_i[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    const double inv_freq = pow(static_cast<double>(theta), -2.0 * (i0 + j) / D);
+    double sin_d, cos_d;
+    sincos(static_cast<double>(pos[t]) * inv_freq, &sin_d, &cos_d);
+    cos_i[j] = static_cast<float>(cos_d);
+    sin_i[j] = kBackward ? -static_cast<float>(sin_d) : static_cast<float>(sin_d);
+  }
+  bf16* packed_row = qkv + t * qkv_stride + i0;
+  for (int h = 0; h < H + Hkv; ++h) {  // q heads, then k heads: contiguous in the packed row
+    bf16* packed = packed_row + static_cast<int64_t>(h) * D;
+    bf16* split = (h < H ? q + (t * H + h) * D : k + (t * Hkv + (h - H)) * D) + i0;
+    const bf16* x = kBackward ? split : packed;
+    bf16* y = kBackward ? packed : split;
+    float lo[kVec], hi[kVec], y_lo[kVec], y_hi[kVec];
+    load_bf16<kVec>(lo, x);
+    load_bf16<kVec>(hi, x + half);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      y_lo[j] = lo[j] * cos_i[j] - hi[j] * sin_i[j];
+      y_hi[j] = hi[j] * cos_i[j] + lo[j] * sin_i[j];
+    }
+    store_bf16<kVec>(y, y_lo);
+    store_bf16<kVec>(y + half, y_hi);
+  }
+  for (int h = 0; h < Hkv; ++h) {  // v heads: moved as they are
+    bf16* packed = packed_row + static_cast<int64_t>(H + Hkv + h) * D;
+    bf16* split = v + (t * Hkv + h) * D + i0;
+    const bf16* x = kBackward ? split : packed;
+    bf16* y = kBackward ? packed : split;
+    float lo[kVec], hi[kVec];
+    load_bf16<kVec>(lo, x);
+    load_bf16<kVec>(hi, x + half);
+    store_bf16<kVec>(y, lo);
+    store_bf16<kVec>(y + half, hi);
+  }
+}
+
 // Forward: dst = rotate(src); inverse: dst += rotate^-1(src). 16-byte packs when every row and half-row is aligned.
 template <bool kInverse>
 void launch_rope(const CudaContext& ctx, bf16* dst, int64_t dst_stride, const bf16* src, int64_t src_stride,
@@ -86,6 +138,25 @@ void rope_forward(const CudaContext& ctx, bf16* out, const bf16* inp, int64_t in
 void rope_backward(const CudaContext& ctx, bf16* dinp, int64_t din_row_stride, const bf16* dout, const int32_t* pos,
                    int64_t N, int heads, int D, float theta) {
   launch_rope<true>(ctx, dinp, din_row_stride, dout, static_cast<int64_t>(heads) * D, pos, N, heads, D, theta);
+}
+
+void qkv_rope(const CudaContext& ctx, bf16* q, bf16* k, bf16* v, bf16* qkv, int64_t qkv_stride, const int32_t* pos,
+              int64_t N, int H, int Hkv, int D, float theta, bool backward) {
+  MOBA_CHECK(D % 2 == 0, cat("rope: head dimension D = ", D, " must be even"), "use an even head dimension");
+  if (N == 0) return;
+  const int half = D / 2;
+  const bool packed = half % 8 == 0 && qkv_stride % 8 == 0 && aligned_16({q, k, v, qkv});
+  const int64_t threads_total = N * (packed ? half / 8 : half);
+  const unsigned blocks = static_cast<unsigned>((threads_total + kThreads - 1) / kThreads);
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks, kThreads, 0, ctx.stream>>>(q, k, v, qkv, qkv_stride, pos, N, H, Hkv, D, theta);
+  };
+  if (packed) {
+    backward ? launch(qkv_rope_kernel<8, true>) : launch(qkv_rope_kernel<8, false>);
+  } else {
+    backward ? launch(qkv_rope_kernel<1, true>) : launch(qkv_rope_kernel<1, false>);
+  }
+  MOBA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace moba::cuda
