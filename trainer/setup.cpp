@@ -72,15 +72,13 @@ void check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t mic
   auto mib = [](size_t bytes) { return cat(static_cast<double>(bytes) / (1 << 20)); };
   info("memory plan on ", backend.name(), " (micro-batch ", micro_tokens, " tokens, recompute: ",
        model::recompute_name(options.recompute), "):");
-  for (const model::MemoryItem& m : plan) {
+  auto row = [](const std::string& name, size_t bytes) {
     char line[160];
-    std::snprintf(line, sizeof line, "  %-58s %10.1f MiB", m.name.c_str(), static_cast<double>(m.bytes) / (1 << 20));
+    std::snprintf(line, sizeof line, "  %-58s %10.1f MiB", name.c_str(), static_cast<double>(bytes) / (1 << 20));
     info(line);
-  }
-  char line[160];
-  std::snprintf(line, sizeof line, "  %-58s %10.1f MiB", "total before attention scratch",
-                static_cast<double>(total) / (1 << 20));
-  info(line);
+  };
+  for (const model::MemoryItem& m : plan) row(m.name, m.bytes);
+  row("total before attention scratch", total);
   const size_t available = backend.available_bytes();
   if (available == 0) return;
   const bool recompute_left = options.recompute != model::Recompute::full;
