@@ -17,38 +17,15 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "common/error.h"
-#include "kernels/cuda/moba_common.cuh"
+#include "kernels/cuda/moba_backward.cuh"
 
 namespace moba::cuda {
 namespace moba_detail {
 namespace {
-
-struct BackwardArgs {
-  bf16* dq;               // (N, H, D) +=
-  bf16* dk;               // (N, Hkv, D) +=
-  bf16* dv;               // (N, Hkv, D) +=
-  float* dq_part;         // deterministic: (entries of the chunk, D) dQ of each selected block, already scaled,
-                          // indexed by entry - dispatch.entry_base
-  float* dq_acc;          // otherwise: (N, H, D) f32 dQ accumulated with atomics by the dK/dV kernel
-  float* delta;           // (N, H)
-  const bf16* dout;       // (N, H, D)
-  const bf16* q;
-  const bf16* k;
-  const bf16* v;
-  const bf16* out;
-  const float* lse;       // (N, H) natural log
-  const int32_t* selected;
-  const int32_t* cu_seqlens;
-  Dispatch dispatch;      // dK/dV: of all rows; deterministic dQ passes: of the chunk being processed
-  int n_segments;
-  int64_t N;
-  int H, Hkv, D, B, top_k;
-  float scale;            // softmax scale
-  float scale_log2;       // softmax scale * log2(e)
-  int tile_offset;        // deterministic current-block dQ pass: the chunk's first 64-token tile
-};
 
 // Delta (rows) = rowsum(dout * out) in f32; DP / 8 threads per row, 8 channels each.
 template <int DP>
@@ -300,70 +277,15 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
   int* s_rowid = s_tok + 2 * RT;                               // (2, RT) query row t * H + h, or -1
   bf16* sdS = reinterpret_cast<bf16*>(s_rowid + 2 * RT);        // (KT, RT + 8) dS^T of the row tile (FUSED_DQ)
   constexpr int LDS = RT + 8;
-  __shared__ int s_row_end, s_n_sel;
-  __shared__ int s_sel_start[KT], s_sel_bucket[KT], s_sel_rows[KT];  // selected blocks: first token, bucket, rows
-  __shared__ int s_sel_tile0[KT + 1];                               // their first row tile
+  __shared__ KeyTileWork<KT, RT> work;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int past_slots = a.top_k - 1;
-  const int group = a.H / a.Hkv;
 
   const int kv_head = blockIdx.y;
   const int key_begin = blockIdx.x * KT;  // this CTA's keys [key_begin, key_end)
   const int key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + KT, a.N));
-  const int first_row = key_begin;        // causal rows: tokens [first_row, row_end) of each head
-  if (warp == 0) {
-    int end = 0, n_sel = 0;
-#pragma unroll
-    for (int round = 0; round < KT / 32; ++round) {
-      const int i = round * 32 + lane, key = key_begin + i;
-      bool has = false;
-      int start = 0, bucket = 0, rows = 0;
-      if (key < key_end) {
-        const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, key, a.B);
-        end = max(end, static_cast<int>(min(tb.block_start + a.B, tb.segment_end)));
-        start = static_cast<int>(tb.block_start);
-        // The block's first key in this tile, a complete block, and chosen by some row.
-        if (past_slots > 0 && (i == 0 || key == start) && tb.block_start + a.B <= tb.segment_end) {
-          bucket = static_cast<int>((tb.block_start / a.B) * a.Hkv + kv_head);
-          rows = a.dispatch.count[bucket];
-          has = rows > 0;
-        }
-      }
-      const unsigned ballot = __ballot_sync(0xFFFFFFFFu, has);
-      if (has) {
-        const int pos = n_sel + __popc(ballot & ((1u << lane) - 1u));
-        s_sel_start[pos] = start;
-        s_sel_bucket[pos] = bucket;
-        s_sel_rows[pos] = rows;
-      }
-      n_sel += __popc(ballot);
-    }
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) end = max(end, __shfl_xor_sync(0xFFFFFFFFu, end, d));
-    __syncwarp();
-    if (lane == 0) {
-      s_row_end = end;
-      s_n_sel = n_sel;
-      int tiles = 0;
-      for (int b = 0; b < n_sel; ++b) {
-        s_sel_tile0[b] = tiles;
-        tiles += (s_sel_rows[b] + RT - 1) / RT;
-      }
-      s_sel_tile0[n_sel] = tiles;
-    }
-  }
+  if (warp == 0) work.build(a, key_begin, key_end, kv_head, lane);
   __syncthreads();
-  const int row_end = s_row_end, n_sel = s_n_sel;
-  const int row_tiles_per_head = (row_end - first_row + RT - 1) / RT;
-  const int n_selected = s_sel_tile0[n_sel];
-  const int n_tiles = n_selected + row_tiles_per_head * group;
-  // The selected block of row tile `tile` (an index into s_sel_*), or -1 for a causal tile.
-  auto selected_block = [&](int tile) {
-    if (tile >= n_selected) return -1;
-    int b = 0;
-    while (b + 1 < n_sel && s_sel_tile0[b + 1] <= tile) ++b;
-    return b;
-  };
+  const int n_tiles = work.n_tiles(a, key_begin);
 
   for (int idx = tid; idx < KT * (DP / 8); idx += kThreads) {
     const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
@@ -372,39 +294,13 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
     cp_async16(sK + r * LD + c, ok ? a.k + off : a.k, ok ? 16 : 0);
     cp_async16(sV + r * LD + c, ok ? a.v + off : a.v, ok ? 16 : 0);
   }
-  // Where row tile `tile` takes its rows, worked out once per tile (the per-row work below is then one load or one
-  // multiply-add): a selected tile reads n entries of its bucket, a causal tile takes tokens t0 .. t0 + n - 1 of
-  // head h.
-  struct TileSource {
-    const int32_t* entries;  // selected: the tile's first entry; causal: nullptr
-    int n, h, t0;
-  };
-  auto tile_source = [&](int tile) {
-    TileSource src{nullptr, 0, 0, 0};
-    const int b = selected_block(tile);
-    if (b >= 0) {
-      const int first = (tile - s_sel_tile0[b]) * RT;
-      src.entries = a.dispatch.entries + a.dispatch.offset[s_sel_bucket[b]] + first;
-      src.n = min(RT, s_sel_rows[b] - first);
-    } else {
-      const int causal = tile - n_selected;
-      src.h = kv_head * group + causal / row_tiles_per_head;
-      src.t0 = first_row + (causal % row_tiles_per_head) * RT;
-      src.n = min(RT, row_end - src.t0);
-    }
-    return src;
-  };
-  auto source_row = [&](const TileSource& src, int r) {  // query row t * H + h of row r of the tile, or -1
-    if (r >= src.n) return -1;
-    return src.entries != nullptr ? src.entries[r] / past_slots : (src.t0 + r) * a.H + src.h;
-  };
   // Row tile `tile` into buffer `buf`: Q and dO rows by cp.async, lse/delta/token by plain stores (visible to the
   // other warps after the __syncthreads that precedes their use).
   static_assert(RT * (DP / 8) % kThreads == 0, "whole row-tile copies per thread");
   auto load_rows = [&](int tile, int buf) {
-    const TileSource src = tile_source(tile);
+    const auto src = work.source(a, tile, key_begin, kv_head);
     if (tid < RT) {
-      const int row = source_row(src, tid);
+      const int row = source_row(a, src, tid);
       s_tok[buf * RT + tid] = row >= 0 ? row / a.H : -1;
       s_rowid[buf * RT + tid] = row;
       s_lse2[buf * RT + tid] = row >= 0 ? a.lse[row] * kLog2e : INFINITY;
@@ -414,7 +310,7 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
     for (int i = 0; i < RT * (DP / 8) / kThreads; ++i) {
       const int idx = tid + i * kThreads;
       const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
-      const int row = source_row(src, r);
+      const int row = source_row(a, src, r);
       const bool ok = row >= 0 && c < a.D;
       const int64_t off = static_cast<int64_t>(row) * a.D + c;
       cp_async16(sQ + (buf * RT + r) * LD + c, ok ? a.q + off : a.q, ok ? 16 : 0);
@@ -460,18 +356,12 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
     const float* lse_s = s_lse2 + buf * RT;
     const float* delta_s = s_delta + buf * RT;
     const int* tok_s = s_tok + buf * RT;
-    // Rows of this tile that see each of this thread's keys: tokens [lo, hi). Causal tile: [key, end(key)); selected
-    // tile: every row when the key lies in the tile's block, else none. One mask formula for both kinds of tile, as
-    // the separate causal kernel had: no per-element branch on the tile kind.
-    const int b = selected_block(tile);
-    int lo0 = key0, hi0 = end0, lo1 = key1, hi1 = end1;
-    if (b >= 0) {
-      const int sel_start = s_sel_start[b];
-      lo0 = start0 == sel_start ? 0 : INT_MAX;
-      hi0 = start0 == sel_start ? INT_MAX : INT_MIN;
-      lo1 = start1 == sel_start ? 0 : INT_MAX;
-      hi1 = start1 == sel_start ? INT_MAX : INT_MIN;
-    }
+    // Rows of this tile that see each of this thread's keys: tokens [lo, hi) (visible_rows).
+    const int b = work.selected_block(tile);
+    const int sel_start = b >= 0 ? work.sel_start[b] : 0;
+    const int2 vis0 = visible_rows(key0, start0, end0, b >= 0, sel_start);
+    const int2 vis1 = visible_rows(key1, start1, end1, b >= 0, sel_start);
+    const int lo0 = vis0.x, hi0 = vis0.y, lo1 = vis1.x, hi1 = vis1.y;
 
     float st[NT][4], dpt[NT][4];  // S^T and dP^T: (16 keys of this warp) x (RT rows)
 #pragma unroll
@@ -598,6 +488,15 @@ void set_smem(Kernel kernel, size_t bytes) {
   MOBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
+// The warpgroup-MMA dK/dV kernel (moba_backward_wgmma.cu) exists for D = 128 (padded) on compute capability 9.0.
+bool use_wgmma_dkv(const CudaContext& ctx, int DP) {
+  if (DP != 128) return false;
+  int major = 0, minor = 0;
+  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ctx.device));
+  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ctx.device));
+  return major == 9 && minor == 0;
+}
+
 template <int DP>
 void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic) {
   static const bool configured = [] {
@@ -609,6 +508,12 @@ void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic)
   }();
   (void)configured;
   cudaStream_t stream = ctx.stream;
+  // MOBA_CUDA_DKV=mma forces the mma.sync kernel (comparisons on the same device).
+  static const bool forced_mma = [] {
+    const char* v = std::getenv("MOBA_CUDA_DKV");
+    return v != nullptr && std::string(v) == "mma";
+  }();
+  const bool wgmma = !forced_mma && use_wgmma_dkv(ctx, DP);
   const int64_t rows = a.N * a.H;
   const int64_t delta_threads = rows * (DP / 8);
   delta_kernel<DP><<<static_cast<unsigned>((delta_threads + 255) / 256), 256, 0, stream>>>(a.delta, a.out, a.dout,
@@ -643,13 +548,21 @@ void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic)
       moba_dq_kernel<DP, false><<<grid, 128, dq_smem_bytes<DP>(), stream>>>(c);
       MOBA_CUDA_CHECK(cudaGetLastError());
     }
-    moba_dkv_kernel<DP, false><<<dkv_grid, kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
-    MOBA_CUDA_CHECK(cudaGetLastError());
+    if (wgmma) {
+      launch_dkv_wgmma(a, stream, false);
+    } else {
+      moba_dkv_kernel<DP, false><<<dkv_grid, kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
+      MOBA_CUDA_CHECK(cudaGetLastError());
+    }
     return;
   }
   MOBA_CUDA_CHECK(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(rows) * a.D * sizeof(float), stream));
-  moba_dkv_kernel<DP, true><<<dkv_grid, kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
-  MOBA_CUDA_CHECK(cudaGetLastError());
+  if (wgmma) {
+    launch_dkv_wgmma(a, stream, true);
+  } else {
+    moba_dkv_kernel<DP, true><<<dkv_grid, kKvThreads, dkv_smem_bytes<DP>(), stream>>>(a);
+    MOBA_CUDA_CHECK(cudaGetLastError());
+  }
   const int64_t vectors = rows * a.D / 8;
   add_dq_kernel<<<static_cast<unsigned>((vectors + 255) / 256), 256, 0, stream>>>(a.dq, a.dq_acc, vectors);
   MOBA_CUDA_CHECK(cudaGetLastError());

@@ -1,0 +1,321 @@
+// MoBA dK/dV (and the atomic dQ) for D = 128 on sm_90a with warpgroup MMAs: the work of moba_dkv_kernel in
+// moba_backward.cu (same row tiles, same masks, same results up to summation order) on the machinery of the dense
+// flash backward (flash_attention_backward.cu): one CTA of two warpgroups owns 128 keys of one kv head, K and V stay
+// in 128-byte-swizzled shared tiles, and per step of 64 query rows
+//   S^T = K Q^T, dP^T = V dO^T       wgmma m64n64k16, both operands from shared memory (warpgroup w: keys 64 w..)
+//   P^T, dS^T                        in registers (the accumulator layout is mma.sync's, warp by warp)
+//   dV += P^T dO, dK += dS^T Q       wgmma m64n128k16 with A from registers, B MN-major from shared memory
+//   dQ = dS K                        wgmma m64n64k16 (warpgroup w: columns 64 w..), dS^T through shared memory,
+//                                    added per gathered row into dq_acc with 16-byte vector reductions.
+// What differs from the dense kernel is where the rows come from: a selected tile gathers the rows of a bucket (one
+// cp.async per 16-byte chunk from each row's own address), so the row ids of tile j + 2 are read from the dispatch
+// while tile j computes, and tile j + 1's Q/dO are in flight (FlashAttention-3's structure of asynchronous loads
+// under the MMAs, Shah et al. 2024, here with cp.async instead of TMA because the rows are scattered).
+// Invariants: keys past N and rows past a tile's end load as zeros; their P is masked (or multiplies zeros), and
+// nothing is stored for them. dk/dv rows belong to one CTA (read-add-write); dq_acc is zeroed by the caller.
+#include <cuda_bf16.h>
+
+#include <climits>
+
+#include "kernels/cuda/flash_attention_common.cuh"
+#include "kernels/cuda/moba_backward.cuh"
+
+namespace moba::cuda::moba_detail {
+namespace {
+
+namespace fl = ::moba::cuda::flash;
+
+constexpr int kWgKeys = 128;  // keys per CTA: two warpgroups x 64
+constexpr int kWgRows = 64;   // query rows per step
+constexpr int kWgThreads = 256;
+using KeyTile = fl::WgTile<kWgKeys>;                // K, V: (128 keys, 128) bf16
+using RowTile = fl::WgTile<kWgRows>;                // Q, dO: (64 rows, 128) bf16
+using DsTile = fl::SmemTile<kWgKeys, kWgRows>;      // dS^T (128 keys, 64 rows) bf16: 128-byte swizzled rows
+
+// Shared memory, from a 1024-byte aligned base (the 128-byte swizzle repeats every 1024 bytes).
+struct WgSmem {
+  static constexpr int kK = 0;
+  static constexpr int kV = kK + KeyTile::kBytes;
+  static constexpr int kQ = kV + KeyTile::kBytes;          // (2 stages)
+  static constexpr int kDout = kQ + 2 * RowTile::kBytes;   // (2 stages)
+  static constexpr int kDs = kDout + 2 * RowTile::kBytes;
+  static constexpr int kLse = kDs + DsTile::kBytes;        // (2, 64) f32, natural log; +inf past the tile's rows
+  static constexpr int kDelta = kLse + 2 * kWgRows * 4;    // (2, 64) f32
+  static constexpr int kToken = kDelta + 2 * kWgRows * 4;  // (2, 64) int: token of each row, -1 past the rows
+  static constexpr int kRow = kToken + 2 * kWgRows * 4;    // (2, 64) int: row t * H + h, -1 past the rows
+  static constexpr int kBytes = kRow + 2 * kWgRows * 4 + 1024;
+};
+
+template <bool FUSED_DQ>
+__global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const BackwardArgs a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t raw = fl::smem_address(smem);
+  const uint32_t base = (raw + 1023) & ~1023u;
+  unsigned char* base_ptr = smem + (base - raw);
+  const uint32_t s_k = base + WgSmem::kK, s_v = base + WgSmem::kV, s_ds = base + WgSmem::kDs;
+  auto s_q = [&](int stage) { return base + WgSmem::kQ + stage * RowTile::kBytes; };
+  auto s_do = [&](int stage) { return base + WgSmem::kDout + stage * RowTile::kBytes; };
+  float* s_lse = reinterpret_cast<float*>(base_ptr + WgSmem::kLse);
+  float* s_delta = reinterpret_cast<float*>(base_ptr + WgSmem::kDelta);
+  int* s_token = reinterpret_cast<int*>(base_ptr + WgSmem::kToken);
+  int* s_row = reinterpret_cast<int*>(base_ptr + WgSmem::kRow);
+  __shared__ KeyTileWork<kWgKeys, kWgRows> work;
+
+  constexpr int kD = 128, kRowTiles = kWgRows / 8, kDTiles = kD / 8, kKStepsD = kD / 16, kKStepsM = kWgRows / 16;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
+  const int wg = warp / 4;
+  const int kv_head = blockIdx.y;
+  const int key_begin = blockIdx.x * kWgKeys;  // heavy tiles (early blocks, chosen by most rows) launch first
+  const int key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + kWgKeys, a.N));
+  if (warp == 0) work.build(a, key_begin, key_end, kv_head, lane);
+
+  const int64_t kv_stride = static_cast<int64_t>(a.Hkv) * a.D;
+  const int64_t kv_offset = static_cast<int64_t>(key_begin) * kv_stride + static_cast<int64_t>(kv_head) * a.D;
+  fl::load_tile<KeyTile, kWgThreads>(s_k, a.k + kv_offset, kv_stride, key_end - key_begin, a.D, true, tid);
+  fl::load_tile<KeyTile, kWgThreads>(s_v, a.v + kv_offset, kv_stride, key_end - key_begin, a.D, true, tid);
+  fl::cp_async_commit();
+  __syncthreads();  // work
+  const int n_tiles = work.n_tiles(a, key_begin);
+
+  // Row ids run two tiles ahead of the data: s_row[tile & 1] is published at the end of step tile - 2 (threads
+  // < 64, one row each) from a dispatch entry loaded during step tile - 3, so the load never stalls a step.
+  // fetch() returns the raw value (an entry of a selected tile, a row of a causal one); publish() converts it.
+  auto fetch = [&](int tile, bool& is_entry) {
+    is_entry = false;
+    if (tile >= n_tiles) return -1;
+    const auto src = work.source(a, tile, key_begin, kv_head);
+    if (tid >= src.n) return -1;
+    is_entry = src.entries != nullptr;
+    return is_entry ? src.entries[tid] : (src.t0 + tid) * a.H + src.h;
+  };
+  auto publish = [&](int stage, int raw, bool is_entry) {
+    const int row = is_entry ? raw / (a.top_k - 1) : raw;
+    s_row[stage * kWgRows + tid] = row;
+    s_token[stage * kWgRows + tid] = row >= 0 ? row / a.H : -1;
+  };
+  int raw_ahead = -1;  // threads < 64: tile + 2's entry or row
+  bool entry_ahead = false;
+  if (tid < kWgRows) {
+    bool is_entry;
+    int raw = fetch(0, is_entry);
+    publish(0, raw, is_entry);
+    raw = fetch(1, is_entry);
+    publish(1, raw, is_entry);
+    raw_ahead = fetch(2, entry_ahead);
+  }
+  __syncthreads();
+  // Q, dO rows and their lse, Delta of tile `tile` into stage `stage` (cp.async; the caller commits).
+  const int chunk = tid % 16, row_in_pass = tid / 16;  // 16 chunks of 16 bytes per row, 16 rows per pass
+  auto load_rows = [&](int stage) {
+#pragma unroll
+    for (int pass = 0; pass < kWgRows / 16; ++pass) {
+      const int r = row_in_pass + pass * 16;
+      const int row = s_row[stage * kWgRows + r];
+      const bool ok = row >= 0 && chunk * 8 < a.D;
+      const int64_t offset = static_cast<int64_t>(row) * a.D + chunk * 8;
+      fl::cp_async_16(s_q(stage) + RowTile::offset(r, chunk), ok ? a.q + offset : a.q, ok);
+      fl::cp_async_16(s_do(stage) + RowTile::offset(r, chunk), ok ? a.dout + offset : a.dout, ok);
+    }
+    if (tid < kWgRows) {
+      const int row = s_row[stage * kWgRows + tid];
+      const uint32_t lse_dst = base + WgSmem::kLse + (stage * kWgRows + tid) * 4;
+      if (row >= 0) fl::cp_async_4(lse_dst, a.lse + row, true);
+      else fl::st_shared_4(lse_dst, __float_as_uint(INFINITY));
+      fl::cp_async_4(base + WgSmem::kDelta + (stage * kWgRows + tid) * 4, a.delta + (row >= 0 ? row : 0), row >= 0);
+    }
+  };
+  if (n_tiles > 0) load_rows(0);
+  fl::cp_async_commit();
+
+  // This thread's keys (rows g, g + 8 of the warp's 16 in S^T), their blocks' starts and causal row ends.
+  int key_u[2], key_start[2], key_row_end[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    key_u[half] = key_begin + warp * 16 + half * 8 + g;
+    key_start[half] = key_row_end[half] = INT_MIN;
+    if (key_u[half] < key_end) {
+      const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, key_u[half], a.B);
+      key_start[half] = static_cast<int>(tb.block_start);
+      key_row_end[half] = static_cast<int>(min(tb.block_start + a.B, tb.segment_end));
+    }
+  }
+
+  float dk[kDTiles][4] = {}, dv[kDTiles][4] = {};
+  const uint32_t key_rows = wg * 64 * KeyTile::kRowBytes;  // this warpgroup's 64 keys inside each column block
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int stage = tile & 1;
+    fl::cp_async_wait<0>();
+    fl::fence_proxy_async();
+    __syncthreads();  // tile's data and the row ids of tile + 1 are visible; stage ^ 1 is free
+    if (tile + 1 < n_tiles) load_rows(stage ^ 1);
+    fl::cp_async_commit();
+
+    // ---- S^T = K Q^T and dP^T = V dO^T: this warpgroup's 64 keys x the 64 rows ----
+    float s[kRowTiles][4] = {}, dp[kRowTiles][4] = {};
+    fl::fence_registers(s);
+    fl::fence_registers(dp);
+    fl::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKStepsD; ++kk) {  // K-major operands: 16 columns = 32 bytes of a swizzled row
+      const uint32_t kv_column = key_rows + (kk / 4) * KeyTile::kBlockBytes + (kk % 4) * 32;
+      const uint32_t q_column = (kk / 4) * RowTile::kBlockBytes + (kk % 4) * 32;
+      fl::wgmma_m64n64k16_ss<0, 0>(s, fl::wgmma_descriptor(s_k + kv_column, 16, 1024),
+                                   fl::wgmma_descriptor(s_q(stage) + q_column, 16, 1024));
+      fl::wgmma_m64n64k16_ss<0, 0>(dp, fl::wgmma_descriptor(s_v + kv_column, 16, 1024),
+                                   fl::wgmma_descriptor(s_do(stage) + q_column, 16, 1024));
+    }
+    fl::wgmma_commit();
+    fl::wgmma_wait_all();
+    fl::fence_registers(s);
+    fl::fence_registers(dp);
+
+    // ---- P^T = exp2(S^T * scale * log2 e - lse * log2 e) where the row sees the key, dS^T = P^T (dP^T - Delta) ----
+    const int b = work.selected_block(tile);
+    const int sel_start = b >= 0 ? work.sel_start[b] : 0;
+    int2 vis[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      vis[half] = visible_rows(key_u[half], key_start[half], key_row_end[half], b >= 0, sel_start);
+    // A selected tile whose 64 rows are all present and whose keys (this warp's 16) all lie in the block needs no
+    // mask; rows past the tile's end have lse = +inf (P = 0) in any case.
+    const bool all_visible = b >= 0 && vis[0].x == 0 && vis[0].y == INT_MAX && vis[1].x == 0 && vis[1].y == INT_MAX;
+    const bool need_mask = !__all_sync(0xFFFFFFFFu, all_visible);
+    const float* lse_s = s_lse + stage * kWgRows;
+    const float* delta_s = s_delta + stage * kWgRows;
+    const int* token_s = s_token + stage * kWgRows;
+#pragma unroll
+    for (int nt = 0; nt < kRowTiles; ++nt) {
+      const int col = nt * 8 + 2 * tig;  // rows col, col + 1 of the tile
+      const float2 lse = *reinterpret_cast<const float2*>(lse_s + col);
+      const float2 delta = *reinterpret_cast<const float2*>(delta_s + col);
+      const int2 token = *reinterpret_cast<const int2*>(token_s + col);
+      const float lse2[2] = {lse.x * fl::kLog2e, lse.y * fl::kLog2e};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float pv = fl::fast_exp2(fmaf(s[nt][e], a.scale_log2, -lse2[e & 1]));
+        if (need_mask) {
+          const int t = (e & 1) ? token.y : token.x;
+          const int2 v = vis[e >> 1];
+          if (t < v.x || t >= v.y) pv = 0.0f;
+        }
+        s[nt][e] = pv;
+        dp[nt][e] = pv * (dp[nt][e] - ((e & 1) ? delta.y : delta.x));
+      }
+    }
+
+    // ---- dV += P^T dO and dK += dS^T Q (A operands straight from the accumulators) ----
+    uint32_t a_p[kKStepsM][4], a_ds[kKStepsM][4];
+#pragma unroll
+    for (int ks = 0; ks < kKStepsM; ++ks) {
+      fl::accumulators_to_a(a_p[ks], s[2 * ks], s[2 * ks + 1]);
+      fl::accumulators_to_a(a_ds[ks], dp[2 * ks], dp[2 * ks + 1]);
+    }
+    fl::fence_registers(dv);
+    fl::fence_registers(dk);
+    fl::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kKStepsM; ++ks) {  // dO and Q are MN-major here: 16 rows = 2048 bytes per step
+      const uint32_t rows = ks * 16 * RowTile::kRowBytes;
+      fl::wgmma_m64n128k16_rs<1>(dv, a_p[ks], fl::wgmma_descriptor(s_do(stage) + rows, RowTile::kBlockBytes, 1024));
+      fl::wgmma_m64n128k16_rs<1>(dk, a_ds[ks], fl::wgmma_descriptor(s_q(stage) + rows, RowTile::kBlockBytes, 1024));
+    }
+    fl::wgmma_commit();
+    if constexpr (FUSED_DQ) {
+      // ---- dS^T to shared memory (bf16); dQ sums over all 128 keys of the CTA ----
+#pragma unroll
+      for (int ks = 0; ks < kKStepsM; ++ks)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)  // a_ds[ks][r]: key row g + 8 (r & 1), row columns 16 ks + 8 (r >> 1) + 2 tig
+          fl::st_shared_4(s_ds + DsTile::offset(warp * 16 + (r & 1) * 8 + g, 2 * ks + (r >> 1)) + tig * 4, a_ds[ks][r]);
+      fl::fence_proxy_async();
+      __syncthreads();
+      // ---- dQ (64 rows, 128) = dS K: warpgroup wg takes columns [64 wg, 64 wg + 64) ----
+      float acc[8][4] = {};
+      fl::fence_registers(acc);
+      fl::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kWgKeys / 16; ++kk) {  // 16 keys = 2048 bytes per step; A = dS read MN-major out of dS^T
+        const uint32_t rows = kk * 16 * KeyTile::kRowBytes;
+        fl::wgmma_m64n64k16_ss<1, 1>(acc, fl::wgmma_descriptor(s_ds + rows, DsTile::kBytes, 1024),
+                                     fl::wgmma_descriptor(s_k + wg * KeyTile::kBlockBytes + rows,
+                                                          KeyTile::kBlockBytes, 1024));
+      }
+      fl::wgmma_commit();
+      fl::wgmma_wait_all();
+      fl::fence_registers(acc);
+      fl::fence_registers(dv);
+      fl::fence_registers(dk);
+      fl::fence_registers(a_p);
+      fl::fence_registers(a_ds);
+      // Rows g and g + 8 of the warp's 16; a lane pair (tig, tig ^ 1) trades halves so that the even lane holds 4
+      // consecutive columns of row g and the odd lane those of row g + 8: one 16-byte reduction each per n8 tile.
+      const int* row_s = s_row + stage * kWgRows;
+      const int band = (warp % 4) * 16;
+      const bool even = (tig & 1) == 0;
+      const int my_row = even ? row_s[band + g] : row_s[band + g + 8];
+      float* dst = a.dq_acc + static_cast<int64_t>(my_row) * a.D + wg * 64 + (tig >> 1) * 4;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float give0 = even ? acc[j][2] : acc[j][0], give1 = even ? acc[j][3] : acc[j][1];
+        const float got0 = __shfl_xor_sync(0xFFFFFFFFu, give0, 1), got1 = __shfl_xor_sync(0xFFFFFFFFu, give1, 1);
+        float v[4] = {even ? acc[j][0] : got0, even ? acc[j][1] : got1, even ? got0 : acc[j][2],
+                      even ? got1 : acc[j][3]};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] *= a.scale;
+        if (my_row >= 0 && wg * 64 + j * 8 < a.D) fl::red_add_f32x4(dst + j * 8, v);
+      }
+    } else {
+      fl::wgmma_wait_all();
+      fl::fence_registers(dv);
+      fl::fence_registers(dk);
+      fl::fence_registers(a_p);
+      fl::fence_registers(a_ds);
+    }
+    __syncthreads();  // every warp is done with this stage's tiles and row ids
+    if (tid < kWgRows) {
+      publish(stage, raw_ahead, entry_ahead);  // tile + 2
+      raw_ahead = fetch(tile + 3, entry_ahead);
+    }
+  }
+  fl::cp_async_wait<0>();  // n_tiles == 0: the K/V group is still committed
+
+  // ---- dK (scaled) and dV added into the bf16 outputs ----
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int u = key_u[half];
+    if (u >= key_end) continue;
+    const int64_t row = (static_cast<int64_t>(u) * a.Hkv + kv_head) * a.D;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      const int col = dt * 8 + 2 * tig;
+      if (col >= a.D) continue;
+      __nv_bfloat162* gk = reinterpret_cast<__nv_bfloat162*>(a.dk + row + col);
+      __nv_bfloat162* gv = reinterpret_cast<__nv_bfloat162*>(a.dv + row + col);
+      const float2 old_k = __bfloat1622float2(*gk), old_v = __bfloat1622float2(*gv);
+      *gk = __floats2bfloat162_rn(old_k.x + dk[dt][2 * half] * a.scale, old_k.y + dk[dt][2 * half + 1] * a.scale);
+      *gv = __floats2bfloat162_rn(old_v.x + dv[dt][2 * half], old_v.y + dv[dt][2 * half + 1]);
+    }
+  }
+}
+
+template <bool FUSED_DQ>
+void launch(const BackwardArgs& a, cudaStream_t stream) {
+  static const bool configured = [] {
+    MOBA_CUDA_CHECK(cudaFuncSetAttribute(moba_dkv_wgmma_kernel<FUSED_DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         WgSmem::kBytes));
+    return true;
+  }();
+  (void)configured;
+  const dim3 grid(static_cast<unsigned>((a.N + kWgKeys - 1) / kWgKeys), a.Hkv);
+  moba_dkv_wgmma_kernel<FUSED_DQ><<<grid, kWgThreads, WgSmem::kBytes, stream>>>(a);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void launch_dkv_wgmma(const BackwardArgs& a, cudaStream_t stream, bool fused_dq) {
+  if (fused_dq) launch<true>(a, stream);
+  else launch<false>(a, stream);
+}
+
+}  // namespace moba::cuda::moba_detail
