@@ -41,9 +41,12 @@ struct WgSmem {
   static constexpr int kDs = kDout + 2 * RowTile::kBytes;
   static constexpr int kLse = kDs + DsTile::kBytes;        // (2, 64) f32, natural log; +inf past the tile's rows
   static constexpr int kDelta = kLse + 2 * kWgRows * 4;    // (2, 64) f32
-  static constexpr int kToken = kDelta + 2 * kWgRows * 4;  // (2, 64) int: token of each row, -1 past the rows
-  static constexpr int kRow = kToken + 2 * kWgRows * 4;    // (2, 64) int: row t * H + h, -1 past the rows
-  static constexpr int kBytes = kRow + 2 * kWgRows * 4 + 1024;
+  static constexpr int kToken = kDelta + 2 * kWgRows * 4;  // (4, 64) int: token of each row, -1 past the rows
+  static constexpr int kRow = kToken + 4 * kWgRows * 4;    // (4, 64) int: row t * H + h, -1 past the rows
+  static constexpr int kEntry = kRow + 4 * kWgRows * 4;    // (2, 64) int: dispatch entries of tiles ahead
+  static constexpr int kKeyStart = kEntry + 2 * kWgRows * 4;   // (128) int: block start of each key
+  static constexpr int kKeyRowEnd = kKeyStart + kWgKeys * 4;   // (128) int: end of each key's causal rows
+  static constexpr int kBytes = kKeyRowEnd + kWgKeys * 4 + 1024;
 };
 
 template <bool FUSED_DQ>
@@ -59,6 +62,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
   float* s_delta = reinterpret_cast<float*>(base_ptr + WgSmem::kDelta);
   int* s_token = reinterpret_cast<int*>(base_ptr + WgSmem::kToken);
   int* s_row = reinterpret_cast<int*>(base_ptr + WgSmem::kRow);
+  int* s_entry = reinterpret_cast<int*>(base_ptr + WgSmem::kEntry);
+  int* s_key_start = reinterpret_cast<int*>(base_ptr + WgSmem::kKeyStart);
+  int* s_key_row_end = reinterpret_cast<int*>(base_ptr + WgSmem::kKeyRowEnd);
   __shared__ KeyTileWork<kWgKeys, kWgRows> work;
 
   constexpr int kD = 128, kRowTiles = kWgRows / 8, kDTiles = kD / 8, kKStepsD = kD / 16, kKStepsM = kWgRows / 16;
@@ -77,78 +83,84 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
   __syncthreads();  // work
   const int n_tiles = work.n_tiles(a, key_begin);
 
-  // Row ids run two tiles ahead of the data: s_row[tile & 1] is published at the end of step tile - 2 (threads
-  // < 64, one row each) from a dispatch entry loaded during step tile - 3, so the load never stalls a step.
-  // fetch() returns the raw value (an entry of a selected tile, a row of a causal one); publish() converts it.
-  auto fetch = [&](int tile, bool& is_entry) {
-    is_entry = false;
-    if (tile >= n_tiles) return -1;
-    const auto src = work.source(a, tile, key_begin, kv_head);
-    if (tid >= src.n) return -1;
-    is_entry = src.entries != nullptr;
-    return is_entry ? src.entries[tid] : (src.t0 + tid) * a.H + src.h;
-  };
-  auto publish = [&](int stage, int raw, bool is_entry) {
-    const int row = is_entry ? raw / (a.top_k - 1) : raw;
-    s_row[stage * kWgRows + tid] = row;
-    s_token[stage * kWgRows + tid] = row >= 0 ? row / a.H : -1;
-  };
-  int raw_ahead = -1;  // threads < 64: tile + 2's entry or row
-  bool entry_ahead = false;
-  if (tid < kWgRows) {
-    bool is_entry;
-    int raw = fetch(0, is_entry);
-    publish(0, raw, is_entry);
-    raw = fetch(1, is_entry);
-    publish(1, raw, is_entry);
-    raw_ahead = fetch(2, entry_ahead);
+  // Per key of the tile: its block's start and the end of its causal rows (INT_MIN past N), for the masks.
+  if (tid < kWgKeys) {
+    int start = INT_MIN, row_end = INT_MIN;
+    if (key_begin + tid < key_end) {
+      const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, key_begin + tid, a.B);
+      start = static_cast<int>(tb.block_start);
+      row_end = static_cast<int>(min(tb.block_start + a.B, tb.segment_end));
+    }
+    s_key_start[tid] = start;
+    s_key_row_end[tid] = row_end;
   }
-  __syncthreads();
+  // Row ids run two tiles ahead of the data: s_row[tile & 3] is published during step tile - 2 (threads < 64, one
+  // row each, while the tensor cores run that step's dV/dK; four slots, so no barrier orders it against readers of
+  // the rows of tiles tile - 2 and tile - 1). A gathered tile's dispatch entries reach s_entry by cp.async one step
+  // before that, so neither the entry load nor the row tile's load stalls a step, and no register holds them.
+  auto fetch = [&](int tile) {  // (threads < 64) tile's entry into s_entry[tile & 1], or its row straight to s_row
+    if (tile >= n_tiles) return;
+    const auto src = work.source(a, tile, key_begin, kv_head);
+    if (src.entries != nullptr && tid < src.n)
+      fl::cp_async_4(base + WgSmem::kEntry + ((tile & 1) * kWgRows + tid) * 4, src.entries + tid, true);
+  };
+  auto publish = [&](int tile) {  // (threads < 64) after fetch(tile)'s copy has landed
+    int row = -1;
+    if (tile < n_tiles) {
+      const auto src = work.source(a, tile, key_begin, kv_head);
+      if (tid < src.n)
+        row = src.entries != nullptr ? s_entry[(tile & 1) * kWgRows + tid] / (a.top_k - 1) : (src.t0 + tid) * a.H + src.h;
+    }
+    s_row[(tile & 3) * kWgRows + tid] = row;
+    s_token[(tile & 3) * kWgRows + tid] = row >= 0 ? row / a.H : -1;
+  };
   // Q, dO rows and their lse, Delta of tile `tile` into stage `stage` (cp.async; the caller commits).
   const int chunk = tid % 16, row_in_pass = tid / 16;  // 16 chunks of 16 bytes per row, 16 rows per pass
-  auto load_rows = [&](int stage) {
+  auto load_rows = [&](int tile) {
+    const int stage = tile & 1, slot = tile & 3;
 #pragma unroll
     for (int pass = 0; pass < kWgRows / 16; ++pass) {
       const int r = row_in_pass + pass * 16;
-      const int row = s_row[stage * kWgRows + r];
+      const int row = s_row[slot * kWgRows + r];
       const bool ok = row >= 0 && chunk * 8 < a.D;
       const int64_t offset = static_cast<int64_t>(row) * a.D + chunk * 8;
       fl::cp_async_16(s_q(stage) + RowTile::offset(r, chunk), ok ? a.q + offset : a.q, ok);
       fl::cp_async_16(s_do(stage) + RowTile::offset(r, chunk), ok ? a.dout + offset : a.dout, ok);
     }
     if (tid < kWgRows) {
-      const int row = s_row[stage * kWgRows + tid];
+      const int row = s_row[slot * kWgRows + tid];
       const uint32_t lse_dst = base + WgSmem::kLse + (stage * kWgRows + tid) * 4;
       if (row >= 0) fl::cp_async_4(lse_dst, a.lse + row, true);
       else fl::st_shared_4(lse_dst, __float_as_uint(INFINITY));
       fl::cp_async_4(base + WgSmem::kDelta + (stage * kWgRows + tid) * 4, a.delta + (row >= 0 ? row : 0), row >= 0);
     }
   };
-  if (n_tiles > 0) load_rows(0);
-  fl::cp_async_commit();
-
-  // This thread's keys (rows g, g + 8 of the warp's 16 in S^T), their blocks' starts and causal row ends.
-  int key_u[2], key_start[2], key_row_end[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    key_u[half] = key_begin + warp * 16 + half * 8 + g;
-    key_start[half] = key_row_end[half] = INT_MIN;
-    if (key_u[half] < key_end) {
-      const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, key_u[half], a.B);
-      key_start[half] = static_cast<int>(tb.block_start);
-      key_row_end[half] = static_cast<int>(min(tb.block_start + a.B, tb.segment_end));
-    }
+  if (tid < kWgRows) {
+    fetch(0);
+    fetch(1);
   }
+  fl::cp_async_commit();
+  fl::cp_async_wait<0>();  // (also K and V)
+  if (tid < kWgRows) {
+    publish(0);
+    publish(1);
+  }
+  __syncthreads();
+  if (n_tiles > 0) load_rows(0);
+  fl::cp_async_commit();  // L(0)
+  if (tid < kWgRows) fetch(2);
+  fl::cp_async_commit();  // E(2)
 
   float dk[kDTiles][4] = {}, dv[kDTiles][4] = {};
   const uint32_t key_rows = wg * 64 * KeyTile::kRowBytes;  // this warpgroup's 64 keys inside each column block
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int stage = tile & 1;
-    fl::cp_async_wait<0>();
+    // Groups in flight, oldest first: L(tile), E(tile + 2).
+    fl::cp_async_wait<1>();
     fl::fence_proxy_async();
     __syncthreads();  // tile's data and the row ids of tile + 1 are visible; stage ^ 1 is free
-    if (tile + 1 < n_tiles) load_rows(stage ^ 1);
-    fl::cp_async_commit();
+    if (tile + 1 < n_tiles) load_rows(tile + 1);
+    fl::cp_async_commit();  // L(tile + 1)
 
     // ---- S^T = K Q^T and dP^T = V dO^T: this warpgroup's 64 keys x the 64 rows ----
     float s[kRowTiles][4] = {}, dp[kRowTiles][4] = {};
@@ -174,15 +186,17 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
     const int sel_start = b >= 0 ? work.sel_start[b] : 0;
     int2 vis[2];
 #pragma unroll
-    for (int half = 0; half < 2; ++half)
-      vis[half] = visible_rows(key_u[half], key_start[half], key_row_end[half], b >= 0, sel_start);
+    for (int half = 0; half < 2; ++half) {
+      const int key = warp * 16 + half * 8 + g;  // this thread's keys: rows g, g + 8 of the warp's 16 in S^T
+      vis[half] = visible_rows(key_begin + key, s_key_start[key], s_key_row_end[key], b >= 0, sel_start);
+    }
     // A selected tile whose 64 rows are all present and whose keys (this warp's 16) all lie in the block needs no
     // mask; rows past the tile's end have lse = +inf (P = 0) in any case.
     const bool all_visible = b >= 0 && vis[0].x == 0 && vis[0].y == INT_MAX && vis[1].x == 0 && vis[1].y == INT_MAX;
     const bool need_mask = !__all_sync(0xFFFFFFFFu, all_visible);
     const float* lse_s = s_lse + stage * kWgRows;
     const float* delta_s = s_delta + stage * kWgRows;
-    const int* token_s = s_token + stage * kWgRows;
+    const int* token_s = s_token + (tile & 3) * kWgRows;
 #pragma unroll
     for (int nt = 0; nt < kRowTiles; ++nt) {
       const int col = nt * 8 + 2 * tig;  // rows col, col + 1 of the tile
@@ -220,6 +234,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
       fl::wgmma_m64n128k16_rs<1>(dk, a_ds[ks], fl::wgmma_descriptor(s_q(stage) + rows, RowTile::kBlockBytes, 1024));
     }
     fl::wgmma_commit();
+    // ---- while the tensor cores run: the row ids of tile + 2, the dispatch entries of tile + 3 ----
+    fl::cp_async_wait<1>();  // E(tile + 2) has landed (L(tile + 1) may still be in flight)
+    if (tid < kWgRows) {
+      publish(tile + 2);
+      fetch(tile + 3);
+    }
+    fl::cp_async_commit();  // E(tile + 3)
     if constexpr (FUSED_DQ) {
       // ---- dS^T to shared memory (bf16); dQ sums over all 128 keys of the CTA ----
 #pragma unroll
@@ -249,7 +270,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
       fl::fence_registers(a_ds);
       // Rows g and g + 8 of the warp's 16; a lane pair (tig, tig ^ 1) trades halves so that the even lane holds 4
       // consecutive columns of row g and the odd lane those of row g + 8: one 16-byte reduction each per n8 tile.
-      const int* row_s = s_row + stage * kWgRows;
+      const int* row_s = s_row + (tile & 3) * kWgRows;
       const int band = (warp % 4) * 16;
       const bool even = (tig & 1) == 0;
       const int my_row = even ? row_s[band + g] : row_s[band + g + 8];
@@ -271,18 +292,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
       fl::fence_registers(a_p);
       fl::fence_registers(a_ds);
     }
-    __syncthreads();  // every warp is done with this stage's tiles and row ids
-    if (tid < kWgRows) {
-      publish(stage, raw_ahead, entry_ahead);  // tile + 2
-      raw_ahead = fetch(tile + 3, entry_ahead);
-    }
   }
   fl::cp_async_wait<0>();  // n_tiles == 0: the K/V group is still committed
 
   // ---- dK (scaled) and dV added into the bf16 outputs ----
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int u = key_u[half];
+    const int u = key_begin + warp * 16 + half * 8 + g;
     if (u >= key_end) continue;
     const int64_t row = (static_cast<int64_t>(u) * a.Hkv + kv_head) * a.D;
 #pragma unroll
