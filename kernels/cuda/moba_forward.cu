@@ -5,6 +5,7 @@
 // attention per (64-token tile, head), which merges the partials of its rows by log-sum-exp and writes O and LSE.
 // Both run per chunk of query tokens whose partials fit a fixed budget (kEntryBudgetBytes), so scratch does not
 // grow with N * H * (top_k - 1).
+// Head dims above 64 on sm_90 run both passes on warpgroup MMAs (moba_forward_wgmma_kernel), the rest on mma.sync.
 // Invariant: each output row is produced by one thread quad in a fixed order, so the forward is bitwise
 // reproducible; rows never interact inside a tile (mma rows are independent), so the order of rows within a
 // bucket (set by atomics) cannot change any result.
@@ -14,6 +15,7 @@
 #include <cstdlib>
 
 #include "common/error.h"
+#include "kernels/cuda/flash_attention_common.cuh"
 #include "kernels/cuda/moba_common.cuh"
 
 namespace moba::cuda {
@@ -197,6 +199,7 @@ struct ForwardArgs {
   int H, Hkv, D, B, top_k;
   float scale_log2;      // softmax_scale * log2(e)
   int tile_offset;       // current-block pass: the chunk's first 64-token tile
+  int64_t token_end;     // current-block pass: one past the chunk's last token
 };
 
 template <int DP>
@@ -483,6 +486,413 @@ void launch_forward(const ForwardArgs& a, dim3 grid, cudaStream_t stream) {
   MOBA_CUDA_CHECK(cudaGetLastError());
 }
 
+// ---- wgmma forward (sm_90a, head dims 72..128) ------------------------------------------------------------------
+// The same two passes on Hopper warpgroup MMAs, after the dense wgmma forward (flash_attention_forward.cu, itself
+// after FlashAttention-3, Shah et al. 2024): kWg warpgroups x 64 query rows per CTA; Q gathered row by row into a
+// 128-byte-swizzled WgTile (one cp.async per 16-byte chunk from the row's own address); K/V tiles of 64 keys,
+// double-buffered; S = Q K^T as wgmma m64n64k16 with both operands in shared memory; O += P V as m64n128k16 with P
+// taken straight from the S accumulators (FlashAttention-2's register reuse) and V read MN-major. Each warp's
+// share of a wgmma accumulator has the mma.sync m16n8 layout, so the softmax and both epilogues are the ones of
+// moba_forward_kernel above.
+// Two warpgroups (128 rows) per CTA at two CTAs per SM (the dense forward's best shape too): at 32K, B 512, k 3 the
+// forward (routing included) takes 1.555 ms against 1.777 with one warpgroup per CTA and 1.610 when every tile is
+// masked (bench/notes/moba_kernels.md, v4).
+// Key tiles start at a fixed origin per row: the block start in the selected pass, a multiple of 64 in the
+// current-block pass. A tile with no visible key for a row leaves that row's (m, l, o) bitwise unchanged (factor
+// exp2(0) = 1, p = 0), so a row's result does not depend on which rows share its CTA: chunked and one-chunk runs
+// give the same bits whatever kWg is.
+template <int kWg>
+struct WgForwardShape {
+  static constexpr int kThreads = 128 * kWg;
+  static constexpr int kRows = 64 * kWg;  // query rows per CTA
+  using QTile = flash::WgTile<kRows>;     // (kRows, 128); warpgroup w reads rows [64w, 64w + 64)
+  using KVTile = flash::WgTile<kKeyTile>;  // (64, 128)
+  static constexpr int kTileBytes = QTile::kBytes + 4 * KVTile::kBytes;  // Q, then (K, V) x 2 stages
+  static constexpr int kStageLd = 128 + 8;  // merge staging row (f32): conflict-free float2 reads
+  static_assert(kRows * kStageLd * sizeof(float) <= kTileBytes, "the merge staging reuses the Q/K/V tiles");
+  // 1024 bytes of alignment slack (the 128-byte swizzle repeats every 1024 bytes), the tiles, 8 per-row arrays:
+  // 83 KB (kWg 1) / 101 KB (kWg 2), two CTAs per SM.
+  static constexpr size_t kSmemBytes = 1024 + kTileBytes + 8 * kRows * sizeof(int);
+};
+
+// SELECTED: blockIdx.x is a dispatch work item; a CTA takes the bucket's chunks c .. c + kWg - 1 for c a multiple
+// of kWg (the other items' CTAs return at once), so its warpgroups share every K/V tile of the block. Otherwise:
+// blockIdx.x is a tile of kRows tokens of the chunk, blockIdx.y the head. Only tiles that some row of the
+// warpgroup does not see whole are masked.
+template <int kWg, bool SELECTED>
+__global__ void __launch_bounds__(128 * kWg, 2) moba_forward_wgmma_kernel(const ForwardArgs a) {
+  using Shape = WgForwardShape<kWg>;
+  using QTile = typename Shape::QTile;
+  using KVTile = typename Shape::KVTile;
+  constexpr int kRows = Shape::kRows, kThreads = Shape::kThreads;
+  constexpr int NT = kKeyTile / 8;   // n8 tiles of S per warp
+  constexpr int DT = 128 / 8;        // n8 tiles of O per warp
+  constexpr int kPSteps = kKeyTile / 16;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t s_q = (flash::smem_address(smem) + 1023) & ~1023u;
+  unsigned char* tiles = smem + (s_q - flash::smem_address(smem));
+  int* s_lo = reinterpret_cast<int*>(tiles + Shape::kTileBytes);  // (kRows) first visible key of each row
+  int* s_hi = s_lo + kRows;                                        // (kRows) one past the last visible key
+  int* s_row = s_hi + kRows;                                       // (kRows) query row t * H + h, or -1
+  int* s_aux = s_row + kRows;  // (kRows) SELECTED: partial entry; else: the row's current block index
+  __shared__ int s_bounds[kRows / 32][4];  // per 32 rows, over the valid ones: min lo, max hi, max lo, min hi
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int g = lane >> 2, tig = lane & 3;
+  const int past_slots = a.top_k - 1;
+
+  // ---- the CTA's rows and their visible keys ----
+  int kv_head;
+  int my_lo = INT_MAX, my_hi = INT_MIN;  // row tid's visible keys (tid < kRows), empty for a padding row
+  if constexpr (SELECTED) {
+    if (static_cast<int>(blockIdx.x) >= a.dispatch.chunk_offset[a.dispatch.n_buckets]) return;
+    const int2 item = a.dispatch.items[blockIdx.x];
+    if (item.y % kWg != 0) return;
+    const int bucket = item.x;
+    kv_head = bucket % a.Hkv;
+    const int start = a.dispatch.slot_start[bucket / a.Hkv];
+    const int n_rows = min(kRows, a.dispatch.count[bucket] - item.y * kRowsPerChunk);
+    if (tid < kRows) {
+      int row = -1, entry = -1;
+      if (tid < n_rows) {
+        entry = a.dispatch.entries[a.dispatch.offset[bucket] + item.y * kRowsPerChunk + tid];
+        row = entry / past_slots;
+        my_lo = start;
+        my_hi = start + a.B;
+      }
+      s_row[tid] = row;
+      s_aux[tid] = entry;
+      s_lo[tid] = start;
+      s_hi[tid] = start + a.B;
+    }
+  } else {
+    const int h = blockIdx.y;
+    kv_head = h / (a.H / a.Hkv);
+    if (tid < kRows) {
+      const int64_t t = static_cast<int64_t>(a.tile_offset) * 64 + static_cast<int64_t>(blockIdx.x) * kRows + tid;
+      int row = -1, current = 0;
+      if (t < a.token_end) {
+        const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, t, a.B);
+        row = static_cast<int>(t * a.H + h);
+        my_lo = static_cast<int>(tb.block_start);
+        my_hi = static_cast<int>(t + 1);
+        current = static_cast<int>((tb.block_start - tb.segment_start) / a.B);
+      }
+      s_row[tid] = row;
+      s_lo[tid] = my_lo;
+      s_hi[tid] = my_hi;
+      s_aux[tid] = current;
+    }
+  }
+  if (warp < kRows / 32) {  // the warps of threads tid < kRows
+    const bool valid = my_lo != INT_MAX;
+    int lo = my_lo, hi = my_hi, full_lo = valid ? my_lo : INT_MIN, full_hi = valid ? my_hi : INT_MAX;
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) {
+      lo = min(lo, __shfl_xor_sync(0xFFFFFFFFu, lo, d));
+      hi = max(hi, __shfl_xor_sync(0xFFFFFFFFu, hi, d));
+      full_lo = max(full_lo, __shfl_xor_sync(0xFFFFFFFFu, full_lo, d));
+      full_hi = min(full_hi, __shfl_xor_sync(0xFFFFFFFFu, full_hi, d));
+    }
+    if (lane == 0) {
+      s_bounds[warp][0] = lo;
+      s_bounds[warp][1] = hi;
+      s_bounds[warp][2] = full_lo;
+      s_bounds[warp][3] = full_hi;
+    }
+  }
+  __syncthreads();
+  // This warpgroup's rows (32-row groups 2 wg, 2 wg + 1): keys any of them sees, keys all of them see.
+  const int wg_lo = min(s_bounds[2 * wg][0], s_bounds[2 * wg + 1][0]);
+  const int wg_hi = max(s_bounds[2 * wg][1], s_bounds[2 * wg + 1][1]);
+  const int wg_full_lo = max(s_bounds[2 * wg][2], s_bounds[2 * wg + 1][2]);
+  const int wg_full_hi = min(s_bounds[2 * wg][3], s_bounds[2 * wg + 1][3]);
+  int cta_lo = INT_MAX, cta_hi = INT_MIN;  // at least one valid row: the first one
+#pragma unroll
+  for (int i = 0; i < kRows / 32; ++i) {
+    cta_lo = min(cta_lo, s_bounds[i][0]);
+    cta_hi = max(cta_hi, s_bounds[i][1]);
+  }
+  const int key_origin = SELECTED ? cta_lo : cta_lo & ~(kKeyTile - 1);
+  const int n_tiles = (cta_hi - key_origin + kKeyTile - 1) / kKeyTile;
+
+  // ---- loads: Q rows gathered (16 threads per row), K/V tiles (cp.async; rows past cta_hi zero-filled) ----
+  for (int idx = tid; idx < kRows * 16; idx += kThreads) {
+    const int r = idx >> 4, c = idx & 15;
+    const int row = s_row[r];
+    const bool ok = row >= 0 && c * 8 < a.D;
+    flash::cp_async_16(s_q + QTile::offset(r, c), ok ? a.q + static_cast<int64_t>(row) * a.D + c * 8 : a.q, ok);
+  }
+  const int64_t kv_stride = static_cast<int64_t>(a.Hkv) * a.D;
+  auto s_k = [&](int stage) { return s_q + QTile::kBytes + stage * 2 * KVTile::kBytes; };
+  auto s_v = [&](int stage) { return s_k(stage) + KVTile::kBytes; };
+  auto load_kv = [&](int j, int stage) {
+    const int k0 = key_origin + j * kKeyTile;
+    const int64_t off = static_cast<int64_t>(k0) * kv_stride + static_cast<int64_t>(kv_head) * a.D;
+    const int rows = min(kKeyTile, cta_hi - k0);
+    flash::load_tile<KVTile, kThreads>(s_k(stage), a.k + off, kv_stride, rows, a.D, true, tid);
+    flash::load_tile<KVTile, kThreads>(s_v(stage), a.v + off, kv_stride, rows, a.D, true, tid);
+  };
+  load_kv(0, 0);
+  cp_async_commit();  // Q + K/V of tile 0
+
+  const int r0 = warp * 16 + g, r1 = r0 + 8;  // the thread's two accumulator rows (CTA row index)
+  const int lo0 = s_lo[r0], hi0 = s_hi[r0], lo1 = s_lo[r1], hi1 = s_hi[r1];
+  float o[DT][4];
+#pragma unroll
+  for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // running max (log2 units) and this thread's sum
+  const uint32_t q_rows = s_q + wg * 64 * QTile::kRowBytes;
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int stage = j & 1;
+    if (j + 1 < n_tiles) {
+      load_kv(j + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    flash::fence_proxy_async();  // cp.async (generic proxy) writes before wgmma (async proxy) reads
+    __syncthreads();
+    const int k0 = key_origin + j * kKeyTile;
+    if (k0 < wg_hi && k0 + kKeyTile > wg_lo) {  // uniform per warpgroup: some row of it sees a key of the tile
+      // ---- S = Q K^T: 8 k-steps of 16 channels (32 bytes of a 128-byte swizzled row) ----
+      float s[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+      flash::fence_registers(s);
+      flash::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const uint32_t q_column = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
+        const uint32_t k_column = (kk / 4) * KVTile::kBlockBytes + (kk % 4) * 32;
+        flash::wgmma_m64n64k16_ss<0, 0>(s, flash::wgmma_descriptor(q_rows + q_column, 16, 1024),
+                                        flash::wgmma_descriptor(s_k(stage) + k_column, 16, 1024));
+      }
+      flash::wgmma_commit();
+      flash::wgmma_wait_all();
+      flash::fence_registers(s);
+      // ---- mask (raw scores; -inf for keys outside the row's [lo, hi)) ----
+      if (k0 < wg_full_lo || k0 + kKeyTile > wg_full_hi) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = k0 + n * 8 + 2 * tig + (e & 1);
+            const bool visible = e < 2 ? (key >= lo0 && key < hi0) : (key >= lo1 && key < hi1);
+            if (!visible) s[n][e] = -INFINITY;
+          }
+      }
+      // ---- online softmax (a row's 4 threads are a quad) ----
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+      }
+#pragma unroll
+      for (int d = 1; d <= 2; d <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xFFFFFFFFu, mx0, d));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xFFFFFFFFu, mx1, d));
+      }
+      const float new0 = fmaxf(m0, mx0 * a.scale_log2), new1 = fmaxf(m1, mx1 * a.scale_log2);
+      const float base0 = new0 == -INFINITY ? 0.0f : new0, base1 = new1 == -INFINITY ? 0.0f : new1;
+      // Exactly 1 when the max did not move (a tile the row does not see must leave it bitwise unchanged).
+      const float alpha0 = m0 == new0 ? 1.0f : flash::fast_exp2(m0 - base0);
+      const float alpha1 = m1 == new1 ? 1.0f : flash::fast_exp2(m1 - base1);
+      m0 = new0;
+      m1 = new1;
+      float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        s[n][0] = flash::fast_exp2(fmaf(s[n][0], a.scale_log2, -base0));
+        s[n][1] = flash::fast_exp2(fmaf(s[n][1], a.scale_log2, -base0));
+        s[n][2] = flash::fast_exp2(fmaf(s[n][2], a.scale_log2, -base1));
+        s[n][3] = flash::fast_exp2(fmaf(s[n][3], a.scale_log2, -base1));
+        sum0 += s[n][0] + s[n][1];
+        sum1 += s[n][2] + s[n][3];
+      }
+      l0 = l0 * alpha0 + sum0;
+      l1 = l1 * alpha1 + sum1;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        o[d][0] *= alpha0;
+        o[d][1] *= alpha0;
+        o[d][2] *= alpha1;
+        o[d][3] *= alpha1;
+      }
+      // ---- O += P V (P from the accumulators; V MN-major: 16 keys = 2048 bytes per step) ----
+      uint32_t pa[kPSteps][4];
+#pragma unroll
+      for (int ks = 0; ks < kPSteps; ++ks) flash::accumulators_to_a(pa[ks], s[2 * ks], s[2 * ks + 1]);
+      flash::fence_registers(o);
+      flash::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kPSteps; ++ks)
+        flash::wgmma_m64n128k16_rs<1>(
+            o, pa[ks], flash::wgmma_descriptor(s_v(stage) + ks * 16 * KVTile::kRowBytes, KVTile::kBlockBytes, 1024));
+      flash::wgmma_commit();
+      flash::wgmma_wait_all();
+      flash::fence_registers(o);
+      flash::fence_registers(pa);
+    }
+    __syncthreads();  // this stage is refilled by the next iteration's prefetch
+  }
+
+#pragma unroll
+  for (int d = 1; d <= 2; d <<= 1) {
+    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, d);
+    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, d);
+  }
+  if constexpr (SELECTED) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = half ? r1 : r0;
+      if (s_row[r] < 0) continue;
+      const float m = half ? m1 : m0, l = half ? l1 : l0;
+      const int64_t entry = s_aux[r] - a.dispatch.entry_base;
+      const float inv = 1.0f / l;
+      float* dst = a.o_part + entry * a.D;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        const int col = d * 8 + 2 * tig;
+        if (col < a.D)
+          *reinterpret_cast<float2*>(dst + col) = make_float2(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
+      }
+      if (tig == 0) a.lse_part[entry] = (m + log2f(l)) * kLn2;
+    }
+  } else {
+    // Merge with the selected blocks' partials exactly as moba_forward_kernel: LSE = logsumexp of all parts,
+    // O = sum of exp(lse_i - LSE) o_i, the partials staged through shared memory one selection slot at a time.
+    float* s_diag = reinterpret_cast<float*>(s_aux + kRows);  // (kRows) log2 denominator of the current-block part
+    float* s_lse2 = s_diag + kRows;                           // (kRows) log2 of the merged denominator
+    float* s_weight = s_lse2 + kRows;                         // (kRows) weight of the partial being added
+    int* s_n_past = reinterpret_cast<int*>(s_weight + kRows);  // (kRows) selected past blocks of the row
+    __shared__ int s_max_past;
+    if (tig == 0) {
+      s_diag[r0] = m0 + log2f(l0);
+      s_diag[r1] = m1 + log2f(l1);
+    }
+    if (tid == 0) s_max_past = 0;
+    __syncthreads();
+    if (tid < kRows) {
+      const int row = s_row[tid];
+      int n_past = 0;
+      float lse2 = 0.0f;
+      if (row >= 0) {
+        const int current = s_aux[tid];
+        const int32_t* sel = a.selected + static_cast<int64_t>(row) * a.top_k;
+        const float* part_lse = a.lse_part + (static_cast<int64_t>(row) * past_slots - a.dispatch.entry_base);
+        float top = s_diag[tid];
+        while (n_past < past_slots && sel[n_past] >= 0 && sel[n_past] < current) {
+          top = fmaxf(top, part_lse[n_past] * kLog2e);
+          ++n_past;
+        }
+        float total = exp2f(s_diag[tid] - top);
+        for (int i = 0; i < n_past; ++i) total += exp2f(part_lse[i] * kLog2e - top);
+        lse2 = top + log2f(total);
+        a.lse[row] = lse2 * kLn2;
+        atomicMax(&s_max_past, n_past);
+      }
+      s_lse2[tid] = lse2;
+      s_n_past[tid] = n_past;
+    }
+    __syncthreads();
+    const float w_diag0 = l0 > 0.0f ? exp2f(s_diag[r0] - s_lse2[r0]) / l0 : 0.0f;
+    const float w_diag1 = l1 > 0.0f ? exp2f(s_diag[r1] - s_lse2[r1]) / l1 : 0.0f;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      o[d][0] *= w_diag0;
+      o[d][1] *= w_diag0;
+      o[d][2] *= w_diag1;
+      o[d][3] *= w_diag1;
+    }
+    constexpr int LDF = Shape::kStageLd;
+    float* stage = reinterpret_cast<float*>(tiles);  // (kRows, LDF) f32 over the Q/K/V tiles, all reads done
+    const int max_past = s_max_past;
+    for (int i = 0; i < max_past; ++i) {
+      for (int idx = tid; idx < kRows * 32; idx += kThreads) {
+        const int r = idx >> 5, c = (idx & 31) * 4;
+        const int row = s_row[r];
+        const bool ok = row >= 0 && i < s_n_past[r] && c < a.D;
+        const int64_t entry = static_cast<int64_t>(row) * past_slots + i - a.dispatch.entry_base;
+        cp_async16(stage + r * LDF + c, ok ? a.o_part + entry * a.D + c : a.o_part, ok ? 16 : 0);
+      }
+      cp_async_commit();
+      if (tid < kRows) {
+        const int row = s_row[tid];
+        s_weight[tid] = row >= 0 && i < s_n_past[tid]
+                            ? exp2f(a.lse_part[static_cast<int64_t>(row) * past_slots + i - a.dispatch.entry_base] *
+                                        kLog2e -
+                                    s_lse2[tid])
+                            : 0.0f;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+      const float w0 = s_weight[r0], w1 = s_weight[r1];
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        const int col = d * 8 + 2 * tig;
+        const float2 p0 = *reinterpret_cast<const float2*>(stage + r0 * LDF + col);
+        const float2 p1 = *reinterpret_cast<const float2*>(stage + r1 * LDF + col);
+        o[d][0] += w0 * p0.x;
+        o[d][1] += w0 * p0.y;
+        o[d][2] += w1 * p1.x;
+        o[d][3] += w1 * p1.y;
+      }
+      __syncthreads();  // the next slot overwrites the staging buffer
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = s_row[half ? r1 : r0];
+      if (row < 0) continue;
+      bf16* dst = a.out + static_cast<int64_t>(row) * a.D;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        const int col = d * 8 + 2 * tig;
+        if (col < a.D)
+          *reinterpret_cast<__nv_bfloat162*>(dst + col) =
+              __floats2bfloat162_rn(o[d][2 * half], o[d][2 * half + 1]);
+      }
+    }
+  }
+}
+
+template <int kWg, bool SELECTED>
+void launch_forward_wgmma(const ForwardArgs& a, dim3 grid, cudaStream_t stream) {
+  constexpr size_t bytes = WgForwardShape<kWg>::kSmemBytes;
+  static const bool configured = [] {
+    MOBA_CUDA_CHECK(cudaFuncSetAttribute(moba_forward_wgmma_kernel<kWg, SELECTED>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    return true;
+  }();
+  (void)configured;
+  moba_forward_wgmma_kernel<kWg, SELECTED><<<grid, WgForwardShape<kWg>::kThreads, bytes, stream>>>(a);
+  MOBA_CUDA_CHECK(cudaGetLastError());
+}
+
+// The wgmma kernels exist for compute capability 9.0 (built for sm_90a) only.
+bool device_has_wgmma(const CudaContext& ctx) {
+  int major = 0, minor = 0;
+  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ctx.device));
+  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ctx.device));
+  return major == 9 && minor == 0;
+}
+
+// One pass over [token_begin, token_end) (current block) or over the chunk's dispatch items (selected): wgmma
+// kernels (two warpgroups x 64 rows per CTA) on sm_90 for head dims above 64, moba_forward_kernel otherwise.
+template <bool SELECTED>
+void launch_pass(const ForwardArgs& a, bool wgmma, int64_t token_begin, int64_t token_end, cudaStream_t stream) {
+  constexpr int kWg = 2;
+  auto grid = [&](int rows) {
+    return SELECTED ? dim3(static_cast<unsigned>(a.dispatch.max_items))
+                    : dim3(static_cast<unsigned>((token_end - token_begin + rows - 1) / rows), a.H);
+  };
+  if (wgmma) launch_forward_wgmma<kWg, SELECTED>(a, grid(64 * kWg), stream);
+  else if (a.D <= 64) launch_forward<64, SELECTED>(a, grid(64), stream);
+  else launch_forward<128, SELECTED>(a, grid(64), stream);
+}
+
 }  // namespace
 
 int64_t entry_budget_bytes() {
@@ -561,13 +971,10 @@ void moba_attention_forward(const CudaContext& ctx, bf16* out, float* lse, const
   check_moba_shape("moba_attention_forward", N, H, Hkv, D, block_size, top_k, n_segments);
   if (N == 0) return;
   ForwardArgs a{out, lse, nullptr, nullptr, q, k, v, selected, cu_seqlens, Dispatch{}, n_segments, N, H, Hkv, D,
-                block_size, top_k, softmax_scale * kLog2e, 0};
-  const int64_t n_tiles = (N + 63) / 64;
+                block_size, top_k, softmax_scale * kLog2e, 0, N};
+  const bool wgmma = D > 64 && device_has_wgmma(ctx);
   if (top_k == 1) {  // current block only: no partials
-    if (D <= 64)
-      launch_forward<64, false>(a, dim3(static_cast<unsigned>(n_tiles), H), ctx.stream);
-    else
-      launch_forward<128, false>(a, dim3(static_cast<unsigned>(n_tiles), H), ctx.stream);
+    launch_pass<false>(a, wgmma, 0, N, ctx.stream);
     return;
   }
   // Query tokens in chunks whose partials fit kEntryBudgetBytes (one chunk at the usual sizes): per chunk, the
@@ -583,15 +990,9 @@ void moba_attention_forward(const CudaContext& ctx, bf16* out, float* lse, const
     a.dispatch = build_dispatch(ctx, 5, selected, cu_seqlens, n_segments, N, H, Hkv, block_size, top_k, token_begin,
                                 token_end, chunk);
     a.tile_offset = static_cast<int>(token_begin / 64);
-    const dim3 selected_grid(static_cast<unsigned>(a.dispatch.max_items));
-    const dim3 current_grid(static_cast<unsigned>((token_end - token_begin + 63) / 64), H);
-    if (D <= 64) {
-      launch_forward<64, true>(a, selected_grid, ctx.stream);
-      launch_forward<64, false>(a, current_grid, ctx.stream);
-    } else {
-      launch_forward<128, true>(a, selected_grid, ctx.stream);
-      launch_forward<128, false>(a, current_grid, ctx.stream);
-    }
+    a.token_end = token_end;
+    launch_pass<true>(a, wgmma, token_begin, token_end, ctx.stream);
+    launch_pass<false>(a, wgmma, token_begin, token_end, ctx.stream);
   }
 }
 
