@@ -235,16 +235,16 @@ __device__ __forceinline__ void load_a_transposed(uint32_t (&a)[4], const bf16* 
   ldmatrix_x4_trans(a, tile + (k0 + (lane & 7) + ((lane >> 4) << 3)) * ld + r0 + ((lane >> 3) & 1) * 8);
 }
 
-// dq (rows) += dq_acc in bf16, 8 channels per thread (D % 8 == 0).
-__global__ void add_dq_kernel(bf16* __restrict__ dq, const float* __restrict__ dq_acc, int64_t n_vectors) {
+// dq (rows) += scale * dq_acc in bf16, 8 channels per thread (D % 8 == 0).
+__global__ void add_dq_kernel(bf16* __restrict__ dq, const float* __restrict__ dq_acc, int64_t n_vectors, float scale) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n_vectors) return;
   uint4 g = reinterpret_cast<uint4*>(dq)[i];
   const float4 x0 = reinterpret_cast<const float4*>(dq_acc)[2 * i], x1 = reinterpret_cast<const float4*>(dq_acc)[2 * i + 1];
-  g.x = pack_bf16(bf16_lo(g.x) + x0.x, bf16_hi(g.x) + x0.y);
-  g.y = pack_bf16(bf16_lo(g.y) + x0.z, bf16_hi(g.y) + x0.w);
-  g.z = pack_bf16(bf16_lo(g.z) + x1.x, bf16_hi(g.z) + x1.y);
-  g.w = pack_bf16(bf16_lo(g.w) + x1.z, bf16_hi(g.w) + x1.w);
+  g.x = pack_bf16(fmaf(x0.x, scale, bf16_lo(g.x)), fmaf(x0.y, scale, bf16_hi(g.x)));
+  g.y = pack_bf16(fmaf(x0.z, scale, bf16_lo(g.y)), fmaf(x0.w, scale, bf16_hi(g.y)));
+  g.z = pack_bf16(fmaf(x1.x, scale, bf16_lo(g.z)), fmaf(x1.y, scale, bf16_hi(g.z)));
+  g.w = pack_bf16(fmaf(x1.z, scale, bf16_lo(g.w)), fmaf(x1.w, scale, bf16_hi(g.w)));
   reinterpret_cast<uint4*>(dq)[i] = g;
 }
 
@@ -456,7 +456,7 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
           const int col = col_base + part * 32 + n * 8 + ((lane & 3) >> 1) * 4;
           if (my_row >= 0 && col < a.D)
             atomicAdd(reinterpret_cast<float4*>(a.dq_acc + static_cast<int64_t>(my_row) * a.D + col),
-                      make_float4(v.x * a.scale, v.y * a.scale, v.z * a.scale, v.w * a.scale));
+                      v);  // unscaled: add_dq_kernel applies the scale
         }
       }
     }
@@ -513,7 +513,9 @@ void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic)
     const char* v = std::getenv("MOBA_CUDA_DKV");
     return v != nullptr && std::string(v) == "mma";
   }();
-  const bool wgmma = !forced_mma && use_wgmma_dkv(ctx, DP);
+  auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
+  const bool wgmma = !forced_mma && use_wgmma_dkv(ctx, DP) && aligned16(a.dk) && aligned16(a.dv) &&
+                     aligned16(a.q) && aligned16(a.k) && aligned16(a.v) && aligned16(a.dout);
   const int64_t rows = a.N * a.H;
   const int64_t delta_threads = rows * (DP / 8);
   delta_kernel<DP><<<static_cast<unsigned>((delta_threads + 255) / 256), 256, 0, stream>>>(a.delta, a.out, a.dout,
@@ -564,7 +566,7 @@ void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic)
     MOBA_CUDA_CHECK(cudaGetLastError());
   }
   const int64_t vectors = rows * a.D / 8;
-  add_dq_kernel<<<static_cast<unsigned>((vectors + 255) / 256), 256, 0, stream>>>(a.dq, a.dq_acc, vectors);
+  add_dq_kernel<<<static_cast<unsigned>((vectors + 255) / 256), 256, 0, stream>>>(a.dq, a.dq_acc, vectors, a.scale);
   MOBA_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -15,7 +15,7 @@ struct BackwardArgs {
   bf16* dv;               // (N, Hkv, D) +=
   float* dq_part;         // deterministic: (entries of the chunk, D) dQ of each selected block, already scaled,
                           // indexed by entry - dispatch.entry_base
-  float* dq_acc;          // otherwise: (N, H, D) f32 dQ accumulated with atomics by the dK/dV kernel
+  float* dq_acc;          // otherwise: (N, H, D) f32 dS K (unscaled) accumulated with atomics by the dK/dV kernel
   float* delta;           // (N, H)
   const bf16* dout;       // (N, H, D)
   const bf16* q;
@@ -144,7 +144,7 @@ __device__ __forceinline__ int2 visible_rows(int key, int key_block_start, int k
   return key_block_start == sel_start ? make_int2(0, INT_MAX) : make_int2(INT_MAX, INT_MIN);
 }
 
-// Launches the warpgroup-MMA dK/dV kernel (D = 128 padded, sm_90a): dk, dv += and, with fused_dq, dq_acc += scale * dS K
+// Launches the warpgroup-MMA dK/dV kernel (D = 128 padded, sm_90a): dk, dv += and, with fused_dq, dq_acc += dS K
 // for every row (float atomics). Defined in moba_backward_wgmma.cu.
 void launch_dkv_wgmma(const BackwardArgs& a, cudaStream_t stream, bool fused_dq);
 

@@ -46,8 +46,25 @@ struct WgSmem {
   static constexpr int kEntry = kRow + 4 * kWgRows * 4;    // (2, 64) int: dispatch entries of tiles ahead
   static constexpr int kKeyStart = kEntry + 2 * kWgRows * 4;   // (128) int: block start of each key
   static constexpr int kKeyRowEnd = kKeyStart + kWgKeys * 4;   // (128) int: end of each key's causal rows
-  static constexpr int kBytes = kKeyRowEnd + kWgKeys * 4 + 1024;
+  // (8 warps, 16 rows, kStagePitch) f32: each warp's dQ accumulators of the previous step, waiting for their
+  // reductions (row pitch 72 floats: the 8-byte stores of one instruction hit distinct banks per half-warp).
+  static constexpr int kStagePitch = 72;
+  static constexpr int kStage = kKeyRowEnd + kWgKeys * 4;
+  static constexpr int kBytes = kStage + 8 * 16 * kStagePitch * 4 + 1024;
+  // After the main loop: dk and dv as bf16 (128 keys, kOutPitch) over the K/V and Q/dO tiles (conflict-free pitch).
+  static constexpr int kOutPitch = 136;
+  static constexpr int kDkOut = kK, kDvOut = kQ;
+  static_assert(kWgKeys * kOutPitch * 2 <= kQ - kK && kWgKeys * kOutPitch * 2 <= kDs - kQ);
 };
+
+// Eight bf16 sums in f32, rounded once (x + y per element, as the old read-add-write of pairs did).
+__device__ __forceinline__ uint4 add_bf16x8(uint4 x, uint4 y) {
+  const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+  uint32_t r[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) r[i] = pack_bf16(bf16_lo(xs[i]) + bf16_lo(ys[i]), bf16_hi(xs[i]) + bf16_hi(ys[i]));
+  return make_uint4(r[0], r[1], r[2], r[3]);
+}
 
 template <bool FUSED_DQ>
 __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const BackwardArgs a) {
@@ -82,6 +99,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
   fl::cp_async_commit();
   __syncthreads();  // work
   const int n_tiles = work.n_tiles(a, key_begin);
+  // The epilogue reads dk/dv rows back (+=): bring them into L2 now, so a short CTA does not wait on DRAM there.
+  for (int i = tid; i < 2 * (key_end - key_begin) * 2; i += kWgThreads) {  // (dk | dv, key, 128-byte half)
+    const int which = i & 1, half = (i >> 1) & 1, key = key_begin + (i >> 2);
+    const bf16* p = (which ? a.dv : a.dk) + (static_cast<int64_t>(key) * a.Hkv + kv_head) * a.D + half * 64;
+    if (half * 64 < a.D) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+  }
 
   // Per key of the tile: its block's start and the end of its causal rows (INT_MIN past N), for the masks.
   if (tid < kWgKeys) {
@@ -151,6 +174,38 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
   if (tid < kWgRows) fetch(2);
   fl::cp_async_commit();  // E(2)
 
+  // dQ of a step leaves in two halves: its accumulators go to this warp's staging rows (stage_dq), and one step
+  // later, after that step's proxy fences (which would otherwise wait for the reductions to complete), they are
+  // added into dq_acc (flush_dq): two rows of 64 columns per warp instruction, 16 bytes per lane, whole 256-byte
+  // row segments per reduction as in the dense kernel's tile order (scattered 8-byte reductions throttled the LSU).
+  const uint32_t s_stage = base + WgSmem::kStage + warp * 16 * WgSmem::kStagePitch * 4;
+  auto stage_dq = [&](const float (&acc)[8][4]) {
+    __syncwarp();  // the previous flush's reads of these rows are done
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t col = (j * 8 + 2 * tig) * 4;
+      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(s_stage + g * WgSmem::kStagePitch * 4 + col),
+                   "f"(acc[j][0]), "f"(acc[j][1]));
+      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(s_stage + (g + 8) * WgSmem::kStagePitch * 4 + col),
+                   "f"(acc[j][2]), "f"(acc[j][3]));
+    }
+    __syncwarp();
+  };
+  auto flush_dq = [&](int tile) {  // the staged rows of `tile` (its row ids are still in slot tile & 3)
+    const int* row_s = s_row + (tile & 3) * kWgRows + (warp % 4) * 16;
+    const int c4 = (lane & 15) * 4;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = 2 * i + (lane >> 4);
+      const int row = row_s[r];
+      float v[4];
+      asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
+                   : "r"(s_stage + (r * WgSmem::kStagePitch + c4) * 4));
+      if (row >= 0 && wg * 64 + c4 < a.D) fl::red_add_f32x4(a.dq_acc + static_cast<int64_t>(row) * a.D + wg * 64 + c4, v);
+    }
+  };
+
   float dk[kDTiles][4] = {}, dv[kDTiles][4] = {};
   const uint32_t key_rows = wg * 64 * KeyTile::kRowBytes;  // this warpgroup's 64 keys inside each column block
   for (int tile = 0; tile < n_tiles; ++tile) {
@@ -177,6 +232,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
                                    fl::wgmma_descriptor(s_do(stage) + q_column, 16, 1024));
     }
     fl::wgmma_commit();
+    // ---- while the tensor cores run: the row ids of tile + 2, the dispatch entries of tile + 3 ----
+    fl::cp_async_wait<1>();  // E(tile + 2) has landed (L(tile + 1) may still be in flight)
+    if (tid < kWgRows) {
+      publish(tile + 2);
+      fetch(tile + 3);
+    }
+    fl::cp_async_commit();  // E(tile + 3)
     fl::wgmma_wait_all();
     fl::fence_registers(s);
     fl::fence_registers(dp);
@@ -234,13 +296,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
       fl::wgmma_m64n128k16_rs<1>(dk, a_ds[ks], fl::wgmma_descriptor(s_q(stage) + rows, RowTile::kBlockBytes, 1024));
     }
     fl::wgmma_commit();
-    // ---- while the tensor cores run: the row ids of tile + 2, the dispatch entries of tile + 3 ----
-    fl::cp_async_wait<1>();  // E(tile + 2) has landed (L(tile + 1) may still be in flight)
-    if (tid < kWgRows) {
-      publish(tile + 2);
-      fetch(tile + 3);
-    }
-    fl::cp_async_commit();  // E(tile + 3)
     if constexpr (FUSED_DQ) {
       // ---- dS^T to shared memory (bf16); dQ sums over all 128 keys of the CTA ----
 #pragma unroll
@@ -262,29 +317,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
                                                           KeyTile::kBlockBytes, 1024));
       }
       fl::wgmma_commit();
+      if (tile > 0) flush_dq(tile - 1);  // under the dQ MMAs
       fl::wgmma_wait_all();
       fl::fence_registers(acc);
       fl::fence_registers(dv);
       fl::fence_registers(dk);
       fl::fence_registers(a_p);
       fl::fence_registers(a_ds);
-      // Rows g and g + 8 of the warp's 16; a lane pair (tig, tig ^ 1) trades halves so that the even lane holds 4
-      // consecutive columns of row g and the odd lane those of row g + 8: one 16-byte reduction each per n8 tile.
-      const int* row_s = s_row + (tile & 3) * kWgRows;
-      const int band = (warp % 4) * 16;
-      const bool even = (tig & 1) == 0;
-      const int my_row = even ? row_s[band + g] : row_s[band + g + 8];
-      float* dst = a.dq_acc + static_cast<int64_t>(my_row) * a.D + wg * 64 + (tig >> 1) * 4;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float give0 = even ? acc[j][2] : acc[j][0], give1 = even ? acc[j][3] : acc[j][1];
-        const float got0 = __shfl_xor_sync(0xFFFFFFFFu, give0, 1), got1 = __shfl_xor_sync(0xFFFFFFFFu, give1, 1);
-        float v[4] = {even ? acc[j][0] : got0, even ? acc[j][1] : got1, even ? got0 : acc[j][2],
-                      even ? got1 : acc[j][3]};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) v[i] *= a.scale;
-        if (my_row >= 0 && wg * 64 + j * 8 < a.D) fl::red_add_f32x4(dst + j * 8, v);
-      }
+      stage_dq(acc);
     } else {
       fl::wgmma_wait_all();
       fl::fence_registers(dv);
@@ -293,24 +333,47 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
       fl::fence_registers(a_ds);
     }
   }
+  if constexpr (FUSED_DQ) {
+    if (n_tiles > 0) flush_dq(n_tiles - 1);
+  }
   fl::cp_async_wait<0>();  // n_tiles == 0: the K/V group is still committed
+  __syncthreads();         // every warpgroup is done with K, V, Q and dO: they become the output staging
 
-  // ---- dK (scaled) and dV added into the bf16 outputs ----
+  // ---- dK (scaled) and dV added into the bf16 outputs, through shared memory: 16-byte accesses per row ----
+  const uint32_t s_dk = base + WgSmem::kDkOut, s_dv = base + WgSmem::kDvOut;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int u = key_begin + warp * 16 + half * 8 + g;
-    if (u >= key_end) continue;
-    const int64_t row = (static_cast<int64_t>(u) * a.Hkv + kv_head) * a.D;
+    const int key = warp * 16 + half * 8 + g;
 #pragma unroll
     for (int dt = 0; dt < kDTiles; ++dt) {
-      const int col = dt * 8 + 2 * tig;
-      if (col >= a.D) continue;
-      __nv_bfloat162* gk = reinterpret_cast<__nv_bfloat162*>(a.dk + row + col);
-      __nv_bfloat162* gv = reinterpret_cast<__nv_bfloat162*>(a.dv + row + col);
-      const float2 old_k = __bfloat1622float2(*gk), old_v = __bfloat1622float2(*gv);
-      *gk = __floats2bfloat162_rn(old_k.x + dk[dt][2 * half] * a.scale, old_k.y + dk[dt][2 * half + 1] * a.scale);
-      *gv = __floats2bfloat162_rn(old_v.x + dv[dt][2 * half], old_v.y + dv[dt][2 * half + 1]);
+      const uint32_t at = (key * WgSmem::kOutPitch + dt * 8 + 2 * tig) * 2;
+      fl::st_shared_4(s_dk + at, fl::pack_bf16(dk[dt][2 * half] * a.scale, dk[dt][2 * half + 1] * a.scale));
+      fl::st_shared_4(s_dv + at, fl::pack_bf16(dv[dt][2 * half], dv[dt][2 * half + 1]));
     }
+  }
+  __syncthreads();
+  constexpr int kPasses = kWgKeys * 16 / kWgThreads;  // 16-byte chunks per row
+  const int c8 = (tid % 16) * 8, key0 = tid / 16;
+  uint4 old_k[kPasses], old_v[kPasses];
+#pragma unroll
+  for (int i = 0; i < kPasses; ++i) {  // every load in flight before the first add
+    const int key = key0 + i * (kWgThreads / 16);
+    const int64_t at = (static_cast<int64_t>(key_begin + key) * a.Hkv + kv_head) * a.D + c8;
+    const bool ok = key_begin + key < key_end && c8 < a.D;
+    old_k[i] = ok ? *reinterpret_cast<const uint4*>(a.dk + at) : make_uint4(0, 0, 0, 0);
+    old_v[i] = ok ? *reinterpret_cast<const uint4*>(a.dv + at) : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int i = 0; i < kPasses; ++i) {
+    const int key = key0 + i * (kWgThreads / 16);
+    if (key_begin + key >= key_end || c8 >= a.D) continue;
+    const int64_t at = (static_cast<int64_t>(key_begin + key) * a.Hkv + kv_head) * a.D + c8;
+    const uint32_t from = (key * WgSmem::kOutPitch + c8) * 2;
+    uint4 nk, nv;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(nk.x), "=r"(nk.y), "=r"(nk.z), "=r"(nk.w) : "r"(s_dk + from));
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(nv.x), "=r"(nv.y), "=r"(nv.z), "=r"(nv.w) : "r"(s_dv + from));
+    *reinterpret_cast<uint4*>(a.dk + at) = add_bf16x8(old_k[i], nk);
+    *reinterpret_cast<uint4*>(a.dv + at) = add_bf16x8(old_v[i], nv);
   }
 }
 
