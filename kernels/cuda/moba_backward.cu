@@ -1,13 +1,15 @@
 // MoBA attention backward on the GPU (moba-spec.md, Backward): with P = exp(scale * S - LSE), Delta = rowsum(dO * O),
 // dS = P * (dO V^T - Delta): dQ = scale * dS K, dK = scale * dS^T Q, dV = P^T dO, over the same union of keys as
 // the forward. Kernels, in stream order:
-//   delta             Delta (N, H) f32.
-//   dk/dv             per (64-key tile, kv head): the causal queries of the keys' own blocks (all heads of the
-//                     group), then every row that chose one of the tile's blocks (the dispatch of all rows),
-//                     accumulated in registers and added into dk/dv (bf16) once.
-// dQ, deterministic = false (what the backend uses): the dK/dV kernel also computes dQ = scale * dS K per row tile
-//   and adds it into an f32 buffer with atomics (FlashAttention-2's backward, 5 matrix products per pair); a last
-//   pass adds the buffer into dq (bf16).
+//   delta             Delta (N, H) f32 (and the zeroing of the atomic dQ buffer).
+//   dk/dv             per (tile of keys, kv head): every row that chose one of the tile's blocks (the dispatch of
+//                     all rows), then the causal queries of the keys' own blocks (all heads of the group),
+//                     accumulated in registers and added into dk/dv (bf16) once. On sm_90 with D = 128 this is the
+//                     warpgroup-MMA kernel of moba_backward_wgmma.cu (128 keys per CTA), else moba_dkv_kernel below
+//                     (64 keys, mma.sync); MOBA_CUDA_DKV=mma forces the latter.
+// dQ, deterministic = false (what the backend uses): the dK/dV kernel also computes dS K per row tile and adds it
+//   into an f32 buffer with atomics (FlashAttention-2's backward, 5 matrix products per pair); a last pass adds
+//   scale times the buffer into dq (bf16).
 // dQ, deterministic = true: two extra passes per chunk of query tokens recompute P and dS query-major (7 products
 //   per pair): per dispatch item the selected block's dQ -> a per-(row, selection slot) f32 part; per (64-token
 //   tile, head) the causal current-block dQ + the row's parts in selection order, added into dq. No atomics:
@@ -27,10 +29,11 @@ namespace moba::cuda {
 namespace moba_detail {
 namespace {
 
-// Delta (rows) = rowsum(dout * out) in f32; DP / 8 threads per row, 8 channels each.
+// Delta (rows) = rowsum(dout * out) in f32; DP / 8 threads per row, 8 channels each. With dq_acc (the atomic dQ
+// path), also zeroes its rows: one pass instead of a separate memset.
 template <int DP>
-__global__ void delta_kernel(float* __restrict__ delta, const bf16* __restrict__ out, const bf16* __restrict__ dout,
-                             int64_t rows, int D) {
+__global__ void delta_kernel(float* __restrict__ delta, float* __restrict__ dq_acc, const bf16* __restrict__ out,
+                             const bf16* __restrict__ dout, int64_t rows, int D) {
   constexpr int kThreadsPerRow = DP / 8;
   const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t row = gid / kThreadsPerRow;
@@ -42,6 +45,11 @@ __global__ void delta_kernel(float* __restrict__ delta, const bf16* __restrict__
     const uint32_t ow[4] = {o.x, o.y, o.z, o.w}, gw[4] = {g.x, g.y, g.z, g.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) sum += bf16_lo(ow[i]) * bf16_lo(gw[i]) + bf16_hi(ow[i]) * bf16_hi(gw[i]);
+    if (dq_acc != nullptr) {
+      float4* z = reinterpret_cast<float4*>(dq_acc + row * D + c);
+      z[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      z[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
   }
 #pragma unroll
   for (int d = kThreadsPerRow / 2; d > 0; d >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, d);
@@ -255,7 +263,7 @@ __global__ void add_dq_kernel(bf16* __restrict__ dq, const float* __restrict__ d
 // Selected rows first: the B / 64 CTAs of a block are launched together and stream the same gathered Q/dO rows in
 // step, so all but the first read them from L2 (causal rows first desynchronised them: 25-35% slower backward).
 // dK/dV of both parts accumulate in registers and are added into dk/dv (bf16) once: no f32 (N, Hkv, D) buffer.
-// FUSED_DQ (deterministic = false): each row tile also adds its dQ = scale * dS K into dq_acc with f32 atomics
+// FUSED_DQ (deterministic = false): each row tile also adds its dS K (dQ before the scale) into dq_acc with f32 atomics
 // (FlashAttention-2's backward: 5 matrix products per pair instead of 7 with the separate dQ pass), float4 atomics
 // (half the atomic operations of float2; measured neutral at D = 128, see bench/notes/moba_kernels.md).
 template <int DP, bool FUSED_DQ>
@@ -518,8 +526,8 @@ void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic)
                      aligned16(a.q) && aligned16(a.k) && aligned16(a.v) && aligned16(a.dout);
   const int64_t rows = a.N * a.H;
   const int64_t delta_threads = rows * (DP / 8);
-  delta_kernel<DP><<<static_cast<unsigned>((delta_threads + 255) / 256), 256, 0, stream>>>(a.delta, a.out, a.dout,
-                                                                                           rows, a.D);
+  delta_kernel<DP><<<static_cast<unsigned>((delta_threads + 255) / 256), 256, 0, stream>>>(
+      a.delta, deterministic ? nullptr : a.dq_acc, a.out, a.dout, rows, a.D);
   MOBA_CUDA_CHECK(cudaGetLastError());
   const dim3 dkv_grid(static_cast<unsigned>((a.N + kKvKeys - 1) / kKvKeys), a.Hkv);
   constexpr int kKvThreads = 32 * kKvWarps;
@@ -558,7 +566,7 @@ void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic)
     }
     return;
   }
-  MOBA_CUDA_CHECK(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(rows) * a.D * sizeof(float), stream));
+  // dq_acc was zeroed by delta_kernel.
   if (wgmma) {
     launch_dkv_wgmma(a, stream, true);
   } else {

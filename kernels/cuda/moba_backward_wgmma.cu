@@ -194,16 +194,20 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
   auto flush_dq = [&](int tile) {  // the staged rows of `tile` (its row ids are still in slot tile & 3)
     const int* row_s = s_row + (tile & 3) * kWgRows + (warp % 4) * 16;
     const int c4 = (lane & 15) * 4;
+    float v[8][4];
+    int rows[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < 8; ++i) {  // all shared loads first: one latency for the eight
       const int r = 2 * i + (lane >> 4);
-      const int row = row_s[r];
-      float v[4];
+      rows[i] = row_s[r];
       asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                   : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
+                   : "=f"(v[i][0]), "=f"(v[i][1]), "=f"(v[i][2]), "=f"(v[i][3])
                    : "r"(s_stage + (r * WgSmem::kStagePitch + c4) * 4));
-      if (row >= 0 && wg * 64 + c4 < a.D) fl::red_add_f32x4(a.dq_acc + static_cast<int64_t>(row) * a.D + wg * 64 + c4, v);
     }
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (rows[i] >= 0 && wg * 64 + c4 < a.D)
+        fl::red_add_f32x4(a.dq_acc + static_cast<int64_t>(rows[i]) * a.D + wg * 64 + c4, v[i]);
   };
 
   float dk[kDTiles][4] = {}, dv[kDTiles][4] = {};
