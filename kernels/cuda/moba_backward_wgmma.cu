@@ -87,8 +87,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
   constexpr int kD = 128, kRowTiles = kWgRows / 8, kDTiles = kD / 8, kKStepsD = kD / 16, kKStepsM = kWgRows / 16;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
   const int wg = warp / 4;
-  const int kv_head = blockIdx.y;
-  const int key_begin = blockIdx.x * kWgKeys;  // heavy tiles (early blocks, chosen by most rows) launch first
+  // Heads vary fastest in launch order, so the heavy key tiles (early blocks, chosen by the most rows) of every head
+  // start in the first wave instead of head by head (the last heads' heavy tiles then set the tail).
+  const int kv_head = blockIdx.x;
+  const int key_begin = blockIdx.y * kWgKeys;
   const int key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + kWgKeys, a.N));
   if (warp == 0) work.build(a, key_begin, key_end, kv_head, lane);
 
@@ -389,7 +391,7 @@ void launch(const BackwardArgs& a, cudaStream_t stream) {
     return true;
   }();
   (void)configured;
-  const dim3 grid(static_cast<unsigned>((a.N + kWgKeys - 1) / kWgKeys), a.Hkv);
+  const dim3 grid(a.Hkv, static_cast<unsigned>((a.N + kWgKeys - 1) / kWgKeys));  // y <= 65535: N <= 8.3M
   moba_dkv_wgmma_kernel<FUSED_DQ><<<grid, kWgThreads, WgSmem::kBytes, stream>>>(a);
   MOBA_CUDA_CHECK(cudaGetLastError());
 }
