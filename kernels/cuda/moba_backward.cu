@@ -523,8 +523,7 @@ void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic)
   }();
   auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
   const bool wgmma = !forced_mma && use_wgmma_dkv(ctx, DP) && aligned16(a.dk) && aligned16(a.dv) &&
-                     aligned16(a.q) && aligned16(a.k) && aligned16(a.v) && aligned16(a.dout) &&
-                     (a.N + 127) / 128 <= 65535;  // its grid's y dimension holds the 128-key tiles
+                     aligned16(a.q) && aligned16(a.k) && aligned16(a.v) && aligned16(a.dout);
   const int64_t rows = a.N * a.H;
   const int64_t delta_threads = rows * (DP / 8);
   delta_kernel<DP><<<static_cast<unsigned>((delta_threads + 255) / 256), 256, 0, stream>>>(
