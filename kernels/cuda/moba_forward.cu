@@ -210,6 +210,109 @@ constexpr size_t forward_smem_bytes() {
 // SELECTED: blockIdx.x is a dispatch work item (bucket, chunk): up to 64 gathered rows x one complete block, all
 // keys visible; writes o_part/lse_part. Otherwise: blockIdx.x is a 64-token tile, blockIdx.y the head; row t sees
 // keys [block_start(t), t]; merges its rows' partials and writes out/lse.
+// Epilogue of the current-block pass of both forward kernels: merges the current block's (o, running max m, sum l)
+// of the thread's rows r0, r1 (fragment rows; columns quad_col + 8 d, + 1) with the rows' selected-block partials,
+// LSE = logsumexp of all parts and O = sum of exp(lse_i - LSE) o_i, and writes out and lse. The partials are staged
+// through shared memory one selection slot at a time (coalesced, all loads in flight at once); per-thread scattered
+// loads made this epilogue latency-bound. s_words: 4 kRows free words; stage: (kRows, LDF) f32 over buffers every
+// warp is done with at the first barrier. Called by all kThreads threads.
+template <int kRows, int kThreads, int DP, int LDF, int DT>
+__device__ __forceinline__ void merge_partials(const ForwardArgs& a, float (&o)[DT][4], float m0, float l0, float m1,
+                                               float l1, int r0, int r1, int quad_col, const int* s_row,
+                                               const int* s_aux, float* s_words, float* stage) {
+  const int tid = threadIdx.x;
+  const int past_slots = a.top_k - 1;
+  float* s_diag = s_words;  // (kRows) log2 denominator of the current-block part
+  float* s_lse2 = s_diag + kRows;  // (kRows) log2 of the merged denominator
+  float* s_weight = s_lse2 + kRows;  // (kRows) weight of the partial being added
+  int* s_n_past = reinterpret_cast<int*>(s_weight + kRows);  // (kRows) selected past blocks of the row
+  __shared__ int s_max_past;
+  if ((threadIdx.x & 3) == 0) {
+    s_diag[r0] = m0 + log2f(l0);
+    s_diag[r1] = m1 + log2f(l1);
+  }
+  if (tid == 0) s_max_past = 0;
+  __syncthreads();  // also: every warp is done with what `stage` overlays
+  if (tid < kRows) {
+    const int row = s_row[tid];
+    int n_past = 0;
+    float lse2 = 0.0f;
+    if (row >= 0) {
+      const int current = s_aux[tid];
+      const int32_t* sel = a.selected + static_cast<int64_t>(row) * a.top_k;
+      const float* part_lse = a.lse_part + (static_cast<int64_t>(row) * past_slots - a.dispatch.entry_base);
+      float top = s_diag[tid];
+      while (n_past < past_slots && sel[n_past] >= 0 && sel[n_past] < current) {
+        top = fmaxf(top, part_lse[n_past] * kLog2e);
+        ++n_past;
+      }
+      float total = exp2f(s_diag[tid] - top);
+      for (int i = 0; i < n_past; ++i) total += exp2f(part_lse[i] * kLog2e - top);
+      lse2 = top + log2f(total);
+      a.lse[row] = lse2 * kLn2;
+      atomicMax(&s_max_past, n_past);
+    }
+    s_lse2[tid] = lse2;
+    s_n_past[tid] = n_past;
+  }
+  __syncthreads();
+  const float w_diag0 = l0 > 0.0f ? exp2f(s_diag[r0] - s_lse2[r0]) / l0 : 0.0f;
+  const float w_diag1 = l1 > 0.0f ? exp2f(s_diag[r1] - s_lse2[r1]) / l1 : 0.0f;
+#pragma unroll
+  for (int d = 0; d < DT; ++d) {
+    o[d][0] *= w_diag0;
+    o[d][1] *= w_diag0;
+    o[d][2] *= w_diag1;
+    o[d][3] *= w_diag1;
+  }
+  const int max_past = s_max_past;
+  for (int i = 0; i < max_past; ++i) {
+    for (int idx = tid; idx < kRows * (DP / 4); idx += kThreads) {
+      const int r = idx / (DP / 4), c = idx % (DP / 4) * 4;
+      const int row = s_row[r];
+      const bool ok = row >= 0 && i < s_n_past[r] && c < a.D;
+      const int64_t entry = static_cast<int64_t>(row) * past_slots + i - a.dispatch.entry_base;
+      cp_async16(stage + r * LDF + c, ok ? a.o_part + entry * a.D + c : a.o_part, ok ? 16 : 0);
+    }
+    cp_async_commit();
+    if (tid < kRows) {
+      const int row = s_row[tid];
+      s_weight[tid] = row >= 0 && i < s_n_past[tid]
+                          ? exp2f(a.lse_part[static_cast<int64_t>(row) * past_slots + i - a.dispatch.entry_base] *
+                                      kLog2e -
+                                  s_lse2[tid])
+                          : 0.0f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    const float w0 = s_weight[r0], w1 = s_weight[r1];
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      const int col = d * 8 + quad_col;
+      const float2 p0 = *reinterpret_cast<const float2*>(stage + r0 * LDF + col);
+      const float2 p1 = *reinterpret_cast<const float2*>(stage + r1 * LDF + col);
+      o[d][0] += w0 * p0.x;
+      o[d][1] += w0 * p0.y;
+      o[d][2] += w1 * p1.x;
+      o[d][3] += w1 * p1.y;
+    }
+    __syncthreads();  // the next slot overwrites the staging buffer
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = s_row[half ? r1 : r0];
+    if (row < 0) continue;
+    bf16* dst = a.out + static_cast<int64_t>(row) * a.D;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      const int col = d * 8 + quad_col;
+      if (col < a.D)
+        *reinterpret_cast<__nv_bfloat162*>(dst + col) =
+            __floats2bfloat162_rn(o[d][2 * half], o[d][2 * half + 1]);
+    }
+  }
+}
+
 template <int DP, bool SELECTED>
 __global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) {
   constexpr int LD = DP + 8;        // padded row: ldmatrix rows land in distinct banks
@@ -225,7 +328,6 @@ __global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) 
   int* s_aux = s_row + 64;  // (64) SELECTED: partial entry; else: the row's current block index
   __shared__ int s_range[2];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int past_slots = a.top_k - 1;
 
   int kv_head;
   if (!tile_rows<SELECTED>(a, s_row, s_aux, s_lo, s_hi, s_range, &kv_head)) return;
@@ -376,100 +478,9 @@ __global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) 
       if ((lane & 3) == 0) a.lse_part[entry] = (m + log2f(l)) * kLn2;
     }
   } else {
-    // Merge with the selected blocks' partials: LSE = logsumexp of all parts, O = sum of exp(lse_i - LSE) o_i.
-    // The partials are staged through shared memory one selection slot at a time (coalesced, all loads in
-    // flight at once); per-thread scattered loads made this epilogue latency-bound.
-    float* s_diag = reinterpret_cast<float*>(s_aux + 64);  // (64) log2 denominator of the current-block part
-    float* s_lse2 = s_diag + 64;                           // (64) log2 of the merged denominator
-    float* s_weight = s_lse2 + 64;                         // (64) weight of the partial being added
-    int* s_n_past = reinterpret_cast<int*>(s_weight + 64);  // (64) selected past blocks of the row
-    __shared__ int s_max_past;
-    if ((lane & 3) == 0) {
-      s_diag[r0] = m0 + log2f(l0);
-      s_diag[r1] = m1 + log2f(l1);
-    }
-    if (tid == 0) s_max_past = 0;
-    __syncthreads();  // also: every warp is done with sK/sV, which become the staging buffer
-    if (tid < 64) {
-      const int row = s_row[tid];
-      int n_past = 0;
-      float lse2 = 0.0f;
-      if (row >= 0) {
-        const int current = s_aux[tid];
-        const int32_t* sel = a.selected + static_cast<int64_t>(row) * a.top_k;
-        const float* part_lse = a.lse_part + (static_cast<int64_t>(row) * past_slots - a.dispatch.entry_base);
-        float top = s_diag[tid];
-        while (n_past < past_slots && sel[n_past] >= 0 && sel[n_past] < current) {
-          top = fmaxf(top, part_lse[n_past] * kLog2e);
-          ++n_past;
-        }
-        float total = exp2f(s_diag[tid] - top);
-        for (int i = 0; i < n_past; ++i) total += exp2f(part_lse[i] * kLog2e - top);
-        lse2 = top + log2f(total);
-        a.lse[row] = lse2 * kLn2;
-        atomicMax(&s_max_past, n_past);
-      }
-      s_lse2[tid] = lse2;
-      s_n_past[tid] = n_past;
-    }
-    __syncthreads();
-    const float w_diag0 = l0 > 0.0f ? exp2f(s_diag[r0] - s_lse2[r0]) / l0 : 0.0f;
-    const float w_diag1 = l1 > 0.0f ? exp2f(s_diag[r1] - s_lse2[r1]) / l1 : 0.0f;
-#pragma unroll
-    for (int d = 0; d < DT; ++d) {
-      o[d][0] *= w_diag0;
-      o[d][1] *= w_diag0;
-      o[d][2] *= w_diag1;
-      o[d][3] *= w_diag1;
-    }
-    constexpr int LDF = DP + 8;                  // staging row stride (floats): conflict-free float2 reads
-    float* stage = reinterpret_cast<float*>(sK);  // (64, LDF) f32: exactly the two K buffers
-    const int max_past = s_max_past;
-    for (int i = 0; i < max_past; ++i) {
-      for (int idx = tid; idx < 64 * (DP / 4); idx += 128) {
-        const int r = idx / (DP / 4), c = idx % (DP / 4) * 4;
-        const int row = s_row[r];
-        const bool ok = row >= 0 && i < s_n_past[r] && c < a.D;
-        const int64_t entry = static_cast<int64_t>(row) * past_slots + i - a.dispatch.entry_base;
-        cp_async16(stage + r * LDF + c, ok ? a.o_part + entry * a.D + c : a.o_part, ok ? 16 : 0);
-      }
-      cp_async_commit();
-      if (tid < 64) {
-        const int row = s_row[tid];
-        s_weight[tid] = row >= 0 && i < s_n_past[tid]
-                            ? exp2f(a.lse_part[static_cast<int64_t>(row) * past_slots + i - a.dispatch.entry_base] *
-                                        kLog2e -
-                                    s_lse2[tid])
-                            : 0.0f;
-      }
-      cp_async_wait<0>();
-      __syncthreads();
-      const float w0 = s_weight[r0], w1 = s_weight[r1];
-#pragma unroll
-      for (int d = 0; d < DT; ++d) {
-        const int col = d * 8 + quad_col;
-        const float2 p0 = *reinterpret_cast<const float2*>(stage + r0 * LDF + col);
-        const float2 p1 = *reinterpret_cast<const float2*>(stage + r1 * LDF + col);
-        o[d][0] += w0 * p0.x;
-        o[d][1] += w0 * p0.y;
-        o[d][2] += w1 * p1.x;
-        o[d][3] += w1 * p1.y;
-      }
-      __syncthreads();  // the next slot overwrites the staging buffer
-    }
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = s_row[half ? r1 : r0];
-      if (row < 0) continue;
-      bf16* dst = a.out + static_cast<int64_t>(row) * a.D;
-#pragma unroll
-      for (int d = 0; d < DT; ++d) {
-        const int col = d * 8 + quad_col;
-        if (col < a.D)
-          *reinterpret_cast<__nv_bfloat162*>(dst + col) =
-              __floats2bfloat162_rn(o[d][2 * half], o[d][2 * half + 1]);
-      }
-    }
+    // Merge with the selected blocks' partials (merge_partials); sK and sV become the staging buffer.
+    merge_partials<64, 128, DP, DP + 8>(a, o, m0, l0, m1, l1, r0, r1, quad_col, s_row, s_aux,
+                                        reinterpret_cast<float*>(s_aux + 64), reinterpret_cast<float*>(sK));
   }
 }
 
@@ -762,99 +773,10 @@ __global__ void __launch_bounds__(128 * kWg, 2) moba_forward_wgmma_kernel(const 
       if (tig == 0) a.lse_part[entry] = (m + log2f(l)) * kLn2;
     }
   } else {
-    // Merge with the selected blocks' partials exactly as moba_forward_kernel: LSE = logsumexp of all parts,
-    // O = sum of exp(lse_i - LSE) o_i, the partials staged through shared memory one selection slot at a time.
-    float* s_diag = reinterpret_cast<float*>(s_aux + kRows);  // (kRows) log2 denominator of the current-block part
-    float* s_lse2 = s_diag + kRows;                           // (kRows) log2 of the merged denominator
-    float* s_weight = s_lse2 + kRows;                         // (kRows) weight of the partial being added
-    int* s_n_past = reinterpret_cast<int*>(s_weight + kRows);  // (kRows) selected past blocks of the row
-    __shared__ int s_max_past;
-    if (tig == 0) {
-      s_diag[r0] = m0 + log2f(l0);
-      s_diag[r1] = m1 + log2f(l1);
-    }
-    if (tid == 0) s_max_past = 0;
-    __syncthreads();
-    if (tid < kRows) {
-      const int row = s_row[tid];
-      int n_past = 0;
-      float lse2 = 0.0f;
-      if (row >= 0) {
-        const int current = s_aux[tid];
-        const int32_t* sel = a.selected + static_cast<int64_t>(row) * a.top_k;
-        const float* part_lse = a.lse_part + (static_cast<int64_t>(row) * past_slots - a.dispatch.entry_base);
-        float top = s_diag[tid];
-        while (n_past < past_slots && sel[n_past] >= 0 && sel[n_past] < current) {
-          top = fmaxf(top, part_lse[n_past] * kLog2e);
-          ++n_past;
-        }
-        float total = exp2f(s_diag[tid] - top);
-        for (int i = 0; i < n_past; ++i) total += exp2f(part_lse[i] * kLog2e - top);
-        lse2 = top + log2f(total);
-        a.lse[row] = lse2 * kLn2;
-        atomicMax(&s_max_past, n_past);
-      }
-      s_lse2[tid] = lse2;
-      s_n_past[tid] = n_past;
-    }
-    __syncthreads();
-    const float w_diag0 = l0 > 0.0f ? exp2f(s_diag[r0] - s_lse2[r0]) / l0 : 0.0f;
-    const float w_diag1 = l1 > 0.0f ? exp2f(s_diag[r1] - s_lse2[r1]) / l1 : 0.0f;
-#pragma unroll
-    for (int d = 0; d < DT; ++d) {
-      o[d][0] *= w_diag0;
-      o[d][1] *= w_diag0;
-      o[d][2] *= w_diag1;
-      o[d][3] *= w_diag1;
-    }
-    constexpr int LDF = Shape::kStageLd;
-    float* stage = reinterpret_cast<float*>(tiles);  // (kRows, LDF) f32 over the Q/K/V tiles, all reads done
-    const int max_past = s_max_past;
-    for (int i = 0; i < max_past; ++i) {
-      for (int idx = tid; idx < kRows * 32; idx += kThreads) {
-        const int r = idx >> 5, c = (idx & 31) * 4;
-        const int row = s_row[r];
-        const bool ok = row >= 0 && i < s_n_past[r] && c < a.D;
-        const int64_t entry = static_cast<int64_t>(row) * past_slots + i - a.dispatch.entry_base;
-        cp_async16(stage + r * LDF + c, ok ? a.o_part + entry * a.D + c : a.o_part, ok ? 16 : 0);
-      }
-      cp_async_commit();
-      if (tid < kRows) {
-        const int row = s_row[tid];
-        s_weight[tid] = row >= 0 && i < s_n_past[tid]
-                            ? exp2f(a.lse_part[static_cast<int64_t>(row) * past_slots + i - a.dispatch.entry_base] *
-                                        kLog2e -
-                                    s_lse2[tid])
-                            : 0.0f;
-      }
-      cp_async_wait<0>();
-      __syncthreads();
-      const float w0 = s_weight[r0], w1 = s_weight[r1];
-#pragma unroll
-      for (int d = 0; d < DT; ++d) {
-        const int col = d * 8 + 2 * tig;
-        const float2 p0 = *reinterpret_cast<const float2*>(stage + r0 * LDF + col);
-        const float2 p1 = *reinterpret_cast<const float2*>(stage + r1 * LDF + col);
-        o[d][0] += w0 * p0.x;
-        o[d][1] += w0 * p0.y;
-        o[d][2] += w1 * p1.x;
-        o[d][3] += w1 * p1.y;
-      }
-      __syncthreads();  // the next slot overwrites the staging buffer
-    }
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = s_row[half ? r1 : r0];
-      if (row < 0) continue;
-      bf16* dst = a.out + static_cast<int64_t>(row) * a.D;
-#pragma unroll
-      for (int d = 0; d < DT; ++d) {
-        const int col = d * 8 + 2 * tig;
-        if (col < a.D)
-          *reinterpret_cast<__nv_bfloat162*>(dst + col) =
-              __floats2bfloat162_rn(o[d][2 * half], o[d][2 * half + 1]);
-      }
-    }
+    // Merge with the selected blocks' partials (merge_partials), staged over the Q/K/V tiles (all reads done).
+    merge_partials<kRows, kThreads, 128, Shape::kStageLd>(a, o, m0, l0, m1, l1, r0, r1, 2 * tig, s_row, s_aux,
+                                                         reinterpret_cast<float*>(s_aux + kRows),
+                                                         reinterpret_cast<float*>(tiles));
   }
 }
 
