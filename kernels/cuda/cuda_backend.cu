@@ -16,6 +16,14 @@
 
 namespace moba {
 namespace cuda {
+
+bool device_has_wgmma(const CudaContext& ctx) {
+  int major = 0, minor = 0;
+  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ctx.device));
+  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ctx.device));
+  return major == 9 && minor == 0;
+}
+
 namespace {
 
 template <typename T>

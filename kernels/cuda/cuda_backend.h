@@ -43,4 +43,9 @@ struct CudaContext {
   mutable size_t allocated = 0, peak = 0;
 };
 
+// Whether ctx's GPU runs the warpgroup-MMA (wgmma) kernels: they are built for sm_90a, i.e. compute capability 9.0.
+bool device_has_wgmma(const CudaContext& ctx);
+// 16-byte aligned: the vector loads, cp.async copies and 16-byte stores of the attention kernels need it.
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
 }  // namespace moba::cuda

@@ -324,15 +324,7 @@ void launch_forward(const CudaContext& ctx, ForwardParams p) {
   MOBA_CUDA_CHECK(cudaGetLastError());
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// The wgmma kernels exist for compute capability 9.0 (built for sm_90a) only.
-bool device_has_wgmma(const CudaContext& ctx) {
-  int major = 0, minor = 0;
-  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ctx.device));
-  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ctx.device));
-  return major == 9 && minor == 0;
-}
 
 }  // namespace
 }  // namespace flash

@@ -496,15 +496,6 @@ void set_smem(Kernel kernel, size_t bytes) {
   MOBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-// The warpgroup-MMA dK/dV kernel (moba_backward_wgmma.cu) exists for D = 128 (padded) on compute capability 9.0.
-bool use_wgmma_dkv(const CudaContext& ctx, int DP) {
-  if (DP != 128) return false;
-  int major = 0, minor = 0;
-  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ctx.device));
-  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ctx.device));
-  return major == 9 && minor == 0;
-}
-
 template <int DP>
 void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic) {
   static const bool configured = [] {
@@ -521,8 +512,8 @@ void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic)
     const char* v = std::getenv("MOBA_CUDA_DKV");
     return v != nullptr && std::string(v) == "mma";
   }();
-  auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
-  const bool wgmma = !forced_mma && use_wgmma_dkv(ctx, DP) && aligned16(a.dk) && aligned16(a.dv) &&
+  // The warpgroup-MMA dK/dV kernel (moba_backward_wgmma.cu) takes D = 128 (padded) on sm_90.
+  const bool wgmma = !forced_mma && DP == 128 && device_has_wgmma(ctx) && aligned16(a.dk) && aligned16(a.dv) &&
                      aligned16(a.q) && aligned16(a.k) && aligned16(a.v) && aligned16(a.dout);
   const int64_t rows = a.N * a.H;
   const int64_t delta_threads = rows * (DP / 8);

@@ -793,13 +793,6 @@ void launch_forward_wgmma(const ForwardArgs& a, dim3 grid, cudaStream_t stream) 
   MOBA_CUDA_CHECK(cudaGetLastError());
 }
 
-// The wgmma kernels exist for compute capability 9.0 (built for sm_90a) only.
-bool device_has_wgmma(const CudaContext& ctx) {
-  int major = 0, minor = 0;
-  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ctx.device));
-  MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ctx.device));
-  return major == 9 && minor == 0;
-}
 
 // One pass over [token_begin, token_end) (current block) or over the chunk's dispatch items (selected): wgmma
 // kernels (two warpgroups x 64 rows per CTA) on sm_90 for head dims above 64, moba_forward_kernel otherwise.
