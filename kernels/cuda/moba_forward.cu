@@ -313,6 +313,39 @@ __device__ __forceinline__ void merge_partials(const ForwardArgs& a, float (&o)[
   }
 }
 
+// End of both forward kernels, for the thread's rows r0, r1 (the quad's partial sums l0, l1 not yet reduced):
+// SELECTED writes the normalised partial (o, lse) of each row's entry; otherwise merge_partials.
+template <bool SELECTED, int kRows, int kThreads, int DP, int LDF, int DT>
+__device__ __forceinline__ void finish_rows(const ForwardArgs& a, float (&o)[DT][4], float m0, float l0, float m1,
+                                            float l1, int r0, int r1, int quad_col, const int* s_row,
+                                            const int* s_aux, float* s_words, float* stage) {
+#pragma unroll
+  for (int d = 1; d <= 2; d <<= 1) {
+    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, d);
+    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, d);
+  }
+  if constexpr (SELECTED) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = half ? r1 : r0;
+      if (s_row[r] < 0) continue;
+      const float m = half ? m1 : m0, l = half ? l1 : l0;
+      const int64_t entry = s_aux[r] - a.dispatch.entry_base;
+      const float inv = 1.0f / l;
+      float* dst = a.o_part + entry * a.D;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        const int col = d * 8 + quad_col;
+        if (col < a.D)
+          *reinterpret_cast<float2*>(dst + col) = make_float2(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
+      }
+      if ((threadIdx.x & 3) == 0) a.lse_part[entry] = (m + log2f(l)) * kLn2;
+    }
+  } else {
+    merge_partials<kRows, kThreads, DP, LDF>(a, o, m0, l0, m1, l1, r0, r1, quad_col, s_row, s_aux, s_words, stage);
+  }
+}
+
 template <int DP, bool SELECTED>
 __global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) {
   constexpr int LD = DP + 8;        // padded row: ldmatrix rows land in distinct banks
@@ -455,33 +488,9 @@ __global__ void __launch_bounds__(128) moba_forward_kernel(const ForwardArgs a) 
     }
   }
 
-#pragma unroll
-  for (int d = 1; d <= 2; d <<= 1) {
-    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, d);
-    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, d);
-  }
-  if constexpr (SELECTED) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = half ? r1 : r0;
-      if (s_row[r] < 0) continue;
-      const float m = half ? m1 : m0, l = half ? l1 : l0;
-      const int64_t entry = s_aux[r] - a.dispatch.entry_base;
-      const float inv = 1.0f / l;
-      float* dst = a.o_part + entry * a.D;
-#pragma unroll
-      for (int d = 0; d < DT; ++d) {
-        const int col = d * 8 + quad_col;
-        if (col < a.D)
-          *reinterpret_cast<float2*>(dst + col) = make_float2(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
-      }
-      if ((lane & 3) == 0) a.lse_part[entry] = (m + log2f(l)) * kLn2;
-    }
-  } else {
-    // Merge with the selected blocks' partials (merge_partials); sK and sV become the staging buffer.
-    merge_partials<64, 128, DP, DP + 8>(a, o, m0, l0, m1, l1, r0, r1, quad_col, s_row, s_aux,
-                                        reinterpret_cast<float*>(s_aux + 64), reinterpret_cast<float*>(sK));
-  }
+  // Row sums, then the partials (selected pass) or the merge (current-block pass); sK and sV become the staging.
+  finish_rows<SELECTED, 64, 128, DP, DP + 8>(a, o, m0, l0, m1, l1, r0, r1, quad_col, s_row, s_aux,
+                                             reinterpret_cast<float*>(s_aux + 64), reinterpret_cast<float*>(sK));
 }
 
 template <int DP, bool SELECTED>
@@ -750,34 +759,10 @@ __global__ void __launch_bounds__(128 * kWg, 2) moba_forward_wgmma_kernel(const 
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
   }
 
-#pragma unroll
-  for (int d = 1; d <= 2; d <<= 1) {
-    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, d);
-    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, d);
-  }
-  if constexpr (SELECTED) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = half ? r1 : r0;
-      if (s_row[r] < 0) continue;
-      const float m = half ? m1 : m0, l = half ? l1 : l0;
-      const int64_t entry = s_aux[r] - a.dispatch.entry_base;
-      const float inv = 1.0f / l;
-      float* dst = a.o_part + entry * a.D;
-#pragma unroll
-      for (int d = 0; d < DT; ++d) {
-        const int col = d * 8 + 2 * tig;
-        if (col < a.D)
-          *reinterpret_cast<float2*>(dst + col) = make_float2(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
-      }
-      if (tig == 0) a.lse_part[entry] = (m + log2f(l)) * kLn2;
-    }
-  } else {
-    // Merge with the selected blocks' partials (merge_partials), staged over the Q/K/V tiles (all reads done).
-    merge_partials<kRows, kThreads, 128, Shape::kStageLd>(a, o, m0, l0, m1, l1, r0, r1, 2 * tig, s_row, s_aux,
-                                                         reinterpret_cast<float*>(s_aux + kRows),
-                                                         reinterpret_cast<float*>(tiles));
-  }
+  // Row sums, then the partials (selected pass) or the merge (current-block pass), over the Q/K/V tiles.
+  finish_rows<SELECTED, kRows, kThreads, 128, Shape::kStageLd>(a, o, m0, l0, m1, l1, r0, r1, 2 * tig, s_row, s_aux,
+                                                              reinterpret_cast<float*>(s_aux + kRows),
+                                                              reinterpret_cast<float*>(tiles));
 }
 
 template <int kWg, bool SELECTED>
