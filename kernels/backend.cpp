@@ -7,11 +7,11 @@ namespace moba {
 
 const char* attention_mode_name(AttentionMode m) { return m == AttentionMode::moba ? "moba" : "full"; }
 
-std::unique_ptr<Backend> make_backend(const std::string& name) {
+std::unique_ptr<Backend> make_backend(const std::string& name, int device) {
   if (name == "cpu") return make_cpu_backend();
   if (name == "cuda") {
 #if MOBA_HAVE_CUDA
-    return make_cuda_backend();
+    return make_cuda_backend(device);
 #else
     throw Error("backend 'cuda' is not available: this binary was built without CUDA",
                 "install the CUDA toolkit and rebuild (./scripts/build.sh), or use backend: cpu");
@@ -19,5 +19,9 @@ std::unique_ptr<Backend> make_backend(const std::string& name) {
   }
   throw Error(cat("unknown backend '", name, "'"), "allowed: cpu, cuda");
 }
+
+#if !MOBA_HAVE_CUDA
+int gpu_count() { return 0; }
+#endif
 
 }  // namespace moba

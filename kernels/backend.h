@@ -58,6 +58,10 @@ class Backend {
   // Runs fn `warmup` times, then `reps` times, returning each timed run's milliseconds (CUDA events on the
   // GPU, a steady clock on the CPU).
   virtual std::vector<double> time_ms(const std::function<void()>& fn, int warmup, int reps) = 0;
+  // The GPU this backend runs on and the cudaStream_t every op is queued on (the communicator orders its own
+  // stream after it); -1 and nullptr on the CPU.
+  virtual int device_index() const { return -1; }
+  virtual void* stream_handle() const { return nullptr; }
 
   // ---- decoder ops: x (N, C) rows are tokens; weights (OC, IC) ----
   virtual void embedding_forward(Tensor out, const Tensor& tokens, const Tensor& wte) = 0;
@@ -123,9 +127,12 @@ class Backend {
 
 std::unique_ptr<Backend> make_cpu_backend();
 #if MOBA_HAVE_CUDA
-std::unique_ptr<Backend> make_cuda_backend();  // kernels/cuda/; throws a clear moba::Error when no GPU is usable
+// kernels/cuda/; runs on GPU `device`; throws a clear moba::Error when no GPU is usable
+std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 #endif
-// "cpu" or "cuda"; "cuda" fails with a clear message when this build has no CUDA backend or no GPU.
-std::unique_ptr<Backend> make_backend(const std::string& name);
+// "cpu" or "cuda" (on GPU `device`); "cuda" fails with a clear message when this build has no CUDA backend or no GPU.
+std::unique_ptr<Backend> make_backend(const std::string& name, int device = 0);
+// GPUs this process can see (0 without the CUDA backend or a driver).
+int gpu_count();
 
 }  // namespace moba

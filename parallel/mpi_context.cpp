@@ -1,66 +1,50 @@
 #include "parallel/mpi_context.h"
 
-#include <algorithm>
+#include <unistd.h>
+
+#include <cstdlib>
 
 #include "common/log.h"
 
 namespace moba::parallel {
 
-MpiContext::MpiContext(int* argc, char*** argv) {
+MpiContext::MpiContext(int* argc, char*** argv) : launch_(detect_launch()) {
+  char name[256] = {0};
+  gethostname(name, sizeof name - 1);
+  host_ = name;
+  if (!launch_.under_mpi_launcher) {
+    world_ = std::make_unique<MpiGroup>(MPI_COMM_NULL, "world", 600);
+    set_log_rank(0, 1);
+    return;
+  }
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (!initialized) {
     int provided = 0;
     MOBA_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
   }
-  MOBA_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
-  MOBA_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &world_size_));
   // Errors come back as return codes (checked by MOBA_MPI_CHECK) instead of killing the job silently.
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
-  char name[MPI_MAX_PROCESSOR_NAME];
-  int len = 0;
-  MPI_Get_processor_name(name, &len);
-  host_.assign(name, static_cast<size_t>(len));
-  set_log_rank(rank_, world_size_);
+  world_ = std::make_unique<MpiGroup>(MPI_COMM_WORLD, "world", 600);
+  set_log_rank(world_->rank(), world_->size());
+  MPI_Comm local = MPI_COMM_NULL;
+  MOBA_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_->rank(), MPI_INFO_NULL, &local));
+  MOBA_MPI_CHECK(MPI_Comm_rank(local, &local_rank_));
+  MOBA_MPI_CHECK(MPI_Comm_size(local, &local_size_));
+  MPI_Comm_free(&local);
 }
 
 MpiContext::~MpiContext() {
+  if (!launch_.under_mpi_launcher) return;
+  world_.reset();
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized) MPI_Finalize();
 }
 
-void MpiContext::barrier() const { MOBA_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD)); }
-
-void MpiContext::allreduce_sum(float* data, int64_t count) const {
-  // MPI counts are int: reduce in chunks so very large buffers work.
-  const int64_t chunk = 1 << 28;
-  for (int64_t off = 0; off < count; off += chunk) {
-    int n = static_cast<int>(std::min(chunk, count - off));
-    MOBA_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data + off, n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
-  }
-}
-
-void MpiContext::allreduce_sum(double* data, int64_t count) const {
-  const int64_t chunk = 1 << 27;
-  for (int64_t off = 0; off < count; off += chunk) {
-    int n = static_cast<int>(std::min(chunk, count - off));
-    MOBA_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data + off, n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
-  }
-}
-
-void MpiContext::broadcast(void* data, int64_t bytes, int root) const {
-  const int64_t chunk = 1 << 30;
-  char* p = static_cast<char*>(data);
-  for (int64_t off = 0; off < bytes; off += chunk) {
-    int n = static_cast<int>(std::min(chunk, bytes - off));
-    MOBA_MPI_CHECK(MPI_Bcast(p + off, n, MPI_BYTE, root, MPI_COMM_WORLD));
-  }
-}
-
 void MpiContext::abort_all(int exit_code) const {
-  MPI_Abort(MPI_COMM_WORLD, exit_code);
-  std::exit(exit_code);  // not reached: MPI_Abort does not return
+  if (launch_.under_mpi_launcher) MPI_Abort(MPI_COMM_WORLD, exit_code);
+  std::exit(exit_code);  // not reached under a launcher: MPI_Abort does not return
 }
 
 }  // namespace moba::parallel

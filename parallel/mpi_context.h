@@ -1,52 +1,41 @@
-// Process-group bootstrap: MPI initialisation, rank/world queries, and the few collectives the CPU backend
-// needs (NCCL takes over collectives on GPUs in a later layer). One MpiContext lives for the whole program.
-// Invariant: every rank calls the collectives in the same order; errors on one rank abort all (abort_all).
+// Process bootstrap: MPI is initialised only when a launcher started this process (parallel/launcher.h), so a
+// plain `moba ...` is world size 1 without any MPI daemon. Gives the world rank and size, the rank among the
+// processes of this host (from MPI_Comm_split_type, never guessed from variables), and the world's host
+// collectives. One MpiContext lives for the whole program.
+// Invariant: errors on one rank end every rank (trainer/main.cpp calls abort_all), never a hang.
 #pragma once
-#include <mpi.h>
-
-#include <cstdint>
+#include <memory>
 #include <string>
 
-#include "common/error.h"
-
-// MOBA_MPI_CHECK(call): any MPI failure becomes a moba::Error with the MPI error string.
-#define MOBA_MPI_CHECK(call)                                                                     \
-  do {                                                                                           \
-    int moba_mpi_rc = (call);                                                                    \
-    if (moba_mpi_rc != MPI_SUCCESS) {                                                            \
-      char moba_mpi_msg[MPI_MAX_ERROR_STRING];                                                   \
-      int moba_mpi_len = 0;                                                                      \
-      MPI_Error_string(moba_mpi_rc, moba_mpi_msg, &moba_mpi_len);                                \
-      throw ::moba::Error(::moba::cat("MPI: ", #call, " failed: ", moba_mpi_msg, " at ",         \
-                                      __FILE__, ":", __LINE__),                                  \
-                          "check the mpirun command line and that every rank runs the same binary"); \
-    }                                                                                            \
-  } while (0)
+#include "parallel/launcher.h"
+#include "parallel/mpi_group.h"
 
 namespace moba::parallel {
 
 class MpiContext {
  public:
-  MpiContext(int* argc, char*** argv);  // MPI_Init_thread; sets the log rank
+  MpiContext(int* argc, char*** argv);  // MPI_Init_thread under a launcher; sets the log rank
   ~MpiContext();                        // MPI_Finalize unless aborted
   MpiContext(const MpiContext&) = delete;
   MpiContext& operator=(const MpiContext&) = delete;
 
-  int rank() const { return rank_; }
-  int world_size() const { return world_size_; }
-  bool is_root() const { return rank_ == 0; }
+  bool launched() const { return launch_.under_mpi_launcher; }
+  const LaunchInfo& launch() const { return launch_; }
+  int rank() const { return world_->rank(); }
+  int world_size() const { return world_->size(); }
+  bool is_root() const { return rank() == 0; }
+  int local_rank() const { return local_rank_; }  // among this host's ranks
+  int local_size() const { return local_size_; }
   std::string host() const { return host_; }
+  MpiGroup& world() const { return *world_; }
 
-  void barrier() const;
-  void allreduce_sum(float* data, int64_t count) const;   // in place, fixed order per element (MPI's)
-  void allreduce_sum(double* data, int64_t count) const;
-  void broadcast(void* data, int64_t bytes, int root = 0) const;
-  // Ends every rank now with this exit code (used after an error on one rank when several run).
+  // Ends every rank now with this exit code (after an error on one rank when several run).
   [[noreturn]] void abort_all(int exit_code) const;
 
  private:
-  int rank_ = 0;
-  int world_size_ = 1;
+  LaunchInfo launch_;
+  std::unique_ptr<MpiGroup> world_;
+  int local_rank_ = 0, local_size_ = 1;
   std::string host_;
 };
 

@@ -125,12 +125,15 @@ Shape shape_of(const Tensor& q, const Tensor& k) {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend() {
+  explicit CudaBackend(int device) {
+    ctx_.device = device;
     int count = 0;
     cudaError_t err = cudaGetDeviceCount(&count);
     MOBA_CHECK(err == cudaSuccess && count > 0,
                cat("backend 'cuda': no usable GPU (", err == cudaSuccess ? "no device" : cudaGetErrorString(err), ")"),
                "run on a machine with an NVIDIA GPU and driver, or use backend: cpu");
+    MOBA_CHECK(device >= 0 && device < count, cat("backend 'cuda': GPU ", device, " requested but ", count, " visible"),
+               "launch at most one rank per visible GPU (CUDA_VISIBLE_DEVICES), or use parallel.transport: mpi");
     MOBA_CUDA_CHECK(cudaSetDevice(ctx_.device));
     cudaDeviceProp prop{};
     MOBA_CUDA_CHECK(cudaGetDeviceProperties(&prop, ctx_.device));
@@ -188,6 +191,8 @@ class CudaBackend final : public Backend {
   std::vector<double> time_ms(const std::function<void()>& fn, int warmup, int reps) override {
     return cuda::time_on_stream(ctx_.stream, fn, warmup, reps);
   }
+  int device_index() const override { return ctx_.device; }
+  void* stream_handle() const override { return ctx_.stream; }
   void zero(Tensor t) override {
     OpTimer timer(*profiler_, "zero");
     if (t.contiguous()) {
@@ -402,6 +407,11 @@ class CudaBackend final : public Backend {
 }  // namespace
 }  // namespace cuda
 
-std::unique_ptr<Backend> make_cuda_backend() { return std::make_unique<cuda::CudaBackend>(); }
+std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<cuda::CudaBackend>(device); }
+
+int gpu_count() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+}
 
 }  // namespace moba
