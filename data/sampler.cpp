@@ -63,6 +63,10 @@ Sampler::Sampler(const TokenDataset& dataset, const SamplerConfig& config) : ds_
     const int64_t stream = ds_.info().num_tokens;
     global_sequences = stream >= cfg_.seq_len + 1 ? (stream - 1) / cfg_.seq_len : 0;
   }
+  MOBA_CHECK(cfg_.epoch_multiple >= 0 && (cfg_.epoch_multiple == 0 || cfg_.epoch_multiple % cfg_.shard_count == 0),
+             cat("sampler: epoch_multiple ", cfg_.epoch_multiple, " is not a multiple of ", cfg_.shard_count, " shards"),
+             "this is a bug in the caller");
+  if (cfg_.epoch_multiple > 0) global_sequences = global_sequences / cfg_.epoch_multiple * cfg_.epoch_multiple;
   shard_sequences_ = global_sequences / cfg_.shard_count;
   MOBA_CHECK(shard_sequences_ >= cfg_.batch_seqs,
              cat(path, " yields ", global_sequences, " sequences per epoch in ", pack_mode_name(cfg_.pack),

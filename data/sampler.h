@@ -43,6 +43,10 @@ struct SamplerConfig {
   int64_t min_doc_tokens = 2;   // long_documents: skip documents with fewer tokens
   int shard_index = 0;          // data-parallel rank
   int shard_count = 1;          // data-parallel world size
+  // Sequences per epoch (over all shards) are rounded down to a multiple of this, so that the epoch, and with it
+  // the window order, is the same for every shard_count dividing it (training passes the global batch in
+  // sequences); 0 = only the shard rounding below.
+  int64_t epoch_multiple = 0;
 };
 
 struct Batch {

@@ -129,11 +129,10 @@ size_t padded_bytes(DType dtype, int64_t rows, int64_t cols) {
 
 std::vector<MemoryItem> Transformer::memory_plan(const ModelConfig& c, int64_t max_tokens,
                                                  const TransformerOptions& options, DType A) {
-  ParameterLayout layout(c);
+  ParameterLayout layout(c, options.parameter_shards);
   const size_t P = static_cast<size_t>(layout.total());
-  std::vector<MemoryItem> plan = {{"master weights (f32)", padded_bytes(DType::f32, 1, P)},
-                                  {"gradients (f32)", padded_bytes(DType::f32, 1, P)}};
-  if (A != DType::f32) plan.push_back({cat("working weights (", dtype_name(A), ")"), padded_bytes(A, 1, P)});
+  std::vector<MemoryItem> plan = {{cat("weights (", dtype_name(A), ", every rank)"), padded_bytes(A, 1, P)},
+                                  {"gradients (f32, every rank)", padded_bytes(DType::f32, 1, P)}};
   Activations a;
   size_t stored = 0, layer_scratch = 0, head = 0, grads = 0;
   const int64_t head_rows = head_rows_for(c, max_tokens, options.head_chunk_rows);
@@ -155,16 +154,15 @@ std::vector<MemoryItem> Transformer::memory_plan(const ModelConfig& c, int64_t m
 
 Transformer::Transformer(Backend& backend, const ModelConfig& config, int64_t max_tokens,
                          const TransformerOptions& options)
-    : be_(backend), config_(config), layout_(config), max_tokens_(max_tokens), max_top_k_(options.max_top_k),
+    : be_(backend), config_(config), layout_(config, options.parameter_shards), max_tokens_(max_tokens),
+      max_top_k_(options.max_top_k),
       recompute_(options.recompute) {
   const ModelConfig& c = config_;
   MOBA_ASSERT(c.vocab_size > 0 && c.n_heads % c.n_kv_heads == 0 && c.head_dim % 2 == 0 && max_tokens > 0);
   act_dtype_ = be_.activation_dtype();
   head_rows_ = head_rows_for(c, max_tokens, options.head_chunk_rows);
-  params_ = be_.allocate(DType::f32, {layout_.total()});
+  weights_ = be_.allocate(act_dtype_, {layout_.total()});
   grads_ = be_.allocate(DType::f32, {layout_.total()});
-  working_ = act_dtype_ != DType::f32;
-  if (working_) params_working_ = be_.allocate(act_dtype_, {layout_.total()});
   act_ = std::make_unique<Activations>();
   for (const Activations::Spec& sp : act_->specs(c, max_tokens, max_top_k_, recompute_, head_rows_, act_dtype_))
     *sp.tensor = sp.cols == 1 ? be_.allocate(sp.dtype, {sp.rows}) : be_.allocate(sp.dtype, {sp.rows, sp.cols});
@@ -173,19 +171,20 @@ Transformer::Transformer(Backend& backend, const ModelConfig& config, int64_t ma
 Transformer::~Transformer() {
   for (Tensor* t : act_->all())
     if (t->data) be_.release(*t);
-  be_.release(params_);
+  be_.release(weights_);
   be_.release(grads_);
-  if (working_) be_.release(params_working_);
 }
 
 Tensor Transformer::view(const Tensor& arena, const ParamTensor& t, int layer) const {
   Tensor v = arena;
   int64_t offset = t.offset;
   std::vector<int64_t> shape = t.shape;
-  if (layer >= 0) {  // stacked per-layer tensor: drop the leading L
-    int64_t per_layer = t.numel / shape[0];
-    offset += layer * per_layer;
+  if (layer >= 0) {  // one layer's slice of a stacked tensor: drop the leading L
+    MOBA_ASSERT(t.per_layer());
+    offset = t.offset_of(layer);
     shape.erase(shape.begin());
+  } else {
+    MOBA_ASSERT(!t.per_layer());  // a stacked tensor is not contiguous in the layer-major arena
   }
   v.data = static_cast<char*>(arena.data) + static_cast<size_t>(offset) * dtype_size(arena.dtype);
   v.ndim = static_cast<int>(shape.size());
@@ -194,30 +193,38 @@ Tensor Transformer::view(const Tensor& arena, const ParamTensor& t, int layer) c
   return v;
 }
 
-Tensor Transformer::param(const std::string& name) const {
-  return view(working_ ? params_working_ : params_, layout_.get(name), -1);
-}
-Tensor Transformer::master_param(const std::string& name) const { return view(params_, layout_.get(name), -1); }
-Tensor Transformer::working_param(const std::string& name) const {
-  return working_ ? view(params_working_, layout_.get(name), -1) : Tensor();
-}
+Tensor Transformer::param(const std::string& name) const { return view(weights_, layout_.get(name), -1); }
 Tensor Transformer::grad(const std::string& name) const { return view(grads_, layout_.get(name), -1); }
 Tensor Transformer::layer_param(const std::string& name, int layer) const {
-  return view(working_ ? params_working_ : params_, layout_.get(name), layer);
+  return view(weights_, layout_.get(name), layer);
 }
 Tensor Transformer::layer_grad(const std::string& name, int layer) const {
   return view(grads_, layout_.get(name), layer);
 }
 
-void Transformer::set_params_from_host(const std::vector<float>& host) {
+void Transformer::set_weights_from_host(const std::vector<float>& host) {
   MOBA_ASSERT(static_cast<int64_t>(host.size()) == layout_.total());
-  be_.upload(params_, host.data());
-  if (working_) be_.convert(params_working_, params_);
+  if (act_dtype_ == DType::f32) {
+    be_.upload(weights_, host.data());
+    return;
+  }
+  Tensor staging = be_.allocate(DType::f32, {layout_.total()});
+  be_.upload(staging, host.data());
+  be_.convert(weights_, staging);
+  be_.synchronize();
+  be_.release(staging);
 }
 
-std::vector<float> Transformer::params_to_host() const {
+std::vector<float> Transformer::weights_to_host() const {
   std::vector<float> host(static_cast<size_t>(layout_.total()));
-  be_.download(host.data(), params_);
+  if (act_dtype_ == DType::f32) {
+    be_.download(host.data(), weights_);
+    return host;
+  }
+  Tensor staging = be_.allocate(DType::f32, {layout_.total()});
+  be_.convert(staging, weights_);
+  be_.download(host.data(), staging);
+  be_.release(staging);
   return host;
 }
 
@@ -374,6 +381,8 @@ void Transformer::backward(float grad_scale) {
   be_.zero(dresid);
   be_.rmsnorm_backward(dresid, grad("ln_f"), dln, slot_rows(a.resid, N, c.n_layers, n), param("ln_f"),
                        a.lnf_rstd.slice_rows(0, n));
+  const int head_bucket = static_cast<int>(layout_.buckets().size()) - 1;
+  if (gradient_hook_) gradient_hook_(head_bucket);
 
   for (int l = c.n_layers - 1; l >= 0; --l) {
     const AttentionParams& p = last_attention_[static_cast<size_t>(l)];
@@ -408,8 +417,10 @@ void Transformer::backward(float grad_scale) {
     be_.qkv_rope_backward(dqkv, dq, dk, dv, positions, c.rope_theta);  // overwrites every column
     be_.matmul_backward(dln, layer_grad("layers.wqkv", l), dqkv, lv.ln1, layer_param("layers.wqkv", l), false);
     be_.rmsnorm_backward(dresid, layer_grad("layers.ln1", l), dln, lv.x, layer_param("layers.ln1", l), lv.ln1_rstd);
+    if (gradient_hook_) gradient_hook_(layout_.layer_bucket(l));
   }
   be_.embedding_backward(grad("wte"), dresid, a.inputs.slice_rows(0, n));
+  if (gradient_hook_) gradient_hook_(0);
 }
 
 std::vector<float> Transformer::token_losses() const {

@@ -10,6 +10,7 @@
 // gives bitwise the activations the forward had, so gradients do not depend on the recompute setting.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -38,6 +39,7 @@ struct TransformerOptions {
   int max_top_k = 0;  // the largest MoBA top_k any layer may use (sizes the routing buffer); 0 if no MoBA ever
   Recompute recompute = Recompute::none;
   int64_t head_chunk_rows = 0;  // rows of logits held at once; 0 = about 2^27 logits per chunk
+  int parameter_shards = 1;     // data-parallel ranks: the parameter buckets are padded to split evenly
 };
 
 // One named device buffer of the memory plan.
@@ -50,25 +52,24 @@ class Transformer {
  public:
   Transformer(Backend& backend, const ModelConfig& config, int64_t max_tokens, const TransformerOptions& options);
   Transformer(Backend& backend, const ModelConfig& config, int64_t max_tokens, int max_top_k)
-      : Transformer(backend, config, max_tokens, TransformerOptions{max_top_k, Recompute::none, 0}) {}
+      : Transformer(backend, config, max_tokens, TransformerOptions{max_top_k, Recompute::none, 0, 1}) {}
   ~Transformer();
   Transformer(const Transformer&) = delete;
   Transformer& operator=(const Transformer&) = delete;
 
   const ModelConfig& config() const { return config_; }
   const ParameterLayout& layout() const { return layout_; }
-  Tensor params() const { return params_; }  // (P) f32 master weights
-  Tensor grads() const { return grads_; }    // (P) f32, same layout
-  // The weights the forward and backward read: the master arena itself when the backend computes in f32,
-  // else a copy in the backend's activation dtype, refreshed by the optimizer after every step.
-  Tensor working_params() const { return working_ ? params_working_ : Tensor(); }
-  Tensor param(const std::string& name) const;         // view of one named tensor in the working weights
-  Tensor master_param(const std::string& name) const;  // view in the f32 master weights
-  Tensor working_param(const std::string& name) const; // view in the working copy (empty when f32 throughout)
+  // (P) the weights forward and backward read, in the backend's activation dtype (f32 on the CPU), the same on
+  // every rank. The f32 master weights live with the optimizer (trainer/optimizer.h), sharded under ZeRO-1.
+  Tensor weights() const { return weights_; }
+  Tensor grads() const { return grads_; }  // (P) f32, same layout
+  // Views of one non-layer tensor ("wte", "ln_f", "lm_head") in the weights / gradients.
+  Tensor param(const std::string& name) const;
   Tensor grad(const std::string& name) const;
 
-  void set_params_from_host(const std::vector<float>& host);
-  std::vector<float> params_to_host() const;
+  // host: an f32 arena of layout(); the weights get it rounded to the activation dtype.
+  void set_weights_from_host(const std::vector<float>& host);
+  std::vector<float> weights_to_host() const;  // as f32
   void zero_grads();
 
   // What the constructor allocates for these settings, by buffer (parameters, optimizer-free): the plan printed
@@ -82,7 +83,11 @@ class Transformer {
   // backward() must then get the same grad_scale. grad_scale == 0: loss only (backward() recomputes the head).
   double forward(const TokenBatch& batch, const std::vector<AttentionParams>& attention, float grad_scale = 0.0f);
   // Accumulates d(grad_scale * loss_sum)/d(params) into grads(). Call after forward() on the same batch.
+  // After each bucket's gradients are complete for this micro-batch, the gradient hook (if set) is called with
+  // the bucket's index: the head first, then layers L-1 .. 0, then the embedding (data parallelism starts
+  // reducing a bucket there while backward goes on).
   void backward(float grad_scale);
+  void set_gradient_hook(std::function<void(int bucket)> hook) { gradient_hook_ = std::move(hook); }
   // Per-token losses of the last forward (N), 0 where masked.
   std::vector<float> token_losses() const;
 
@@ -105,10 +110,10 @@ class Transformer {
   Recompute recompute_;
   int64_t head_rows_ = 0;      // rows per LM-head chunk
   float head_grad_scale_ = 0;  // grad_scale the last forward's head backward used (0: not run)
-  Tensor params_, grads_;   // (P) f32
-  Tensor params_working_;   // (P) activation dtype; only when it is not f32
-  bool working_ = false;
+  Tensor weights_;  // (P) activation dtype, replicated on every rank
+  Tensor grads_;    // (P) f32
   DType act_dtype_ = DType::f32;
+  std::function<void(int)> gradient_hook_;
   std::unique_ptr<Activations> act_;
   std::vector<AttentionParams> last_attention_;
   int64_t last_tokens_ = 0;

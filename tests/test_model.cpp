@@ -51,7 +51,7 @@ TEST_P(ModelGradient, MatchesFiniteDifferences) {
   std::vector<float> params;
   // A larger init than training's makes gradients large against fp32 finite-difference noise.
   model::initialize_parameters(m.layout(), c, 0.3f, 11, params);
-  m.set_params_from_host(params);
+  m.set_weights_from_host(params);
   std::vector<AttentionParams> attention(2);
   for (auto& p : attention) p = AttentionParams{tc.mode, 4, 2, 1.0f / std::sqrt(8.0f)};
   attention[1].mode = tc.mode == AttentionMode::moba ? AttentionMode::full : tc.mode;  // hybrid when moba
@@ -69,19 +69,19 @@ TEST_P(ModelGradient, MatchesFiniteDifferences) {
   std::vector<AttentionParams> frozen = attention;
   for (auto& p : frozen) p.reuse_routing = true;
   auto loss = [&]() {
-    m.set_params_from_host(params);
+    m.set_weights_from_host(params);
     return m.forward(batch, frozen) / count;
   };
   // Check a spread of entries inside every named tensor.
-  for (const model::ParamTensor& t : m.layout().tensors()) {
-    std::vector<float> sub(params.begin() + t.offset, params.begin() + t.offset + t.numel);
-    std::vector<float> sub_grad(grad.begin() + t.offset, grad.begin() + t.offset + t.numel);
+  const model::ParameterLayout& layout = m.layout();
+  for (const model::ParamTensor& t : layout.tensors()) {
+    std::vector<float> sub = layout.read_tensor(params, t), sub_grad = layout.read_tensor(grad, t);
     auto sub_loss = [&]() {
-      std::copy(sub.begin(), sub.end(), params.begin() + t.offset);
+      layout.write_tensor(params, t, sub);
       return loss();
     };
     test::GradCheckResult r = test::check_gradient(sub, sub_grad, sub_loss, 12, 1e-2f, 1e-2);
-    std::copy(sub.begin(), sub.end(), params.begin() + t.offset);
+    layout.write_tensor(params, t, sub);
     // fp32 forward, step 1e-2: errors measured ~1e-4..3e-3; a wrong term gives O(1).
     EXPECT_LT(r.max_rel_error, 2e-2) << tc.name << " " << t.name << ": " << r.worst;
   }
@@ -122,7 +122,7 @@ struct SmallModel {
   std::pair<double, std::vector<float>> run(Backend& be, const model::TransformerOptions& options,
                                             bool grad_scale_in_forward) {
     model::Transformer m(be, c, N, options);
-    m.set_params_from_host(params);
+    m.set_weights_from_host(params);
     m.zero_grads();
     const float scale = 1.0f / 43.0f;
     const double loss = m.forward(batch(), attention, grad_scale_in_forward ? scale : 0.0f);
@@ -208,7 +208,7 @@ TEST(Model, FreshModelLossIsNearLogVocab) {
   model::Transformer m(*backend, c, N, 0);
   std::vector<float> params;
   model::initialize_parameters(m.layout(), c, 0.02f, 3, params);
-  m.set_params_from_host(params);
+  m.set_weights_from_host(params);
   std::vector<int32_t> ids(N), pos(N), cu{0, static_cast<int32_t>(N)};
   std::vector<uint8_t> mask(N, 1);
   for (int64_t t = 0; t < N; ++t) ids[t] = static_cast<int32_t>((t * 7) % 97), pos[t] = static_cast<int32_t>(t);

@@ -19,6 +19,8 @@
 #include "trainer/recipe.h"
 #include "trainer/schedule.h"
 #include "trainer/setup.h"
+#include "trainer/train_step.h"
+#include "parallel/communicator.h"
 
 namespace moba {
 namespace {
@@ -181,9 +183,10 @@ int bench_attention(const std::vector<std::string>& args) {
   return 0;
 }
 
-int bench_train(const std::vector<std::string>& args) {
-  ArgParser ap("bench train", "Times training steps of a recipe's model on random token ids (no dataset needed).");
-  ap.add_option("recipe", "R", "YAML recipe (model, attention, train sections are used)");
+int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi) {
+  ArgParser ap("bench train", "Times training steps of a recipe's model on random token ids (no dataset needed); "
+                              "under mpirun, every rank runs data-parallel with the recipe's parallel settings.");
+  ap.add_option("recipe", "R", "YAML recipe (model, attention, train, parallel sections are used)");
   ap.add_option("set", "KEY=VALUE", "override a recipe key", "", true);
   ap.add_option("warmup", "W", "untimed steps first", "2");
   ap.add_option("steps", "S", "timed steps (the median is reported)", "5");
@@ -193,24 +196,40 @@ int bench_train(const std::vector<std::string>& args) {
   Recipe r = load_recipe(ap.get("recipe"), ap.get_all("set"));
   MOBA_CHECK(r.model.vocab_size > 0, cat(r.source_path, ": bench train needs model.vocab_size > 0"),
              "set model.vocab_size (random token ids are drawn below it)");
-  std::unique_ptr<Backend> be = make_backend(r.backend);
-  model::ModelConfig c = model_config_from(r, r.model.vocab_size);
+  const parallel::ParallelLayout layout =
+      parallel::make_layout(mpi.world_size(), mpi.rank(), r.parallel.context, r.parallel.data, r.source_path);
+  MOBA_CHECK(layout.context == 1, cat(r.source_path, ": bench train with parallel.context > 1 is not supported yet"),
+             "set parallel.context: 1");
   const int64_t T = r.data.seq_len, micro = r.train.micro_batch_seqs;
-  const int64_t accumulation = r.train.global_batch_tokens / (micro * T);
-  const model::TransformerOptions model_options = transformer_options(r);
+  const int64_t per_step = micro * T * layout.data;
+  MOBA_CHECK(r.train.global_batch_tokens % per_step == 0 && r.train.global_batch_tokens >= per_step,
+             cat(r.source_path, ": train.global_batch_tokens = ", r.train.global_batch_tokens,
+                 " is not a positive multiple of micro_batch_seqs * seq_len * data-parallel ranks = ", per_step),
+             cat("use a multiple of ", per_step));
+  const int64_t accumulation = r.train.global_batch_tokens / per_step;
+  const Device device = r.backend == "cuda" ? Device::cuda : Device::cpu;
+  const int gpus = device == Device::cuda ? gpu_count() : 0;
+  const parallel::Transport transport =
+      parallel::resolve_transport(r.parallel.transport, device, mpi.local_size(), gpus, r.source_path);
+  std::unique_ptr<Backend> be = make_backend(r.backend, gpus > 0 ? mpi.local_rank() % gpus : 0);
+  parallel::Communicator comm(mpi, layout, *be, transport, r.parallel.timeout_s);
+  model::ModelConfig c = model_config_from(r, r.model.vocab_size);
+  model::TransformerOptions model_options = transformer_options(r);
+  model_options.parameter_shards = layout.data;
   check_memory_plan(r, c, micro * T, model_options, *be);
   model::Transformer m(*be, c, micro * T, model_options);
-  AdamW opt(*be, m, r.train.optimizer);
-  std::vector<float> host;
-  model::initialize_parameters(m.layout(), c, static_cast<float>(r.model.init_std), r.seed, host);
-  m.set_params_from_host(host);
-  host.clear();
-  host.shrink_to_fit();
-  info("memory: ", be->allocated_bytes() >> 20, " MiB allocated on ", be->name(), " for ",
-       m.layout().total(), " parameters and a micro-batch of ", micro, " x ", T, " tokens");
+  AdamW opt(*be, m, r.train.optimizer, &comm, r.parallel.zero);
+  {
+    std::vector<float> host;
+    model::initialize_parameters(m.layout(), c, static_cast<float>(r.model.init_std), r.seed, host);
+    opt.set_master_from_host(host);
+  }
+  info("memory: ", be->allocated_bytes() >> 20, " MiB allocated on ", be->name(), " (rank 0) for ", m.layout().count(),
+       " parameters and a micro-batch of ", micro, " x ", T, " tokens; ", layout.data, " data-parallel rank(s), ZeRO ",
+       r.parallel.zero, ", transport ", comm.transport());
 
-  // Random token ids, one document per sequence.
-  std::mt19937_64 rng(r.seed);
+  // Random token ids, one document per sequence, different on every rank.
+  std::mt19937_64 rng(r.seed + static_cast<uint64_t>(layout.rank));
   std::vector<int32_t> inputs(static_cast<size_t>(micro * T)), targets(inputs.size()), positions(inputs.size());
   std::vector<uint8_t> mask(inputs.size(), 1);
   std::vector<int32_t> cu;
@@ -222,38 +241,35 @@ int bench_train(const std::vector<std::string>& args) {
   }
   model::TokenBatch batch{inputs.data(), targets.data(), mask.data(), positions.data(), cu.data(), micro * T,
                           static_cast<int>(micro)};
+  const std::vector<model::TokenBatch> micro_batches(static_cast<size_t>(accumulation), batch);
   std::vector<AttentionParams> attention = layer_attention(r.attention, c);
-  const double scale = 1.0 / static_cast<double>(r.train.global_batch_tokens);
   double loss = 0;
+  int64_t step_index = 0;
   auto step = [&]() {
-    m.zero_grads();
-    loss = 0;
-    for (int64_t a = 0; a < accumulation; ++a) {
-      loss += m.forward(batch, attention, static_cast<float>(scale)) * scale;
-      m.backward(static_cast<float>(scale));
-    }
-    opt.clip_gradients(r.train.grad_clip);
-    opt.step(r.train.optimizer.lr);
+    loss = train_step(m, opt, &comm, micro_batches, attention, r.train.optimizer.lr, r.train.grad_clip, step_index++)
+               .loss;
   };
   std::vector<double> ms = be->time_ms(step, static_cast<int>(ap.get_int("warmup")), static_cast<int>(ap.get_int("steps")));
   const double step_ms = median(ms);
   const double tokens_per_s = static_cast<double>(r.train.global_batch_tokens) / (step_ms * 1e-3);
-  // MFU as in ../shared/docs/anchors.md: tokens/s * (6 N_nonembedding + 6 L d S) / 989e12 (dense attention
+  // MFU as in ../shared/docs/anchors.md: tokens/s * (6 N_nonembedding + 6 L d S) / 989e12 per GPU (dense attention
   // FLOPs, counted the same way for MoBA so the numbers compare with the dense PyTorch anchor).
   const double flops_per_token = 6.0 * static_cast<double>(m.layout().count_non_embedding()) +
                                  6.0 * c.n_layers * c.d_model * static_cast<double>(T);
-  const double mfu = tokens_per_s * flops_per_token / 989e12;
+  const double mfu = tokens_per_s * flops_per_token / 989e12 / layout.world_size;
   bool any_moba = false, any_full = false;
   for (const AttentionParams& p : attention) (p.mode == AttentionMode::moba ? any_moba : any_full) = true;
   std::string kind = any_moba && any_full ? "hybrid" : any_moba ? "moba" : "full";
-  emit({{"date", json_string(today())}, {"commit", json_string(git_commit())}, {"device", json_string(be->name())},
-        {"command", json_string(command_line("train", args))}, {"bench", json_string("train")},
-        {"recipe", json_string(r.source_path)}, {"attention", json_string(kind)}, {"seq", cat(T)},
-        {"micro_batch_seqs", cat(micro)}, {"global_batch_tokens", cat(r.train.global_batch_tokens)},
-        {"step_ms", json_number(step_ms)}, {"tokens_per_s", json_number(std::round(tokens_per_s))},
-        {"mfu", json_number(mfu)}, {"peak_gib", json_number(static_cast<double>(be->peak_bytes()) / (1 << 30))},
-        {"recompute", json_string(r.train.recompute)}, {"loss", json_number(loss)}, {"steps", ap.get("steps")}},
-       ap.get("out"));
+  if (mpi.is_root())
+    emit({{"date", json_string(today())}, {"commit", json_string(git_commit())}, {"device", json_string(be->name())},
+          {"command", json_string(command_line("train", args))}, {"bench", json_string("train")},
+          {"recipe", json_string(r.source_path)}, {"attention", json_string(kind)}, {"seq", cat(T)},
+          {"micro_batch_seqs", cat(micro)}, {"global_batch_tokens", cat(r.train.global_batch_tokens)},
+          {"ranks", cat(layout.world_size)}, {"zero", cat(r.parallel.zero)}, {"transport", json_string(comm.transport())},
+          {"step_ms", json_number(step_ms)}, {"tokens_per_s", json_number(std::round(tokens_per_s))},
+          {"mfu", json_number(mfu)}, {"peak_gib", json_number(static_cast<double>(be->peak_bytes()) / (1 << 30))},
+          {"recompute", json_string(r.train.recompute)}, {"loss", json_number(loss)}, {"steps", ap.get("steps")}},
+         ap.get("out"));
   return 0;
 }
 
@@ -264,7 +280,7 @@ int bench_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   MOBA_CHECK(!args.empty(), "moba bench: missing what to benchmark", usage);
   std::vector<std::string> rest(args.begin() + 1, args.end());
   if (args[0] == "attention") return bench_attention(rest);
-  if (args[0] == "train") return bench_train(rest);
+  if (args[0] == "train") return bench_train(rest, mpi);
   if (args[0] == "--help" || args[0] == "-h") {
     info(usage);
     return 0;

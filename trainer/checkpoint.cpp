@@ -1,7 +1,10 @@
 #include "trainer/checkpoint.h"
 
+#include <yaml-cpp/yaml.h>
+
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <regex>
 
 #include "common/hdf5_io.h"
@@ -12,82 +15,228 @@ namespace fs = std::filesystem;
 namespace moba {
 namespace {
 
-constexpr int64_t kFormatVersion = 1;
+constexpr int64_t kFormatFile = 1;       // step_N.h5: one file, whole arenas
+constexpr int64_t kFormatDirectory = 2;  // step_N/: shards + model.h5 + manifest.yaml
 
 std::string step_name(int64_t step) {
   char buf[64];
-  std::snprintf(buf, sizeof buf, "step_%08lld.h5", static_cast<long long>(step));
+  std::snprintf(buf, sizeof buf, "step_%08lld", static_cast<long long>(step));
   return buf;
 }
 
-std::vector<std::pair<int64_t, fs::path>> list_checkpoints(const std::string& dir) {
-  std::vector<std::pair<int64_t, fs::path>> found;
+std::string shard_name(int index) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "shard_%05d.h5", index);
+  return buf;
+}
+
+bool is_directory_checkpoint(const std::string& path) { return fs::is_directory(path); }
+std::string weights_file(const std::string& path) {
+  return is_directory_checkpoint(path) ? (fs::path(path) / "model.h5").string() : path;
+}
+
+std::string shape_string(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+// A group of per-tensor datasets (params/, optimizer/m/, optimizer/v/) into a full arena of `layout`.
+std::vector<float> read_tensors(const h5::File& file, const std::string& group, const model::ParameterLayout& layout) {
+  std::vector<float> arena(static_cast<size_t>(layout.total()), 0.0f);
+  for (const model::ParamTensor& t : layout.tensors()) {
+    const std::string name = group + "/" + t.name;
+    MOBA_CHECK(file.exists(name), cat(file.path(), ": ", name, " is missing"),
+               "the checkpoint is incomplete or the recipe's model section differs from the one it was trained with");
+    std::vector<int64_t> shape = file.shape(name);
+    MOBA_CHECK(shape == t.shape,
+               cat(file.path(), ": ", name, " has shape ", shape_string(shape), " but the model needs ",
+                   shape_string(t.shape)),
+               "the recipe's model section differs from the one the checkpoint was trained with; restore it, or use "
+               "another run_dir to start afresh");
+    layout.write_tensor(arena, t, file.read<float>(name));
+  }
+  return arena;
+}
+
+void write_tensors(h5::File& file, const std::string& group, const std::vector<float>& arena,
+                   const model::ParameterLayout& layout) {
+  for (const model::ParamTensor& t : layout.tensors())
+    file.write(group + "/" + t.name, layout.read_tensor(arena, t).data(), t.shape);
+}
+
+void write_attributes(h5::File& file, const CheckpointState& s, int64_t format, int64_t optimizer_steps) {
+  file.set_attr("/", "format_version", format);
+  file.set_attr("/", "step", s.step);
+  file.set_attr("/", "tokens_seen", s.tokens_seen);
+  file.set_attr("/", "optimizer_steps", optimizer_steps);
+  file.set_attr("/", "sampler_epoch", s.sampler.epoch);
+  file.set_attr("/", "sampler_cursor", s.sampler.cursor);
+  file.set_attr("/", "seed", static_cast<int64_t>(s.seed));
+  file.set_attr("/", "recipe", s.recipe_yaml);
+}
+
+// One shard's owned ranges as recorded in the manifest: (bucket, begin, numel) and where they sit in its arrays.
+struct ShardRanges {
+  std::string file;
+  std::vector<std::array<int64_t, 3>> ranges;
+};
+
+struct Manifest {
+  int64_t step = 0;
+  std::vector<ShardRanges> shards;
+};
+
+Manifest read_manifest(const std::string& dir) {
+  const std::string path = (fs::path(dir) / "manifest.yaml").string();
+  MOBA_CHECK(fs::exists(path), cat(dir, " has no manifest.yaml: the checkpoint is incomplete"),
+             "use an earlier checkpoint (complete ones are renamed from step_N.tmp only once written)");
+  Manifest m;
+  try {
+    YAML::Node root = YAML::LoadFile(path);
+    MOBA_CHECK(root["format_version"].as<int64_t>() == kFormatDirectory,
+               cat(path, ": checkpoint format ", root["format_version"].as<std::string>(), " is not supported"),
+               "use the moba version that wrote it");
+    m.step = root["step"].as<int64_t>();
+    for (const YAML::Node& s : root["shards"]) {
+      ShardRanges sr;
+      sr.file = s["file"].as<std::string>();
+      for (const YAML::Node& r : s["ranges"]) sr.ranges.push_back({r[0].as<int64_t>(), r[1].as<int64_t>(), r[2].as<int64_t>()});
+      m.shards.push_back(std::move(sr));
+    }
+  } catch (const YAML::Exception& e) {
+    throw Error(cat(path, " is not a readable checkpoint manifest: ", e.what()), "use an earlier checkpoint");
+  }
+  return m;
+}
+
+void write_manifest(const std::string& dir, const CheckpointState& s, const std::vector<ShardRanges>& shards,
+                    int data_ranks) {
+  YAML::Emitter e;
+  e << YAML::BeginMap << YAML::Key << "format_version" << YAML::Value << kFormatDirectory << YAML::Key << "step"
+    << YAML::Value << s.step << YAML::Key << "weights" << YAML::Value << "model.h5" << YAML::Key << "data_ranks"
+    << YAML::Value << data_ranks << YAML::Key << "shards" << YAML::Value << YAML::BeginSeq;
+  for (const ShardRanges& sr : shards) {
+    e << YAML::BeginMap << YAML::Key << "file" << YAML::Value << sr.file << YAML::Key << "ranges" << YAML::Value
+      << YAML::BeginSeq;
+    for (const auto& r : sr.ranges) e << YAML::Flow << YAML::BeginSeq << r[0] << r[1] << r[2] << YAML::EndSeq;
+    e << YAML::EndSeq << YAML::EndMap;
+  }
+  e << YAML::EndSeq << YAML::EndMap;
+  std::ofstream out(fs::path(dir) / "manifest.yaml");
+  out << e.c_str() << "\n";
+  out.close();
+  MOBA_CHECK(out.good(), cat("cannot write ", dir, "/manifest.yaml"), "check free space and permissions");
+}
+
+// The state arrays of an optimizer's owned ranges without the alignment gaps, and back.
+std::vector<float> packed_ranges(const AdamW& opt, const std::vector<float>& state) {
+  std::vector<float> out;
+  for (const AdamW::OwnedRange& r : opt.owned())
+    out.insert(out.end(), state.begin() + r.state_offset, state.begin() + r.state_offset + r.numel);
+  return out;
+}
+
+bool writes_shard(const AdamW& opt, const parallel::Communicator* comm, int zero_shards) {
+  if (!comm) return true;
+  // Context-parallel ranks hold identical optimizer shards, and under zero 0 every data rank holds everything.
+  return comm->rank(parallel::Group::context) == 0 && comm->rank(parallel::Group::data) < zero_shards;
+}
+
+void remove_old(const std::string& dir, int keep) {
+  auto all = list_checkpoints(dir);
+  std::error_code ec;
+  for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) fs::remove_all(all[i].second, ec);
+}
+
+}  // namespace
+
+std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& dir) {
+  std::vector<std::pair<int64_t, std::string>> found;
   if (!fs::is_directory(dir)) return found;
-  static const std::regex pattern(R"(step_(\d+)\.h5)");
+  static const std::regex file_pattern(R"(step_(\d+)\.h5)"), dir_pattern(R"(step_(\d+))");
   for (const auto& entry : fs::directory_iterator(dir)) {
     std::smatch m;
-    std::string name = entry.path().filename().string();
-    if (entry.is_regular_file() && std::regex_match(name, m, pattern)) found.emplace_back(std::stoll(m[1]), entry.path());
+    const std::string name = entry.path().filename().string();
+    if (entry.is_regular_file() && std::regex_match(name, m, file_pattern))
+      found.emplace_back(std::stoll(m[1]), entry.path().string());
+    else if (entry.is_directory() && std::regex_match(name, m, dir_pattern))
+      found.emplace_back(std::stoll(m[1]), entry.path().string());
   }
   std::sort(found.begin(), found.end());
   return found;
 }
 
-void write_arena(h5::File& file, const std::string& group, const std::vector<float>& host,
-                 const model::ParameterLayout& layout) {
-  for (const model::ParamTensor& t : layout.tensors())
-    file.write(group + "/" + t.name, host.data() + t.offset, t.shape);
-}
-
-void read_arena(const h5::File& file, const std::string& group, std::vector<float>& host,
-                const model::ParameterLayout& layout) {
-  host.assign(static_cast<size_t>(layout.total()), 0.0f);
-  for (const model::ParamTensor& t : layout.tensors()) {
-    std::string name = group + "/" + t.name;
-    std::vector<int64_t> shape = file.shape(name);
-    if (shape != t.shape) {
-      auto str = [](const std::vector<int64_t>& s) {
-        std::string r = "[";
-        for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-        return r + "]";
-      };
-      throw Error(cat(file.path(), ": ", name, " has shape ", str(shape), " but the model needs ", str(t.shape)),
-                  "the recipe's model section differs from the one the checkpoint was trained with; restore it, "
-                  "or use another run_dir to start afresh");
-    }
-    std::vector<float> values = file.read<float>(name);
-    std::copy(values.begin(), values.end(), host.begin() + t.offset);
-  }
-}
-
-}  // namespace
-
 std::string save_checkpoint(const std::string& dir, const CheckpointState& state, const model::Transformer& model,
-                            const AdamW& optimizer, int keep) {
-  fs::create_directories(dir);
+                            const AdamW& optimizer, parallel::Communicator* comm, int keep,
+                            const std::function<void()>& after_shards) {
+  const bool root = !comm || comm->layout().rank == 0;
   const fs::path final_path = fs::path(dir) / step_name(state.step);
   const fs::path temp_path = fs::path(dir) / (step_name(state.step) + ".tmp");
-  {
-    h5::File file = h5::File::create(temp_path.string());
-    write_arena(file, "params", model.params_to_host(), model.layout());
-    write_arena(file, "optimizer/m", optimizer.moment_to_host(AdamW::Moment::first), model.layout());
-    write_arena(file, "optimizer/v", optimizer.moment_to_host(AdamW::Moment::second), model.layout());
-    file.set_attr("/", "format_version", kFormatVersion);
-    file.set_attr("/", "step", state.step);
-    file.set_attr("/", "tokens_seen", state.tokens_seen);
-    file.set_attr("/", "optimizer_steps", optimizer.steps_taken());
-    file.set_attr("/", "sampler_epoch", state.sampler.epoch);
-    file.set_attr("/", "sampler_cursor", state.sampler.cursor);
-    file.set_attr("/", "seed", static_cast<int64_t>(state.seed));
-    file.set_attr("/", "recipe", state.recipe_yaml);
+  auto barrier = [&](const char* what) {
+    if (comm) comm->host(parallel::Group::world).barrier(what);
+  };
+  if (root) {
+    std::error_code ec;
+    fs::remove_all(temp_path, ec);  // left by a save that was killed
+    fs::create_directories(temp_path);
+  }
+  barrier("checkpoint: directory created");
+
+  // Every data-parallel shard (once) writes its owned ranges of master weights and moments.
+  const int data_ranks = comm ? comm->size(parallel::Group::data) : 1;
+  const int shards = optimizer.zero() == 1 ? data_ranks : 1;
+  const int my_shard = comm ? comm->rank(parallel::Group::data) : 0;
+  if (writes_shard(optimizer, comm, shards)) {
+    h5::File file = h5::File::create((temp_path / shard_name(my_shard)).string());
+    std::vector<int64_t> ranges;
+    for (const AdamW::OwnedRange& r : optimizer.owned()) ranges.insert(ranges.end(), {r.bucket, r.begin, r.numel});
+    file.write("ranges", ranges.data(), {static_cast<int64_t>(optimizer.owned().size()), 3});
+    file.write("master", packed_ranges(optimizer, optimizer.state_to_host(AdamW::State::master)));
+    file.write("m", packed_ranges(optimizer, optimizer.state_to_host(AdamW::State::first_moment)));
+    file.write("v", packed_ranges(optimizer, optimizer.state_to_host(AdamW::State::second_moment)));
+    file.set_attr("/", "shard", static_cast<int64_t>(my_shard));
+    file.set_attr("/", "shards", static_cast<int64_t>(shards));
     file.flush();
   }
-  std::error_code ec;
-  fs::rename(temp_path, final_path, ec);
-  MOBA_CHECK(!ec, cat("cannot rename ", temp_path.string(), " to ", final_path.string(), ": ", ec.message()),
-             "check the run directory's permissions and free space");
-  auto all = list_checkpoints(dir);
-  for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) fs::remove(all[i].second, ec);
+  if (after_shards) after_shards();
+  barrier("checkpoint: shards written");
+
+  // Rank 0: the whole f32 weights (read back from the shards: no gather through memory), the manifest, the rename.
+  if (root) {
+    const model::ParameterLayout& layout = model.layout();
+    std::vector<float> arena(static_cast<size_t>(layout.total()), 0.0f);
+    std::vector<ShardRanges> manifest_shards;
+    for (int s = 0; s < shards; ++s) {
+      h5::File file = h5::File::open_read((temp_path / shard_name(s)).string());
+      std::vector<int64_t> flat = file.read<int64_t>("ranges");
+      std::vector<float> master = file.read<float>("master");
+      ShardRanges sr;
+      sr.file = shard_name(s);
+      int64_t at = 0;
+      for (size_t i = 0; i + 2 < flat.size(); i += 3) {
+        const model::Bucket& b = layout.buckets()[static_cast<size_t>(flat[i])];
+        std::copy_n(master.begin() + at, flat[i + 2], arena.begin() + b.offset + flat[i + 1]);
+        at += flat[i + 2];
+        sr.ranges.push_back({flat[i], flat[i + 1], flat[i + 2]});
+      }
+      manifest_shards.push_back(std::move(sr));
+    }
+    {
+      h5::File file = h5::File::create((temp_path / "model.h5").string());
+      write_tensors(file, "params", arena, layout);
+      write_attributes(file, state, kFormatDirectory, optimizer.steps_taken());
+      file.flush();
+    }
+    write_manifest(temp_path.string(), state, manifest_shards, data_ranks);
+    std::error_code ec;
+    fs::remove_all(final_path, ec);
+    fs::rename(temp_path, final_path, ec);
+    MOBA_CHECK(!ec, cat("cannot rename ", temp_path.string(), " to ", final_path.string(), ": ", ec.message()),
+               "check the run directory's permissions and free space");
+    remove_old(dir, keep);
+  }
+  barrier("checkpoint: complete");
   return final_path.string();
 }
 
@@ -95,22 +244,25 @@ std::optional<std::string> latest_checkpoint(const std::string& dir) {
   auto all = list_checkpoints(dir);
   for (auto it = all.rbegin(); it != all.rend(); ++it) {
     try {
-      read_checkpoint_state(it->second.string());
-      return it->second.string();
+      read_checkpoint_state(it->second);
+      if (is_directory_checkpoint(it->second)) read_manifest(it->second);
+      return it->second;
     } catch (const Error& e) {
-      warn("skipping unreadable checkpoint ", it->second.string(), ": ", e.what());
+      warn("skipping unreadable checkpoint ", it->second, ": ", e.what());
     }
   }
   return std::nullopt;
 }
 
 CheckpointState read_checkpoint_state(const std::string& path) {
-  h5::File file = h5::File::open_read(path);
-  MOBA_CHECK(file.has_attr("/", "format_version") && file.exists("params"),
-             cat(path, " is not a moba checkpoint"), "pass a step_*.h5 file from a run's checkpoints/ directory");
-  int64_t version = file.attr_int("/", "format_version");
-  MOBA_CHECK(version == kFormatVersion, cat(path, ": checkpoint format ", version, " is not supported (expected ",
-                                            kFormatVersion, ")"),
+  const std::string weights = weights_file(path);
+  h5::File file = h5::File::open_read(weights);
+  MOBA_CHECK(file.has_attr("/", "format_version") && file.exists("params"), cat(path, " is not a moba checkpoint"),
+             "pass a checkpoint from a run's checkpoints/ directory (step_N/ or step_N.h5), or the run directory");
+  const int64_t version = file.attr_int("/", "format_version");
+  const int64_t expected = is_directory_checkpoint(path) ? kFormatDirectory : kFormatFile;
+  MOBA_CHECK(version == expected,
+             cat(path, ": checkpoint format ", version, " is not supported here (expected ", expected, ")"),
              "use the moba version that wrote it");
   CheckpointState s;
   s.step = file.attr_int("/", "step");
@@ -122,19 +274,71 @@ CheckpointState read_checkpoint_state(const std::string& path) {
   return s;
 }
 
-CheckpointState load_checkpoint(const std::string& path, model::Transformer& model, AdamW* optimizer) {
+std::vector<float> read_checkpoint_weights(const std::string& path, const model::ParameterLayout& layout) {
+  h5::File file = h5::File::open_read(weights_file(path));
+  return read_tensors(file, "params", layout);
+}
+
+CheckpointState load_weights(const std::string& path, model::Transformer& model, AdamW* optimizer) {
   CheckpointState s = read_checkpoint_state(path);
-  h5::File file = h5::File::open_read(path);
-  std::vector<float> host;
-  read_arena(file, "params", host, model.layout());
-  model.set_params_from_host(host);
-  if (optimizer) {
-    read_arena(file, "optimizer/m", host, model.layout());
-    optimizer->moment_from_host(AdamW::Moment::first, host);
-    read_arena(file, "optimizer/v", host, model.layout());
-    optimizer->moment_from_host(AdamW::Moment::second, host);
-    optimizer->set_steps_taken(file.attr_int("/", "optimizer_steps"));
+  std::vector<float> arena = read_checkpoint_weights(path, model.layout());
+  if (optimizer) optimizer->set_master_from_host(arena);
+  else model.set_weights_from_host(arena);
+  return s;
+}
+
+CheckpointState load_checkpoint(const std::string& path, model::Transformer& model, AdamW& optimizer) {
+  CheckpointState s = read_checkpoint_state(path);
+  const model::ParameterLayout& layout = model.layout();
+  std::vector<float> state[3];  // master, m, v of the owned ranges (AdamW's state layout)
+  for (auto& v : state) v.assign(static_cast<size_t>(optimizer.state_numel()), 0.0f);
+  int64_t optimizer_steps = 0;
+  if (!is_directory_checkpoint(path)) {  // format 1: whole arenas
+    h5::File file = h5::File::open_read(path);
+    const char* groups[3] = {"params", "optimizer/m", "optimizer/v"};
+    for (int k = 0; k < 3; ++k) {
+      std::vector<float> arena = read_tensors(file, groups[k], layout);
+      for (const AdamW::OwnedRange& r : optimizer.owned())
+        std::copy_n(arena.begin() + r.offset, r.numel, state[k].begin() + r.state_offset);
+    }
+    optimizer_steps = file.attr_int("/", "optimizer_steps");
+  } else {  // format 2: the pieces of each old shard that this rank's ranges cover
+    const Manifest manifest = read_manifest(path);
+    int64_t covered = 0, needed = 0;
+    for (const AdamW::OwnedRange& mine : optimizer.owned()) needed += mine.numel;
+    for (const ShardRanges& shard : manifest.shards) {
+      std::optional<h5::File> file;
+      int64_t at = 0;  // position of the shard's current range in its arrays
+      for (const auto& old : shard.ranges) {
+        MOBA_CHECK(old[0] >= 0 && old[0] < static_cast<int64_t>(layout.buckets().size()) &&
+                       old[1] + old[2] <= layout.buckets()[static_cast<size_t>(old[0])].size,
+                   cat(path, ": shard ", shard.file, " covers bucket ", old[0], " [", old[1], ", ", old[1] + old[2],
+                       ") which this model does not have"),
+                   "the recipe's model section differs from the one the checkpoint was trained with");
+        for (const AdamW::OwnedRange& mine : optimizer.owned()) {
+          if (mine.bucket != old[0]) continue;
+          const int64_t lo = std::max(mine.begin, old[1]), hi = std::min(mine.begin + mine.numel, old[1] + old[2]);
+          if (lo >= hi) continue;
+          if (!file) file.emplace(h5::File::open_read((fs::path(path) / shard.file).string()));
+          const char* names[3] = {"master", "m", "v"};
+          for (int k = 0; k < 3; ++k)
+            file->read_range<float>(names[k], at + (lo - old[1]), hi - lo,
+                                    state[k].data() + mine.state_offset + (lo - mine.begin));
+          covered += hi - lo;
+        }
+        at += old[2];
+      }
+    }
+    MOBA_CHECK(covered == needed,
+               cat(path, ": its shards cover ", covered, " of the ", needed, " optimizer values this rank needs"),
+               "a shard file is missing from the checkpoint, or the model differs; use an earlier checkpoint");
+    optimizer_steps = h5::File::open_read(weights_file(path)).attr_int("/", "optimizer_steps");
   }
+  optimizer.state_from_host(AdamW::State::master, state[0]);
+  optimizer.state_from_host(AdamW::State::first_moment, state[1]);
+  optimizer.state_from_host(AdamW::State::second_moment, state[2]);
+  optimizer.set_steps_taken(optimizer_steps);
+  optimizer.publish_weights();
   return s;
 }
 

@@ -19,7 +19,7 @@ namespace moba {
 
 int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi) {
   ArgParser ap("eval", "Evaluates a checkpoint on long documents: mean, position-wise and trailing LM loss.");
-  ap.add_option("checkpoint", "PATH", "checkpoint file (step_*.h5) or a run directory (its newest checkpoint)");
+  ap.add_option("checkpoint", "PATH", "checkpoint (a step_N/ directory or step_N.h5 file) or a run directory (its newest checkpoint)");
   ap.add_option("data", "PATH", "tokenized dataset (HDF5 from moba prep), e.g. the validation split");
   ap.add_option("seq-len", "N", "evaluation length N: each document's first N tokens", "4096");
   ap.add_option("bucket", "B", "position bucket width (default: the recipe's eval.position_bucket, at most N)");
@@ -37,7 +37,7 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
   if (fs::is_directory(ckpt)) {
     fs::path dir = fs::exists(fs::path(ckpt) / "checkpoints") ? fs::path(ckpt) / "checkpoints" : fs::path(ckpt);
     std::optional<std::string> latest = latest_checkpoint(dir.string());
-    MOBA_CHECK(latest.has_value(), cat("no checkpoint found in ", ckpt), "pass a step_*.h5 file or a run directory");
+    MOBA_CHECK(latest.has_value(), cat("no checkpoint found in ", ckpt), "pass a checkpoint (checkpoints/step_N/) or a run directory");
     ckpt = *latest;
   }
   const int64_t N = ap.get_int("seq-len");
@@ -76,7 +76,7 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
 
   std::unique_ptr<Backend> backend = make_backend(r.backend);
   model::Transformer model(*backend, c, static_cast<int64_t>(batch_seqs) * N, attention.moba.top_k);
-  load_checkpoint(ckpt, model, nullptr);
+  load_weights(ckpt, model, nullptr);
 
   data::SamplerConfig sc;
   sc.seq_len = N;
@@ -119,11 +119,9 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
       }
     }
   }
-  if (mpi.world_size() > 1) {
-    mpi.allreduce_sum(pos_sum.data(), N);
-    mpi.allreduce_sum(pos_count.data(), N);
-    mpi.allreduce_sum(totals, 4);
-  }
+  mpi.world().all_reduce(pos_sum.data(), N, parallel::ReduceOp::sum, "position-wise loss");
+  mpi.world().all_reduce(pos_count.data(), N, parallel::ReduceOp::sum, "position-wise counts");
+  mpi.world().all_reduce(totals, 4, parallel::ReduceOp::sum, "evaluation totals");
   MOBA_CHECK(totals[1] > 0, cat(ap.get("data"), " yields no evaluation tokens"), "check the dataset");
 
   const int64_t n_buckets = (N + bucket - 1) / bucket;

@@ -6,6 +6,7 @@
 
 #include "common/error.h"
 #include "common/log.h"
+#include "trainer/optimizer.h"
 
 namespace moba {
 
@@ -65,8 +66,13 @@ void check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t mic
                        const model::TransformerOptions& options, const Backend& backend) {
   std::vector<model::MemoryItem> plan =
       model::Transformer::memory_plan(c, micro_tokens, options, backend.activation_dtype());
-  const size_t params = static_cast<size_t>(model::ParameterLayout(c).total());
-  plan.insert(plan.begin() + 2, {"AdamW moments (f32)", 2 * ((params * 4 + 255) / 256 * 256)});
+  const model::ParameterLayout layout(c, options.parameter_shards);
+  const int zero = options.parameter_shards > 1 ? r.parallel.zero : 1;
+  plan.insert(plan.begin() + 2,
+              {cat("f32 master weights + AdamW moments (", zero == 1 && options.parameter_shards > 1
+                                                              ? cat("ZeRO-1 shard, 1/", options.parameter_shards)
+                                                              : std::string("whole"), ")"),
+               AdamW::state_bytes(layout, zero, options.parameter_shards)});
   size_t total = 0;
   for (const model::MemoryItem& m : plan) total += m.bytes;
   auto mib = [](size_t bytes) { return cat(static_cast<double>(bytes) / (1 << 20)); };

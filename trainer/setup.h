@@ -18,7 +18,8 @@ std::vector<AttentionParams> layer_attention(const AttentionSettings& attention,
 int max_top_k(const Recipe& recipe);
 // How the model keeps its activations (routing buffer size, train.recompute).
 model::TransformerOptions transformer_options(const Recipe& recipe);
-// Prints what the model and AdamW will allocate for a micro-batch of micro_tokens, and fails before allocating
+// Prints what the model and AdamW will allocate on each rank for a micro-batch of micro_tokens (the optimizer
+// state is one ZeRO-1 shard when options.parameter_shards > 1 and parallel.zero is 1), and fails before allocating
 // anything when it cannot fit the backend's free memory (naming the settings that shrink it).
 void check_memory_plan(const Recipe& recipe, const model::ModelConfig& config, int64_t micro_tokens,
                        const model::TransformerOptions& options, const Backend& backend);

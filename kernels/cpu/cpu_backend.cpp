@@ -224,9 +224,10 @@ class CpuBackend final : public Backend {
   void adamw_update(Tensor param, Tensor param_working, const Tensor& grad, Tensor m, Tensor v, float lr,
                     float beta1, float beta2, float eps, float weight_decay, int64_t step, float grad_scale) override {
     MOBA_ASSERT(param.numel() == grad.numel() && param.numel() == m.numel() && param.numel() == v.numel());
-    MOBA_ASSERT(param_working.data == nullptr);  // fp32 throughout: the master weights are the working ones
     cpu::adamw_update(f32(param, "param"), f32(grad, "grad"), f32(m, "m"), f32(v, "v"), param.numel(), lr, beta1,
                       beta2, eps, weight_decay, step, grad_scale);
+    // fp32 throughout: the working copy (when given) is the master's values exactly.
+    if (param_working.data) std::memcpy(f32(param_working, "param_working"), param.data, param.bytes());
   }
   double sum_of_squares(const Tensor& x) override { return cpu::sum_of_squares(f32(x, "x"), x.numel()); }
   void scale(Tensor x, float s) override { cpu::scale_inplace(f32(x, "x"), x.numel(), s); }
