@@ -260,6 +260,8 @@ void validate(Recipe& r) {
   if (r.parallel.context < 1) fail("parallel.context", "must be >= 1", "1 = no context parallelism");
   if (r.parallel.data < 0) fail("parallel.data", "must be >= 1 or auto", "auto uses the remaining ranks");
   if (r.parallel.zero != 0 && r.parallel.zero != 1) fail("parallel.zero", "must be 0 or 1", "1 shards optimizer state");
+  if (!(r.parallel.timeout_s > 0) || !std::isfinite(r.parallel.timeout_s))
+    fail("parallel.timeout_s", "must be a positive number of seconds", "e.g. 120");
   if (r.eval.max_batches < 1) fail("eval.max_batches", "must be >= 1", "e.g. 16");
   if (r.eval.position_bucket < 1) fail("eval.position_bucket", "must be >= 1", "e.g. 2048");
   if (r.eval.trailing < 1) fail("eval.trailing", "must be >= 1", "e.g. 2048");
@@ -460,6 +462,8 @@ Recipe parse_recipe_text(const std::string& text, const std::string& source, con
     else par.convert("data", dp, r.parallel.data);
   }
   par.get("zero", r.parallel.zero);
+  par.get_choice("transport", r.parallel.transport, {"auto", "nccl", "mpi"});
+  par.get("timeout_s", r.parallel.timeout_s);
   par.finish();
 
   Section ev = top.child("eval");
@@ -570,7 +574,8 @@ std::string recipe_to_yaml(const Recipe& r) {
   e << YAML::Key << "parallel" << YAML::Value << YAML::BeginMap << YAML::Key << "context" << YAML::Value
     << r.parallel.context << YAML::Key << "data" << YAML::Value;
   if (r.parallel.data == 0) e << "auto"; else e << r.parallel.data;
-  e << YAML::Key << "zero" << YAML::Value << r.parallel.zero << YAML::EndMap;
+  e << YAML::Key << "zero" << YAML::Value << r.parallel.zero << YAML::Key << "transport" << YAML::Value
+    << r.parallel.transport << YAML::Key << "timeout_s" << YAML::Value << r.parallel.timeout_s << YAML::EndMap;
   e << YAML::Key << "eval" << YAML::Value << YAML::BeginMap << YAML::Key << "every_tokens" << YAML::Value
     << num(r.eval.every_tokens) << YAML::Key << "max_batches" << YAML::Value << r.eval.max_batches << YAML::Key
     << "position_bucket" << YAML::Value << r.eval.position_bucket << YAML::Key << "trailing" << YAML::Value

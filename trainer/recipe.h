@@ -93,9 +93,11 @@ struct TrainSettings {
 };
 
 struct ParallelSettings {
-  int context = 1;  // context-parallel group size
-  int data = 0;     // 0 = auto: world_size / context
-  int zero = 1;     // optimizer-state sharding stage (0 or 1)
+  int context = 1;               // context-parallel group size
+  int data = 0;                  // 0 = auto: world_size / context
+  int zero = 1;                  // optimizer-state sharding stage: 0 (replicated) or 1 (sharded over data ranks)
+  std::string transport = "auto";  // GPU tensors: auto | nccl | mpi (staged through host memory; ranks may share a GPU)
+  double timeout_s = 120;        // deadline of every collective; past it the job ends naming the call
 };
 
 struct EvalSettings {

@@ -1,26 +1,34 @@
-// The training loop: per optimizer step, `accumulation` micro-batches per data-parallel rank, gradients
-// summed (MPI all-reduce across ranks), normalised by the number of loss tokens in the global batch, clipped,
-// then one AdamW step. Every source of randomness is a function of (seed, step), so a resumed run repeats
-// the uninterrupted one bit for bit on the CPU backend.
+// The training loop: per optimizer step, `accumulation` micro-batches per data-parallel rank through
+// train_step() (trainer/train_step.h: loss normalised by the global target-token count, per-layer gradient
+// reduction overlapped with backward, ZeRO-1 AdamW), then logging, validation and collective checkpoints.
+// Every source of randomness is a function of (seed, step), so a resumed run repeats the uninterrupted one bit
+// for bit on the CPU backend. SIGINT / SIGTERM / SIGUSR1 finish the step, write a checkpoint and exit 0.
 #include "trainer/train.h"
 
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
+#include <thread>
 
 #include "common/cli.h"
 #include "common/log.h"
 #include "data/dataset.h"
 #include "data/sampler.h"
+#include "parallel/communicator.h"
 #include "parallel/mpi_context.h"
 #include "trainer/checkpoint.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
+#include "trainer/run_directory.h"
 #include "trainer/schedule.h"
 #include "trainer/setup.h"
+#include "trainer/stop_request.h"
+#include "trainer/train_step.h"
 
 namespace fs = std::filesystem;
 
@@ -44,8 +52,67 @@ std::string format_count(double v) {
   return buf;
 }
 
-// Validation batches: the same shapes as training, file order, one pass, sharded over ranks.
-data::SamplerConfig validation_sampler_config(const Recipe& r, const parallel::MpiContext& mpi) {
+// A deliberate failure on one rank at one step (`--fault KIND:STEP:RANK`), so the tests can show that every kind
+// of failure ends the whole job with that rank's message instead of a hang.
+struct Fault {
+  std::string kind;  // throw | exit | kill | hang | nan | pause | save
+  int64_t step = -1;
+  int rank = 0;
+};
+
+Fault parse_fault(const std::string& spec) {
+  Fault f;
+  if (spec.empty()) return f;
+  const size_t a = spec.find(':'), b = spec.find(':', a == std::string::npos ? a : a + 1);
+  MOBA_CHECK(a != std::string::npos && b != std::string::npos,
+             cat("moba train: --fault '", spec, "' is not KIND:STEP:RANK"), "e.g. --fault throw:3:1");
+  f.kind = spec.substr(0, a);
+  MOBA_CHECK(f.kind == "throw" || f.kind == "exit" || f.kind == "kill" || f.kind == "hang" || f.kind == "nan" ||
+                 f.kind == "pause" || f.kind == "save",
+             cat("moba train: --fault kind '", f.kind, "' is not allowed"),
+             "allowed: throw, exit, kill, hang, nan, pause (wait for a stop signal), save (SIGKILL while saving)");
+  try {
+    f.step = std::stoll(spec.substr(a + 1, b - a - 1));
+    f.rank = std::stoi(spec.substr(b + 1));
+  } catch (const std::exception&) {
+    throw Error(cat("moba train: --fault '", spec, "': STEP and RANK must be integers"), "e.g. --fault throw:3:1");
+  }
+  return f;
+}
+
+void inject_fault(const Fault& f, int64_t step, int rank, model::Transformer& model, Backend& backend) {
+  if (f.kind.empty() || f.kind == "save" || f.step != step || f.rank != rank) return;
+  if (f.kind == "pause") {  // a deterministic "mid-run" for the signal tests: wait here for a stop signal
+    std::fprintf(stderr, "[rank %d] paused at step %lld (--fault), waiting for a stop signal\n", rank,
+                 static_cast<long long>(step));
+    std::fflush(stderr);
+    while (stop_signal() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    return;
+  }
+  if (f.kind == "throw") throw Error(cat("fault injected by --fault at step ", step, " on rank ", rank), "(a test)");
+  if (f.kind == "exit") {
+    log_error(cat("exiting with code 3 at step ", step, " (--fault)"));
+    std::_Exit(3);
+  }
+  if (f.kind == "kill") std::raise(SIGKILL);
+  if (f.kind == "hang")
+    while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+  // nan: poison one gain of the final norm in this rank's replica; the loss becomes NaN through the real forward.
+  std::vector<float> nan(1, NAN);
+  Tensor w = model.param("ln_f").slice_rows(0, 1);
+  if (w.dtype == DType::f32) {
+    backend.upload(w, nan.data());
+  } else {
+    Tensor staging = backend.allocate(DType::f32, {1});
+    backend.upload(staging, nan.data());
+    backend.convert(w, staging);
+    backend.synchronize();
+    backend.release(staging);
+  }
+}
+
+// Validation batches: the same shapes as training, file order, one pass, sharded over the data-parallel ranks.
+data::SamplerConfig validation_sampler_config(const Recipe& r, const parallel::ParallelLayout& layout) {
   data::SamplerConfig sc;
   sc.seq_len = r.data.seq_len;
   sc.batch_seqs = r.train.micro_batch_seqs;
@@ -54,15 +121,15 @@ data::SamplerConfig validation_sampler_config(const Recipe& r, const parallel::M
   sc.shuffle = false;
   sc.single_pass = true;
   sc.use_loss_mask = r.data.sft;
-  sc.shard_index = mpi.rank();
-  sc.shard_count = mpi.world_size();
+  sc.shard_index = layout.data_rank;
+  sc.shard_count = layout.data;
   return sc;
 }
 
 // Mean validation loss over the first `max_batches` micro-batches of the validation set (fixed order).
 double validation_loss(model::Transformer& model, const data::TokenDataset& val, const Recipe& r,
-                       const std::vector<AttentionParams>& attention, const parallel::MpiContext& mpi) {
-  data::Sampler sampler(val, validation_sampler_config(r, mpi));
+                       const std::vector<AttentionParams>& attention, parallel::Communicator& comm) {
+  data::Sampler sampler(val, validation_sampler_config(r, comm.layout()));
   double sums[2] = {0, 0};  // loss sum, token count
   for (int64_t b = 0; b < r.eval.max_batches; ++b) {
     std::optional<data::Batch> batch = sampler.next();
@@ -70,7 +137,7 @@ double validation_loss(model::Transformer& model, const data::TokenDataset& val,
     sums[0] += model.forward(token_batch(*batch), attention);
     for (uint8_t m : batch->loss_mask) sums[1] += m;
   }
-  if (mpi.world_size() > 1) mpi.allreduce_sum(sums, 2);
+  comm.host(parallel::Group::world).all_reduce(sums, 2, parallel::ReduceOp::sum, "validation loss");
   MOBA_CHECK(sums[1] > 0, cat("the validation set ", val.info().path, " yields no full sequence of ", r.data.seq_len,
                               " tokens"),
              "use a larger validation split (moba prep --val-fraction) or a smaller data.seq_len");
@@ -78,42 +145,41 @@ double validation_loss(model::Transformer& model, const data::TokenDataset& val,
 }
 
 struct Run {
-  Run(const Recipe& r, parallel::MpiContext& m) : recipe(r), mpi(m) {}
-  const Recipe& recipe;
-  parallel::MpiContext& mpi;
   std::unique_ptr<Backend> backend;
+  std::unique_ptr<parallel::Communicator> comm;
   std::unique_ptr<data::TokenDataset> train_data, val_data;
   std::unique_ptr<model::Transformer> model;
   std::unique_ptr<AdamW> optimizer;
   std::unique_ptr<data::Sampler> sampler;
   model::ModelConfig config;
-  int data_parallel = 1;
+  parallel::ParallelLayout layout;
   int64_t accumulation = 1;  // micro-batches per rank per step
   int64_t total_steps = 0;
   std::string run_dir, checkpoint_dir;
 };
 
-void check_layout(const Recipe& r, const parallel::MpiContext& mpi, Run& run) {
+void check_layout(const Recipe& r, Run& run) {
   MOBA_CHECK(r.parallel.context == 1,
              cat(r.source_path, ": parallel.context = ", r.parallel.context,
                  ": context parallelism is not implemented yet"),
-             "set parallel.context: 1 (sequence sharding arrives with the distributed-training work)");
-  int dp = mpi.world_size() / r.parallel.context;
-  MOBA_CHECK(r.parallel.data == 0 || r.parallel.data == dp,
-             cat(r.source_path, ": parallel.data = ", r.parallel.data, " but ", mpi.world_size(),
-                 " ranks with parallel.context = ", r.parallel.context, " give ", dp, " data-parallel ranks"),
-             cat("set parallel.data: auto, or launch with mpirun -np ", r.parallel.data * r.parallel.context));
-  int64_t per_step = static_cast<int64_t>(r.train.micro_batch_seqs) * r.data.seq_len * dp;
+             "set parallel.context: 1 (sequence sharding arrives with the context-parallel work)");
+  const int dp = run.layout.data;
+  const int64_t per_step = static_cast<int64_t>(r.train.micro_batch_seqs) * r.data.seq_len * dp;
+  MOBA_CHECK(r.train.global_batch_tokens >= per_step,
+             cat(r.source_path, ": train.global_batch_tokens = ", r.train.global_batch_tokens, " is less than one "
+                 "micro-batch (", r.train.micro_batch_seqs, " x ", r.data.seq_len, " tokens) on each of ", dp,
+                 " data-parallel ranks (", per_step, " tokens)"),
+             cat("raise train.global_batch_tokens to a multiple of ", per_step, ", lower train.micro_batch_seqs, or "
+                 "launch fewer ranks"));
   MOBA_CHECK(r.train.global_batch_tokens % per_step == 0,
              cat(r.source_path, ": train.global_batch_tokens = ", r.train.global_batch_tokens,
                  " is not a multiple of micro_batch_seqs * seq_len * data-parallel ranks = ", per_step),
              cat("use a multiple of ", per_step, ", or change the number of ranks"));
-  run.data_parallel = dp;
   run.accumulation = r.train.global_batch_tokens / per_step;
   run.total_steps = static_cast<int64_t>(std::ceil(r.train.tokens / static_cast<double>(r.train.global_batch_tokens)));
 }
 
-void open_data(const Recipe& r, const parallel::MpiContext& mpi, Run& run) {
+void open_data(const Recipe& r, Run& run) {
   MOBA_CHECK(!r.data.train.empty(), cat(r.source_path, ": data.train is not set"),
              "set it to a dataset written by `moba prep` (e.g. data/prepared/sample/train.h5)");
   run.train_data = std::make_unique<data::TokenDataset>(data::TokenDataset::open(r.data.train));
@@ -126,7 +192,7 @@ void open_data(const Recipe& r, const parallel::MpiContext& mpi, Run& run) {
                "prepare both splits with the same `moba prep` call");
   }
   if (run.val_data) {
-    data::Sampler probe(*run.val_data, validation_sampler_config(r, mpi));
+    data::Sampler probe(*run.val_data, validation_sampler_config(r, run.layout));
     MOBA_CHECK(probe.sequences_per_epoch() >= r.train.micro_batch_seqs,
                cat("data.val (", r.data.val, ", ", run.val_data->info().num_tokens, " tokens in ",
                    run.val_data->num_documents(), " documents) holds fewer than one micro-batch of ",
@@ -146,33 +212,43 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   ap.add_positional("recipe", "YAML recipe (see recipes/ and docs in README.md)");
   ap.add_option("set", "KEY=VALUE", "override a recipe key, e.g. --set train.optimizer.lr=3e-4", "", true);
   ap.add_option("max-steps", "N", "stop after N optimizer steps in this invocation (writes a checkpoint; resume later)", "-1");
+  ap.add_option("fault", "KIND:STEP:RANK",
+                "testing aid: fail on RANK at STEP (throw, exit, kill, hang, nan, save) to check that the job ends "
+                "cleanly, or pause there until a stop signal");
   if (!ap.parse(args)) return 0;
 
   Recipe recipe = load_recipe(ap.get("recipe"), ap.get_all("set"));
   const Recipe& r = recipe;
   const int64_t max_steps_now = ap.get_int("max-steps");
-  Run run(r, mpi);
-  check_layout(r, mpi, run);
-  run.backend = make_backend(r.backend);
+  const Fault fault = parse_fault(ap.has("fault") ? ap.get("fault") : "");
+  Run run;
+  run.layout = parallel::make_layout(mpi.world_size(), mpi.rank(), r.parallel.context, r.parallel.data, r.source_path);
+  check_layout(r, run);
+  // Before anything is allocated or written: the same recipe on every rank, and the run directory ours alone.
+  RunDirectory run_directory(r.run_dir, recipe_to_yaml(r), mpi);
+  run.run_dir = run_directory.path();
+  run.checkpoint_dir = (fs::path(run.run_dir) / "checkpoints").string();
+
+  const Device device = r.backend == "cuda" ? Device::cuda : Device::cpu;
+  const int gpus = device == Device::cuda ? gpu_count() : 0;
+  const parallel::Transport transport =
+      parallel::resolve_transport(r.parallel.transport, device, mpi.local_size(), gpus, r.source_path);
+  run.backend = make_backend(r.backend, gpus > 0 ? mpi.local_rank() % gpus : 0);
   if (run.backend->device() == Device::cpu && r.train.precision == "bf16")
     warn("train.precision: bf16 - the CPU backend computes in fp32");
   if (run.backend->device() == Device::cuda && r.train.precision == "fp32")
     warn("train.precision: fp32 - the CUDA backend computes in bf16 with f32 master weights and gradients");
-  MOBA_CHECK(mpi.world_size() == 1 || run.backend->device() == Device::cpu,
-             cat("backend: cuda with ", mpi.world_size(), " ranks: multi-GPU data parallelism (NCCL) is not implemented "
-                 "yet"),
-             "train on one GPU (mpirun -np 1, or no mpirun), or use backend: cpu for several data-parallel ranks");
-  if (mpi.world_size() > 1 && r.parallel.zero == 1)
-    warn("parallel.zero: 1 - optimizer-state sharding is not implemented yet; every rank keeps the full state");
-  open_data(r, mpi, run);
+  run.comm = std::make_unique<parallel::Communicator>(mpi, run.layout, *run.backend, transport, r.parallel.timeout_s);
+  open_data(r, run);
   run.config = model_config_from(r, run.train_data->info().vocab_size);
   recipe.model.vocab_size = run.config.vocab_size;  // saved resolved, so eval rebuilds the same model
   const model::ModelConfig& c = run.config;
   const int64_t micro_tokens = static_cast<int64_t>(r.train.micro_batch_seqs) * r.data.seq_len;
-  const model::TransformerOptions model_options = transformer_options(r);
+  model::TransformerOptions model_options = transformer_options(r);
+  model_options.parameter_shards = run.layout.data;
   check_memory_plan(r, c, micro_tokens, model_options, *run.backend);  // every rank: each checks its own GPU
   run.model = std::make_unique<model::Transformer>(*run.backend, c, micro_tokens, model_options);
-  run.optimizer = std::make_unique<AdamW>(*run.backend, *run.model, r.train.optimizer);
+  run.optimizer = std::make_unique<AdamW>(*run.backend, *run.model, r.train.optimizer, run.comm.get(), r.parallel.zero);
 
   data::SamplerConfig sc;
   sc.seq_len = r.data.seq_len;
@@ -180,16 +256,15 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   sc.pack = pack_mode_of(r.data);
   sc.seed = r.seed;
   sc.use_loss_mask = r.data.sft;
-  sc.shard_index = mpi.rank();
-  sc.shard_count = run.data_parallel;
+  sc.shard_index = run.layout.data_rank;
+  sc.shard_count = run.layout.data;
+  sc.epoch_multiple = r.train.global_batch_tokens / r.data.seq_len;  // the epoch does not depend on the rank count
   run.sampler = std::make_unique<data::Sampler>(*run.train_data, sc);
-  MOBA_CHECK(run.sampler->sequences_per_epoch() >= r.train.micro_batch_seqs,
-             cat(r.data.train, " holds fewer than ", r.train.micro_batch_seqs, " sequences of ", r.data.seq_len,
-                 " tokens per rank"),
-             "use more data, a smaller data.seq_len or fewer ranks");
+  MOBA_CHECK(run.sampler->sequences_per_epoch() >= r.train.micro_batch_seqs * run.accumulation,
+             cat(r.data.train, " holds fewer than one global batch (", sc.epoch_multiple, " sequences of ",
+                 r.data.seq_len, " tokens) per epoch"),
+             "use more data, a smaller data.seq_len or a smaller train.global_batch_tokens");
 
-  run.run_dir = r.run_dir;
-  run.checkpoint_dir = (fs::path(run.run_dir) / "checkpoints").string();
   const std::string recipe_yaml = recipe_to_yaml(r);
 
   // ---- resume, or initialise ----
@@ -198,50 +273,53 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   state.recipe_yaml = recipe_yaml;
   std::optional<std::string> resume = latest_checkpoint(run.checkpoint_dir);
   if (resume) {
-    CheckpointState saved = load_checkpoint(*resume, *run.model, run.optimizer.get());
+    CheckpointState saved = load_checkpoint(*resume, *run.model, *run.optimizer);
     if (saved.recipe_yaml != recipe_yaml) warn("the recipe differs from the one saved in ", *resume, "; continuing with the new one");
     MOBA_CHECK(saved.seed == r.seed, cat(*resume, " was trained with seed ", saved.seed, ", the recipe says ", r.seed),
                "restore the seed, or use another run_dir to start afresh");
+    MOBA_CHECK(saved.sampler.cursor % run.layout.data == 0,
+               cat(*resume, " stopped at sequence ", saved.sampler.cursor, " of its epoch, which ", run.layout.data,
+                   " data-parallel ranks cannot split evenly"),
+               "resume on a number of data-parallel ranks that divides it (e.g. the run's earlier count)");
     state.step = saved.step;
     state.tokens_seen = saved.tokens_seen;
-    state.sampler = saved.sampler;
-    run.sampler->restore(saved.sampler);
+    run.sampler->restore({saved.sampler.epoch, saved.sampler.cursor / run.layout.data});
     info("resumed from ", *resume, " at step ", state.step);
+  } else if (!r.init_from.empty()) {
+    load_weights(r.init_from, *run.model, run.optimizer.get());
+    info("initialised weights from ", r.init_from);
   } else {
     std::vector<float> host;
-    if (!r.init_from.empty()) {
-      load_checkpoint(r.init_from, *run.model, nullptr);
-      info("initialised weights from ", r.init_from);
-    } else {
-      model::initialize_parameters(run.model->layout(), c, static_cast<float>(r.model.init_std), r.seed, host);
-      run.model->set_params_from_host(host);
-    }
+    model::initialize_parameters(run.model->layout(), c, static_cast<float>(r.model.init_std), r.seed, host);
+    run.optimizer->set_master_from_host(host);
   }
 
+  std::optional<MetricsLog> metrics;
   if (mpi.is_root()) {
-    fs::create_directories(run.run_dir);
     std::ofstream(fs::path(run.run_dir) / "recipe.yaml") << recipe_yaml;
+    metrics.emplace((fs::path(run.run_dir) / "metrics.jsonl").string(), resume ? state.step : 0);
   }
   info("==== moba train: ", r.name, " (", r.source_path, ") ====");
   info(recipe_yaml);
   const model::ParameterLayout& layout = run.model->layout();
   info("model: ", c.n_layers, " layers, d_model ", c.d_model, ", heads ", c.n_heads, " (kv ", c.n_kv_heads, ", dim ",
-       c.head_dim, "), ffn ", c.ffn_hidden, ", vocab ", c.vocab_size, ": ", format_count(layout.total()),
+       c.head_dim, "), ffn ", c.ffn_hidden, ", vocab ", c.vocab_size, ": ", format_count(layout.count()),
        " parameters (", format_count(layout.count_non_embedding()), " non-embedding)");
-  info("memory: ", run.backend->allocated_bytes() >> 20, " MiB on ", run.backend->name(), " (weights, gradients and ",
-       "AdamW moments: ", (layout.total() * 16) >> 20, " MiB in f32; activations of one micro-batch: the rest)");
+  info("ranks: ", run.layout.world_size, " = ", run.layout.data, " data x ", run.layout.context, " context; ZeRO ",
+       r.parallel.zero, "; transport ", run.comm->transport(), "; memory ", run.backend->allocated_bytes() >> 20,
+       " MiB on ", run.backend->name(), " (rank 0)");
   info("data: ", run.train_data->info().num_tokens, " train tokens in ", run.train_data->num_documents(),
        " documents; pack ", r.data.pack, "; ", run.sampler->sequences_per_epoch(), " sequences of ", r.data.seq_len,
-       " per epoch per rank");
-  info("batch: ", r.train.global_batch_tokens, " tokens/step = ", run.data_parallel, " rank(s) x ", run.accumulation,
+       " per epoch per data-parallel rank");
+  info("batch: ", r.train.global_batch_tokens, " tokens/step = ", run.layout.data, " rank(s) x ", run.accumulation,
        " micro-batches x ", r.train.micro_batch_seqs, " x ", r.data.seq_len, "; ", run.total_steps, " steps; backend ",
        run.backend->name(), "; run dir ", run.run_dir);
 
-  MetricsLog metrics((fs::path(run.run_dir) / "metrics.jsonl").string(), resume ? state.step : 0);
   if (state.step >= run.total_steps) {
     info("run already complete (step ", state.step, " of ", run.total_steps, ")");
     return 0;
   }
+  install_stop_handlers();
 
   const double step_tokens = static_cast<double>(r.train.global_batch_tokens);
   auto next_boundary = [](double every, double seen) {
@@ -251,27 +329,31 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   double next_checkpoint = next_boundary(r.checkpoint.every_tokens, state.tokens_seen);
   std::string last_attention_desc;
   std::vector<data::Batch> micro(static_cast<size_t>(run.accumulation));
+  std::vector<model::TokenBatch> micro_views(micro.size());
   auto t_start = std::chrono::steady_clock::now();
   const int64_t first_step = state.step;
   int64_t steps_now = 0;
   double last_val = NAN;
+  parallel::MpiGroup& world = run.comm->host(parallel::Group::world);
 
   auto write_checkpoint = [&]() {
     state.sampler = run.sampler->state();
-    if (mpi.is_root()) {
-      std::string path = save_checkpoint(run.checkpoint_dir, state, *run.model, *run.optimizer, r.checkpoint.keep);
-      info("checkpoint ", path);
-    }
-    mpi.barrier();
+    state.sampler.cursor *= run.layout.data;  // global sequences of the epoch
+    auto after_shards = [&]() {
+      if (fault.kind == "save" && fault.step == state.step && fault.rank == run.layout.rank) std::raise(SIGKILL);
+    };
+    std::string path = save_checkpoint(run.checkpoint_dir, state, *run.model, *run.optimizer, run.comm.get(),
+                                       r.checkpoint.keep, after_shards);
+    info("checkpoint ", path);
   };
   auto run_validation = [&](const std::vector<AttentionParams>& attention) {
     if (!run.val_data) return;
-    last_val = validation_loss(*run.model, *run.val_data, r, attention, mpi);
+    last_val = validation_loss(*run.model, *run.val_data, r, attention, *run.comm);
     info("validation | step ", state.step, " | tokens ", format_count(state.tokens_seen), " | val_loss ",
          cat(std::round(last_val * 1e4) / 1e4));
-    if (mpi.is_root())
-      metrics.write({{"step", cat(state.step)}, {"tokens", json_number(state.tokens_seen)},
-                     {"val_loss", json_number(last_val)}});
+    if (metrics)
+      metrics->write({{"step", cat(state.step)}, {"tokens", json_number(state.tokens_seen)},
+                      {"val_loss", json_number(last_val)}});
   };
 
   while (state.step < run.total_steps) {
@@ -280,40 +362,21 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
     std::string desc = describe_attention(attention);
     if (desc != last_attention_desc) {
       info("attention from step ", state.step, ": ", desc);
-      if (mpi.is_root() && !last_attention_desc.empty())
-        metrics.write({{"step", cat(state.step)}, {"attention", json_string(desc)}});
+      if (metrics && !last_attention_desc.empty())
+        metrics->write({{"step", cat(state.step)}, {"attention", json_string(desc)}});
       last_attention_desc = desc;
     }
     auto t0 = std::chrono::steady_clock::now();
-    double loss_tokens[2] = {0, 0};  // this rank's loss-token count, then the global one
-    for (auto& b : micro) {
+    for (size_t i = 0; i < micro.size(); ++i) {
       std::optional<data::Batch> next = run.sampler->next();
       MOBA_ASSERT(next.has_value());
-      b = std::move(*next);
-      for (uint8_t m : b.loss_mask) loss_tokens[0] += m;
+      micro[i] = std::move(*next);
+      micro_views[i] = token_batch(micro[i]);
     }
-    loss_tokens[1] = loss_tokens[0];
-    if (mpi.world_size() > 1) mpi.allreduce_sum(&loss_tokens[1], 1);
-    const double scale = loss_tokens[1] > 0 ? 1.0 / loss_tokens[1] : 0.0;
-    run.model->zero_grads();
-    double loss_sum = 0;
-    for (const auto& b : micro) {
-      loss_sum += run.model->forward(token_batch(b), attention, static_cast<float>(scale));
-      run.model->backward(static_cast<float>(scale));
-    }
-    if (mpi.world_size() > 1) {
-      Tensor g = run.model->grads();
-      MOBA_ASSERT(g.device == Device::cpu);  // NCCL takes over on GPUs
-      mpi.allreduce_sum(g.as<float>(), g.numel());
-      mpi.allreduce_sum(&loss_sum, 1);
-    }
-    const double loss = loss_sum * scale;
+    inject_fault(fault, state.step + 1, run.layout.rank, *run.model, *run.backend);
     const double lr = learning_rate(r.train, state.tokens_seen, step_tokens);
-    const double grad_norm = run.optimizer->clip_gradients(r.train.grad_clip);
-    MOBA_CHECK(std::isfinite(loss) && std::isfinite(grad_norm),
-               cat("training diverged at step ", state.step, ": loss ", loss, ", grad norm ", grad_norm),
-               "lower train.optimizer.lr, raise train.schedule.warmup_tokens, or resume from an earlier checkpoint");
-    run.optimizer->step(lr);
+    const StepResult result = train_step(*run.model, *run.optimizer, run.comm.get(), micro_views, attention, lr,
+                                         r.train.grad_clip, state.step);
     state.step += 1;
     state.tokens_seen += step_tokens;
     steps_now += 1;
@@ -328,26 +391,35 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
       std::snprintf(line, sizeof line,
                     "step %6lld/%lld | tokens %8s | loss %.4f | lr %.3e | grad_norm %.3f | %8.0f tok/s | eta %s",
                     static_cast<long long>(state.step), static_cast<long long>(run.total_steps),
-                    format_count(state.tokens_seen).c_str(), loss, lr, grad_norm, tokens_per_s,
+                    format_count(state.tokens_seen).c_str(), result.loss, lr, result.grad_norm, tokens_per_s,
                     format_duration(eta).c_str());
       info(line);
     }
-    if (mpi.is_root())
-      metrics.write({{"step", cat(state.step)}, {"tokens", json_number(state.tokens_seen)},
-                     {"loss", json_number(loss)}, {"lr", json_number(lr)}, {"grad_norm", json_number(grad_norm)},
-                     {"tokens_per_s", json_number(std::round(tokens_per_s))}, {"eta_s", json_number(std::round(eta))}});
+    if (metrics)
+      metrics->write({{"step", cat(state.step)}, {"tokens", json_number(state.tokens_seen)},
+                      {"loss", json_number(result.loss)}, {"lr", json_number(lr)},
+                      {"grad_norm", json_number(result.grad_norm)},
+                      {"tokens_per_s", json_number(std::round(tokens_per_s))}, {"eta_s", json_number(std::round(eta))}});
 
     const bool finished = state.step == run.total_steps;
     if (state.tokens_seen >= next_eval && !finished) {
       run_validation(attention);
       next_eval = next_boundary(r.eval.every_tokens, state.tokens_seen);
     }
-    const bool stop_now = max_steps_now >= 0 && steps_now >= max_steps_now;
+    // A stop signal on any rank stops every rank after this same step.
+    double signal = stop_signal();
+    world.all_reduce(&signal, 1, parallel::ReduceOp::max, "stop request");
+    const bool stop_now = (max_steps_now >= 0 && steps_now >= max_steps_now) || signal > 0;
     if (state.tokens_seen >= next_checkpoint || finished || stop_now) {
       write_checkpoint();
       next_checkpoint = next_boundary(r.checkpoint.every_tokens, state.tokens_seen);
     }
     if (finished) run_validation(attention);
+    if (signal > 0 && !finished) {
+      info("received ", signal_name(static_cast<int>(signal)), ": stopped after step ", state.step,
+           " with a checkpoint; run the same command again to resume");
+      return 0;
+    }
     if (stop_now && !finished) {
       info("stopping after ", steps_now, " steps (--max-steps); run the same command again to resume");
       return 0;
