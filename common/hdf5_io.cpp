@@ -1,24 +1,96 @@
 #include "common/hdf5_io.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <filesystem>
 
 namespace moba::h5 {
 namespace {
 
-// Turns HDF5's automatic error printing off once; every call is checked here instead.
+// Turns HDF5's automatic error printing off once (every call is checked here instead) and its exit-time clean-up
+// off: a file whose close failed (full disk) stays in HDF5's table, and HDF5 1.10's clean-up of it at exit
+// crashes (segfault in H5F__close_cb) after the error was reported. Every file this layer opens is closed by
+// its Handle before exit, so the clean-up has nothing else to do.
 struct SilenceHdf5 {
-  SilenceHdf5() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+  SilenceHdf5() {
+    H5dont_atexit();  // must come before any other HDF5 call
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  }
 };
 const SilenceHdf5 silence;
 
-#define MOBA_H5_CHECK(expr, what)                                                                \
-  do {                                                                                           \
-    if ((expr) < 0)                                                                              \
-      throw ::moba::Error(::moba::cat("HDF5: ", what),                                           \
-                          "check that the file exists, is complete and was written by moba");   \
+// The innermost message of HDF5's error stack after a failed call ("" when empty), and whether the failure was
+// a checksum mismatch (of a data chunk: Fletcher32; of metadata: the 1.10 format's checksums). HDF5 1.10 has no
+// error code for it, so the messages are searched ("data error detected by Fletcher32 checksum", "incorrect
+// metadata checksum ...").
+struct Hdf5Failure {
+  std::string detail;
+  bool checksum = false;
+};
+
+herr_t collect_failure(unsigned, const H5E_error2_t* e, void* data) {
+  auto* f = static_cast<Hdf5Failure*>(data);
+  std::string desc = e->desc ? e->desc : "";
+  std::string lower = desc;
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (lower.find("checksum") != std::string::npos) f->checksum = true;
+  // A failed write reads "file write failed: time = ..., errno = 28, error message = 'No space left on
+  // device', ..."; keep what failed and the system's reason.
+  if (size_t reason = desc.find("error message = '"); reason != std::string::npos) {
+    size_t start = reason + 17, end = desc.find('\'', start);
+    desc = cat(desc.substr(0, desc.find(':')), ": ", desc.substr(start, end - start));
+  }
+  if (!desc.empty()) f->detail = desc;  // walking downward, the last one is the innermost
+  return 0;
+}
+
+Hdf5Failure last_failure() {
+  Hdf5Failure f;
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, collect_failure, &f);  // does not clear the stack
+  return f;
+}
+
+constexpr const char* kReadHint =
+    "the file is truncated or damaged; recreate it (datasets: moba prep; checkpoints: resume from an older one)";
+constexpr const char* kWriteHint = "free some disk space (or raise the quota) and check that the directory is writable";
+constexpr const char* kCorruptHint =
+    "the file was damaged after it was written (disk, copy or transfer); recreate it (datasets: moba prep; "
+    "checkpoints: resume from an older one)";
+
+// Throws the moba::Error for a failed HDF5 call; `what` names the file and the object. A checksum mismatch is
+// named as corruption, anything else as an incomplete or damaged file, with HDF5's own reason appended.
+[[noreturn]] void throw_hdf5_failure(const std::string& what, const std::string& hint) {
+  Hdf5Failure f = last_failure();
+  std::string detail = f.detail.empty() ? "" : cat(" (HDF5: ", f.detail, ")");
+  if (f.checksum) throw Error(cat(what, ": the file is corrupt, a checksum does not match", detail), kCorruptHint);
+  throw Error(cat(what, detail), hint);
+}
+
+// MOBA_H5_CHECK(status, what, hint): an HDF5 call's negative status becomes a moba::Error (see above).
+#define MOBA_H5_CHECK(expr, what, hint)                                                                    \
+  do {                                                                                                     \
+    if ((expr) < 0) throw_hdf5_failure(::moba::cat("HDF5: ", what), hint);                                 \
   } while (0)
+
+// Chunk shape for a fixed-size dataset: whole rows of the leading dimension, about kChunkElements each.
+constexpr int64_t kChunkElements = 1 << 20;  // 4 MiB of f32: one Fletcher32 checksum per chunk
+
+std::vector<hsize_t> chunk_shape(const std::vector<hsize_t>& dims) {
+  std::vector<hsize_t> chunk = dims;
+  hsize_t row = 1;
+  for (size_t i = 1; i < dims.size(); ++i) row *= dims[i];
+  chunk[0] = std::clamp<hsize_t>(static_cast<hsize_t>(kChunkElements) / std::max<hsize_t>(row, 1), 1, dims[0]);
+  return chunk;
+}
+
+// Dataset-creation properties every writer uses: chunked, with a Fletcher32 checksum per chunk.
+Handle checksummed_chunks(const std::vector<hsize_t>& chunk) {
+  Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), Handle::Kind::plist);
+  MOBA_H5_CHECK(H5Pset_chunk(dcpl.id(), static_cast<int>(chunk.size()), chunk.data()), "chunked layout", kWriteHint);
+  MOBA_H5_CHECK(H5Pset_fletcher32(dcpl.id()), "Fletcher32 filter", kWriteHint);
+  return dcpl;
+}
 
 std::string norm(const std::string& name) { return name.empty() || name[0] != '/' ? "/" + name : name; }
 
@@ -70,20 +142,25 @@ File File::open_read(const std::string& path) {
   MOBA_CHECK(H5Fis_hdf5(path.c_str()) > 0, cat(path, " is not a valid HDF5 file (truncated or corrupt?)"),
              "recreate it (for datasets: moba prep; for checkpoints: delete it and resume from an older one)");
   hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-  MOBA_CHECK(id >= 0, cat("cannot open HDF5 file ", path, " (truncated or corrupt?)"),
-             "recreate the file; a truncated file cannot be read");
+  if (id < 0)
+    throw_hdf5_failure(cat("cannot open HDF5 file ", path, " (truncated or corrupt?)"),
+                       "recreate the file; a truncated file cannot be read");
   return File(Handle(id, Handle::Kind::file), path);
 }
 
 File File::open_write(const std::string& path) {
   hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
-  MOBA_CHECK(id >= 0, cat("cannot open HDF5 file ", path, " for writing"), "check that it exists and is writable");
+  if (id < 0)
+    throw_hdf5_failure(cat("cannot open HDF5 file ", path, " for writing"), "check that it exists and is writable");
   return File(Handle(id, Handle::Kind::file), path);
 }
 
 File File::create(const std::string& path) {
-  hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-  MOBA_CHECK(id >= 0, cat("cannot create HDF5 file ", path), "check that the directory exists and is writable");
+  // The 1.10 format (readable by h5py and HDF5 >= 1.10) checksums all metadata, chunk indexes included.
+  Handle fapl(H5Pcreate(H5P_FILE_ACCESS), Handle::Kind::plist);
+  MOBA_H5_CHECK(H5Pset_libver_bounds(fapl.id(), H5F_LIBVER_V110, H5F_LIBVER_V110), "file format 1.10", kWriteHint);
+  hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.id());
+  if (id < 0) throw_hdf5_failure(cat("cannot create HDF5 file ", path), kWriteHint);
   return File(Handle(id, Handle::Kind::file), path);
 }
 
@@ -94,7 +171,9 @@ bool File::exists(const std::string& name) const {
   while (true) {
     size_t next = p.find('/', pos);
     std::string prefix = p.substr(0, next);
-    if (H5Lexists(id(), prefix.c_str(), H5P_DEFAULT) <= 0) return false;
+    htri_t found = H5Lexists(id(), prefix.c_str(), H5P_DEFAULT);
+    MOBA_H5_CHECK(found, cat("cannot look up ", prefix, " in ", path_), kReadHint);
+    if (found == 0) return false;
     if (next == std::string::npos) return true;
     pos = next + 1;
   }
@@ -104,18 +183,18 @@ void File::create_group(const std::string& name) {
   Handle lcpl(H5Pcreate(H5P_LINK_CREATE), Handle::Kind::plist);
   H5Pset_create_intermediate_group(lcpl.id(), 1);
   Handle g(H5Gcreate2(id(), norm(name).c_str(), lcpl.id(), H5P_DEFAULT, H5P_DEFAULT), Handle::Kind::group);
-  MOBA_H5_CHECK(g.id(), cat("cannot create group ", name, " in ", path_));
+  MOBA_H5_CHECK(g.id(), cat("cannot create group ", name, " in ", path_), kWriteHint);
 }
 
 std::vector<std::string> File::list(const std::string& group) const {
   Handle g(H5Gopen2(id(), norm(group).c_str(), H5P_DEFAULT), Handle::Kind::group);
-  MOBA_H5_CHECK(g.id(), cat("no group ", group, " in ", path_));
+  MOBA_H5_CHECK(g.id(), cat("no group ", group, " in ", path_), kReadHint);
   H5G_info_t info;
-  MOBA_H5_CHECK(H5Gget_info(g.id(), &info), cat("cannot list ", group, " in ", path_));
+  MOBA_H5_CHECK(H5Gget_info(g.id(), &info), cat("cannot list ", group, " in ", path_), kReadHint);
   std::vector<std::string> names;
   for (hsize_t i = 0; i < info.nlinks; ++i) {
     ssize_t len = H5Lget_name_by_idx(g.id(), ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
-    MOBA_H5_CHECK(len, cat("cannot list ", group, " in ", path_));
+    MOBA_H5_CHECK(len, cat("cannot list ", group, " in ", path_), kReadHint);
     std::string s(static_cast<size_t>(len), '\0');
     H5Lget_name_by_idx(g.id(), ".", H5_INDEX_NAME, H5_ITER_INC, i, s.data(), s.size() + 1, H5P_DEFAULT);
     names.push_back(s);
@@ -128,7 +207,7 @@ Handle File::open_dataset(const std::string& dataset) const {
   MOBA_CHECK(exists(dataset), cat(path_, " has no dataset '", dataset, "'"),
              "the file was not written by this version of moba, or is incomplete; recreate it");
   Handle d(H5Dopen2(id(), norm(dataset).c_str(), H5P_DEFAULT), Handle::Kind::dataset);
-  MOBA_H5_CHECK(d.id(), cat("cannot open dataset ", dataset, " in ", path_));
+  MOBA_H5_CHECK(d.id(), cat("cannot open dataset ", dataset, " in ", path_), kReadHint);
   return d;
 }
 
@@ -136,20 +215,40 @@ Handle File::open_object(const std::string& object) const {
   MOBA_CHECK(object == "/" || exists(object), cat(path_, " has no object '", object, "'"),
              "the file is incomplete or from another tool; recreate it");
   hid_t oid = H5Oopen(id(), norm(object).c_str(), H5P_DEFAULT);
-  MOBA_H5_CHECK(oid, cat("cannot open ", object, " in ", path_));
+  MOBA_H5_CHECK(oid, cat("cannot open ", object, " in ", path_), kReadHint);
   // H5Oopen returns a dataset or group id; both close with H5Oclose, which H5Gclose/H5Dclose wrap.
   H5I_type_t t = H5Iget_type(oid);
   return Handle(oid, t == H5I_DATASET ? Handle::Kind::dataset : Handle::Kind::group);
+}
+
+bool File::is_group(const std::string& name) const {
+  Handle o = open_object(name);
+  return H5Iget_type(o.id()) == H5I_GROUP;
 }
 
 std::vector<int64_t> File::shape(const std::string& dataset) const {
   Handle d = open_dataset(dataset);
   Handle space(H5Dget_space(d.id()), Handle::Kind::dataspace);
   int rank = H5Sget_simple_extent_ndims(space.id());
-  MOBA_H5_CHECK(rank, cat("cannot read the shape of ", dataset, " in ", path_));
+  MOBA_H5_CHECK(rank, cat("cannot read the shape of ", dataset, " in ", path_), kReadHint);
   std::vector<hsize_t> dims(static_cast<size_t>(rank));
   H5Sget_simple_extent_dims(space.id(), dims.data(), nullptr);
   return std::vector<int64_t>(dims.begin(), dims.end());
+}
+
+bool File::has_checksum(const std::string& dataset) const {
+  Handle d = open_dataset(dataset);
+  Handle dcpl(H5Dget_create_plist(d.id()), Handle::Kind::plist);
+  MOBA_H5_CHECK(dcpl.id(), cat("cannot read the layout of ", dataset, " in ", path_), kReadHint);
+  int filters = H5Pget_nfilters(dcpl.id());
+  for (int i = 0; i < filters; ++i) {
+    unsigned flags = 0;
+    size_t n_values = 0;
+    if (H5Pget_filter2(dcpl.id(), static_cast<unsigned>(i), &flags, &n_values, nullptr, 0, nullptr, nullptr) ==
+        H5Z_FILTER_FLETCHER32)
+      return true;
+  }
+  return false;
 }
 
 int64_t File::numel(const std::string& dataset) const {
@@ -182,9 +281,8 @@ template <typename T>
 std::vector<T> File::read(const std::string& dataset) const {
   Handle d = open_dataset(dataset);
   std::vector<T> out(static_cast<size_t>(numel(dataset)));
-  if (!out.empty())
-    MOBA_H5_CHECK(H5Dread(d.id(), native_type<T>(), H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()),
-                  cat("cannot read ", dataset, " from ", path_, " (truncated file?)"));
+  if (!out.empty() && H5Dread(d.id(), native_type<T>(), H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) < 0)
+    throw_hdf5_failure(cat(path_, ": cannot read dataset '", dataset, "'"), kReadHint);
   return out;
 }
 
@@ -199,10 +297,11 @@ void File::read_range(const std::string& dataset, int64_t offset, int64_t count,
              cat("read of [", offset, ", ", offset + count, ") past the end of ", dataset, " (", n, ") in ", path_),
              "the dataset is inconsistent (offsets beyond the token array); recreate it with moba prep");
   hsize_t start = static_cast<hsize_t>(offset), cnt = static_cast<hsize_t>(count);
-  MOBA_H5_CHECK(H5Sselect_hyperslab(space.id(), H5S_SELECT_SET, &start, nullptr, &cnt, nullptr), "hyperslab");
+  MOBA_H5_CHECK(H5Sselect_hyperslab(space.id(), H5S_SELECT_SET, &start, nullptr, &cnt, nullptr), "hyperslab",
+                kReadHint);
   Handle mem(H5Screate_simple(1, &cnt, nullptr), Handle::Kind::dataspace);
-  MOBA_H5_CHECK(H5Dread(d.id(), native_type<T>(), mem.id(), space.id(), H5P_DEFAULT, out),
-                cat("cannot read ", dataset, " from ", path_, " (truncated file?)"));
+  if (H5Dread(d.id(), native_type<T>(), mem.id(), space.id(), H5P_DEFAULT, out) < 0)
+    throw_hdf5_failure(cat(path_, ": cannot read dataset '", dataset, "'"), kReadHint);
 }
 
 template <typename T>
@@ -212,14 +311,16 @@ void File::write(const std::string& dataset, const T* data, const std::vector<in
   if (slash > 0 && !exists(name.substr(0, slash))) create_group(name.substr(0, slash));
   std::vector<hsize_t> dims(shape.begin(), shape.end());
   Handle space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), Handle::Kind::dataspace);
-  Handle d(H5Dcreate2(id(), name.c_str(), native_type<T>(), space.id(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
-           Handle::Kind::dataset);
-  MOBA_H5_CHECK(d.id(), cat("cannot create dataset ", dataset, " in ", path_));
   int64_t n = 1;
   for (int64_t s : shape) n *= s;
+  Handle dcpl = n > 0 && !dims.empty() ? checksummed_chunks(chunk_shape(dims)) : Handle();
+  Handle d(H5Dcreate2(id(), name.c_str(), native_type<T>(), space.id(), H5P_DEFAULT,
+                      dcpl.valid() ? dcpl.id() : H5P_DEFAULT, H5P_DEFAULT),
+           Handle::Kind::dataset);
+  MOBA_H5_CHECK(d.id(), cat("cannot create dataset ", dataset, " in ", path_), kWriteHint);
   if (n > 0)
     MOBA_H5_CHECK(H5Dwrite(d.id(), native_type<T>(), H5S_ALL, H5S_ALL, H5P_DEFAULT, data),
-                  cat("cannot write dataset ", dataset, " to ", path_, " (disk full?)"));
+                  cat("cannot write dataset ", dataset, " to ", path_, " (disk full?)"), kWriteHint);
 }
 
 bool File::has_attr(const std::string& object, const std::string& key) const {
@@ -232,8 +333,8 @@ void write_attr(hid_t obj, const std::string& key, hid_t type, const void* value
   if (H5Aexists(obj, key.c_str()) > 0) H5Adelete(obj, key.c_str());
   Handle space(H5Screate(H5S_SCALAR), Handle::Kind::dataspace);
   Handle a(H5Acreate2(obj, key.c_str(), type, space.id(), H5P_DEFAULT, H5P_DEFAULT), Handle::Kind::attribute);
-  MOBA_H5_CHECK(a.id(), cat("cannot create attribute ", key, " in ", where));
-  MOBA_H5_CHECK(H5Awrite(a.id(), type, value), cat("cannot write attribute ", key, " in ", where));
+  MOBA_H5_CHECK(a.id(), cat("cannot create attribute ", key, " in ", where), kWriteHint);
+  MOBA_H5_CHECK(H5Awrite(a.id(), type, value), cat("cannot write attribute ", key, " in ", where), kWriteHint);
 }
 }  // namespace
 
@@ -260,7 +361,7 @@ Handle open_attr(hid_t obj, const std::string& key, const std::string& object, c
   MOBA_CHECK(H5Aexists(obj, key.c_str()) > 0, cat(path, ": ", object, " has no attribute '", key, "'"),
              "the file is incomplete or from another tool; recreate it");
   Handle a(H5Aopen(obj, key.c_str(), H5P_DEFAULT), Handle::Kind::attribute);
-  MOBA_H5_CHECK(a.id(), cat("cannot open attribute ", key, " in ", path));
+  MOBA_H5_CHECK(a.id(), cat("cannot open attribute ", key, " in ", path), kReadHint);
   return a;
 }
 }  // namespace
@@ -269,7 +370,7 @@ int64_t File::attr_int(const std::string& object, const std::string& key) const 
   Handle o = open_object(object);
   Handle a = open_attr(o.id(), key, object, path_);
   int64_t v = 0;
-  MOBA_H5_CHECK(H5Aread(a.id(), H5T_NATIVE_INT64, &v), cat("cannot read attribute ", key, " in ", path_));
+  MOBA_H5_CHECK(H5Aread(a.id(), H5T_NATIVE_INT64, &v), cat("cannot read attribute ", key, " in ", path_), kReadHint);
   return v;
 }
 
@@ -277,7 +378,7 @@ double File::attr_double(const std::string& object, const std::string& key) cons
   Handle o = open_object(object);
   Handle a = open_attr(o.id(), key, object, path_);
   double v = 0;
-  MOBA_H5_CHECK(H5Aread(a.id(), H5T_NATIVE_DOUBLE, &v), cat("cannot read attribute ", key, " in ", path_));
+  MOBA_H5_CHECK(H5Aread(a.id(), H5T_NATIVE_DOUBLE, &v), cat("cannot read attribute ", key, " in ", path_), kReadHint);
   return v;
 }
 
@@ -291,43 +392,48 @@ std::string File::attr_string(const std::string& object, const std::string& key)
     char* s = nullptr;
     Handle mt(H5Tcopy(H5T_C_S1), Handle::Kind::datatype);
     H5Tset_size(mt.id(), H5T_VARIABLE);
-    MOBA_H5_CHECK(H5Aread(a.id(), mt.id(), &s), cat("cannot read attribute ", key, " in ", path_));
+    MOBA_H5_CHECK(H5Aread(a.id(), mt.id(), &s), cat("cannot read attribute ", key, " in ", path_), kReadHint);
     std::string out = s ? s : "";
     H5free_memory(s);
     return out;
   }
   size_t size = H5Tget_size(t.id());
   std::string out(size, '\0');
-  MOBA_H5_CHECK(H5Aread(a.id(), t.id(), out.data()), cat("cannot read attribute ", key, " in ", path_));
+  MOBA_H5_CHECK(H5Aread(a.id(), t.id(), out.data()), cat("cannot read attribute ", key, " in ", path_), kReadHint);
   out.resize(std::strlen(out.c_str()));
   return out;
 }
 
-void File::flush() { MOBA_H5_CHECK(H5Fflush(id(), H5F_SCOPE_GLOBAL), cat("cannot flush ", path_, " (disk full?)")); }
+void File::flush() {
+  MOBA_H5_CHECK(H5Fflush(id(), H5F_SCOPE_GLOBAL), cat("cannot flush ", path_, " (disk full?)"), kWriteHint);
+}
 
 template <typename T>
 Appender<T>::Appender(File& file, const std::string& dataset, int64_t chunk_elems) : file_(file), name_(norm(dataset)) {
   hsize_t zero = 0, unlimited = H5S_UNLIMITED, chunk = static_cast<hsize_t>(chunk_elems);
   Handle space(H5Screate_simple(1, &zero, &unlimited), Handle::Kind::dataspace);
-  Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), Handle::Kind::plist);
-  H5Pset_chunk(dcpl.id(), 1, &chunk);
+  Handle dcpl = checksummed_chunks({chunk});
+  // The chunk being filled stays in the cache until it is complete, so each chunk is checksummed and written
+  // once (with a filter, a chunk evicted half-full is read back, verified and rewritten on every append).
+  Handle dapl(H5Pcreate(H5P_DATASET_ACCESS), Handle::Kind::plist);
+  MOBA_H5_CHECK(H5Pset_chunk_cache(dapl.id(), 521, 2 * chunk * sizeof(T), 1.0), "chunk cache", kWriteHint);
   dataset_ = Handle(H5Dcreate2(file.id(), name_.c_str(), native_type<T>(), space.id(), H5P_DEFAULT, dcpl.id(),
-                               H5P_DEFAULT),
+                               dapl.id()),
                     Handle::Kind::dataset);
-  MOBA_H5_CHECK(dataset_.id(), cat("cannot create dataset ", dataset, " in ", file.path()));
+  MOBA_H5_CHECK(dataset_.id(), cat("cannot create dataset ", dataset, " in ", file.path()), kWriteHint);
 }
 
 template <typename T>
 void Appender<T>::append(const T* data, int64_t count) {
   if (count <= 0) return;
   hsize_t new_size = static_cast<hsize_t>(size_ + count);
-  MOBA_H5_CHECK(H5Dset_extent(dataset_.id(), &new_size), cat("cannot grow ", name_, " in ", file_.path()));
+  MOBA_H5_CHECK(H5Dset_extent(dataset_.id(), &new_size), cat("cannot grow ", name_, " in ", file_.path()), kWriteHint);
   Handle space(H5Dget_space(dataset_.id()), Handle::Kind::dataspace);
   hsize_t start = static_cast<hsize_t>(size_), cnt = static_cast<hsize_t>(count);
   H5Sselect_hyperslab(space.id(), H5S_SELECT_SET, &start, nullptr, &cnt, nullptr);
   Handle mem(H5Screate_simple(1, &cnt, nullptr), Handle::Kind::dataspace);
   MOBA_H5_CHECK(H5Dwrite(dataset_.id(), native_type<T>(), mem.id(), space.id(), H5P_DEFAULT, data),
-                cat("cannot append to ", name_, " in ", file_.path(), " (disk full?)"));
+                cat("cannot append to ", name_, " in ", file_.path(), " (disk full?)"), kWriteHint);
   size_ += count;
 }
 

@@ -1,6 +1,11 @@
 // Thin RAII layer over the HDF5 C API, used by datasets, checkpoints and test vectors.
 // Every failure becomes a moba::Error that names the file and the object; HDF5's own stack printing is off.
-// Invariant: handles close in destructors; a File opened for reading is never written.
+// Files are written so that corruption is detected on read: the 1.10 file format (checksums on every piece of
+// metadata: superblock, object headers with their attributes, chunk indexes) and chunked datasets with
+// HDF5's Fletcher32 filter (a checksum per chunk, verified on every read).
+// Invariant: handles close in destructors; a File opened for reading is never written; every non-empty
+// dataset this layer creates carries a checksum, and a checksum mismatch on read is a moba::Error naming the
+// file and the dataset, never data.
 #pragma once
 #include <hdf5.h>
 
@@ -61,10 +66,13 @@ class File {
   hid_t id() const { return file_.id(); }
 
   bool exists(const std::string& name) const;  // a dataset or group at this path ("/a/b" or "a/b")
+  bool is_group(const std::string& name) const;  // an existing object that is a group (not a dataset)
   void create_group(const std::string& name);  // creates intermediate groups too
   std::vector<std::string> list(const std::string& group = "/") const;  // child names, sorted
 
   std::vector<int64_t> shape(const std::string& dataset) const;
+  // True when the dataset's chunks carry a Fletcher32 checksum (false for files written before moba did so).
+  bool has_checksum(const std::string& dataset) const;
   int64_t numel(const std::string& dataset) const;
   StoredType stored_type(const std::string& dataset) const;
 
@@ -72,7 +80,8 @@ class File {
   template <typename T> std::vector<T> read(const std::string& dataset) const;
   // Reads elements [offset, offset+count) of a 1-D dataset into out.
   template <typename T> void read_range(const std::string& dataset, int64_t offset, int64_t count, T* out) const;
-  // Writes a dataset of the given shape (created; an existing one of that name is an error).
+  // Writes a dataset of the given shape (created; an existing one of that name is an error), chunked with a
+  // Fletcher32 checksum per chunk (datasets with no elements are stored plain: there is nothing to check).
   template <typename T>
   void write(const std::string& dataset, const T* data, const std::vector<int64_t>& shape);
   template <typename T>
@@ -100,7 +109,8 @@ class File {
   std::string path_;
 };
 
-// Streams a growing 1-D dataset (chunked, unlimited) so large token arrays never sit in memory twice.
+// Streams a growing 1-D dataset (chunked, unlimited, Fletcher32 per chunk) so large token arrays never sit in
+// memory twice.
 template <typename T>
 class Appender {
  public:

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "common/error.h"
+#include "common/log.h"
 
 namespace moba::data {
 namespace {
@@ -84,6 +85,9 @@ TokenDataset TokenDataset::open(const std::string& path) {
   info.num_documents = static_cast<int64_t>(offsets.size()) - 1;
   info.num_tokens = num_tokens;
 
+  if (!file.has_checksum("tokens"))
+    moba::info("note: ", path, " carries no checksums (written before moba added them), so corruption in it cannot be "
+         "detected; re-run moba prep to add them");
   ds.tokens_ = file.read<uint32_t>("tokens");
   for (size_t i = 0; i < ds.tokens_.size(); ++i)
     MOBA_CHECK(ds.tokens_[i] < static_cast<uint32_t>(vocab_size),

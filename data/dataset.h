@@ -3,8 +3,10 @@
 //   doc_offsets (D+1,) uint64             document d is tokens[doc_offsets[d] : doc_offsets[d+1]]
 //   loss_mask   (T,)   uint8, optional    SFT: 0 on prompt tokens, 1 on response tokens (and EOS)
 //   attributes on "/": vocab_size, eos_id, tokenizer ("byte"|"sentencepiece"), source, split, format_version
-// Invariant: open() validates everything (shapes, monotone offsets, token ids < vocab_size) so readers can
-// trust the file; a truncated or corrupt file is a moba::Error naming the file and the fix.
+// Every dataset carries a Fletcher32 checksum per chunk (common/hdf5_io.h); files written before that still
+// open, with a note that corruption in them cannot be detected.
+// Invariant: open() validates everything (checksums, shapes, monotone offsets, token ids < vocab_size) so
+// readers can trust the file; a truncated or corrupt file is a moba::Error naming the file and the fix.
 #pragma once
 #include <cstdint>
 #include <memory>

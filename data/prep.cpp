@@ -147,6 +147,28 @@ class TemporaryFiles {
   std::vector<std::string> paths_;
 };
 
+// The output directory, created with any missing parents; when prep fails, the directories it created are
+// removed again (only if empty: the temporaries are removed first), so a failed prep leaves nothing behind.
+class OutputDirectory {
+ public:
+  explicit OutputDirectory(const std::string& path) {
+    for (fs::path p = fs::absolute(path); !p.empty() && !fs::exists(p); p = p.parent_path()) created_.push_back(p);
+    std::error_code ec;
+    fs::create_directories(path, ec);
+    MOBA_CHECK(!ec && fs::is_directory(path),
+               cat("moba prep: cannot create output directory ", path, ": ", ec.message()),
+               "check the --out path and its permissions");
+  }
+  ~OutputDirectory() {
+    std::error_code ignored;
+    for (const fs::path& p : created_) fs::remove(p, ignored);  // deepest first; a non-empty one stays
+  }
+  void keep() { created_.clear(); }
+
+ private:
+  std::vector<fs::path> created_;
+};
+
 // Renames (or, with copy, copies) a finished file into place; filesystem errors become moba::Error.
 void place_file(const std::string& from, const std::string& to, bool copy = false) {
   std::error_code ec;
@@ -238,11 +260,7 @@ PrepResult run_prep(const PrepOptions& options) {
   validate(options);
   const auto start_time = std::chrono::steady_clock::now();
   const std::vector<std::string> files = list_input_files(options.inputs);  // fails early on a missing input
-  std::error_code ec;
-  fs::create_directories(options.output_dir, ec);
-  MOBA_CHECK(!ec && fs::is_directory(options.output_dir),
-             cat("moba prep: cannot create output directory ", options.output_dir, ": ", ec.message()),
-             "check the --out path and its permissions");
+  OutputDirectory output_dir(options.output_dir);  // declared before the temporaries: removed after them
   info("prep: reading ", files.size(), " input file(s) into ", options.output_dir);
 
   PrepResult result;
@@ -296,11 +314,13 @@ PrepResult run_prep(const PrepOptions& options) {
     place_file(tokenizer_temp, tokenizer_model);
     result.tokenizer_path = tokenizer_model;
   } else {
-    fs::remove(tokenizer_model, ec);  // a stale SentencePiece model from an earlier run would mislead
+    std::error_code ignored;
+    fs::remove(tokenizer_model, ignored);  // a stale SentencePiece model from an earlier run would mislead
   }
   place_file(val_temp, result.val_path);
   place_file(train_temp, result.train_path);
   temporaries.keep_all();
+  output_dir.keep();
 
   result.train_documents = train.documents();
   result.val_documents = val.documents();

@@ -2,6 +2,8 @@
 // Invariant: each test runs in well under a few seconds on small slices; tests needing ../shared/data skip
 // without it, and every error case checks that the message names the file/value and what to do.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 #if MOBA_HAVE_LZMA
 #include <lzma.h>
 #endif
@@ -386,10 +388,57 @@ TEST(Prep, CommandLineParsesAndValidates) {
   EXPECT_FALSE(fs::exists(dir + "/o"));  // nothing is created before the inputs are known to exist
 
   write_file(dir + "/empty.jsonl", "\n\n");
-  message = error_of([&] { prep_command({dir + "/empty.jsonl", "--out", dir + "/o"}); });
+  message = error_of([&] { prep_command({dir + "/empty.jsonl", "--out", dir + "/o/deeper"}); });
   EXPECT_NE(message.find("no documents found"), std::string::npos) << message;
-  EXPECT_FALSE(fs::exists(dir + "/o/train.h5.tmp"));
-  EXPECT_FALSE(fs::exists(dir + "/o/train.h5"));
+  EXPECT_FALSE(fs::exists(dir + "/o"));  // a failed prep removes the directories it created
+  fs::create_directories(dir + "/mine");
+  write_file(dir + "/mine/keep.txt", "not moba's");
+  message = error_of([&] { prep_command({dir + "/empty.jsonl", "--out", dir + "/mine"}); });
+  EXPECT_NE(message.find("no documents found"), std::string::npos) << message;
+  EXPECT_EQ(read_file(dir + "/mine/keep.txt"), "not moba's");  // a directory it did not create stays
+}
+
+// Writes past RLIMIT_FSIZE fail (EFBIG, SIGXFSZ ignored) exactly where a full disk fails with ENOSPC.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(rlim_t bytes) {
+    getrlimit(RLIMIT_FSIZE, &saved_);
+    previous_handler_ = signal(SIGXFSZ, SIG_IGN);
+    rlimit limit = saved_;
+    limit.rlim_cur = bytes;
+    setrlimit(RLIMIT_FSIZE, &limit);
+  }
+  ~FileSizeLimit() {
+    setrlimit(RLIMIT_FSIZE, &saved_);
+    signal(SIGXFSZ, previous_handler_);
+  }
+
+ private:
+  rlimit saved_{};
+  sighandler_t previous_handler_;
+};
+
+TEST(Prep, AFullDiskLeavesNoTemporaryFilesOrEmptyDirectory) {
+  std::string dir = scratch_dir("prep_full");
+  std::string text;
+  for (int i = 0; i < 30000; ++i)
+    text += "{\"text\": \"document " + std::to_string(i) + " " + std::string(200, 'x') + "\"}\n";
+  write_file(dir + "/docs.jsonl", text);
+  for (rlim_t limit : {rlim_t{100}, rlim_t{100000}, rlim_t{3000000}, rlim_t{9000000}}) {
+    std::string message;
+    {
+      FileSizeLimit full(limit);
+      message = error_of([&] {
+        PrepOptions o;
+        o.inputs = {dir + "/docs.jsonl"};
+        o.output_dir = dir + "/out";
+        o.val_fraction = 0.01;
+        run_prep(o);
+      });
+    }
+    EXPECT_NE(message.find(".h5.tmp"), std::string::npos) << "limit " << limit << ": " << message;
+    EXPECT_FALSE(fs::exists(dir + "/out")) << "limit " << limit << ": " << message;
+  }
 }
 
 // ---- dataset validation ----------------------------------------------------------------------------------
@@ -443,6 +492,68 @@ TEST(Dataset, RejectsTruncatedInconsistentAndOutOfRangeFiles) {
 
   message = error_of([&] { TokenDataset::open(dir + "/missing.h5"); });
   EXPECT_NE(message.find("file not found"), std::string::npos) << message;
+}
+
+// Any byte flipped anywhere (metadata, the chunk index, attributes, tokens) must make open() fail with a
+// moba::Error naming the file, or leave the dataset exactly as written: never tokens read as something else.
+TEST(Dataset, AFlippedByteAnywhereIsAnErrorNeverDifferentTokens) {
+  std::string dir = scratch_dir("dataset_flip");
+  std::vector<uint32_t> tokens(40000);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint32_t>((i * 7) % 256);
+  std::vector<uint8_t> mask(tokens.size(), 1);
+  write_dataset(dir + "/good.h5", tokens, {0, 10000, 40000}, 258, 256, &mask);
+  const std::string bytes = read_file(dir + "/good.h5");
+  const std::string bad = dir + "/bad.h5";
+  int errors = 0, harmless = 0;
+  for (size_t offset = 0; offset < bytes.size(); offset += offset < 4096 || offset + 4096 > bytes.size() ? 13 : 401) {
+    std::string flipped = bytes;
+    flipped[offset] = static_cast<char>(flipped[offset] ^ 0x5A);
+    write_file(bad, flipped);
+    try {
+      TokenDataset ds = TokenDataset::open(bad);
+      std::vector<int32_t> read(tokens.size());
+      ASSERT_EQ(ds.info().num_tokens, static_cast<int64_t>(tokens.size())) << "byte " << offset;
+      ds.read_tokens(0, ds.info().num_tokens, read.data());
+      ASSERT_TRUE(std::equal(read.begin(), read.end(), tokens.begin())) << "byte " << offset << " changed tokens";
+      ASSERT_EQ(ds.num_documents(), 2) << "byte " << offset;
+      ASSERT_EQ(ds.doc_end(0), 10000) << "byte " << offset;
+      ASSERT_EQ(ds.info().source, "test") << "byte " << offset;
+      ++harmless;
+    } catch (const moba::Error& e) {
+      ASSERT_NE(std::string(e.what()).find(bad), std::string::npos) << e.what();
+      ++errors;
+    }
+  }
+  EXPECT_GT(errors, 10 * harmless);
+
+  // Flipped bytes inside the tokens name the dataset and the corruption.
+  auto [chunk, size] = test::first_chunk(dir + "/good.h5", "tokens");
+  std::string flipped = bytes;
+  for (size_t i = chunk + size / 2; i < chunk + size / 2 + 16; ++i) flipped[i] = static_cast<char>(flipped[i] ^ 0xFF);
+  write_file(bad, flipped);
+  std::string message = error_of([&] { TokenDataset::open(bad); });
+  EXPECT_NE(message.find(bad + ": cannot read dataset 'tokens': the file is corrupt, a checksum does not match"),
+            std::string::npos)
+      << message;
+}
+
+TEST(Dataset, FilesWrittenBeforeChecksumsOpenWithANote) {
+  std::string dir = scratch_dir("dataset_legacy");
+  std::vector<uint32_t> tokens = {1, 2, 3, 256, 4, 5, 256};
+  write_dataset(dir + "/new.h5", tokens, {0, 4, 7}, 258, 256);
+  test::write_legacy_copy(dir + "/new.h5", dir + "/legacy.h5");
+  EXPECT_TRUE(h5::File::open_read(dir + "/new.h5").has_checksum("tokens"));
+  EXPECT_FALSE(h5::File::open_read(dir + "/legacy.h5").has_checksum("tokens"));
+  testing::internal::CaptureStdout();
+  TokenDataset ds = TokenDataset::open(dir + "/legacy.h5");
+  std::string out = testing::internal::GetCapturedStdout();
+  EXPECT_NE(out.find("note: " + dir + "/legacy.h5 carries no checksums"), std::string::npos) << out;
+  std::vector<int32_t> read(tokens.size());
+  ds.read_tokens(0, 7, read.data());
+  EXPECT_TRUE(std::equal(read.begin(), read.end(), tokens.begin()));
+  testing::internal::CaptureStdout();
+  TokenDataset::open(dir + "/new.h5");
+  EXPECT_EQ(testing::internal::GetCapturedStdout(), "");
 }
 
 // ---- sampler ---------------------------------------------------------------------------------------------

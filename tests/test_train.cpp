@@ -12,6 +12,7 @@
 #include <fstream>
 #include <map>
 #include <regex>
+#include <set>
 #include <thread>
 
 #include "common/hdf5_io.h"
@@ -303,6 +304,79 @@ TEST_F(Train, CorruptNewestCheckpointFallsBackToThePreviousOne) {
   ASSERT_EQ(test::run_moba(tiny(run), &out), 0) << out;
   EXPECT_NE(out.find("skipping unreadable checkpoint"), std::string::npos) << out;
   EXPECT_NE(out.find("resumed from " + run + "/checkpoints/step_00000010"), std::string::npos) << out;
+  EXPECT_EQ(training_lines(run).size(), 40u);
+}
+
+// A few flipped bytes inside a checkpoint's master weights are a checksum error: the run resumes from the
+// checkpoint before it instead of training on from damaged weights.
+TEST_F(Train, CheckpointWithFlippedWeightBytesIsNotResumedFrom) {
+  std::string run = test::scratch_dir("flipped-ckpt");
+  std::string out;
+  ASSERT_EQ(test::run_moba(tiny(run, "--max-steps 20"), &out), 0) << out;
+  const std::string newest = run + "/checkpoints/step_00000020", shard = newest + "/shard_00000.h5";
+  auto [chunk, size] = test::first_chunk(shard, "master");
+  for (size_t i = 0; i < 64; ++i) test::flip_byte(shard, chunk + size / 3 + i * 37 % size);
+  ASSERT_EQ(test::run_moba(tiny(run), &out), 0) << out;
+  EXPECT_NE(out.find("skipping unreadable checkpoint " + newest + ": " + shard +
+                     ": cannot read dataset 'master': the file is corrupt, a checksum does not match"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("resumed from " + run + "/checkpoints/step_00000010"), std::string::npos) << out;
+  EXPECT_TRUE(fs::exists(run + "/checkpoints/unreadable/step_00000020/shard_00000.h5"));
+}
+
+// Makes `path` a checkpoint this moba cannot read: a copy of a good one claiming format_version 99.
+void write_future_checkpoint(const std::string& good, const std::string& path) {
+  fs::copy(good, path, fs::copy_options::recursive);
+  h5::File::open_write(path + "/model.h5").set_attr("/", "format_version", int64_t{99});
+}
+
+std::set<std::string> names_in(const std::string& dir) {
+  std::set<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.insert(e.path().filename().string());
+  return names;
+}
+
+// Unreadable checkpoints with higher steps (truncated, or from another format version) neither stop the run
+// from resuming the newest readable one nor count towards checkpoint.keep: they are set aside, and the new
+// checkpoints are kept. (Before, keep: 2 deleted every new checkpoint as it was written.)
+TEST_F(Train, UnreadableNewerCheckpointsAreSetAsideAndNeverCountedInKeep) {
+  std::string run = test::scratch_dir("rotation");
+  std::string out;
+  ASSERT_EQ(test::run_moba(tiny(run, "--max-steps 10"), &out), 0) << out;
+  const std::string dir = run + "/checkpoints";
+  write_future_checkpoint(dir + "/step_00000010", dir + "/step_00000200");
+  fs::copy(dir + "/step_00000010", dir + "/step_00000100", fs::copy_options::recursive);
+  fs::resize_file(dir + "/step_00000100/model.h5", fs::file_size(dir + "/step_00000100/model.h5") / 2);
+  ASSERT_EQ(test::run_moba(tiny(run), &out), 0) << out;
+  EXPECT_NE(out.find("resumed from " + dir + "/step_00000010"), std::string::npos) << out;
+  EXPECT_NE(out.find("checkpoint format 99 is not supported"), std::string::npos) << out;
+  EXPECT_EQ(names_in(dir), (std::set<std::string>{"step_00000030", "step_00000040", "unreadable"}));
+  EXPECT_EQ(names_in(dir + "/unreadable"), (std::set<std::string>{"step_00000100", "step_00000200"}));
+  EXPECT_EQ(training_lines(run).size(), 40u);
+}
+
+// With nothing readable beside unreadable checkpoints, starting from step 0 needs the user's flag; without it
+// nothing in the run directory changes.
+TEST_F(Train, StartingOverBesideUnreadableCheckpointsNeedsTheFlag) {
+  std::string run = test::scratch_dir("start-over");
+  std::string out;
+  ASSERT_EQ(test::run_moba(tiny(run, "--max-steps 10"), &out), 0) << out;
+  const std::string dir = run + "/checkpoints";
+  write_future_checkpoint(dir + "/step_00000010", dir + "/step_00000020");
+  fs::remove_all(dir + "/step_00000010");
+  std::ifstream metrics_before(run + "/metrics.jsonl");
+  const std::string metrics((std::istreambuf_iterator<char>(metrics_before)), std::istreambuf_iterator<char>());
+  ASSERT_EQ(test::run_moba(tiny(run), &out), 1) << out;
+  EXPECT_NE(out.find(dir + " holds 1 checkpoint(s) that cannot be read and none that can"), std::string::npos) << out;
+  EXPECT_NE(out.find("pass --ignore-unreadable-checkpoints"), std::string::npos) << out;
+  std::ifstream metrics_after(run + "/metrics.jsonl");
+  EXPECT_EQ(std::string((std::istreambuf_iterator<char>(metrics_after)), std::istreambuf_iterator<char>()), metrics);
+  EXPECT_EQ(names_in(dir), (std::set<std::string>{"step_00000020"}));
+
+  ASSERT_EQ(test::run_moba(tiny(run, "--ignore-unreadable-checkpoints"), &out), 0) << out;
+  EXPECT_EQ(names_in(dir + "/unreadable"), (std::set<std::string>{"step_00000020", "metrics.jsonl"}));
+  EXPECT_TRUE(fs::exists(dir + "/step_00000040"));
   EXPECT_EQ(training_lines(run).size(), 40u);
 }
 

@@ -43,6 +43,10 @@ std::string shape_string(const std::vector<int64_t>& s) {
 
 // A group of per-tensor datasets (params/, optimizer/m/, optimizer/v/) into a full arena of `layout`.
 std::vector<float> read_tensors(const h5::File& file, const std::string& group, const model::ParameterLayout& layout) {
+  const std::string first = group + "/" + layout.tensors().front().name;
+  if (group == "params" && file.exists(first) && !file.has_checksum(first))
+    info("note: ", file.path(), " carries no checksums (written before moba added them), so corruption in it cannot "
+         "be detected");
   std::vector<float> arena(static_cast<size_t>(layout.total()), 0.0f);
   for (const model::ParamTensor& t : layout.tensors()) {
     const std::string name = group + "/" + t.name;
@@ -137,34 +141,85 @@ std::vector<float> packed_ranges(const AdamW& opt, const std::vector<float>& sta
   return out;
 }
 
+// Opens a shard of a directory checkpoint, checking that the manifest (plain YAML, no checksum) records the ranges
+// the shard itself holds (a checksummed dataset), so a damaged manifest cannot place values at wrong offsets.
+h5::File open_shard(const std::string& checkpoint, const ShardRanges& shard) {
+  h5::File file = h5::File::open_read((fs::path(checkpoint) / shard.file).string());
+  std::vector<int64_t> flat;
+  for (const auto& r : shard.ranges) flat.insert(flat.end(), r.begin(), r.end());
+  MOBA_CHECK(file.read<int64_t>("ranges") == flat,
+             cat(checkpoint, "/manifest.yaml does not record the ranges that ", shard.file, " holds"),
+             "the manifest is damaged; use an earlier checkpoint");
+  return file;
+}
+
 bool writes_shard(const AdamW& opt, const parallel::Communicator* comm, int zero_shards) {
   if (!comm) return true;
   // Context-parallel ranks hold identical optimizer shards, and under zero 0 every data rank holds everything.
   return comm->rank(parallel::Group::context) == 0 && comm->rank(parallel::Group::data) < zero_shards;
 }
 
+// Reads every dataset of an HDF5 file, so each chunk's checksum is verified; throws on the first mismatch.
+void read_back(const std::string& path, const h5::File& file, const std::string& group = "/") {
+  for (const std::string& name : file.list(group)) {
+    const std::string object = (group == "/" ? "" : group) + "/" + name;
+    if (file.is_group(object)) read_back(path, file, object);
+    else if (file.stored_type(object) == h5::StoredType::i64) file.read<int64_t>(object);
+    else file.read<float>(object);
+  }
+}
+void read_back(const std::string& path) { read_back(path, h5::File::open_read(path)); }
+
+// Removes a checkpoint's temp directory unless the save reached the rename (a failed write, e.g. a full disk).
+class TempDirectoryGuard {
+ public:
+  explicit TempDirectoryGuard(fs::path path) : path_(std::move(path)) {}
+  ~TempDirectoryGuard() {
+    std::error_code ignored;
+    if (!path_.empty()) fs::remove_all(path_, ignored);
+  }
+  void release() { path_.clear(); }
+
+ private:
+  fs::path path_;
+};
+
 void remove_old(const std::string& dir, int keep) {
-  auto all = list_checkpoints(dir);
+  std::vector<UnreadableCheckpoint> unreadable;
   std::error_code ec;
-  for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) fs::remove_all(all[i].second, ec);
+  for (const CheckpointCandidate& old :
+       checkpoints_to_delete(list_checkpoints(dir), keep, checkpoint_problem, &unreadable))
+    fs::remove_all(old.path, ec);
+  for (const UnreadableCheckpoint& u : unreadable)
+    warn("keeping unreadable checkpoint ", u.checkpoint.path, " (not counted in checkpoint.keep): ", u.reason);
 }
 
 }  // namespace
 
-std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& dir) {
-  std::vector<std::pair<int64_t, std::string>> found;
+std::vector<CheckpointCandidate> list_checkpoints(const std::string& dir) {
+  std::vector<CheckpointCandidate> found;
   if (!fs::is_directory(dir)) return found;
   static const std::regex file_pattern(R"(step_(\d+)\.h5)"), dir_pattern(R"(step_(\d+))");
   for (const auto& entry : fs::directory_iterator(dir)) {
     std::smatch m;
     const std::string name = entry.path().filename().string();
-    if (entry.is_regular_file() && std::regex_match(name, m, file_pattern))
-      found.emplace_back(std::stoll(m[1]), entry.path().string());
-    else if (entry.is_directory() && std::regex_match(name, m, dir_pattern))
-      found.emplace_back(std::stoll(m[1]), entry.path().string());
+    if ((entry.is_regular_file() && std::regex_match(name, m, file_pattern)) ||
+        (entry.is_directory() && std::regex_match(name, m, dir_pattern)))
+      found.push_back({std::stoll(m[1]), entry.path().string()});
   }
-  std::sort(found.begin(), found.end());
+  std::sort(found.begin(), found.end(),
+            [](const CheckpointCandidate& a, const CheckpointCandidate& b) { return a.step < b.step; });
   return found;
+}
+
+std::string checkpoint_problem(const std::string& path) {
+  try {
+    read_checkpoint_state(path);
+    if (is_directory_checkpoint(path)) read_manifest(path);
+    return "";
+  } catch (const Error& e) {
+    return e.what();
+  }
 }
 
 std::string save_checkpoint(const std::string& dir, const CheckpointState& state, const model::Transformer& model,
@@ -176,6 +231,7 @@ std::string save_checkpoint(const std::string& dir, const CheckpointState& state
   auto barrier = [&](const char* what) {
     if (comm) comm->host(parallel::Group::world).barrier(what);
   };
+  TempDirectoryGuard temp(root ? temp_path : fs::path());
   if (root) {
     std::error_code ec;
     fs::remove_all(temp_path, ec);  // left by a save that was killed
@@ -198,6 +254,8 @@ std::string save_checkpoint(const std::string& dir, const CheckpointState& state
     file.set_attr("/", "shard", static_cast<int64_t>(my_shard));
     file.set_attr("/", "shards", static_cast<int64_t>(shards));
     file.flush();
+    file.close();
+    read_back(file.path());
   }
   if (after_shards) after_shards();
   barrier("checkpoint: shards written");
@@ -228,12 +286,18 @@ std::string save_checkpoint(const std::string& dir, const CheckpointState& state
       write_attributes(file, state, kFormatDirectory, optimizer.steps_taken());
       file.flush();
     }
+    read_back((temp_path / "model.h5").string());
     write_manifest(temp_path.string(), state, manifest_shards, data_ranks);
+    const std::string problem = checkpoint_problem(temp_path.string());
+    MOBA_CHECK(problem.empty(), cat("the checkpoint just written does not read back: ", problem),
+               "check the disk holding the run directory (free space, errors in the system log); older checkpoints "
+               "were left as they are");
     std::error_code ec;
     fs::remove_all(final_path, ec);
     fs::rename(temp_path, final_path, ec);
     MOBA_CHECK(!ec, cat("cannot rename ", temp_path.string(), " to ", final_path.string(), ": ", ec.message()),
                "check the run directory's permissions and free space");
+    temp.release();
     remove_old(dir, keep);
   }
   barrier("checkpoint: complete");
@@ -241,17 +305,11 @@ std::string save_checkpoint(const std::string& dir, const CheckpointState& state
 }
 
 std::optional<std::string> latest_checkpoint(const std::string& dir) {
-  auto all = list_checkpoints(dir);
-  for (auto it = all.rbegin(); it != all.rend(); ++it) {
-    try {
-      read_checkpoint_state(it->second);
-      if (is_directory_checkpoint(it->second)) read_manifest(it->second);
-      return it->second;
-    } catch (const Error& e) {
-      warn("skipping unreadable checkpoint ", it->second, ": ", e.what());
-    }
-  }
-  return std::nullopt;
+  ResumeChoice choice = choose_resume(list_checkpoints(dir), checkpoint_problem);
+  for (const UnreadableCheckpoint& u : choice.unreadable)
+    warn("skipping unreadable checkpoint ", u.checkpoint.path, ": ", u.reason);
+  if (!choice.resume_from) return std::nullopt;
+  return choice.resume_from->path;
 }
 
 CheckpointState read_checkpoint_state(const std::string& path) {
@@ -319,7 +377,7 @@ CheckpointState load_checkpoint(const std::string& path, model::Transformer& mod
           if (mine.bucket != old[0]) continue;
           const int64_t lo = std::max(mine.begin, old[1]), hi = std::min(mine.begin + mine.numel, old[1] + old[2]);
           if (lo >= hi) continue;
-          if (!file) file.emplace(h5::File::open_read((fs::path(path) / shard.file).string()));
+          if (!file) file.emplace(open_shard(path, shard));
           const char* names[3] = {"master", "m", "v"};
           for (int k = 0; k < 3; ++k)
             file->read_range<float>(names[k], at + (lo - old[1]), hi - lo,

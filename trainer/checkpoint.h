@@ -10,7 +10,10 @@
 // another number of data-parallel ranks (each rank reads the pieces of old shards its new ranges cover), and on
 // another backend. Format 1 (one step_N.h5 file with params/, optimizer/m/, optimizer/v/) still loads.
 // The sampler cursor is stored as global sequences consumed in the epoch (every data rank's cursor x ranks).
-// Invariant: a checkpoint exists under its final name only once completely written (temp + rename).
+// Every dataset carries a Fletcher32 checksum (common/hdf5_io.h), so corruption is an error, never weights.
+// Invariant: a checkpoint exists under its final name only once completely written and read back (temp + verify +
+// rename; the temp is removed when the save fails, e.g. on a full disk); rotation follows
+// trainer/checkpoint_rotation.h (only readable checkpoints count towards `keep`, unreadable ones are never deleted).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -21,6 +24,7 @@
 #include "data/sampler.h"
 #include "model/transformer.h"
 #include "parallel/communicator.h"
+#include "trainer/checkpoint_rotation.h"
 #include "trainer/optimizer.h"
 
 namespace moba {
@@ -33,8 +37,8 @@ struct CheckpointState {
   std::string recipe_yaml;   // the resolved recipe the run used
 };
 
-// Every rank calls it (comm may be null for a single rank). Writes <dir>/step_<step>/ and keeps the newest `keep`
-// checkpoints. Returns the checkpoint's path. after_shards, when set, runs on every rank once its shard is written
+// Every rank calls it (comm may be null for a single rank). Writes <dir>/step_<step>/, each rank reading back what it
+// wrote, and keeps the newest `keep` readable checkpoints. Returns the checkpoint's path. after_shards, when set, runs on every rank once its shard is written
 // and before the checkpoint is complete (the fault tests kill a rank there).
 std::string save_checkpoint(const std::string& dir, const CheckpointState& state, const model::Transformer& model,
                             const AdamW& optimizer, parallel::Communicator* comm, int keep,
@@ -42,8 +46,11 @@ std::string save_checkpoint(const std::string& dir, const CheckpointState& state
 // The newest checkpoint in dir that opens (a step_N/ directory or a step_N.h5 file); unreadable ones are reported
 // and skipped.
 std::optional<std::string> latest_checkpoint(const std::string& dir);
-// Checkpoints in dir (complete ones: step_N/ with a manifest, or step_N.h5), oldest first.
-std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& dir);
+// Checkpoints in dir (step_N/ directories and step_N.h5 files, readable or not), oldest first.
+std::vector<CheckpointCandidate> list_checkpoints(const std::string& dir);
+// Why the checkpoint at path cannot be used ("" when it opens as a supported moba checkpoint with a manifest; the
+// data's checksums are verified when it is loaded).
+std::string checkpoint_problem(const std::string& path);
 // Reads the attributes only (step, tokens, recipe) - what `moba eval` needs to rebuild the model.
 CheckpointState read_checkpoint_state(const std::string& path);
 // The f32 weights as a full arena of `layout` (eval, init_from, tests).

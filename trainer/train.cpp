@@ -205,6 +205,26 @@ void open_data(const Recipe& r, Run& run) {
              "prepare the SFT data with `moba prep --sft` (JSONL with prompt/response)");
 }
 
+std::string metrics_path(const Run& run) { return (fs::path(run.run_dir) / "metrics.jsonl").string(); }
+
+// Moves the unreadable checkpoints newer than the resume point (all of them when starting over, then with the
+// metrics of the run they belonged to) into checkpoints/unreadable/, so the new steps never overwrite them and
+// rotation never weighs them against readable ones. Rank 0 moves once every rank has read the directory.
+void set_aside_unreadable(const ResumeChoice& choice, const Run& run, parallel::MpiContext& mpi) {
+  for (const UnreadableCheckpoint& u : choice.unreadable)
+    warn("skipping unreadable checkpoint ", u.checkpoint.path, ": ", u.reason);
+  run.comm->host(parallel::Group::world).barrier("checkpoints read");
+  if (!mpi.is_root()) return;
+  std::vector<std::string> paths;
+  for (const UnreadableCheckpoint& u : choice.unreadable) paths.push_back(u.checkpoint.path);
+  const size_t checkpoints = paths.size();
+  if (!choice.resume_from && fs::exists(metrics_path(run))) paths.push_back(metrics_path(run));
+  const std::string aside = (fs::path(run.checkpoint_dir) / "unreadable").string();
+  set_aside(paths, aside);
+  warn("moved ", checkpoints, " unreadable checkpoint(s)", paths.size() > checkpoints ? " and metrics.jsonl" : "",
+       " to ", aside, "; delete them once you no longer need them");
+}
+
 }  // namespace
 
 int train_command(const std::vector<std::string>& args, parallel::MpiContext& mpi) {
@@ -212,6 +232,9 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   ap.add_positional("recipe", "YAML recipe (see recipes/ and docs in README.md)");
   ap.add_option("set", "KEY=VALUE", "override a recipe key, e.g. --set train.optimizer.lr=3e-4", "", true);
   ap.add_option("max-steps", "N", "stop after N optimizer steps in this invocation (writes a checkpoint; resume later)", "-1");
+  ap.add_flag("ignore-unreadable-checkpoints",
+              "start from step 0 although the run directory holds checkpoints that cannot be read (they are moved to "
+              "checkpoints/unreadable/ with metrics.jsonl, never deleted)");
   ap.add_option("fault", "KIND:STEP:RANK",
                 "testing aid: fail on RANK at STEP (throw, exit, kill, hang, nan, save) to check that the job ends "
                 "cleanly, or pause there until a stop signal");
@@ -271,20 +294,41 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   CheckpointState state;
   state.seed = r.seed;
   state.recipe_yaml = recipe_yaml;
-  std::optional<std::string> resume = latest_checkpoint(run.checkpoint_dir);
+  CheckpointState saved;
+  const ResumeChoice choice = choose_resume(list_checkpoints(run.checkpoint_dir), [&](const std::string& path) {
+    try {
+      saved = load_checkpoint(path, *run.model, *run.optimizer);  // applies nothing unless every read succeeds
+      return std::string();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+  });
+  require_consent_to_start_over(choice, run.checkpoint_dir, ap.flag("ignore-unreadable-checkpoints"),
+                                "--ignore-unreadable-checkpoints");
+  const bool resume = choice.resume_from.has_value();
+  // Every rank resumes from the same step: the max of the steps and of their negatives agree only then.
+  const double my_step = resume ? static_cast<double>(saved.step) : -1.0;
+  double resumed_steps[2] = {my_step, -my_step};
+  run.comm->host(parallel::Group::world).all_reduce(resumed_steps, 2, parallel::ReduceOp::max, "resume point");
+  MOBA_CHECK(resumed_steps[0] == -resumed_steps[1],
+             cat("the ranks could not agree on a checkpoint to resume from in ", run.checkpoint_dir,
+                 " (some read one that others cannot)"),
+             "check that every rank sees the same run directory (a shared filesystem)");
+  if (!choice.unreadable.empty()) set_aside_unreadable(choice, run, mpi);
   if (resume) {
-    CheckpointState saved = load_checkpoint(*resume, *run.model, *run.optimizer);
-    if (saved.recipe_yaml != recipe_yaml) warn("the recipe differs from the one saved in ", *resume, "; continuing with the new one");
-    MOBA_CHECK(saved.seed == r.seed, cat(*resume, " was trained with seed ", saved.seed, ", the recipe says ", r.seed),
+    const std::string& path = choice.resume_from->path;
+    if (saved.recipe_yaml != recipe_yaml)
+      warn("the recipe differs from the one saved in ", path, "; continuing with the new one");
+    MOBA_CHECK(saved.seed == r.seed, cat(path, " was trained with seed ", saved.seed, ", the recipe says ", r.seed),
                "restore the seed, or use another run_dir to start afresh");
     MOBA_CHECK(saved.sampler.cursor % run.layout.data == 0,
-               cat(*resume, " stopped at sequence ", saved.sampler.cursor, " of its epoch, which ", run.layout.data,
+               cat(path, " stopped at sequence ", saved.sampler.cursor, " of its epoch, which ", run.layout.data,
                    " data-parallel ranks cannot split evenly"),
                "resume on a number of data-parallel ranks that divides it (e.g. the run's earlier count)");
     state.step = saved.step;
     state.tokens_seen = saved.tokens_seen;
     run.sampler->restore({saved.sampler.epoch, saved.sampler.cursor / run.layout.data});
-    info("resumed from ", *resume, " at step ", state.step);
+    info("resumed from ", path, " at step ", state.step);
   } else if (!r.init_from.empty()) {
     load_weights(r.init_from, *run.model, run.optimizer.get());
     info("initialised weights from ", r.init_from);
@@ -297,7 +341,7 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   std::optional<MetricsLog> metrics;
   if (mpi.is_root()) {
     std::ofstream(fs::path(run.run_dir) / "recipe.yaml") << recipe_yaml;
-    metrics.emplace((fs::path(run.run_dir) / "metrics.jsonl").string(), resume ? state.step : 0);
+    metrics.emplace(metrics_path(run), resume ? state.step : 0);
   }
   info("==== moba train: ", r.name, " (", r.source_path, ") ====");
   info(recipe_yaml);

@@ -5,7 +5,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <random>
+
+#include "common/hdf5_io.h"
 
 #include <unistd.h>
 
@@ -52,6 +55,87 @@ bool gpu_available() {
 #else
   return false;
 #endif
+}
+
+namespace {
+
+// Copies every attribute of src_obj to dst_obj with its stored type.
+herr_t copy_attribute(hid_t src_obj, const char* name, const H5A_info_t*, void* dst_obj) {
+  hid_t a = H5Aopen(src_obj, name, H5P_DEFAULT), type = H5Aget_type(a), space = H5Aget_space(a);
+  std::vector<char> value(H5Tget_size(type) * static_cast<size_t>(H5Sget_simple_extent_npoints(space)));
+  H5Aread(a, type, value.data());
+  hid_t copy = H5Acreate2(*static_cast<hid_t*>(dst_obj), name, type, space, H5P_DEFAULT, H5P_DEFAULT);
+  H5Awrite(copy, type, value.data());
+  for (hid_t id : {copy, a}) H5Aclose(id);
+  H5Sclose(space);
+  H5Tclose(type);
+  return 0;
+}
+
+void copy_attributes(hid_t src_obj, hid_t dst_obj) {
+  hsize_t index = 0;
+  H5Aiterate2(src_obj, H5_INDEX_NAME, H5_ITER_INC, &index, copy_attribute, &dst_obj);
+}
+
+void copy_group(const h5::File& src, hid_t dst_file, const std::string& group) {
+  for (const std::string& name : src.list(group)) {
+    const std::string path = (group == "/" ? "" : group) + "/" + name;
+    if (src.is_group(path)) {
+      hid_t g = H5Gcreate2(dst_file, path.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+      hid_t sg = H5Gopen2(src.id(), path.c_str(), H5P_DEFAULT);
+      copy_attributes(sg, g);
+      H5Gclose(sg);
+      H5Gclose(g);
+      copy_group(src, dst_file, path);
+      continue;
+    }
+    hid_t d = H5Dopen2(src.id(), path.c_str(), H5P_DEFAULT), type = H5Dget_type(d), space = H5Dget_space(d);
+    std::vector<char> data(H5Tget_size(type) * static_cast<size_t>(H5Sget_simple_extent_npoints(space)) + 1);
+    H5Dread(d, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data.data());
+    hid_t copy = H5Dcreate2(dst_file, path.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    H5Dwrite(copy, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data.data());
+    copy_attributes(d, copy);
+    for (hid_t id : {copy, d}) H5Dclose(id);
+    H5Sclose(space);
+    H5Tclose(type);
+  }
+}
+
+}  // namespace
+
+void write_legacy_copy(const std::string& from, const std::string& to) {
+  h5::File src = h5::File::open_read(from);
+  hid_t dst = H5Fcreate(to.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+  ASSERT_GE(dst, 0) << to;
+  hid_t src_root = H5Gopen2(src.id(), "/", H5P_DEFAULT), dst_root = H5Gopen2(dst, "/", H5P_DEFAULT);
+  copy_attributes(src_root, dst_root);
+  H5Gclose(src_root);
+  H5Gclose(dst_root);
+  copy_group(src, dst, "/");
+  H5Fclose(dst);
+}
+
+void flip_byte(const std::string& path, size_t offset) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(static_cast<std::streamoff>(offset));
+  char c = 0;
+  f.get(c);
+  f.seekp(static_cast<std::streamoff>(offset));
+  f.put(static_cast<char>(c ^ 0x5A));
+}
+
+std::pair<size_t, size_t> first_chunk(const std::string& path, const std::string& dataset) {
+  h5::File file = h5::File::open_read(path);
+  hid_t d = H5Dopen2(file.id(), dataset.c_str(), H5P_DEFAULT);
+  haddr_t address = HADDR_UNDEF;
+  hsize_t size = 0;
+  unsigned filter_mask = 0;
+  hid_t space = H5Dget_space(d);
+  herr_t status = H5Dget_chunk_info(d, space, 0, nullptr, &filter_mask, &address, &size);
+  H5Sclose(space);
+  H5Dclose(d);
+  EXPECT_GE(status, 0) << dataset << " in " << path << " is not chunked";
+  return {static_cast<size_t>(address), static_cast<size_t>(size)};
 }
 
 std::vector<float> random_vector(size_t n, uint64_t seed, float lo, float hi) {

@@ -34,6 +34,14 @@ bool gpu_available();
     if (!::moba::test::gpu_available()) GTEST_SKIP() << "no usable GPU (or built without CUDA): GPU test skipped"; \
   } while (0)
 
+// Copies an HDF5 file the way moba wrote files before it added checksums (default file format, contiguous
+// datasets without filters), to test that such files still load.
+void write_legacy_copy(const std::string& from, const std::string& to);
+// Flips the bits of one byte of a file (XOR 0x5A) in place.
+void flip_byte(const std::string& path, size_t offset);
+// Where the first chunk of a chunked dataset lies in its file: {byte offset, stored size}.
+std::pair<size_t, size_t> first_chunk(const std::string& path, const std::string& dataset);
+
 std::vector<float> random_vector(size_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f);
 // Rounds every value to the nearest bf16 (round-to-nearest-even), as GPU activations would be.
 void round_to_bf16(std::vector<float>& x);
