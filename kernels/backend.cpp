@@ -1,11 +1,29 @@
-// Backend selection by name, and names of the enums shared by every backend.
+// Backend selection by name.
 #include "kernels/backend.h"
 
 #include "common/error.h"
 
 namespace moba {
 
-const char* attention_mode_name(AttentionMode m) { return m == AttentionMode::moba ? "moba" : "full"; }
+AttentionScratch allocate_attention_scratch(Backend& be, const AttentionScratchShape& shape) {
+  const AttentionScratchSizes sizes = be.attention_scratch_sizes(shape);
+  auto bytes = [&](size_t n, DType dtype) {
+    return n == 0 ? Tensor() : be.allocate(dtype, {static_cast<int64_t>((n + dtype_size(dtype) - 1) / dtype_size(dtype))});
+  };
+  AttentionScratch s;
+  s.row_stats = bytes(sizes.row_stats, DType::f32);
+  s.partials = bytes(sizes.partials, DType::f32);
+  s.block_means = bytes(sizes.block_means, DType::bf16);
+  s.dispatch = bytes(sizes.dispatch, DType::i32);
+  s.chunk_dispatch = bytes(sizes.chunk_dispatch, DType::i32);
+  s.query_index = bytes(sizes.query_index, DType::i32);
+  return s;
+}
+
+void release_attention_scratch(Backend& be, AttentionScratch& s) {
+  for (Tensor* t : {&s.row_stats, &s.partials, &s.block_means, &s.dispatch, &s.chunk_dispatch, &s.query_index})
+    if (t->data) be.release(*t);
+}
 
 std::unique_ptr<Backend> make_backend(const std::string& name, int device) {
   if (name == "cpu") return make_cpu_backend();

@@ -15,26 +15,10 @@
 #include <string>
 #include <vector>
 
+#include "kernels/attention.h"
 #include "kernels/tensor.h"
 
 namespace moba {
-
-enum class AttentionMode { full, moba };
-const char* attention_mode_name(AttentionMode m);
-
-// What one attention layer computes (see ../shared/docs/moba-spec.md for moba).
-struct AttentionParams {
-  AttentionMode mode = AttentionMode::full;
-  int block_size = 512;  // moba only
-  int top_k = 3;         // moba only, counts the current block
-  float softmax_scale = 0;
-  // moba only: keep the block selection already in `selected` instead of routing again. Routing is a
-  // constant of the backward pass, so freezing it makes the layer smooth in Q and K (finite-difference
-  // tests, analysis of a fixed routing).
-  bool reuse_routing = false;
-  // Bitwise-reproducible gradients where the backend otherwise uses float atomics (CUDA MoBA dQ); slower.
-  bool deterministic = false;
-};
 
 class Backend {
  public:
@@ -92,14 +76,15 @@ class Backend {
   virtual void copy(Tensor dst, const Tensor& src) = 0;  // same shape and dtype, either may be row-strided
   virtual void convert(Tensor dst, const Tensor& src) = 0;  // contiguous, same numel, any float dtypes
 
-  // ---- attention over packed segments: q (N, H, D), k/v (N, Hkv, D), out (N, H, D), lse (N, H) ----
-  // cu_seqlens (S+1) int32 lives on this device; selected (N, H, top_k) int32 is written by forward for
-  // moba (routing) and read back by backward; it is unused for full attention.
-  virtual void attention_forward(Tensor out, Tensor lse, Tensor selected, const Tensor& q, const Tensor& k,
-                                 const Tensor& v, const Tensor& cu_seqlens, const AttentionParams& p) = 0;
-  virtual void attention_backward(Tensor dq, Tensor dk, Tensor dv, const Tensor& dout, const Tensor& q,
-                                  const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                                  const Tensor& selected, const Tensor& cu_seqlens, const AttentionParams& p) = 0;
+  // ---- attention (kernels/attention.h): ops only; which layers route, reuse routing or recompute is the model's ----
+  // Bytes of each scratch buffer that calls up to `shape` need (zeros where the backend needs none).
+  virtual AttentionScratchSizes attention_scratch_sizes(const AttentionScratchShape& shape) const = 0;
+  // MoBA routing: writes c.selected from c.q and the block means of the whole c.k.
+  virtual void moba_select_blocks(const AttentionCall& c) = 0;
+  // Writes c.out and c.lse (full causal, or MoBA over c.selected).
+  virtual void attention_forward(const AttentionCall& c) = 0;
+  // Adds the gradients into c.dq, c.dk and c.dv (recomputing P from c.lse; MoBA over the same c.selected).
+  virtual void attention_backward(const AttentionCall& c) = 0;
 
   // ---- loss: logits (N, V), targets (N) int32, mask (N) uint8 ----
   // Writes per-token losses (N) and returns their sum (the masked tokens add 0).
@@ -124,6 +109,11 @@ class Backend {
   virtual double sum_of_squares(const Tensor& x) = 0;
   virtual void scale(Tensor x, float s) = 0;
 };
+
+// Allocates every buffer of be.attention_scratch_sizes(shape) (empty tensors where 0 bytes are needed);
+// release_attention_scratch frees them.
+AttentionScratch allocate_attention_scratch(Backend& be, const AttentionScratchShape& shape);
+void release_attention_scratch(Backend& be, AttentionScratch& scratch);
 
 std::unique_ptr<Backend> make_cpu_backend();
 #if MOBA_HAVE_CUDA

@@ -1,6 +1,5 @@
 // `moba check-vectors`: checks MoBA routing, forward and backward against the pinned test vectors, one printed
-// line per case: the CPU kernels (fp32, kernels/cpu/attention.h) or the CUDA backend (bf16 activations, through
-// the Backend interface). Invariant: this only reads the file and calls public APIs; it never changes what it
+// line per case, on the CPU backend (fp32) or the CUDA backend (bf16 activations), both through the Backend interface. Invariant: this only reads the file and calls public APIs; it never changes what it
 // measures (see check_vectors.h for why errors use the expected selection).
 #include "kernels/check_vectors.h"
 
@@ -16,7 +15,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "kernels/backend.h"
-#include "kernels/cpu/attention.h"
+#include "kernels/bf16.h"
 
 namespace moba {
 namespace {
@@ -34,8 +33,8 @@ double relative_l2(const std::vector<float>& ours, const std::vector<float>& exp
 
 // One case's inputs and expected outputs, read from group `name`.
 struct VectorCase {
-  cpu::AttentionShape shape;
-  cpu::MobaParams params;
+  int64_t tokens = 0;  // N
+  int heads = 0, kv_heads = 0, head_dim = 0, block_size = 0, top_k = 0;
   float softmax_scale = 0;
   std::vector<int32_t> cu_seqlens;                 // (segments + 1)
   std::vector<float> q, k, v, dout;                // (N, H, D), (N, Hkv, D) x2, (N, H, D)
@@ -56,16 +55,16 @@ VectorCase read_case(const h5::File& file, const std::string& name) {
                "each case group carries block_size top_k heads kv_heads head_dim softmax_scale");
 
   VectorCase c;
-  c.params.block_size = static_cast<int>(file.attr_int(name, "block_size"));
-  c.params.top_k = static_cast<int>(file.attr_int(name, "top_k"));
-  c.shape.n_heads = static_cast<int>(file.attr_int(name, "heads"));
-  c.shape.n_kv_heads = static_cast<int>(file.attr_int(name, "kv_heads"));
-  c.shape.head_dim = static_cast<int>(file.attr_int(name, "head_dim"));
+  c.block_size = static_cast<int>(file.attr_int(name, "block_size"));
+  c.top_k = static_cast<int>(file.attr_int(name, "top_k"));
+  c.heads = static_cast<int>(file.attr_int(name, "heads"));
+  c.kv_heads = static_cast<int>(file.attr_int(name, "kv_heads"));
+  c.head_dim = static_cast<int>(file.attr_int(name, "head_dim"));
   c.softmax_scale = static_cast<float>(file.attr_double(name, "softmax_scale"));
   const std::vector<int64_t> q_shape = file.shape(name + "/q");
   MOBA_CHECK(q_shape.size() == 3, cat(where, ": q must be 3-D (N, H, D)"), "recreate the vector file");
-  c.shape.total_tokens = q_shape[0];
-  const int64_t N = c.shape.total_tokens, H = c.shape.n_heads, Hkv = c.shape.n_kv_heads, D = c.shape.head_dim;
+  c.tokens = q_shape[0];
+  const int64_t N = c.tokens, H = c.heads, Hkv = c.kv_heads, D = c.head_dim;
   auto expect_shape = [&](const std::string& d, const std::vector<int64_t>& want) {
     const std::vector<int64_t> got = file.shape(name + "/" + d);
     std::string got_text, want_text;
@@ -80,7 +79,7 @@ VectorCase read_case(const h5::File& file, const std::string& name) {
   expect_shape("dq", {N, H, D});
   for (const char* d : {"k", "v", "dk", "dv"}) expect_shape(d, {N, Hkv, D});
   expect_shape("lse", {N, H});
-  expect_shape("selected_blocks", {N, H, c.params.top_k});
+  expect_shape("selected_blocks", {N, H, c.top_k});
   c.cu_seqlens = file.read<int32_t>(name + "/cu_seqlens");
   MOBA_CHECK(c.cu_seqlens.size() >= 2, cat(where, ": cu_seqlens needs at least 2 entries"), "recreate the file");
   c.q = file.read<float>(name + "/q");
@@ -94,20 +93,6 @@ VectorCase read_case(const h5::File& file, const std::string& name) {
   c.dk = file.read<float>(name + "/dk");
   c.dv = file.read<float>(name + "/dv");
   return c;
-}
-
-// Forward + backward over `selected`; relative errors against the expected results.
-AttentionErrors run_attention(const VectorCase& c, const std::vector<int32_t>& selected) {
-  const int n_segments = static_cast<int>(c.cu_seqlens.size()) - 1;
-  std::vector<float> o(c.o.size()), lse(c.lse.size());
-  std::vector<float> dq(c.dq.size(), 0.0f), dk(c.dk.size(), 0.0f), dv(c.dv.size(), 0.0f);
-  cpu::moba_attention_forward(o.data(), lse.data(), c.q.data(), c.k.data(), c.v.data(), selected.data(),
-                              c.cu_seqlens.data(), n_segments, c.shape, c.params, c.softmax_scale);
-  cpu::moba_attention_backward(dq.data(), dk.data(), dv.data(), c.dout.data(), c.q.data(), c.k.data(), c.v.data(),
-                               o.data(), lse.data(), selected.data(), c.cu_seqlens.data(), n_segments, c.shape,
-                               c.params, c.softmax_scale);
-  return {relative_l2(o, c.o), relative_l2(lse, c.lse), relative_l2(dq, c.dq), relative_l2(dk, c.dk),
-          relative_l2(dv, c.dv)};
 }
 
 std::string format_errors(const AttentionErrors& e) {
@@ -167,19 +152,19 @@ VectorCaseResult check_case_with(const h5::File& file, const std::string& case_n
   const int n_segments = static_cast<int>(c.cu_seqlens.size()) - 1;
   VectorCaseResult r;
   r.name = case_name;
-  r.tokens = c.shape.total_tokens;
+  r.tokens = c.tokens;
   r.segments = n_segments;
-  r.heads = c.shape.n_heads;
-  r.kv_heads = c.shape.n_kv_heads;
-  r.head_dim = c.shape.head_dim;
-  r.block_size = c.params.block_size;
-  r.top_k = c.params.top_k;
+  r.heads = c.heads;
+  r.kv_heads = c.kv_heads;
+  r.head_dim = c.head_dim;
+  r.block_size = c.block_size;
+  r.top_k = c.top_k;
 
   const std::vector<int32_t> own = route(c);  // (N, H, top_k)
-  r.rows = c.shape.total_tokens * c.shape.n_heads;
+  r.rows = c.tokens * c.heads;
   for (int64_t row = 0; row < r.rows; ++row) {
     bool same = true;  // both rows are ascending and -1 padded, so equal sets means equal rows
-    for (int i = 0; i < c.params.top_k; ++i) same = same && own[row * c.params.top_k + i] == c.selected[row * c.params.top_k + i];
+    for (int i = 0; i < c.top_k; ++i) same = same && own[row * c.top_k + i] == c.selected[row * c.top_k + i];
     r.rows_agreeing += same;
   }
   r.selection_agreement = r.rows ? static_cast<double>(r.rows_agreeing) / static_cast<double>(r.rows) : 1.0;
@@ -188,71 +173,59 @@ VectorCaseResult check_case_with(const h5::File& file, const std::string& case_n
   return r;
 }
 
-// bf16 <-> f32 on the host (round-to-nearest-even; the file's inputs are bf16 values, so rounding is exact).
-std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
-  std::vector<uint16_t> out(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    uint32_t u;
-    std::memcpy(&u, &x[i], 4);
-    if ((u & 0x7F800000u) != 0x7F800000u) u += 0x7FFFu + ((u >> 16) & 1u);
-    out[i] = static_cast<uint16_t>(u >> 16);
-  }
-  return out;
-}
-std::vector<float> from_bf16(const std::vector<uint16_t>& x) {
-  std::vector<float> out(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    const uint32_t u = static_cast<uint32_t>(x[i]) << 16;
-    std::memcpy(&out[i], &u, 4);
-  }
-  return out;
-}
-
-// One case on a bf16 backend (cuda) through the Backend interface: routing + forward, then forward with
-// reuse_routing over a given selection and the backward (gradients accumulate into zeroed buffers).
+// One case on a backend through the Backend interface (f32 tensors on the CPU, bf16 on CUDA; the file's inputs are
+// bf16 values, so the conversion is exact): routing, then forward and backward over a given selection (gradients
+// accumulate into zeroed buffers).
 class BackendCaseRunner {
  public:
   BackendCaseRunner(Backend& be, const VectorCase& c) : be_(be), c_(c) {
-    const int64_t N = c.shape.total_tokens, H = c.shape.n_heads, Hkv = c.shape.n_kv_heads, D = c.shape.head_dim;
-    q_ = tensor(DType::bf16, {N, H, D});
-    k_ = tensor(DType::bf16, {N, Hkv, D});
-    v_ = tensor(DType::bf16, {N, Hkv, D});
-    dout_ = tensor(DType::bf16, {N, H, D});
-    out_ = tensor(DType::bf16, {N, H, D});
-    dq_ = tensor(DType::bf16, {N, H, D});
-    dk_ = tensor(DType::bf16, {N, Hkv, D});
-    dv_ = tensor(DType::bf16, {N, Hkv, D});
-    lse_ = tensor(DType::f32, {N, H});
-    selected_ = tensor(DType::i32, {N, H, c.params.top_k});
-    cu_ = tensor(DType::i32, {static_cast<int64_t>(c.cu_seqlens.size())});
-    be_.upload(q_, to_bf16(c.q).data());
-    be_.upload(k_, to_bf16(c.k).data());
-    be_.upload(v_, to_bf16(c.v).data());
-    be_.upload(dout_, to_bf16(c.dout).data());
-    be_.upload(cu_, c.cu_seqlens.data());
+    const int64_t N = c.tokens, H = c.heads, Hkv = c.kv_heads, D = c.head_dim;
+    const DType A = be.activation_dtype();
+    call_.q = upload(c.q, {N, H, D});
+    call_.k = upload(c.k, {N, Hkv, D});
+    call_.v = upload(c.v, {N, Hkv, D});
+    call_.dout = upload(c.dout, {N, H, D});
+    call_.out = tensor(A, {N, H, D});
+    call_.dq = tensor(A, {N, H, D});
+    call_.dk = tensor(A, {N, Hkv, D});
+    call_.dv = tensor(A, {N, Hkv, D});
+    call_.lse = tensor(DType::f32, {N, H});
+    call_.selected = tensor(DType::i32, {N, H, c.top_k});
+    call_.cu_seqlens = tensor(DType::i32, {static_cast<int64_t>(c.cu_seqlens.size())});
+    be_.upload(call_.cu_seqlens, c.cu_seqlens.data());
+    call_.mode = AttentionMode::moba;
+    call_.block_size = c.block_size;
+    call_.top_k = c.top_k;
+    call_.softmax_scale = c.softmax_scale;
+    AttentionScratchShape shape;
+    shape.max_queries = shape.max_keys = N;
+    shape.n_heads = c.heads;
+    shape.n_kv_heads = c.kv_heads;
+    shape.head_dim = c.head_dim;
+    shape.min_block_size = c.block_size;
+    shape.max_top_k = c.top_k;
+    call_.scratch = allocate_attention_scratch(be_, shape);
   }
   ~BackendCaseRunner() {
+    release_attention_scratch(be_, call_.scratch);
     for (Tensor& t : owned_) be_.release(t);
   }
 
   std::vector<int32_t> route() {
-    be_.attention_forward(out_, lse_, selected_, q_, k_, v_, cu_, params(false));
-    std::vector<int32_t> sel(static_cast<size_t>(selected_.numel()));
-    be_.download(sel.data(), selected_);
+    be_.moba_select_blocks(call_);
+    std::vector<int32_t> sel(static_cast<size_t>(call_.selected.numel()));
+    be_.download(sel.data(), call_.selected);
     return sel;
   }
 
   AttentionErrors attention(const std::vector<int32_t>& selection) {
-    be_.upload(selected_, selection.data());
-    be_.attention_forward(out_, lse_, selected_, q_, k_, v_, cu_, params(true));
-    be_.zero(dq_);
-    be_.zero(dk_);
-    be_.zero(dv_);
-    be_.attention_backward(dq_, dk_, dv_, dout_, q_, k_, v_, out_, lse_, selected_, cu_, params(true));
-    std::vector<float> lse(c_.lse.size());
-    be_.download(lse.data(), lse_);
-    return {relative_l2(download_bf16(out_), c_.o), relative_l2(lse, c_.lse), relative_l2(download_bf16(dq_), c_.dq),
-            relative_l2(download_bf16(dk_), c_.dk), relative_l2(download_bf16(dv_), c_.dv)};
+    be_.upload(call_.selected, selection.data());
+    be_.attention_forward(call_);
+    for (Tensor* t : {&call_.dq, &call_.dk, &call_.dv}) be_.zero(*t);
+    be_.attention_backward(call_);
+    return {relative_l2(download(call_.out), c_.o), relative_l2(download(call_.lse), c_.lse),
+            relative_l2(download(call_.dq), c_.dq), relative_l2(download(call_.dk), c_.dk),
+            relative_l2(download(call_.dv), c_.dv)};
   }
 
  private:
@@ -260,12 +233,18 @@ class BackendCaseRunner {
     owned_.push_back(be_.allocate(dtype, shape));
     return owned_.back();
   }
-  AttentionParams params(bool reuse_routing) const {
-    AttentionParams p{AttentionMode::moba, c_.params.block_size, c_.params.top_k, c_.softmax_scale};
-    p.reuse_routing = reuse_routing;
-    return p;
+  Tensor upload(const std::vector<float>& x, std::initializer_list<int64_t> shape) {
+    Tensor t = tensor(be_.activation_dtype(), shape);
+    if (t.dtype == DType::bf16) be_.upload(t, to_bf16(x).data());
+    else be_.upload(t, x.data());
+    return t;
   }
-  std::vector<float> download_bf16(const Tensor& t) {
+  std::vector<float> download(const Tensor& t) {
+    if (t.dtype == DType::f32) {
+      std::vector<float> x(static_cast<size_t>(t.numel()));
+      be_.download(x.data(), t);
+      return x;
+    }
     std::vector<uint16_t> raw(static_cast<size_t>(t.numel()));
     be_.download(raw.data(), t);
     return from_bf16(raw);
@@ -274,10 +253,12 @@ class BackendCaseRunner {
   Backend& be_;
   const VectorCase& c_;
   std::vector<Tensor> owned_;
-  Tensor q_, k_, v_, dout_, out_, dq_, dk_, dv_, lse_, selected_, cu_;
+  AttentionCall call_;
 };
 
-VectorCaseResult check_vector_case_on_backend(Backend& be, const h5::File& file, const std::string& case_name) {
+}  // namespace
+
+VectorCaseResult check_vector_case(Backend& be, const h5::File& file, const std::string& case_name) {
   std::unique_ptr<BackendCaseRunner> runner;
   auto runner_for = [&](const VectorCase& c) -> BackendCaseRunner& {
     if (!runner) runner = std::make_unique<BackendCaseRunner>(be, c);
@@ -286,20 +267,6 @@ VectorCaseResult check_vector_case_on_backend(Backend& be, const h5::File& file,
   return check_case_with(
       file, case_name, [&](const VectorCase& c) { return runner_for(c).route(); },
       [&](const VectorCase& c, const std::vector<int32_t>& selection) { return runner_for(c).attention(selection); });
-}
-
-}  // namespace
-
-VectorCaseResult check_vector_case(const h5::File& file, const std::string& case_name) {
-  return check_case_with(
-      file, case_name,
-      [](const VectorCase& c) {
-        std::vector<int32_t> own(c.selected.size());  // (N, H, top_k)
-        cpu::moba_select_blocks(own.data(), c.q.data(), c.k.data(), c.cu_seqlens.data(),
-                                static_cast<int>(c.cu_seqlens.size()) - 1, c.shape, c.params);
-        return own;
-      },
-      run_attention);
 }
 
 std::vector<std::string> vector_case_failures(const VectorCaseResult& r, const VectorTolerances& tol) {
@@ -343,17 +310,19 @@ int check_vectors_command(const std::vector<std::string>& args) {
   const std::string backend = parser.get("backend");
   MOBA_CHECK(backend == "cpu" || backend == "cuda",
              cat("moba check-vectors: unknown --backend '", backend, "'"), "use --backend cpu or --backend cuda");
-  std::unique_ptr<Backend> gpu;
+  std::unique_ptr<Backend> be;
   VectorTolerances tol;
   if (backend == "cuda") {
     try {
-      gpu = make_backend("cuda");
+      be = make_backend("cuda");
     } catch (const Error& e) {
       log_error(cat("moba check-vectors: --backend cuda is not available: ", e.what()));
       std::fprintf(stderr, "  hint: run on a machine with an NVIDIA GPU, or use --backend cpu\n");
       return 2;
     }
     tol = cuda_tolerances();
+  } else {
+    be = make_cpu_backend();
   }
   if (parser.has("tol-o")) tol.o = parser.get_double("tol-o");
   if (parser.has("tol-lse")) tol.lse = parser.get_double("tol-lse");
@@ -373,12 +342,12 @@ int check_vectors_command(const std::vector<std::string>& args) {
                  cat("moba check-vectors: ", file.path(), " has no case '", name, "'"), cat("cases:", available));
   }
 
-  info("check-vectors ", file.path(), " backend ", gpu ? gpu->name() + " (bf16 activations)" : "cpu (fp32)",
+  info("check-vectors ", file.path(), " backend ", be->name(), " (", dtype_name(be->activation_dtype()), " activations)",
        "; tolerances: o ", tol.o, " lse ", tol.lse, " grads ", tol.grad, " selection agreement >= ",
        tol.min_selection_agreement);
   std::vector<std::string> failures;
   for (const std::string& name : cases) {
-    const VectorCaseResult result = gpu ? check_vector_case_on_backend(*gpu, file, name) : check_vector_case(file, name);
+    const VectorCaseResult result = check_vector_case(*be, file, name);
     info(format_result(result));
     for (std::string& f : vector_case_failures(result, tol)) failures.push_back(std::move(f));
   }

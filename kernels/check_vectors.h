@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/hdf5_io.h"
+#include "kernels/backend.h"
 
 namespace moba {
 
@@ -38,9 +39,9 @@ struct VectorCaseResult {
 
 // Case groups of a vector file (every child of the root), sorted.
 std::vector<std::string> vector_case_names(const h5::File& file);
-// Runs one case on the CPU backend. Throws moba::Error naming the file and case when a dataset or attribute is
-// missing or its shape disagrees with the attributes.
-VectorCaseResult check_vector_case(const h5::File& file, const std::string& case_name);
+// Runs one case on `be` (the CPU backend, or CUDA). Throws moba::Error naming the file and case when a dataset or
+// attribute is missing or its shape disagrees with the attributes.
+VectorCaseResult check_vector_case(Backend& be, const h5::File& file, const std::string& case_name);
 // Empty when the case passes, otherwise one line per exceeded tolerance.
 std::vector<std::string> vector_case_failures(const VectorCaseResult& result, const VectorTolerances& tolerances);
 

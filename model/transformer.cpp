@@ -125,10 +125,22 @@ int64_t head_rows_for(const ModelConfig& c, int64_t max_tokens, int64_t requeste
 size_t padded_bytes(DType dtype, int64_t rows, int64_t cols) {
   return (static_cast<size_t>(rows * cols) * dtype_size(dtype) + 255) / 256 * 256;
 }
+// The largest attention call of a micro-batch: every query row against every key row, any layer's block size/top_k.
+AttentionScratchShape attention_plan(const ModelConfig& c, int64_t max_tokens, const TransformerOptions& options) {
+  AttentionScratchShape s;
+  s.max_queries = s.max_keys = max_tokens;
+  s.n_heads = c.n_heads;
+  s.n_kv_heads = c.n_kv_heads;
+  s.head_dim = c.head_dim;
+  s.min_block_size = options.min_block_size;
+  s.max_top_k = options.max_top_k;
+  return s;
+}
 }  // namespace
 
 std::vector<MemoryItem> Transformer::memory_plan(const ModelConfig& c, int64_t max_tokens,
-                                                 const TransformerOptions& options, DType A) {
+                                                 const TransformerOptions& options, const Backend& backend) {
+  const DType A = backend.activation_dtype();
   ParameterLayout layout(c, options.parameter_shards);
   const size_t P = static_cast<size_t>(layout.total());
   std::vector<MemoryItem> plan = {{cat("weights (", dtype_name(A), ", every rank)"), padded_bytes(A, 1, P)},
@@ -149,6 +161,8 @@ std::vector<MemoryItem> Transformer::memory_plan(const ModelConfig& c, int64_t m
   plan.push_back({"LM head (final norm, one logits chunk, losses)", head});
   plan.push_back({"activation gradients (one layer at a time)", grads});
   plan.push_back({"inputs and projection scratch", layer_scratch});
+  const size_t attention = AttentionLayer::scratch_bytes(backend, attention_plan(c, max_tokens, options));
+  if (attention > 0) plan.push_back({"attention kernels' scratch", attention});
   return plan;
 }
 
@@ -166,9 +180,11 @@ Transformer::Transformer(Backend& backend, const ModelConfig& config, int64_t ma
   act_ = std::make_unique<Activations>();
   for (const Activations::Spec& sp : act_->specs(c, max_tokens, max_top_k_, recompute_, head_rows_, act_dtype_))
     *sp.tensor = sp.cols == 1 ? be_.allocate(sp.dtype, {sp.rows}) : be_.allocate(sp.dtype, {sp.rows, sp.cols});
+  attention_ = std::make_unique<AttentionLayer>(be_, attention_plan(c, max_tokens, options));
 }
 
 Transformer::~Transformer() {
+  attention_.reset();
   for (Tensor* t : act_->all())
     if (t->data) be_.release(*t);
   be_.release(weights_);
@@ -283,7 +299,19 @@ void Transformer::attention_sublayer_forward(int l, const AttentionParams& p) {
   Tensor qkv = act_->qkv.slice_rows(0, n);  // (n, (H + 2 Hkv) D)
   be_.matmul_forward(qkv, lv.ln1, layer_param("layers.wqkv", l));
   be_.qkv_rope_forward(lv.q, lv.k, lv.v, qkv, positions, c.rope_theta);
-  be_.attention_forward(lv.att, lv.lse, lv.sel, lv.q, lv.k, lv.v, act_->cu_seqlens.slice_rows(0, last_segments_ + 1), p);
+  attention_->forward(p, attention_tensors(lv));
+}
+
+AttentionCall Transformer::attention_tensors(const LayerViews& lv) const {
+  AttentionCall c;
+  c.q = lv.q;
+  c.k = lv.k;
+  c.v = lv.v;
+  c.cu_seqlens = act_->cu_seqlens.slice_rows(0, last_segments_ + 1);
+  c.out = lv.att;
+  c.lse = lv.lse;
+  c.selected = lv.sel;
+  return c;
 }
 
 // mid (holding Wo att on entry) += x, ln2 = rmsnorm(mid) -> gate_up -> swiglu.
@@ -370,7 +398,6 @@ void Transformer::backward(float grad_scale) {
              cat("backward(", grad_scale, ") after a forward whose LM head used grad_scale ", head_grad_scale_),
              "pass the same grad_scale to forward() and backward()");
   Tensor positions = a.positions.slice_rows(0, n);
-  Tensor cu = a.cu_seqlens.slice_rows(0, last_segments_ + 1);
 
   if (head_grad_scale_ == 0.0f) {  // the head's backward did not run in forward
     if (grad_scale != 0.0f) head(grad_scale);
@@ -412,7 +439,12 @@ void Transformer::backward(float grad_scale) {
     be_.zero(dq);
     be_.zero(dk);
     be_.zero(dv);
-    be_.attention_backward(dq, dk, dv, datt, lv.q, lv.k, lv.v, lv.att, lv.lse, lv.sel, cu, p);
+    AttentionCall call = attention_tensors(lv);
+    call.dout = datt;
+    call.dq = dq;
+    call.dk = dk;
+    call.dv = dv;
+    attention_->backward(p, call);
     Tensor dqkv = a.dqkv.slice_rows(0, n);
     be_.qkv_rope_backward(dqkv, dq, dk, dv, positions, c.rope_theta);  // overwrites every column
     be_.matmul_backward(dln, layer_grad("layers.wqkv", l), dqkv, lv.ln1, layer_param("layers.wqkv", l), false);

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "model/attention.h"
 #include "model/parameters.h"
 
 namespace moba::model {
@@ -40,6 +41,7 @@ struct TransformerOptions {
   Recompute recompute = Recompute::none;
   int64_t head_chunk_rows = 0;  // rows of logits held at once; 0 = about 2^27 logits per chunk
   int parameter_shards = 1;     // data-parallel ranks: the parameter buckets are padded to split evenly
+  int min_block_size = 1;       // the smallest MoBA block size any layer may use (sizes the attention scratch)
 };
 
 // One named device buffer of the memory plan.
@@ -72,10 +74,10 @@ class Transformer {
   std::vector<float> weights_to_host() const;  // as f32
   void zero_grads();
 
-  // What the constructor allocates for these settings, by buffer (parameters, optimizer-free): the plan printed
-  // before training. Attention kernels' scratch comes on top (it grows in the first step).
+  // What the constructor allocates on `backend` for these settings, by buffer (parameters, optimizer-free): the
+  // plan printed before training, the attention kernels' scratch included.
   static std::vector<MemoryItem> memory_plan(const ModelConfig& config, int64_t max_tokens,
-                                             const TransformerOptions& options, DType activation_dtype);
+                                             const TransformerOptions& options, const Backend& backend);
 
   // Runs the forward pass; returns the sum of the per-token losses over unmasked targets.
   // attention[l] says how layer l attends (full or moba with its block size / top_k).
@@ -96,6 +98,7 @@ class Transformer {
   struct LayerViews;
   LayerViews layer_views(int layer) const;
   void attention_sublayer_forward(int layer, const AttentionParams& p);  // ln1 (given) -> q, k, v, att, lse
+  AttentionCall attention_tensors(const LayerViews& lv) const;           // layer l's q, k, v, att, lse, routing
   void mlp_sublayer_forward(int layer);                                  // mid -> ln2, gate_up, swiglu
   void head(float grad_scale);  // the chunked LM head: losses, and with grad_scale != 0 dln and the head's grads
   Tensor layer_param(const std::string& name, int layer) const;
@@ -115,6 +118,7 @@ class Transformer {
   DType act_dtype_ = DType::f32;
   std::function<void(int)> gradient_hook_;
   std::unique_ptr<Activations> act_;
+  std::unique_ptr<AttentionLayer> attention_;  // policy and scratch of every layer's attention
   std::vector<AttentionParams> last_attention_;
   int64_t last_tokens_ = 0;
   int last_segments_ = 0;

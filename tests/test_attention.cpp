@@ -22,22 +22,45 @@ namespace {
 // One packed batch of bf16-valued random inputs.
 struct Problem {
   std::vector<int32_t> cu_seqlens;   // (segments + 1)
-  AttentionShape shape;
-  MobaParams params;
+  int64_t tokens = 0;                // N
+  int heads = 0, kv_heads = 0, head_dim = 0, block_size = 0, top_k = 0;
   float scale = 0;
   std::vector<float> q, k, v, dout;  // (N, H, D), (N, Hkv, D), (N, Hkv, D), (N, H, D)
   int segments() const { return static_cast<int>(cu_seqlens.size()) - 1; }
+  // The call over every query row (outputs and gradients filled in by the caller).
+  AttentionArgs args(const int32_t* selected = nullptr) const {
+    AttentionArgs a;
+    a.n_queries = a.n_keys = tokens;
+    a.n_heads = heads;
+    a.n_kv_heads = kv_heads;
+    a.head_dim = head_dim;
+    a.q = q.data();
+    a.k = k.data();
+    a.v = v.data();
+    a.cu_seqlens = cu_seqlens.data();
+    a.n_segments = segments();
+    a.block_size = block_size;
+    a.top_k = top_k;
+    a.softmax_scale = scale;
+    a.selected = const_cast<int32_t*>(selected);
+    a.dout = dout.data();
+    return a;
+  }
 };
 
 Problem make_problem(std::vector<int32_t> cu_seqlens, int heads, int kv_heads, int head_dim, int block_size,
                      int top_k, uint64_t seed) {
   Problem p;
   p.cu_seqlens = std::move(cu_seqlens);
-  p.shape = {p.cu_seqlens.back(), heads, kv_heads, head_dim};
-  p.params = {block_size, top_k};
+  p.tokens = p.cu_seqlens.back();
+  p.heads = heads;
+  p.kv_heads = kv_heads;
+  p.head_dim = head_dim;
+  p.block_size = block_size;
+  p.top_k = top_k;
   p.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  const size_t n_q = static_cast<size_t>(p.shape.total_tokens) * heads * head_dim;
-  const size_t n_kv = static_cast<size_t>(p.shape.total_tokens) * kv_heads * head_dim;
+  const size_t n_q = static_cast<size_t>(p.tokens) * heads * head_dim;
+  const size_t n_kv = static_cast<size_t>(p.tokens) * kv_heads * head_dim;
   p.q = test::random_vector(n_q, seed, -1.5f, 1.5f);
   p.k = test::random_vector(n_kv, seed + 1, -1.5f, 1.5f);
   p.v = test::random_vector(n_kv, seed + 2);
@@ -47,9 +70,8 @@ Problem make_problem(std::vector<int32_t> cu_seqlens, int heads, int kv_heads, i
 }
 
 std::vector<int32_t> route(const Problem& p) {
-  std::vector<int32_t> selected(static_cast<size_t>(p.shape.total_tokens) * p.shape.n_heads * p.params.top_k);
-  moba_select_blocks(selected.data(), p.q.data(), p.k.data(), p.cu_seqlens.data(), p.segments(), p.shape,
-                     p.params);
+  std::vector<int32_t> selected(static_cast<size_t>(p.tokens) * p.heads * p.top_k);
+  moba_select_blocks(p.args(selected.data()));
   return selected;
 }
 
@@ -61,38 +83,26 @@ struct Results {
 // selected == nullptr: dense causal attention; otherwise MoBA over that selection.
 Results run_attention(const Problem& p, const int32_t* selected, bool with_backward = true) {
   const size_t n_q = p.q.size(), n_kv = p.k.size();
-  Results r{std::vector<float>(n_q), std::vector<float>(n_q / p.shape.head_dim), std::vector<float>(n_q, 0.0f),
+  Results r{std::vector<float>(n_q), std::vector<float>(n_q / p.head_dim), std::vector<float>(n_q, 0.0f),
             std::vector<float>(n_kv, 0.0f), std::vector<float>(n_kv, 0.0f)};
-  const int S = p.segments();
+  AttentionArgs a = p.args(selected);
+  a.out = r.out.data();
+  a.lse = r.lse.data();
+  a.dq = r.dq.data();
+  a.dk = r.dk.data();
+  a.dv = r.dv.data();
   if (selected) {
-    moba_attention_forward(r.out.data(), r.lse.data(), p.q.data(), p.k.data(), p.v.data(), selected,
-                           p.cu_seqlens.data(), S, p.shape, p.params, p.scale);
-    if (with_backward)
-      moba_attention_backward(r.dq.data(), r.dk.data(), r.dv.data(), p.dout.data(), p.q.data(), p.k.data(),
-                              p.v.data(), r.out.data(), r.lse.data(), selected, p.cu_seqlens.data(), S, p.shape,
-                              p.params, p.scale);
+    moba_attention_forward(a);
+    if (with_backward) moba_attention_backward(a);
   } else {
-    attention_full_forward(r.out.data(), r.lse.data(), p.q.data(), p.k.data(), p.v.data(), p.cu_seqlens.data(), S,
-                           p.shape, p.scale);
-    if (with_backward)
-      attention_full_backward(r.dq.data(), r.dk.data(), r.dv.data(), p.dout.data(), p.q.data(), p.k.data(),
-                              p.v.data(), r.out.data(), r.lse.data(), p.cu_seqlens.data(), S, p.shape, p.scale);
+    attention_full_forward(a);
+    if (with_backward) attention_full_backward(a);
   }
   return r;
 }
 
-struct ReferenceResults {
-  std::vector<double> out, lse, dq, dk, dv;
-};
-
 ReferenceResults run_reference(const Problem& p, const int32_t* selected) {
-  const size_t n_q = p.q.size(), n_kv = p.k.size();
-  ReferenceResults r{std::vector<double>(n_q), std::vector<double>(n_q / p.shape.head_dim),
-                     std::vector<double>(n_q), std::vector<double>(n_kv), std::vector<double>(n_kv)};
-  attention_masked_reference(r.out.data(), r.lse.data(), r.dq.data(), r.dk.data(), r.dv.data(), p.dout.data(),
-                             p.q.data(), p.k.data(), p.v.data(), selected, p.params.top_k, p.params.block_size,
-                             p.cu_seqlens.data(), p.segments(), p.shape, 1.0 / std::sqrt(double(p.shape.head_dim)));
-  return r;
+  return attention_masked_reference(p.args(selected));
 }
 
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
@@ -214,7 +224,7 @@ TEST(MobaAttention, EqualsFullAttentionWhileFewerThanKBlocks) {
   const Problem p = make_problem({0, 90, 200}, 4, 2, 8, 8, 3, 301);
   const std::vector<int32_t> selected = route(p);
   const Results moba = run_attention(p, selected.data()), full = run_attention(p, nullptr);
-  const int H = p.shape.n_heads, D = p.shape.head_dim, kB = p.params.top_k * p.params.block_size;
+  const int H = p.heads, D = p.head_dim, kB = p.top_k * p.block_size;
   int rows_compared = 0, rows_differing_later = 0;
   for (int s = 0; s < p.segments(); ++s)
     for (int64_t t = p.cu_seqlens[s]; t < p.cu_seqlens[s + 1]; ++t)
@@ -239,7 +249,7 @@ TEST(MobaAttention, EqualsFullAttentionWhileFewerThanKBlocks) {
 TEST(MobaRouting, SelectionInvariants) {
   const Problem p = make_problem({0, 7, 7, 90, 200, 203}, 4, 2, 16, 8, 4, 400);
   const std::vector<int32_t> selected = route(p);
-  const int H = p.shape.n_heads, top_k = p.params.top_k, B = p.params.block_size;
+  const int H = p.heads, top_k = p.top_k, B = p.block_size;
   for (int s = 0; s < p.segments(); ++s)
     for (int64_t t = p.cu_seqlens[s]; t < p.cu_seqlens[s + 1]; ++t)
       for (int h = 0; h < H; ++h) {
@@ -265,8 +275,8 @@ TEST(MobaRouting, MatchesBruteForceTopK) {
   // Rows whose (k-1)-th and k-th best scores are within 1e-3 could flip on summation order and are skipped.
   const Problem p = make_problem({0, 130, 260}, 4, 2, 16, 8, 4, 500);
   const std::vector<int32_t> selected = route(p);
-  const int H = p.shape.n_heads, Hkv = p.shape.n_kv_heads, D = p.shape.head_dim;
-  const int B = p.params.block_size, top_k = p.params.top_k, group = H / Hkv;
+  const int H = p.heads, Hkv = p.kv_heads, D = p.head_dim;
+  const int B = p.block_size, top_k = p.top_k, group = H / Hkv;
   int checked = 0, skipped = 0;
   for (int s = 0; s < p.segments(); ++s) {
     const int64_t start = p.cu_seqlens[s], n = p.cu_seqlens[s + 1] - start;
@@ -314,14 +324,14 @@ TEST(MobaRouting, TiesGoToTheLowerBlockIndex) {
   const int B = 4;
   const std::vector<float> block_x = {0.5f, 0.25f, 0.5f, 0.5f, 0.75f};
   Problem p = make_problem({0, 3, 3 + 5 * B}, 1, 1, 2, B, 3, 600);
-  for (int64_t u = 3; u < p.shape.total_tokens; ++u) {
+  for (int64_t u = 3; u < p.tokens; ++u) {
     p.k[u * 2 + 0] = block_x[(u - 3) / B];
     p.k[u * 2 + 1] = 0.0f;
   }
-  for (int64_t t = 0; t < p.shape.total_tokens; ++t) p.q[t * 2] = std::abs(p.q[t * 2]) + 0.25f;
+  for (int64_t t = 0; t < p.tokens; ++t) p.q[t * 2] = std::abs(p.q[t * 2]) + 0.25f;
   for (int top_k : {2, 3, 4, 6}) {
     SCOPED_TRACE(top_k);
-    p.params.top_k = top_k;
+    p.top_k = top_k;
     const std::vector<int32_t> selected = route(p);
     for (int64_t pos = 4 * B; pos < 5 * B; ++pos) {  // queries of block 4: candidates 0..3
       std::vector<int32_t> expected;
@@ -357,6 +367,102 @@ TEST(MobaRouting, NonFiniteKeyBlockMeanThrows) {
   EXPECT_THROW(route(p), Error);
 }
 
+// ---- query subsets (context parallelism) ----------------------------------------------------------------------------
+
+// The query rows of rank r of C under zigzag context parallelism: chunks r and 2C - 1 - r of the 2C equal chunks of
+// the N rows, ascending.
+std::vector<int32_t> zigzag_rows(int64_t N, int C, int r) {
+  const int64_t chunk = N / (2 * C);
+  std::vector<int32_t> rows;
+  for (int64_t c : {int64_t{r}, int64_t{2 * C - 1 - r}})
+    for (int64_t t = c * chunk; t < (c + 1) * chunk; ++t) rows.push_back(static_cast<int32_t>(t));
+  return rows;
+}
+
+// rows (n) of x, a (N, width) matrix.
+template <typename T>
+std::vector<T> gather_rows(const std::vector<T>& x, const std::vector<int32_t>& rows, int64_t width) {
+  std::vector<T> out;
+  for (int32_t t : rows) out.insert(out.end(), x.begin() + t * width, x.begin() + (t + 1) * width);
+  return out;
+}
+
+// Every rank's query rows against the whole K/V give the whole sequence's rows of out, lse, dQ and (MoBA) routing bit
+// for bit, and the ranks' partial dK/dV sum to the whole dK/dV (up to fp32 reassociation of the per-rank sums).
+void expect_subsets_equal_whole(const Problem& p, bool moba, int ranks) {
+  const int H = p.heads, D = p.head_dim;
+  const std::vector<int32_t> selected = moba ? route(p) : std::vector<int32_t>();
+  const Results whole = run_attention(p, moba ? selected.data() : nullptr);
+  std::vector<double> dk_sum(p.k.size(), 0.0), dv_sum(p.v.size(), 0.0);
+  for (int r = 0; r < ranks; ++r) {
+    SCOPED_TRACE(cat("rank ", r, " of ", ranks));
+    const std::vector<int32_t> rows = zigzag_rows(p.tokens, ranks, r);
+    const int64_t n = static_cast<int64_t>(rows.size());
+    const std::vector<float> q = gather_rows(p.q, rows, H * D), dout = gather_rows(p.dout, rows, H * D);
+    std::vector<int32_t> sel(static_cast<size_t>(n * H * p.top_k));
+    std::vector<float> out(q.size()), lse(static_cast<size_t>(n * H)), dq(q.size(), 0.0f);
+    std::vector<float> dk(p.k.size(), 0.0f), dv(p.v.size(), 0.0f);
+    AttentionArgs a = p.args(moba ? sel.data() : nullptr);
+    a.n_queries = n;
+    a.q_rows = rows.data();
+    a.q = q.data();
+    a.dout = dout.data();
+    a.out = out.data();
+    a.lse = lse.data();
+    a.dq = dq.data();
+    a.dk = dk.data();
+    a.dv = dv.data();
+    if (moba) {
+      moba_select_blocks(a);
+      EXPECT_EQ(sel, gather_rows(selected, rows, H * p.top_k)) << "routing of the subset";
+      moba_attention_forward(a);
+      moba_attention_backward(a);
+    } else {
+      attention_full_forward(a);
+      attention_full_backward(a);
+    }
+    EXPECT_TRUE(same_bits(out, gather_rows(whole.out, rows, H * D))) << "out";
+    EXPECT_TRUE(same_bits(lse, gather_rows(whole.lse, rows, H))) << "lse";
+    EXPECT_TRUE(same_bits(dq, gather_rows(whole.dq, rows, H * D))) << "dq";
+    for (size_t e = 0; e < dk.size(); ++e) {
+      dk_sum[e] += dk[e];
+      dv_sum[e] += dv[e];
+    }
+  }
+  // Each key's fp32 sum over up to ~8K query rows is split into per-rank sums: ~sqrt(8K) * 2^-24 relative apart.
+  std::vector<float> dk_total(dk_sum.begin(), dk_sum.end()), dv_total(dv_sum.begin(), dv_sum.end());
+  EXPECT_LE(test::rel_l2(dk_total.data(), whole.dk.data(), dk_total.size()), 1e-5) << "sum of the partial dk";
+  EXPECT_LE(test::rel_l2(dv_total.data(), whole.dv.data(), dv_total.size()), 1e-5) << "sum of the partial dv";
+}
+
+TEST(QuerySubsets, ZigzagChunksEqualTheWholeSequenceRows) {
+  // Documents cross the chunk boundaries (chunks of 64 rows at 2 ranks, 32 at 4); blocks of 16 and 32 divide the
+  // chunks. GQA 4:1 and MQA; top_k from 2 to every block (17 > 16 blocks).
+  struct Case {
+    const char* name;
+    std::vector<int32_t> cu;
+    int heads, kv_heads, block, top_k;
+  };
+  const Case cases[] = {{"gqa4_b16_k3", {0, 50, 130, 256}, 8, 2, 16, 3},
+                        {"mqa_b32_k2", {0, 200, 256}, 4, 1, 32, 2},
+                        {"mha_b16_every_block", {0, 256}, 2, 2, 16, 17},
+                        {"packed_empty_b16_k4", {0, 0, 31, 31, 190, 256}, 4, 2, 16, 4}};
+  uint64_t seed = 1200;
+  for (const Case& c : cases)
+    for (int ranks : {2, 4}) {
+      SCOPED_TRACE(cat(c.name, ", ", ranks, " ranks"));
+      const Problem p = make_problem(c.cu, c.heads, c.kv_heads, 16, c.block, c.top_k, seed += 10);
+      expect_subsets_equal_whole(p, /*moba=*/true, ranks);
+      expect_subsets_equal_whole(p, /*moba=*/false, ranks);
+    }
+}
+
+TEST(QuerySubsets, LargeBlocksEqualTheWholeSequenceRows) {
+  // B = 4096: chunks of one block at 2 ranks; the second document starts inside chunk 2.
+  const Problem p = make_problem({0, 10000, 16384}, 1, 1, 8, 4096, 3, 1300);
+  expect_subsets_equal_whole(p, /*moba=*/true, 2);
+}
+
 // ---- interface contracts -------------------------------------------------------------------------------------------
 
 TEST(MobaAttention, InvalidSelectionThrows) {
@@ -367,14 +473,26 @@ TEST(MobaAttention, InvalidSelectionThrows) {
   for (std::vector<int32_t> bad : {std::vector<int32_t>{1, 0, 3}, {0, 1, 2}, {0, 4, -1}, {-1, 0, 3}, {3, -1, 3}}) {
     std::vector<int32_t> broken = selected;
     std::copy(bad.begin(), bad.end(), broken.begin() + row * 3);
-    EXPECT_THROW(moba_attention_forward(out.data(), lse.data(), p.q.data(), p.k.data(), p.v.data(), broken.data(),
-                                        p.cu_seqlens.data(), 1, p.shape, p.params, p.scale),
-                 Error);
+    AttentionArgs a = p.args(broken.data());
+    a.out = out.data();
+    a.lse = lse.data();
+    EXPECT_THROW(moba_attention_forward(a), Error);
   }
   const std::vector<int32_t> bad_cu = {0, 50};
-  EXPECT_THROW(attention_full_forward(out.data(), lse.data(), p.q.data(), p.k.data(), p.v.data(), bad_cu.data(), 1,
-                                      p.shape, p.scale),
-               Error);
+  AttentionArgs a = p.args();
+  a.out = out.data();
+  a.lse = lse.data();
+  a.cu_seqlens = bad_cu.data();
+  EXPECT_THROW(attention_full_forward(a), Error);
+  // Query rows must stand at strictly ascending key rows inside the key sequence.
+  for (std::vector<int32_t> bad_rows : {std::vector<int32_t>{3, 2}, {5, 5}, {-1, 4}, {38, 40}}) {
+    AttentionArgs sub = p.args();
+    sub.out = out.data();
+    sub.lse = lse.data();
+    sub.n_queries = 2;
+    sub.q_rows = bad_rows.data();
+    EXPECT_THROW(attention_full_forward(sub), Error) << bad_rows[0] << "," << bad_rows[1];
+  }
 }
 
 TEST(AttentionBackward, AccumulatesIntoGradients) {
@@ -384,14 +502,14 @@ TEST(AttentionBackward, AccumulatesIntoGradients) {
     const Results fresh = run_attention(p, sel);
     Results acc = fresh;
     for (auto* g : {&acc.dq, &acc.dk, &acc.dv}) std::fill(g->begin(), g->end(), 1.0f);
-    if (sel)
-      moba_attention_backward(acc.dq.data(), acc.dk.data(), acc.dv.data(), p.dout.data(), p.q.data(), p.k.data(),
-                              p.v.data(), fresh.out.data(), fresh.lse.data(), sel, p.cu_seqlens.data(), 2, p.shape,
-                              p.params, p.scale);
-    else
-      attention_full_backward(acc.dq.data(), acc.dk.data(), acc.dv.data(), p.dout.data(), p.q.data(), p.k.data(),
-                              p.v.data(), fresh.out.data(), fresh.lse.data(), p.cu_seqlens.data(), 2, p.shape,
-                              p.scale);
+    AttentionArgs a = p.args(sel);
+    a.out = const_cast<float*>(fresh.out.data());
+    a.lse = const_cast<float*>(fresh.lse.data());
+    a.dq = acc.dq.data();
+    a.dk = acc.dk.data();
+    a.dv = acc.dv.data();
+    if (sel) moba_attention_backward(a);
+    else attention_full_backward(a);
     for (auto [a, f] : {std::pair{&acc.dq, &fresh.dq}, {&acc.dk, &fresh.dk}, {&acc.dv, &fresh.dv}})
       for (size_t i = 0; i < a->size(); ++i) ASSERT_EQ((*a)[i], 1.0f + (*f)[i]) << i;
   }

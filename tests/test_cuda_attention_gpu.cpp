@@ -112,11 +112,20 @@ Results run_attention(Backend& be, const Problem& p) {
   be.upload(cu, p.cu_seqlens.data());
   owned.push_back(cu);
 
-  AttentionParams params;
-  params.mode = AttentionMode::full;
-  params.softmax_scale = p.scale;
-  be.attention_forward(out, lse, Tensor{}, q, k, v, cu, params);
-  be.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, Tensor{}, cu, params);
+  AttentionCall call;
+  call.q = q;
+  call.k = k;
+  call.v = v;
+  call.cu_seqlens = cu;
+  call.out = out;
+  call.lse = lse;
+  call.dout = dout;
+  call.dq = dq;
+  call.dk = dk;
+  call.dv = dv;
+  call.softmax_scale = p.scale;
+  be.attention_forward(call);
+  be.attention_backward(call);
   Results r{download(out), download(lse), download(dq), download(dk), download(dv)};
   for (size_t i = 0; i < r.dq.size(); ++i) r.dq[i] -= p.dq0[i];
   for (size_t i = 0; i < r.dk.size(); ++i) r.dk[i] -= p.dk0[i];

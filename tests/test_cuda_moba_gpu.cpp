@@ -125,14 +125,26 @@ Outputs run_moba(Backend& be, const MobaCase& c, const Inputs& in, const std::ve
   upload(v, in.v);
   upload(dout, in.dout);
   be.upload(cu, c.cu_seqlens.data());
-  AttentionParams p{AttentionMode::moba, c.B, c.top_k, 1.0f / std::sqrt(static_cast<float>(c.D))};
-  if (replay) {
-    be.upload(selected, replay->data());
-    p.reuse_routing = true;
-  }
-  be.attention_forward(out, lse, selected, q, k, v, cu, p);
-  for (int rep = 0; rep < (backward_twice ? 2 : 1); ++rep)
-    be.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, selected, cu, p);
+  AttentionCall call;
+  call.q = q;
+  call.k = k;
+  call.v = v;
+  call.cu_seqlens = cu;
+  call.out = out;
+  call.lse = lse;
+  call.selected = selected;
+  call.dout = dout;
+  call.dq = dq;
+  call.dk = dk;
+  call.dv = dv;
+  call.mode = AttentionMode::moba;
+  call.block_size = c.B;
+  call.top_k = c.top_k;
+  call.softmax_scale = 1.0f / std::sqrt(static_cast<float>(c.D));
+  if (replay) be.upload(selected, replay->data());
+  else be.moba_select_blocks(call);
+  be.attention_forward(call);
+  for (int rep = 0; rep < (backward_twice ? 2 : 1); ++rep) be.attention_backward(call);
   Outputs r;
   r.selected.resize(static_cast<size_t>(selected.numel()));
   be.download(r.selected.data(), selected);
@@ -167,8 +179,22 @@ void check_against_cpu(const MobaCase& c, uint64_t seed, double min_agreement = 
   auto gpu = make_backend("cuda");
   const Outputs g = run_moba(*gpu, c, in, nullptr, /*backward_twice=*/true);
   std::vector<int32_t> cpu_selected(g.selected.size());  // the CPU's own routing
-  cpu::moba_select_blocks(cpu_selected.data(), in.q.data(), in.k.data(), c.cu_seqlens.data(),
-                          static_cast<int>(c.cu_seqlens.size()) - 1, {c.tokens(), c.H, c.Hkv, c.D}, {c.B, c.top_k});
+  {
+    cpu::AttentionArgs a;
+    a.n_queries = a.n_keys = c.tokens();
+    a.n_heads = c.H;
+    a.n_kv_heads = c.Hkv;
+    a.head_dim = c.D;
+    a.q = in.q.data();
+    a.k = in.k.data();
+    a.cu_seqlens = c.cu_seqlens.data();
+    a.n_segments = static_cast<int>(c.cu_seqlens.size()) - 1;
+    a.block_size = c.B;
+    a.top_k = c.top_k;
+    a.softmax_scale = 1.0f;
+    a.selected = cpu_selected.data();
+    cpu::moba_select_blocks(a);
+  }
   const Outputs ref = run_moba(*cpu, c, in, &g.selected);  // the CPU over the GPU's selection
   const double agree = agreement(g.selected, cpu_selected, c.top_k);
   std::vector<float> dq = g.dq, dk = g.dk, dv = g.dv;  // accumulated twice: halve (exact in bf16 -> f32)

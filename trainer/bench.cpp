@@ -98,6 +98,9 @@ int bench_attention(const std::vector<std::string>& args) {
   ap.add_option("backend", "NAME", "cuda | cpu", "cuda");
   ap.add_option("warmup", "W", "untimed runs first", "3");
   ap.add_option("reps", "R", "timed runs (the median is reported)", "10");
+  ap.add_option("deterministic", "BOOL", "MoBA dQ without float atomics (bitwise reproducible)", "false");
+  ap.add_option("dkv-kernel", "K", "CUDA MoBA dK/dV kernel: auto | mma (mma.sync everywhere)", "auto");
+  ap.add_option("entry-budget-mb", "MIB", "CUDA MoBA per-entry buffers per query chunk, MiB", "4096");
   ap.add_option("out", "FILE", "also append the JSON line to FILE (e.g. bench/results/attention.jsonl)");
   if (!ap.parse(args)) return 0;
   const std::string mode = ap.get("mode");
@@ -111,6 +114,17 @@ int bench_attention(const std::vector<std::string>& args) {
   const int warmup = static_cast<int>(ap.get_int("warmup")), reps = static_cast<int>(ap.get_int("reps"));
   MOBA_CHECK(N >= 1 && H >= 1 && Hkv >= 1 && H % Hkv == 0 && D >= 2 && D % 2 == 0 && B >= 1 && K >= 1 && reps >= 1,
              "moba bench attention: invalid shape", "need seq >= 1, kv-heads dividing heads, even head-dim, block/topk >= 1");
+  AttentionKernelSettings settings;
+  const std::string dkv = ap.get("dkv-kernel"), deterministic = ap.get("deterministic");
+  MOBA_CHECK(dkv == "auto" || dkv == "mma", cat("moba bench attention: --dkv-kernel '", dkv, "' is not allowed"),
+             "allowed: auto, mma");
+  MOBA_CHECK(deterministic == "true" || deterministic == "false",
+             cat("moba bench attention: --deterministic '", deterministic, "' is not allowed"), "allowed: true, false");
+  settings.moba_dkv_kernel = dkv == "mma" ? AttentionKernelSettings::MobaDkvKernel::mma_sync
+                                          : AttentionKernelSettings::MobaDkvKernel::automatic;
+  settings.entry_budget_bytes = ap.get_int("entry-budget-mb") << 20;
+  MOBA_CHECK(settings.entry_budget_bytes > 0, "moba bench attention: --entry-budget-mb must be positive",
+             "give a number of MiB, e.g. 4096");
 
   std::unique_ptr<Backend> be = make_backend(ap.get("backend"));
   const DType A = be->activation_dtype();
@@ -118,7 +132,7 @@ int bench_attention(const std::vector<std::string>& args) {
   Tensor out = be->allocate(A, {N, H, D}), dout = be->allocate(A, {N, H, D});
   Tensor dq = be->allocate(A, {N, H, D}), dk = be->allocate(A, {N, Hkv, D}), dv = be->allocate(A, {N, Hkv, D});
   Tensor lse = be->allocate(DType::f32, {N, H});
-  Tensor selected = mode == "moba" ? be->allocate(DType::i32, {N * H * K}) : Tensor();
+  Tensor selected = mode == "moba" ? be->allocate(DType::i32, {N, H, K}) : Tensor();
   Tensor cu = be->allocate(DType::i32, {2});
   const int32_t cu_host[2] = {0, static_cast<int32_t>(N)};
   be->upload(cu, cu_host);
@@ -129,12 +143,34 @@ int bench_attention(const std::vector<std::string>& args) {
 
   AttentionParams p{mode == "moba" ? AttentionMode::moba : AttentionMode::full, B, K,
                     1.0f / std::sqrt(static_cast<float>(D))};
-  auto forward = [&]() { be->attention_forward(out, lse, selected, q, k, v, cu, p); };
+  p.deterministic = deterministic == "true";
+  AttentionScratchShape largest;
+  largest.max_queries = largest.max_keys = N;
+  largest.n_heads = H;
+  largest.n_kv_heads = Hkv;
+  largest.head_dim = D;
+  largest.min_block_size = B;
+  largest.max_top_k = mode == "moba" ? K : 0;
+  largest.settings = settings;
+  model::AttentionLayer layer(*be, largest);
+  AttentionCall call;
+  call.q = q;
+  call.k = k;
+  call.v = v;
+  call.cu_seqlens = cu;
+  call.out = out;
+  call.lse = lse;
+  call.selected = selected;
+  call.dout = dout;
+  call.dq = dq;
+  call.dk = dk;
+  call.dv = dv;
+  auto forward = [&]() { layer.forward(p, call); };
   auto backward = [&]() {  // on the outputs of the last forward
     be->zero(dq);
     be->zero(dk);
     be->zero(dv);
-    be->attention_backward(dq, dk, dv, dout, q, k, v, out, lse, selected, cu, p);
+    layer.backward(p, call);
   };
   auto forward_backward = [&]() {
     forward();
@@ -148,8 +184,7 @@ int bench_attention(const std::vector<std::string>& args) {
   if (p.mode == AttentionMode::moba) {
     AttentionParams reuse = p;
     reuse.reuse_routing = true;
-    double attention_only = median(be->time_ms([&]() { be->attention_forward(out, lse, selected, q, k, v, cu, reuse); },
-                                               warmup, reps));
+    double attention_only = median(be->time_ms([&]() { layer.forward(reuse, call); }, warmup, reps));
     routing_ms = std::max(0.0, fwd_ms - attention_only);
     std::vector<int32_t> sel(static_cast<size_t>(N * H * K));
     be->download(sel.data(), selected);

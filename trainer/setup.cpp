@@ -58,6 +58,9 @@ int max_top_k(const Recipe& r) {
 model::TransformerOptions transformer_options(const Recipe& r) {
   model::TransformerOptions o;
   o.max_top_k = max_top_k(r);
+  o.min_block_size = r.attention.moba.block_size;
+  for (const Phase& p : r.phases)
+    if (p.moba) o.min_block_size = std::min(o.min_block_size, p.moba->block_size);
   o.recompute = model::parse_recompute(r.train.recompute);
   return o;
 }
@@ -65,7 +68,7 @@ model::TransformerOptions transformer_options(const Recipe& r) {
 void check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t micro_tokens,
                        const model::TransformerOptions& options, const Backend& backend) {
   std::vector<model::MemoryItem> plan =
-      model::Transformer::memory_plan(c, micro_tokens, options, backend.activation_dtype());
+      model::Transformer::memory_plan(c, micro_tokens, options, backend);
   const model::ParameterLayout layout(c, options.parameter_shards);
   const int zero = options.parameter_shards > 1 ? r.parallel.zero : 1;
   plan.insert(plan.begin() + 2,
@@ -84,7 +87,7 @@ void check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t mic
     info(line);
   };
   for (const model::MemoryItem& m : plan) row(m.name, m.bytes);
-  row("total before attention scratch", total);
+  row("total", total);
   const size_t available = backend.available_bytes();
   if (available == 0) return;
   const bool recompute_left = options.recompute != model::Recompute::full;

@@ -1,57 +1,65 @@
-// CPU reference attention (fp32): dense causal attention and MoBA, forward and backward, over packed
-// variable-length segments. Semantics are pinned by ../shared/docs/moba-spec.md; read it before editing.
-// Layout: q (N, H, D), k and v (N, Hkv, D), out (N, H, D), lse (N, H) natural log; N = total packed tokens;
-// segments [cu_seqlens[s], cu_seqlens[s+1]) never attend to each other; positions restart at each segment.
+// CPU reference attention (fp32): dense causal attention and MoBA, forward and backward, over packed documents, for
+// query rows standing anywhere in the key sequence. Semantics: kernels/attention.h and ../shared/docs/moba-spec.md.
+// Layout: q (Nq, H, D), k and v (Nk, Hkv, D), out (Nq, H, D), lse (Nq, H) natural log; documents
+// [cu_seqlens[s], cu_seqlens[s+1]) of the key rows never attend to each other; positions restart at each document.
 // GQA/MQA: query head h reads key/value head h / (H / Hkv); K and V are never expanded.
-// Backward functions ACCUMULATE (+=) into dq, dk, dv, and are bitwise deterministic for any thread count.
+// Invariants: every output row is computed alone, in one fixed order, from the same key rows whatever other query
+// rows the call holds, so a query subset gives the whole sequence's rows bit for bit, for any thread count. Backward
+// functions ACCUMULATE (+=) into dq, dk, dv.
 #pragma once
 #include <cstdint>
 #include <vector>
 
 namespace moba::cpu {
 
-struct AttentionShape {
-  int64_t total_tokens = 0;  // N
-  int n_heads = 0;           // H
-  int n_kv_heads = 0;        // Hkv, divides H
-  int head_dim = 0;          // D
+// The raw f32 view of one AttentionCall (kernels/attention.h).
+struct AttentionArgs {
+  int64_t n_queries = 0, n_keys = 0;    // Nq, Nk
+  int n_heads = 0, n_kv_heads = 0;      // H, Hkv (divides H)
+  int head_dim = 0;                     // D
+  const float* q = nullptr;             // (Nq, H, D)
+  const float* k = nullptr;             // (Nk, Hkv, D)
+  const float* v = nullptr;             // (Nk, Hkv, D)
+  const int32_t* cu_seqlens = nullptr;  // (S + 1) documents of the key rows, 0 .. Nk
+  int n_segments = 0;                   // S
+  const int32_t* q_rows = nullptr;      // (Nq) strictly ascending key row of each query row; nullptr: row i at i
+  int block_size = 0, top_k = 0;        // MoBA (top_k counts the current block)
+  float softmax_scale = 0;
+  int32_t* selected = nullptr;          // MoBA (Nq, H, top_k): written by routing, read by forward and backward
+  float* out = nullptr;                 // (Nq, H, D)
+  float* lse = nullptr;                 // (Nq, H)
+  const float* dout = nullptr;          // (Nq, H, D)
+  float* dq = nullptr;                  // (Nq, H, D) +=
+  float* dk = nullptr;                  // (Nk, Hkv, D) +=
+  float* dv = nullptr;                  // (Nk, Hkv, D) +=
+
+  // The key row query row i stands at.
+  int64_t key_row(int64_t i) const { return q_rows ? q_rows[i] : i; }
 };
 
-struct MobaParams {
-  int block_size = 512;  // B
-  int top_k = 3;         // k, counts the current block
-};
+// ---- dense causal attention: out, lse; backward: dq, dk, dv += ------------------------------------------------
+void attention_full_forward(const AttentionArgs& a);
+void attention_full_backward(const AttentionArgs& a);
 
-// ---- dense causal attention ----------------------------------------------------------------------------------
-void attention_full_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                            const int32_t* cu_seqlens, int n_segments, const AttentionShape& shape,
-                            float softmax_scale);
-void attention_full_backward(float* dq, float* dk, float* dv, const float* dout, const float* q, const float* k,
-                             const float* v, const float* out, const float* lse, const int32_t* cu_seqlens,
-                             int n_segments, const AttentionShape& shape, float softmax_scale);
-
-// ---- MoBA ------------------------------------------------------------------------------------------------
-// Routing. selected (N, H, top_k) int32: for each query t and head h the chosen block indices relative to the
-// segment start, ascending, the current block included, -1 padded when fewer blocks exist.
-// Block means are accumulated in fp32 and rounded to bf16 (round-to-nearest-even) before the fp32 gate, as
-// the official code does; ties go to the lower block index. Throws moba::Error if q holds a NaN or Inf.
-void moba_select_blocks(int32_t* selected, const float* q, const float* k, const int32_t* cu_seqlens,
-                        int n_segments, const AttentionShape& shape, const MobaParams& params);
+// ---- MoBA ----------------------------------------------------------------------------------------------------
+// Routing: for each query row and head, the chosen block indices relative to the document start, ascending, the
+// current block last, -1 padded when fewer blocks exist. Block means of the complete key blocks are accumulated in
+// fp32 and rounded to bf16 (round-to-nearest-even) before the fp32 gate, as the official code does; ties go to the
+// lower block index. Throws moba::Error if q holds a NaN or Inf.
+void moba_select_blocks(const AttentionArgs& a);
 // Attention over the union of the selected past blocks and the causal part of the current block.
-void moba_attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                            const int32_t* selected, const int32_t* cu_seqlens, int n_segments,
-                            const AttentionShape& shape, const MobaParams& params, float softmax_scale);
-void moba_attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q, const float* k,
-                             const float* v, const float* out, const float* lse, const int32_t* selected,
-                             const int32_t* cu_seqlens, int n_segments, const AttentionShape& shape,
-                             const MobaParams& params, float softmax_scale);
+void moba_attention_forward(const AttentionArgs& a);
+void moba_attention_backward(const AttentionArgs& a);
 
-// ---- explicit-mask reference (tests only; float64, O(N^2) memory per segment) -------------------------------------
-// allowed(t, u, h) is derived from `selected` when non-null (MoBA) or is plain causal when null (full).
-// Writes out (N, H, D) and lse (N, H) and, when dout is non-null, dq/dk/dv (overwritten, not accumulated).
-void attention_masked_reference(double* out, double* lse, double* dq, double* dk, double* dv, const float* dout,
-                                const float* q, const float* k, const float* v, const int32_t* selected, int top_k,
-                                int block_size, const int32_t* cu_seqlens, int n_segments,
-                                const AttentionShape& shape, double softmax_scale);
+// ---- explicit-mask reference (tests only; float64) ---------------------------------------------------------------
+// Query row i (key row t) sees key row j iff j <= t in t's document and, when a.selected is non-null (MoBA), j's block
+// is among the row's selected blocks; no code is shared with the kernels. a.out, a.lse and the gradients of `a` are
+// not touched; gradients only when a.dout is non-null. `baseline`, when non-null, receives a same-precision baseline
+// for a bf16 backend (FlashAttention-3's test criterion): P and dS rounded to bf16 before the products that use
+// them, Delta from the bf16-rounded output, and out, dq, dk, dv rounded to bf16 at the end.
+struct ReferenceResults {
+  std::vector<double> out, lse, dq, dk, dv;  // (Nq, H, D), (Nq, H), (Nq, H, D), (Nk, Hkv, D) x 2
+};
+ReferenceResults attention_masked_reference(const AttentionArgs& a, ReferenceResults* baseline = nullptr);
 
 }  // namespace moba::cpu

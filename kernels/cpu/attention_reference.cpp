@@ -1,99 +1,143 @@
-// Explicit-mask dense attention in float64: the test oracle for the fp32 kernels. It materialises, per segment
-// and head, the (n, n) allowed mask, scores, probabilities and dS, so it shares no code path with the kernels.
-// Invariant: tests only (O(n^2) memory per segment); outputs are overwritten, never accumulated.
+// Explicit-mask attention in float64: the test oracle for every backend's kernels. Each query row lists the keys it
+// may see by testing every key row of its document against the mask (causal, and the selected blocks for MoBA), then
+// does the softmax, output and gradients over that list, so it shares no code path with the kernels.
+// Invariants: tests only; results are returned, never accumulated; bitwise reproducible for a given thread count
+// (rows are split statically and the per-thread dK/dV sums are added in thread order).
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "kernels/bf16.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/attention_core.h"
 
 namespace moba::cpu {
+namespace {
 
-void attention_masked_reference(double* out, double* lse, double* dq, double* dk, double* dv, const float* dout,
-                                const float* q, const float* k, const float* v, const int32_t* selected, int top_k,
-                                int block_size, const int32_t* cu_seqlens, int n_segments,
-                                const AttentionShape& shape, double softmax_scale) {
+double bf16_round(double x) { return static_cast<double>(round_to_bf16(static_cast<float>(x))); }
+
+// One variant of the results (exact, or the bf16 baseline) with its per-thread dK/dV sums.
+struct Variant {
+  ReferenceResults* r;
+  bool low;                              // the bf16 baseline
+  std::vector<std::vector<double>> dk, dv;  // (threads) x (Nk, Hkv, D)
+  double round(double x) const { return low ? bf16_round(x) : x; }
+};
+
+}  // namespace
+
+ReferenceResults attention_masked_reference(const AttentionArgs& a, ReferenceResults* baseline) {
   const char* caller = "attention_masked_reference";
-  detail::validate_attention_inputs(caller, cu_seqlens, n_segments, shape, static_cast<float>(softmax_scale));
-  const MobaParams params{block_size, top_k};
-  if (selected) {
-    detail::validate_moba_params(caller, params);
-    detail::validate_moba_selection(caller, selected, cu_seqlens, n_segments, shape, params);
+  detail::validate_attention_inputs(caller, a);
+  if (a.selected) {
+    detail::validate_moba_params(caller, a);
+    detail::validate_moba_selection(caller, a);
   }
-  const int H = shape.n_heads, Hkv = shape.n_kv_heads, D = shape.head_dim, group = H / Hkv;
-  const int64_t N = shape.total_tokens;
-  if (dout) {
-    std::fill(dq, dq + N * H * D, 0.0);
-    std::fill(dk, dk + N * Hkv * D, 0.0);
-    std::fill(dv, dv + N * Hkv * D, 0.0);
+  const int H = a.n_heads, Hkv = a.n_kv_heads, D = a.head_dim, group = H / Hkv, top_k = a.top_k;
+  const int64_t Nq = a.n_queries, Nk = a.n_keys, rows = Nq * H;
+  const double scale = a.softmax_scale;  // the scale the kernels apply
+  const bool backward = a.dout != nullptr;
+  ReferenceResults exact;
+  std::vector<Variant> variants = {{&exact, false, {}, {}}};
+  if (baseline) variants.push_back({baseline, true, {}, {}});
+  const int threads = omp_get_max_threads();
+  for (Variant& var : variants) {
+    ReferenceResults& r = *var.r;
+    r.out.assign(static_cast<size_t>(Nq * H * D), 0.0);
+    r.lse.assign(static_cast<size_t>(Nq * H), 0.0);
+    r.dq.assign(backward ? r.out.size() : 0, 0.0);
+    r.dk.assign(backward ? static_cast<size_t>(Nk * Hkv * D) : 0, 0.0);
+    r.dv.assign(r.dk.size(), 0.0);
+    var.dk.assign(static_cast<size_t>(threads), std::vector<double>(r.dk.size(), 0.0));
+    var.dv.assign(static_cast<size_t>(threads), std::vector<double>(r.dk.size(), 0.0));
   }
-  auto q_at = [&](int64_t t, int h, int d) -> double { return q[(t * H + h) * D + d]; };
-  auto do_at = [&](int64_t t, int h, int d) -> double { return dout[(t * H + h) * D + d]; };
-  auto k_at = [&](int64_t u, int hk, int d) -> double { return k[(u * Hkv + hk) * D + d]; };
-  auto v_at = [&](int64_t u, int hk, int d) -> double { return v[(u * Hkv + hk) * D + d]; };
 
-  for (int s = 0; s < n_segments; ++s) {
-    const int64_t start = cu_seqlens[s], n = cu_seqlens[s + 1] - cu_seqlens[s];
-    for (int h = 0; h < H; ++h) {
-      const int hk = h / group;
-      // allowed (n, n): causal, and for MoBA the key's block must be one of the query's selected blocks.
-      std::vector<char> allowed(static_cast<size_t>(n * n), 0);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j <= i; ++j) {
-          bool in_selection = selected == nullptr;
-          for (int slot = 0; !in_selection && slot < top_k; ++slot)
-            in_selection = selected[((start + i) * H + h) * top_k + slot] == j / block_size;
-          allowed[i * n + j] = in_selection;
-        }
-      // probabilities (n, n) = softmax over allowed keys of scale * q.k; then out and lse.
-      std::vector<double> probs(static_cast<size_t>(n * n), 0.0);
-      for (int64_t i = 0; i < n; ++i) {
-        double max_score = -std::numeric_limits<double>::infinity();
-        for (int64_t j = 0; j < n; ++j) {
-          if (!allowed[i * n + j]) continue;
-          double score = 0;
-          for (int d = 0; d < D; ++d) score += q_at(start + i, h, d) * k_at(start + j, hk, d);
-          probs[i * n + j] = score * softmax_scale;
-          max_score = std::max(max_score, probs[i * n + j]);
-        }
-        double sum = 0;
-        for (int64_t j = 0; j < n; ++j)
-          if (allowed[i * n + j]) sum += std::exp(probs[i * n + j] - max_score);
-        for (int64_t j = 0; j < n; ++j)
-          probs[i * n + j] = allowed[i * n + j] ? std::exp(probs[i * n + j] - max_score) / sum : 0.0;
-        lse[(start + i) * H + h] = max_score + std::log(sum);
-        for (int d = 0; d < D; ++d) {
+#pragma omp parallel num_threads(threads)
+  {
+    const int thread = omp_get_thread_num();
+    std::vector<int64_t> keys;             // key rows this query row sees
+    std::vector<double> p, dp, o(D), dq(D);  // per key: probability, dO . v
+    std::vector<char> chosen;              // MoBA: blocks of the row's document it selected
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t i = row / H, t = a.key_row(i);
+      const int h = static_cast<int>(row % H), hk = h / group;
+      const int s = detail::segment_of_token(a.cu_seqlens, a.n_segments, t);
+      const int64_t start = a.cu_seqlens[s];
+      if (a.selected) {
+        chosen.assign(static_cast<size_t>((t - start) / a.block_size + 1), 0);
+        for (int slot = 0; slot < top_k; ++slot)
+          if (a.selected[row * top_k + slot] >= 0) chosen[a.selected[row * top_k + slot]] = 1;
+      }
+      keys.clear();
+      for (int64_t j = start; j <= t; ++j)
+        if (!a.selected || chosen[(j - start) / a.block_size]) keys.push_back(j);
+      const float* q_row = a.q + row * D;
+      const float* do_row = backward ? a.dout + row * D : nullptr;
+      auto k_row = [&](int64_t j) { return a.k + (j * Hkv + hk) * D; };
+      auto v_row = [&](int64_t j) { return a.v + (j * Hkv + hk) * D; };
+      // p = softmax over the row's keys of scale * q.k, lse = its log-sum-exp.
+      p.resize(keys.size());
+      double max_score = -std::numeric_limits<double>::infinity();
+      for (size_t n = 0; n < keys.size(); ++n) {
+        double score = 0;
+        for (int d = 0; d < D; ++d) score += static_cast<double>(q_row[d]) * k_row(keys[n])[d];
+        p[n] = score * scale;
+        max_score = std::max(max_score, p[n]);
+      }
+      double sum = 0;
+      for (double& x : p) sum += (x = std::exp(x - max_score));
+      for (double& x : p) x /= sum;
+      if (backward) {
+        dp.resize(keys.size());
+        for (size_t n = 0; n < keys.size(); ++n) {
           double acc = 0;
-          for (int64_t j = 0; j < n; ++j) acc += probs[i * n + j] * v_at(start + j, hk, d);
-          out[((start + i) * H + h) * D + d] = acc;
+          for (int d = 0; d < D; ++d) acc += static_cast<double>(do_row[d]) * v_row(keys[n])[d];
+          dp[n] = acc;
         }
       }
-      if (!dout) continue;
-      // dS (n, n) = P * (dO V^T - rowsum(dO * O)); dQ = scale dS K, dK += scale dS^T Q, dV += P^T dO.
-      std::vector<double> ds(static_cast<size_t>(n * n), 0.0);
-      for (int64_t i = 0; i < n; ++i) {
+      for (Variant& var : variants) {
+        ReferenceResults& r = *var.r;
+        r.lse[row] = max_score + std::log(sum);
+        std::fill(o.begin(), o.end(), 0.0);
+        for (size_t n = 0; n < keys.size(); ++n)
+          for (int d = 0; d < D; ++d) o[d] += var.round(p[n]) * v_row(keys[n])[d];
+        for (int d = 0; d < D; ++d) r.out[row * D + d] = o[d];
+        if (!backward) continue;
+        // dS = P * (dO . v - Delta), Delta = dO . O; dQ = scale dS K, dK += scale dS^T Q, dV += P^T dO.
         double delta = 0;
-        for (int d = 0; d < D; ++d) delta += do_at(start + i, h, d) * out[((start + i) * H + h) * D + d];
-        for (int64_t j = 0; j < n; ++j) {
-          if (!allowed[i * n + j]) continue;
-          double dp = 0;
-          for (int d = 0; d < D; ++d) dp += do_at(start + i, h, d) * v_at(start + j, hk, d);
-          ds[i * n + j] = probs[i * n + j] * (dp - delta);
-        }
-      }
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j < n; ++j) {
-          if (!allowed[i * n + j]) continue;
+        for (int d = 0; d < D; ++d) delta += static_cast<double>(do_row[d]) * var.round(o[d]);
+        std::fill(dq.begin(), dq.end(), 0.0);
+        double* dk = var.dk[thread].data();
+        double* dv = var.dv[thread].data();
+        for (size_t n = 0; n < keys.size(); ++n) {
+          const double ds = var.round(p[n] * (dp[n] - delta)), pn = var.round(p[n]);
+          const int64_t kv = (keys[n] * Hkv + hk) * D;
           for (int d = 0; d < D; ++d) {
-            dq[((start + i) * H + h) * D + d] += softmax_scale * ds[i * n + j] * k_at(start + j, hk, d);
-            dk[((start + j) * Hkv + hk) * D + d] += softmax_scale * ds[i * n + j] * q_at(start + i, h, d);
-            dv[((start + j) * Hkv + hk) * D + d] += probs[i * n + j] * do_at(start + i, h, d);
+            dq[d] += scale * ds * k_row(keys[n])[d];
+            dk[kv + d] += scale * ds * q_row[d];
+            dv[kv + d] += pn * do_row[d];
           }
         }
+        for (int d = 0; d < D; ++d) r.dq[row * D + d] = dq[d];
+      }
     }
   }
+  for (Variant& var : variants) {
+    ReferenceResults& r = *var.r;
+    for (int thread = 0; thread < threads; ++thread)
+      for (size_t e = 0; e < r.dk.size(); ++e) {
+        r.dk[e] += var.dk[thread][e];
+        r.dv[e] += var.dv[thread][e];
+      }
+    if (var.low)
+      for (std::vector<double>* x : {&r.out, &r.dq, &r.dk, &r.dv})
+        for (double& e : *x) e = bf16_round(e);
+  }
+  return exact;
 }
 
 }  // namespace moba::cpu

@@ -160,39 +160,24 @@ class CpuBackend final : public Backend {
     std::memcpy(f32(dst, "dst"), f32(src, "src"), dst.bytes());  // the CPU backend holds f32 only
   }
 
-  void attention_forward(Tensor out, Tensor lse, Tensor selected, const Tensor& q, const Tensor& k, const Tensor& v,
-                         const Tensor& cu_seqlens, const AttentionParams& p) override {
-    cpu::AttentionShape s = shape_of(q, k);
-    int segments = static_cast<int>(cu_seqlens.numel() - 1);
-    if (p.mode == AttentionMode::full) {
-      cpu::attention_full_forward(f32(out, "out"), f32(lse, "lse"), f32(q, "q"), f32(k, "k"), f32(v, "v"),
-                                  i32(cu_seqlens, "cu_seqlens"), segments, s, p.softmax_scale);
-      return;
-    }
-    cpu::MobaParams mp{p.block_size, p.top_k};
-    MOBA_ASSERT(selected.numel() == q.shape[0] * q.shape[1] * p.top_k);
-    int32_t* sel = const_cast<int32_t*>(i32(selected, "selected"));
-    if (!p.reuse_routing)
-      cpu::moba_select_blocks(sel, f32(q, "q"), f32(k, "k"), i32(cu_seqlens, "cu_seqlens"), segments, s, mp);
-    cpu::moba_attention_forward(f32(out, "out"), f32(lse, "lse"), f32(q, "q"), f32(k, "k"), f32(v, "v"), sel,
-                                i32(cu_seqlens, "cu_seqlens"), segments, s, mp, p.softmax_scale);
+  AttentionScratchSizes attention_scratch_sizes(const AttentionScratchShape&) const override {
+    return {};  // the CPU kernels keep their scratch per thread on the host
   }
-  void attention_backward(Tensor dq, Tensor dk, Tensor dv, const Tensor& dout, const Tensor& q, const Tensor& k,
-                          const Tensor& v, const Tensor& out, const Tensor& lse, const Tensor& selected,
-                          const Tensor& cu_seqlens, const AttentionParams& p) override {
-    cpu::AttentionShape s = shape_of(q, k);
-    int segments = static_cast<int>(cu_seqlens.numel() - 1);
-    if (p.mode == AttentionMode::full) {
-      cpu::attention_full_backward(f32(dq, "dq"), f32(dk, "dk"), f32(dv, "dv"), f32(dout, "dout"), f32(q, "q"),
-                                   f32(k, "k"), f32(v, "v"), f32(out, "out"), f32(lse, "lse"),
-                                   i32(cu_seqlens, "cu_seqlens"), segments, s, p.softmax_scale);
-      return;
-    }
-    cpu::MobaParams mp{p.block_size, p.top_k};
-    cpu::moba_attention_backward(f32(dq, "dq"), f32(dk, "dk"), f32(dv, "dv"), f32(dout, "dout"), f32(q, "q"),
-                                 f32(k, "k"), f32(v, "v"), f32(out, "out"), f32(lse, "lse"),
-                                 i32(selected, "selected"), i32(cu_seqlens, "cu_seqlens"), segments, s, mp,
-                                 p.softmax_scale);
+  void moba_select_blocks(const AttentionCall& c) override {
+    check_attention_call("cpu moba_select_blocks", c, DType::f32, Device::cpu, false);
+    cpu::moba_select_blocks(args_of(c));
+  }
+  void attention_forward(const AttentionCall& c) override {
+    check_attention_call("cpu attention_forward", c, DType::f32, Device::cpu, false);
+    const cpu::AttentionArgs a = args_of(c);
+    if (c.mode == AttentionMode::full) cpu::attention_full_forward(a);
+    else cpu::moba_attention_forward(a);
+  }
+  void attention_backward(const AttentionCall& c) override {
+    check_attention_call("cpu attention_backward", c, DType::f32, Device::cpu, true);
+    const cpu::AttentionArgs a = args_of(c);
+    if (c.mode == AttentionMode::full) cpu::attention_full_backward(a);
+    else cpu::moba_attention_backward(a);
   }
 
   double cross_entropy_forward(Tensor losses, const Tensor& logits, const Tensor& targets,
@@ -234,10 +219,33 @@ class CpuBackend final : public Backend {
 
  private:
   size_t allocated_ = 0, peak_ = 0;
-  static cpu::AttentionShape shape_of(const Tensor& q, const Tensor& k) {
-    MOBA_ASSERT(q.ndim == 3 && k.ndim == 3 && q.shape[0] == k.shape[0] && q.shape[2] == k.shape[2]);
-    return cpu::AttentionShape{q.shape[0], static_cast<int>(q.shape[1]), static_cast<int>(k.shape[1]),
-                               static_cast<int>(q.shape[2])};
+  // The raw view of a checked call (tensors the call leaves empty stay nullptr).
+  static cpu::AttentionArgs args_of(const AttentionCall& c) {
+    cpu::AttentionArgs a;
+    a.n_queries = c.n_queries();
+    a.n_keys = c.n_keys();
+    a.n_heads = c.n_heads();
+    a.n_kv_heads = c.n_kv_heads();
+    a.head_dim = c.head_dim();
+    a.q = c.q.as<float>();
+    a.k = c.k.as<float>();
+    a.v = c.v.as<float>();
+    a.cu_seqlens = c.cu_seqlens.as<int32_t>();
+    a.n_segments = c.n_segments();
+    a.q_rows = c.q_rows.as<int32_t>();
+    if (c.mode == AttentionMode::moba) {
+      a.block_size = c.block_size;
+      a.top_k = c.top_k;
+      a.selected = c.selected.as<int32_t>();
+    }
+    a.softmax_scale = c.softmax_scale;
+    a.out = c.out.as<float>();
+    a.lse = c.lse.as<float>();
+    a.dout = c.dout.as<float>();
+    a.dq = c.dq.as<float>();
+    a.dk = c.dk.as<float>();
+    a.dv = c.dv.as<float>();
+    return a;
   }
 };
 

@@ -118,9 +118,12 @@ struct Shape {
   int64_t N;
   int H, Hkv, D;
 };
-Shape shape_of(const Tensor& q, const Tensor& k) {
-  MOBA_ASSERT(q.ndim == 3 && k.ndim == 3 && q.shape[0] == k.shape[0] && q.shape[2] == k.shape[2]);
-  return Shape{q.shape[0], static_cast<int>(q.shape[1]), static_cast<int>(k.shape[1]), static_cast<int>(q.shape[2])};
+Shape shape_of(const AttentionCall& c, const char* op, bool backward) {
+  check_attention_call(cat("cuda ", op).c_str(), c, DType::bf16, Device::cuda, backward);
+  MOBA_CHECK(c.q_rows.data == nullptr && (!backward || c.dk.dtype == DType::bf16),
+             cat("cuda ", op, ": query subsets (q_rows) and f32 dK/dV are not on the CUDA backend yet"),
+             "use the cpu backend for query subsets until the CUDA kernels take them");
+  return Shape{c.n_queries(), c.n_heads(), c.n_kv_heads(), c.head_dim()};
 }
 
 class CudaBackend final : public Backend {
@@ -318,41 +321,43 @@ class CudaBackend final : public Backend {
     cuda::convert(ctx_, dst.data, dst.dtype, src.data, src.dtype, dst.numel());
   }
 
-  void attention_forward(Tensor out, Tensor lse, Tensor selected, const Tensor& q, const Tensor& k, const Tensor& v,
-                         const Tensor& cu_seqlens, const AttentionParams& p) override {
-    OpTimer timer(*profiler_, "attention_forward");
-    const Shape s = shape_of(q, k);
-    const int segments = static_cast<int>(cu_seqlens.numel() - 1);
-    if (p.mode == AttentionMode::full) {
-      cuda::flash_attention_forward(ctx_, b16(out, "out"), f32(lse, "lse"), b16(q, "q"), b16(k, "k"), b16(v, "v"),
-                                    i32(cu_seqlens, "cu_seqlens"), segments, s.N, s.H, s.Hkv, s.D, p.softmax_scale);
-      return;
-    }
-    MOBA_ASSERT(selected.numel() == s.N * s.H * p.top_k);
-    int32_t* sel = const_cast<int32_t*>(i32(selected, "selected"));
-    if (!p.reuse_routing)
-      cuda::moba_select_blocks(ctx_, sel, b16(q, "q"), b16(k, "k"), i32(cu_seqlens, "cu_seqlens"), segments, s.N, s.H,
-                               s.Hkv, s.D, p.block_size, p.top_k);
-    cuda::moba_attention_forward(ctx_, b16(out, "out"), f32(lse, "lse"), b16(q, "q"), b16(k, "k"), b16(v, "v"), sel,
-                                 i32(cu_seqlens, "cu_seqlens"), segments, s.N, s.H, s.Hkv, s.D, p.block_size, p.top_k,
-                                 p.softmax_scale);
+  AttentionScratchSizes attention_scratch_sizes(const AttentionScratchShape&) const override {
+    return {};  // (interim) the kernels still grow their scratch in ctx's slots
   }
-  void attention_backward(Tensor dq, Tensor dk, Tensor dv, const Tensor& dout, const Tensor& q, const Tensor& k,
-                          const Tensor& v, const Tensor& out, const Tensor& lse, const Tensor& selected,
-                          const Tensor& cu_seqlens, const AttentionParams& p) override {
-    OpTimer timer(*profiler_, "attention_backward");
-    const Shape s = shape_of(q, k);
-    const int segments = static_cast<int>(cu_seqlens.numel() - 1);
-    if (p.mode == AttentionMode::full) {
-      cuda::flash_attention_backward(ctx_, b16(dq, "dq"), b16(dk, "dk"), b16(dv, "dv"), b16(dout, "dout"), b16(q, "q"),
-                                     b16(k, "k"), b16(v, "v"), b16(out, "out"), f32(lse, "lse"),
-                                     i32(cu_seqlens, "cu_seqlens"), segments, s.N, s.H, s.Hkv, s.D, p.softmax_scale);
+  void moba_select_blocks(const AttentionCall& c) override {
+    OpTimer timer(*profiler_, "moba_select_blocks");
+    const Shape s = shape_of(c, "moba_select_blocks", false);
+    cuda::moba_select_blocks(ctx_, const_cast<int32_t*>(i32(c.selected, "selected")), b16(c.q, "q"), b16(c.k, "k"),
+                             i32(c.cu_seqlens, "cu_seqlens"), c.n_segments(), s.N, s.H, s.Hkv, s.D, c.block_size,
+                             c.top_k);
+  }
+  void attention_forward(const AttentionCall& c) override {
+    OpTimer timer(*profiler_, "attention_forward");
+    const Shape s = shape_of(c, "attention_forward", false);
+    if (c.mode == AttentionMode::full) {
+      cuda::flash_attention_forward(ctx_, b16(c.out, "out"), f32(c.lse, "lse"), b16(c.q, "q"), b16(c.k, "k"),
+                                    b16(c.v, "v"), i32(c.cu_seqlens, "cu_seqlens"), c.n_segments(), s.N, s.H, s.Hkv,
+                                    s.D, c.softmax_scale);
       return;
     }
-    cuda::moba_attention_backward(ctx_, b16(dq, "dq"), b16(dk, "dk"), b16(dv, "dv"), b16(dout, "dout"), b16(q, "q"),
-                                  b16(k, "k"), b16(v, "v"), b16(out, "out"), f32(lse, "lse"),
-                                  i32(selected, "selected"), i32(cu_seqlens, "cu_seqlens"), segments, s.N, s.H, s.Hkv,
-                                  s.D, p.block_size, p.top_k, p.softmax_scale, p.deterministic);
+    cuda::moba_attention_forward(ctx_, b16(c.out, "out"), f32(c.lse, "lse"), b16(c.q, "q"), b16(c.k, "k"),
+                                 b16(c.v, "v"), i32(c.selected, "selected"), i32(c.cu_seqlens, "cu_seqlens"),
+                                 c.n_segments(), s.N, s.H, s.Hkv, s.D, c.block_size, c.top_k, c.softmax_scale);
+  }
+  void attention_backward(const AttentionCall& c) override {
+    OpTimer timer(*profiler_, "attention_backward");
+    const Shape s = shape_of(c, "attention_backward", true);
+    if (c.mode == AttentionMode::full) {
+      cuda::flash_attention_backward(ctx_, b16(c.dq, "dq"), b16(c.dk, "dk"), b16(c.dv, "dv"), b16(c.dout, "dout"),
+                                     b16(c.q, "q"), b16(c.k, "k"), b16(c.v, "v"), b16(c.out, "out"), f32(c.lse, "lse"),
+                                     i32(c.cu_seqlens, "cu_seqlens"), c.n_segments(), s.N, s.H, s.Hkv, s.D,
+                                     c.softmax_scale);
+      return;
+    }
+    cuda::moba_attention_backward(ctx_, b16(c.dq, "dq"), b16(c.dk, "dk"), b16(c.dv, "dv"), b16(c.dout, "dout"),
+                                  b16(c.q, "q"), b16(c.k, "k"), b16(c.v, "v"), b16(c.out, "out"), f32(c.lse, "lse"),
+                                  i32(c.selected, "selected"), i32(c.cu_seqlens, "cu_seqlens"), c.n_segments(), s.N,
+                                  s.H, s.Hkv, s.D, c.block_size, c.top_k, c.softmax_scale, c.settings.deterministic);
   }
 
   double cross_entropy_forward(Tensor losses, const Tensor& logits, const Tensor& targets,
