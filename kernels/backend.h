@@ -48,7 +48,9 @@ class Backend {
   virtual void* stream_handle() const { return nullptr; }
 
   // ---- decoder ops: x (N, C) rows are tokens; weights (OC, IC) ----
-  virtual void embedding_forward(Tensor out, const Tensor& tokens, const Tensor& wte) = 0;
+  // out[i] = src[rows[i]] for every row i of out (rows (N) int32; any dtype, same row width): the embedding lookup
+  // (gather_rows(x, wte, tokens)) and context parallelism's reordering of gathered keys.
+  virtual void gather_rows(Tensor out, const Tensor& src, const Tensor& rows) = 0;
   virtual void embedding_backward(Tensor dwte, const Tensor& dout, const Tensor& tokens) = 0;
   virtual void rmsnorm_forward(Tensor out, Tensor rstd, const Tensor& inp, const Tensor& weight, float eps) = 0;
   // The residual stream's add fused with the next norm: resid += residual, then out = rmsnorm(resid) (bitwise

@@ -37,9 +37,16 @@ AttentionCall AttentionLayer::complete(const AttentionParams& p, const Attention
 }
 
 void AttentionLayer::forward(const AttentionParams& p, const AttentionCall& tensors) {
-  const AttentionCall c = complete(p, tensors);
-  if (p.mode == AttentionMode::moba && !p.reuse_routing) be_.moba_select_blocks(c);
-  be_.attention_forward(c);
+  route(p, tensors);
+  attend(p, tensors);
+}
+
+void AttentionLayer::route(const AttentionParams& p, const AttentionCall& tensors) {
+  if (p.mode == AttentionMode::moba && !p.reuse_routing) be_.moba_select_blocks(complete(p, tensors));
+}
+
+void AttentionLayer::attend(const AttentionParams& p, const AttentionCall& tensors) {
+  be_.attention_forward(complete(p, tensors));
 }
 
 void AttentionLayer::backward(const AttentionParams& p, const AttentionCall& tensors) {

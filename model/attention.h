@@ -42,6 +42,11 @@ class AttentionLayer {
   // also dout, dq, dk, dv); the mode, block size, top_k, scale, settings and scratch come from here.
   // Forward: MoBA routes on q and the whole k first, unless p.reuse_routing; then out, lse.
   void forward(const AttentionParams& p, const AttentionCall& tensors);
+  // The two halves of forward(), for callers that overlap other work with them (context parallelism gathers V
+  // while routing reads only K): route() writes tensors.selected (MoBA without reuse_routing; else nothing),
+  // attend() writes out and lse over that routing.
+  void route(const AttentionParams& p, const AttentionCall& tensors);
+  void attend(const AttentionParams& p, const AttentionCall& tensors);
   // Backward over the routing in tensors.selected: dq, dk, dv += (dk/dv may be f32).
   void backward(const AttentionParams& p, const AttentionCall& tensors);
 

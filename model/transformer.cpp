@@ -67,7 +67,7 @@ struct Transformer::Activations {
     Group group;
   };
   std::vector<Spec> specs(const ModelConfig& c, int64_t N, int max_top_k, Recompute recompute, int64_t head_rows,
-                          DType A) {
+                          DType A, int context) {
     const int64_t L = c.n_layers, C = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads, D = c.head_dim;
     const int64_t F = c.ffn_hidden, V = c.vocab_size;
     const int64_t La = recompute == Recompute::none ? L : 1, Lm = recompute == Recompute::full ? 1 : L;
@@ -77,7 +77,7 @@ struct Transformer::Activations {
         {&targets, "targets", DType::i32, N, 1, G::scratch},
         {&positions, "positions", DType::i32, N, 1, G::scratch},
         {&mask, "loss mask", DType::u8, N, 1, G::scratch},
-        {&cu_seqlens, "cu_seqlens", DType::i32, N + 1, 1, G::scratch},
+        {&cu_seqlens, "cu_seqlens", DType::i32, N * context + 1, 1, G::scratch},  // the whole micro-batch's
         {&resid, "residual stream", A, (L + 1) * N, C, G::kept},
         {&ln1, "attention: norm", A, La * N, C, G::kept},
         {&ln1_rstd, "attention: norm rstd", DType::f32, La * N, 1, G::kept},
@@ -128,7 +128,9 @@ size_t padded_bytes(DType dtype, int64_t rows, int64_t cols) {
 // The largest attention call of a micro-batch: every query row against every key row, any layer's block size/top_k.
 AttentionScratchShape attention_plan(const ModelConfig& c, int64_t max_tokens, const TransformerOptions& options) {
   AttentionScratchShape s;
-  s.max_queries = s.max_keys = max_tokens;
+  s.max_queries = max_tokens;
+  s.max_keys = max_tokens * options.context_size;
+  s.query_rows = options.context_size > 1;
   s.n_heads = c.n_heads;
   s.n_kv_heads = c.n_kv_heads;
   s.head_dim = c.head_dim;
@@ -148,7 +150,8 @@ std::vector<MemoryItem> Transformer::memory_plan(const ModelConfig& c, int64_t m
   Activations a;
   size_t stored = 0, layer_scratch = 0, head = 0, grads = 0;
   const int64_t head_rows = head_rows_for(c, max_tokens, options.head_chunk_rows);
-  for (const Activations::Spec& sp : a.specs(c, max_tokens, options.max_top_k, options.recompute, head_rows, A)) {
+  for (const Activations::Spec& sp :
+       a.specs(c, max_tokens, options.max_top_k, options.recompute, head_rows, A, options.context_size)) {
     const size_t bytes = padded_bytes(sp.dtype, sp.rows, sp.cols);
     switch (sp.group) {
       case Activations::Group::kept: stored += bytes; break;
@@ -163,6 +166,10 @@ std::vector<MemoryItem> Transformer::memory_plan(const ModelConfig& c, int64_t m
   plan.push_back({"inputs and projection scratch", layer_scratch});
   const size_t attention = AttentionLayer::scratch_bytes(backend, attention_plan(c, max_tokens, options));
   if (attention > 0) plan.push_back({"attention kernels' scratch", attention});
+  if (options.context_size > 1)
+    for (const MemoryItem& m : ContextKeys::memory_plan(max_tokens, options.context_size,
+                                                        static_cast<int64_t>(c.n_kv_heads) * c.head_dim, A))
+      plan.push_back(m);
   return plan;
 }
 
@@ -178,12 +185,21 @@ Transformer::Transformer(Backend& backend, const ModelConfig& config, int64_t ma
   weights_ = be_.allocate(act_dtype_, {layout_.total()});
   grads_ = be_.allocate(DType::f32, {layout_.total()});
   act_ = std::make_unique<Activations>();
-  for (const Activations::Spec& sp : act_->specs(c, max_tokens, max_top_k_, recompute_, head_rows_, act_dtype_))
+  for (const Activations::Spec& sp :
+       act_->specs(c, max_tokens, max_top_k_, recompute_, head_rows_, act_dtype_, options.context_size))
     *sp.tensor = sp.cols == 1 ? be_.allocate(sp.dtype, {sp.rows}) : be_.allocate(sp.dtype, {sp.rows, sp.cols});
   attention_ = std::make_unique<AttentionLayer>(be_, attention_plan(c, max_tokens, options));
+  if (options.context_size > 1) {
+    MOBA_CHECK(options.context && options.context->size() == options.context_size,
+               cat("context parallelism over ", options.context_size, " ranks needs the group's exchange"),
+               "this is a bug in the caller");
+    context_ = std::make_unique<ContextKeys>(be_, *options.context, max_tokens,
+                                             static_cast<int64_t>(c.n_kv_heads) * c.head_dim);
+  }
 }
 
 Transformer::~Transformer() {
+  context_.reset();
   attention_.reset();
   for (Tensor* t : act_->all())
     if (t->data) be_.release(*t);
@@ -299,7 +315,18 @@ void Transformer::attention_sublayer_forward(int l, const AttentionParams& p) {
   Tensor qkv = act_->qkv.slice_rows(0, n);  // (n, (H + 2 Hkv) D)
   be_.matmul_forward(qkv, lv.ln1, layer_param("layers.wqkv", l));
   be_.qkv_rope_forward(lv.q, lv.k, lv.v, qkv, positions, c.rope_theta);
-  attention_->forward(p, attention_tensors(lv));
+  AttentionCall call = attention_tensors(lv);
+  if (!context_) {
+    attention_->forward(p, call);
+    return;
+  }
+  // Context parallelism: the local queries against the whole micro-batch's keys, gathered from the group; the
+  // values travel while routing reads the keys.
+  call.k = context_->keys().reshape({context_->keys().rows(), c.n_kv_heads, c.head_dim});
+  call.v = context_->values().reshape({context_->values().rows(), c.n_kv_heads, c.head_dim});
+  call.q_rows = context_->query_rows();
+  context_->gather(l, lv.k, lv.v, [&] { attention_->route(p, call); });
+  attention_->attend(p, call);
 }
 
 AttentionCall Transformer::attention_tensors(const LayerViews& lv) const {
@@ -346,8 +373,9 @@ double Transformer::forward(const TokenBatch& batch, const std::vector<Attention
   const int64_t n = batch.num_tokens, N = max_tokens_;
   MOBA_CHECK(n > 0 && n <= N, cat("micro-batch of ", n, " tokens does not fit the model's buffers (", N, ")"),
              "this is a bug in the caller");
-  MOBA_CHECK(batch.num_segments >= 1 && batch.num_segments <= n && batch.cu_seqlens[batch.num_segments] == n,
-             cat("cu_seqlens does not cover the micro-batch (", batch.num_segments, " segments, ", n, " tokens)"),
+  const int64_t n_keys = context_ ? batch.num_global_tokens : n;  // rows of the key sequence
+  MOBA_CHECK(batch.num_segments >= 1 && batch.num_segments <= n_keys && batch.cu_seqlens[batch.num_segments] == n_keys,
+             cat("cu_seqlens does not cover the micro-batch (", batch.num_segments, " segments, ", n_keys, " tokens)"),
              "this is a bug in the data layer");
   MOBA_ASSERT(static_cast<int>(attention.size()) == c.n_layers);
   for (const AttentionParams& p : attention)
@@ -361,9 +389,10 @@ double Transformer::forward(const TokenBatch& batch, const std::vector<Attention
   be_.upload(a.positions.slice_rows(0, n), batch.positions);
   be_.upload(a.mask.slice_rows(0, n), batch.loss_mask);
   be_.upload(a.cu_seqlens.slice_rows(0, batch.num_segments + 1), batch.cu_seqlens);
+  if (context_) context_->set_rows(batch);
 
   Tensor x0 = slot_rows(a.resid, N, 0, n);
-  be_.embedding_forward(x0, a.inputs.slice_rows(0, n), param("wte"));
+  be_.gather_rows(x0, param("wte"), a.inputs.slice_rows(0, n));  // the embedding lookup
   {
     const LayerViews first = layer_views(0);
     be_.rmsnorm_forward(first.ln1, first.ln1_rstd, x0, layer_param("layers.ln1", 0), c.norm_eps);
@@ -442,9 +471,21 @@ void Transformer::backward(float grad_scale) {
     AttentionCall call = attention_tensors(lv);
     call.dout = datt;
     call.dq = dq;
-    call.dk = dk;
-    call.dv = dv;
-    attention_->backward(p, call);
+    if (!context_) {
+      call.dk = dk;
+      call.dv = dv;
+      attention_->backward(p, call);
+    } else {  // partial f32 dK/dV for every key row of the micro-batch, summed onto the owning ranks
+      if (context_->gathered_layer() != l) context_->gather(l, lv.k, lv.v, nullptr);
+      const int64_t n_keys = context_->keys().rows();
+      call.k = context_->keys().reshape({n_keys, Hkv, D});
+      call.v = context_->values().reshape({n_keys, Hkv, D});
+      call.q_rows = context_->query_rows();
+      call.dk = context_->zeroed_key_grads().reshape({n_keys, Hkv, D});
+      call.dv = context_->zeroed_value_grads().reshape({n_keys, Hkv, D});
+      attention_->backward(p, call);
+      context_->scatter_grads(dk, dv);  // overwrites dk, dv
+    }
     Tensor dqkv = a.dqkv.slice_rows(0, n);
     be_.qkv_rope_backward(dqkv, dq, dk, dv, positions, c.rope_theta);  // overwrites every column
     be_.matmul_backward(dln, layer_grad("layers.wqkv", l), dqkv, lv.ln1, layer_param("layers.wqkv", l), false);

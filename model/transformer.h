@@ -17,19 +17,28 @@
 
 #include "kernels/backend.h"
 #include "model/attention.h"
+#include "model/context_exchange.h"
+#include "model/context_keys.h"
 #include "model/parameters.h"
 
 namespace moba::model {
 
-// A micro-batch on the host: N rows (batch * seq flattened), packed segments in cu_seqlens.
+// A micro-batch on the host: N rows (batch * seq flattened), packed segments in cu_seqlens. Under context
+// parallelism this rank holds N of the micro-batch's N_g = C N rows (data/context_shard.h): cu_seqlens then
+// describes the whole micro-batch (the keys) and the row maps say where the local rows stand.
 struct TokenBatch {
   const int32_t* inputs = nullptr;     // (N)
   const int32_t* targets = nullptr;    // (N)
   const uint8_t* loss_mask = nullptr;  // (N), 1 = counts
-  const int32_t* positions = nullptr;  // (N)
-  const int32_t* cu_seqlens = nullptr; // (segments + 1), cu_seqlens[segments] == N
+  const int32_t* positions = nullptr;  // (N) true positions (RoPE)
+  const int32_t* cu_seqlens = nullptr; // (segments + 1), cu_seqlens[segments] == N_g
   int64_t num_tokens = 0;              // N
   int num_segments = 0;
+  // context parallelism only (null without):
+  const int32_t* global_rows = nullptr;     // (N) whole-batch row of each local row, ascending
+  const int32_t* gathered_rows = nullptr;   // (N_g) whole-batch row of each row gathered rank-major
+  const int32_t* gathered_index = nullptr;  // (N_g) its inverse
+  int64_t num_global_tokens = 0;            // N_g (= N without context parallelism)
 };
 
 enum class Recompute { none, attention, full };
@@ -42,6 +51,8 @@ struct TransformerOptions {
   int64_t head_chunk_rows = 0;  // rows of logits held at once; 0 = about 2^27 logits per chunk
   int parameter_shards = 1;     // data-parallel ranks: the parameter buckets are padded to split evenly
   int min_block_size = 1;       // the smallest MoBA block size any layer may use (sizes the attention scratch)
+  int context_size = 1;         // context-parallel group size: max_tokens are local rows, keys are C x as many
+  ContextExchange* context = nullptr;  // the CP group's collectives (needed when context_size > 1)
 };
 
 // One named device buffer of the memory plan.
@@ -119,6 +130,7 @@ class Transformer {
   std::function<void(int)> gradient_hook_;
   std::unique_ptr<Activations> act_;
   std::unique_ptr<AttentionLayer> attention_;  // policy and scratch of every layer's attention
+  std::unique_ptr<ContextKeys> context_;       // context parallelism's gathered keys (null without)
   std::vector<AttentionParams> last_attention_;
   int64_t last_tokens_ = 0;
   int last_segments_ = 0;

@@ -137,7 +137,7 @@ TEST(CudaOps, EmbeddingGathersAndScatterAdds) {
   Backends be;
   const int64_t N = 300;
   const int V = 97;          // many repeated ids among 300 tokens
-  for (int C : {768, 35}) {  // packed and scalar paths
+  for (int C : {768, 35}) {  // 16-byte and 2-byte chunks
     const std::string tag = " C=" + std::to_string(C);
     const std::vector<int32_t> tokens = random_ints(N, 1, V);
     const std::vector<float> wte = random_bf16(static_cast<size_t>(V) * C, 2);
@@ -149,14 +149,33 @@ TEST(CudaOps, EmbeddingGathersAndScatterAdds) {
       Tensor tok = be.ints(b, DType::i32, tokens, {N});
       Tensor w = be.activation(b, wte, {V, C});
       Tensor o = be.empty(b, b.activation_dtype(), {N, C});
-      b.embedding_forward(o, tok, w);
+      b.gather_rows(o, w, tok);
       Tensor dw = be.floats(b, DType::f32, dwte0, {V, C});
       b.embedding_backward(dw, be.activation(b, dout, {N, C}), tok);
       out[side] = be.read(b, o);
       dwte[side] = be.read(b, dw);
     }
-    EXPECT_EQ(out[1], out[0]) << "embedding_forward is a copy" << tag;
+    EXPECT_EQ(out[1], out[0]) << "gather_rows (the embedding lookup) is a copy" << tag;
     expect_close(dwte[1], dwte[0], kF32, "embedding_backward dwte (+=)" + tag);
+  }
+}
+
+// Context parallelism reorders f32 key gradients and bf16 keys with the same op: rows of any width and dtype.
+TEST(CudaOps, GatherRowsReordersF32Rows) {
+  MOBA_REQUIRE_GPU();
+  Backends be;
+  const int64_t M = 257, N = 300;
+  for (int C : {1024, 35}) {  // 16-byte chunks, and 4-byte rows that are not
+    const std::vector<int32_t> rows = random_ints(N, 5, static_cast<int>(M));
+    const std::vector<float> src = random_vector(static_cast<size_t>(M) * C, 6);
+    std::vector<float> got[2];
+    for (int side = 0; side < 2; ++side) {
+      Backend& b = side == 0 ? *be.cpu : *be.gpu;
+      Tensor o = be.empty(b, DType::f32, {N, C});
+      b.gather_rows(o, be.floats(b, DType::f32, src, {M, C}), be.ints(b, DType::i32, rows, {N}));
+      got[side] = be.read(b, o);
+    }
+    EXPECT_EQ(got[1], got[0]) << "C=" << C;
   }
 }
 

@@ -21,6 +21,7 @@
 #include "trainer/setup.h"
 #include "trainer/train_step.h"
 #include "parallel/communicator.h"
+#include "parallel/context_exchange.h"
 
 namespace moba {
 namespace {
@@ -233,8 +234,7 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
              "set model.vocab_size (random token ids are drawn below it)");
   const parallel::ParallelLayout layout =
       parallel::make_layout(mpi.world_size(), mpi.rank(), r.parallel.context, r.parallel.data, r.source_path);
-  MOBA_CHECK(layout.context == 1, cat(r.source_path, ": bench train with parallel.context > 1 is not supported yet"),
-             "set parallel.context: 1");
+  check_context_parallel(r, layout.context);
   const int64_t T = r.data.seq_len, micro = r.train.micro_batch_seqs;
   const int64_t per_step = micro * T * layout.data;
   MOBA_CHECK(r.train.global_batch_tokens % per_step == 0 && r.train.global_batch_tokens >= per_step,
@@ -251,8 +251,11 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
   model::ModelConfig c = model_config_from(r, r.model.vocab_size);
   model::TransformerOptions model_options = transformer_options(r);
   model_options.parameter_shards = layout.data;
-  check_memory_plan(r, c, micro * T, model_options, *be);
-  model::Transformer m(*be, c, micro * T, model_options);
+  model_options.context_size = layout.context;
+  parallel::CommunicatorContextExchange exchange(comm);
+  if (layout.context > 1) model_options.context = &exchange;
+  check_memory_plan(r, c, micro * T / layout.context, model_options, *be);
+  model::Transformer m(*be, c, micro * T / layout.context, model_options);
   AdamW opt(*be, m, r.train.optimizer, &comm, r.parallel.zero);
   {
     std::vector<float> host;
@@ -263,19 +266,22 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
        " parameters and a micro-batch of ", micro, " x ", T, " tokens; ", layout.data, " data-parallel rank(s), ZeRO ",
        r.parallel.zero, ", transport ", comm.transport());
 
-  // Random token ids, one document per sequence, different on every rank.
-  std::mt19937_64 rng(r.seed + static_cast<uint64_t>(layout.rank));
-  std::vector<int32_t> inputs(static_cast<size_t>(micro * T)), targets(inputs.size()), positions(inputs.size());
-  std::vector<uint8_t> mask(inputs.size(), 1);
-  std::vector<int32_t> cu;
-  for (int64_t s = 0; s <= micro; ++s) cu.push_back(static_cast<int32_t>(s * T));
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    inputs[i] = static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size));
-    targets[i] = static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size));
-    positions[i] = static_cast<int32_t>(static_cast<int64_t>(i) % T);
+  // Random token ids, one document per sequence, different on every data-parallel rank (the ranks of a
+  // context-parallel group cut the same sequences).
+  std::mt19937_64 rng(r.seed + static_cast<uint64_t>(layout.data_rank));
+  data::Batch whole;
+  whole.batch_seqs = static_cast<int>(micro);
+  whole.seq_len = T;
+  for (int64_t i = 0; i < micro * T; ++i) {
+    whole.inputs.push_back(static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size)));
+    whole.targets.push_back(static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size)));
+    whole.loss_mask.push_back(1);
+    whole.positions.push_back(static_cast<int32_t>(i % T));
   }
-  model::TokenBatch batch{inputs.data(), targets.data(), mask.data(), positions.data(), cu.data(), micro * T,
-                          static_cast<int>(micro)};
+  for (int64_t s = 0; s <= micro; ++s) whole.cu_seqlens.push_back(static_cast<int32_t>(s * T));
+  whole.valid_len.assign(static_cast<size_t>(micro), static_cast<int32_t>(T));
+  data::ContextShard shard;
+  const model::TokenBatch batch = local_batch(whole, layout.context, layout.context_rank, shard);
   const std::vector<model::TokenBatch> micro_batches(static_cast<size_t>(accumulation), batch);
   std::vector<AttentionParams> attention = layer_attention(r.attention, c);
   double loss = 0;
@@ -300,7 +306,8 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
           {"command", json_string(command_line("train", args))}, {"bench", json_string("train")},
           {"recipe", json_string(r.source_path)}, {"attention", json_string(kind)}, {"seq", cat(T)},
           {"micro_batch_seqs", cat(micro)}, {"global_batch_tokens", cat(r.train.global_batch_tokens)},
-          {"ranks", cat(layout.world_size)}, {"zero", cat(r.parallel.zero)}, {"transport", json_string(comm.transport())},
+          {"ranks", cat(layout.world_size)}, {"context", cat(layout.context)}, {"zero", cat(r.parallel.zero)},
+          {"transport", json_string(comm.transport())},
           {"step_ms", json_number(step_ms)}, {"tokens_per_s", json_number(std::round(tokens_per_s))},
           {"mfu", json_number(mfu)}, {"peak_gib", json_number(static_cast<double>(be->peak_bytes()) / (1 << 30))},
           {"recompute", json_string(r.train.recompute)}, {"loss", json_number(loss)}, {"steps", ap.get("steps")}},

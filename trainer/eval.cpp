@@ -8,6 +8,8 @@
 #include "common/log.h"
 #include "data/dataset.h"
 #include "data/sampler.h"
+#include "parallel/communicator.h"
+#include "parallel/context_exchange.h"
 #include "parallel/mpi_context.h"
 #include "trainer/checkpoint.h"
 #include "trainer/metrics.h"
@@ -28,6 +30,8 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
   ap.add_option("block-size", "B", "override the MoBA block size (with --attention moba)");
   ap.add_option("top-k", "K", "override the MoBA top_k (with --attention moba)");
   ap.add_option("batch-seqs", "S", "sequences per forward pass", "1");
+  ap.add_option("context", "C", "context-parallel ranks per sequence (under mpirun, a divisor of the world size): "
+                "sequences too long for one GPU", "1");
   ap.add_option("max-docs", "M", "evaluate at most M documents (-1 = all)", "-1");
   ap.add_option("out", "DIR", "where to write eval JSON/CSV", "<run dir>/eval");
   if (!ap.parse(args)) return 0;
@@ -74,8 +78,30 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
              "e.g. --block-size 512 --top-k 3");
   std::vector<AttentionParams> layers = layer_attention(attention, c);
 
-  std::unique_ptr<Backend> backend = make_backend(r.backend);
-  model::Transformer model(*backend, c, static_cast<int64_t>(batch_seqs) * N, attention.moba.top_k);
+  // Context parallelism: each sequence's zigzag chunks over `context` ranks, data parallelism over the rest.
+  const parallel::ParallelLayout layout = parallel::make_layout(
+      mpi.world_size(), mpi.rank(), static_cast<int>(ap.get_int("context")), 0, "moba eval --context");
+  {
+    Recipe as_evaluated = r;
+    as_evaluated.data.seq_len = N;
+    as_evaluated.attention = attention;
+    as_evaluated.phases.clear();
+    check_context_parallel(as_evaluated, layout.context);
+  }
+  const Device device = r.backend == "cuda" ? Device::cuda : Device::cpu;
+  const int gpus = device == Device::cuda ? gpu_count() : 0;
+  std::unique_ptr<Backend> backend = make_backend(r.backend, gpus > 0 ? mpi.local_rank() % gpus : 0);
+  parallel::Communicator comm(
+      mpi, layout, *backend,
+      parallel::resolve_transport(r.parallel.transport, device, mpi.local_size(), gpus, "moba eval"),
+      r.parallel.timeout_s);
+  parallel::CommunicatorContextExchange exchange(comm);
+  model::TransformerOptions options;
+  options.max_top_k = attention.moba.top_k;
+  options.min_block_size = attention.moba.block_size;
+  options.context_size = layout.context;
+  options.context = layout.context > 1 ? &exchange : nullptr;
+  model::Transformer model(*backend, c, static_cast<int64_t>(batch_seqs) * N / layout.context, options);
   load_weights(ckpt, model, nullptr);
 
   data::SamplerConfig sc;
@@ -85,37 +111,40 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
   sc.shuffle = false;
   sc.single_pass = true;
   sc.use_loss_mask = r.data.sft && dataset.info().has_loss_mask;
-  sc.shard_index = mpi.rank();
-  sc.shard_count = mpi.world_size();
+  sc.shard_index = layout.data_rank;  // the ranks of a context-parallel group share their sequences
+  sc.shard_count = layout.data;
   data::Sampler sampler(dataset, sc);
 
   // Accumulators (summed over ranks at the end): per position over full-length sequences, and overall.
   std::vector<double> pos_sum(static_cast<size_t>(N), 0.0), pos_count(static_cast<size_t>(N), 0.0);
   double totals[4] = {0, 0, 0, 0};  // loss sum, token count, full-length sequences, sequences
   int64_t docs = 0;
+  data::ContextShard shard;
   info("evaluating ", ckpt, " (step ", saved.step, ") on ", ap.get("data"), ": seq_len ", N, ", bucket ", bucket,
        ", attention ", describe_attention(layers));
   while (max_docs < 0 || docs < max_docs) {
     std::optional<data::Batch> batch = sampler.next();
     if (!batch) break;
-    model.forward(token_batch(*batch), layers);
+    const model::TokenBatch local = local_batch(*batch, layout.context, layout.context_rank, shard);
+    model.forward(local, layers);
     std::vector<float> losses = model.token_losses();
     for (int s = 0; s < batch->batch_seqs; ++s) {
-      const int64_t valid = batch->valid_len[static_cast<size_t>(s)];
-      if (valid <= 0) continue;
+      if (batch->valid_len[static_cast<size_t>(s)] <= 0) continue;
       ++docs;
+      if (layout.context_rank != 0) continue;  // every rank of the group sees the sequence: count it once
       totals[3] += 1;
-      const bool full_length = valid == N;
-      if (full_length) totals[2] += 1;
-      for (int64_t t = 0; t < valid; ++t) {
-        size_t row = static_cast<size_t>(s * N + t);
-        if (!batch->loss_mask[row]) continue;
-        totals[0] += losses[row];
-        totals[1] += 1;
-        if (full_length) {
-          pos_sum[static_cast<size_t>(t)] += losses[row];
-          pos_count[static_cast<size_t>(t)] += 1;
-        }
+      if (batch->valid_len[static_cast<size_t>(s)] == N) totals[2] += 1;
+    }
+    // This rank's rows, binned at their positions in the whole sequence.
+    for (int64_t i = 0; i < local.num_tokens; ++i) {
+      const int64_t row = local.global_rows ? local.global_rows[i] : i;
+      const int64_t s = row / N, t = row % N, valid = batch->valid_len[static_cast<size_t>(s)];
+      if (t >= valid || !local.loss_mask[i]) continue;
+      totals[0] += losses[static_cast<size_t>(i)];
+      totals[1] += 1;
+      if (valid == N) {
+        pos_sum[static_cast<size_t>(t)] += losses[static_cast<size_t>(i)];
+        pos_count[static_cast<size_t>(t)] += 1;
       }
     }
   }

@@ -101,6 +101,29 @@ void check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t mic
                  "; the plan above shows where the memory goes"));
 }
 
+void check_context_parallel(const Recipe& r, int context) {
+  if (context == 1) return;
+  const int64_t T = r.data.seq_len;
+  MOBA_CHECK(T % (2 * context) == 0,
+             cat(r.source_path, ": data.seq_len = ", T, " is not a multiple of 2 x parallel.context = ", 2 * context,
+                 " (each rank holds two of the sequence's ", 2 * context, " chunks)"),
+             cat("use a data.seq_len divisible by ", 2 * context, ", or another parallel.context"));
+  std::vector<double> phase_starts = {0.0};
+  for (const Phase& p : r.phases) phase_starts.push_back(p.until * r.train.tokens);
+  for (double start : phase_starts) {
+    const AttentionSettings a = r.attention_at(start);
+    bool moba = false;
+    for (int l = 0; l < r.model.n_layers; ++l) moba = moba || a.layer_mode(l) == AttentionMode::moba;
+    const int64_t unit = 2 * static_cast<int64_t>(context) * a.moba.block_size;
+    MOBA_CHECK(!moba || T % unit == 0,
+               cat(r.source_path, ": data.seq_len = ", T, " is not a multiple of 2 x parallel.context x "
+                   "attention.moba.block_size = 2 x ", context, " x ", a.moba.block_size, " = ", unit,
+                   ": a MoBA block would straddle two ranks' chunks"),
+               cat("use a data.seq_len that is a multiple of ", unit, ", a smaller block size, or another "
+                   "parallel.context"));
+  }
+}
+
 model::TokenBatch token_batch(const data::Batch& b) {
   model::TokenBatch t;
   t.inputs = b.inputs.data();
@@ -110,6 +133,26 @@ model::TokenBatch token_batch(const data::Batch& b) {
   t.cu_seqlens = b.cu_seqlens.data();
   t.num_tokens = static_cast<int64_t>(b.inputs.size());
   t.num_segments = static_cast<int>(b.cu_seqlens.size()) - 1;
+  t.num_global_tokens = t.num_tokens;
+  return t;
+}
+
+model::TokenBatch local_batch(const data::Batch& batch, int context, int context_rank, data::ContextShard& storage) {
+  if (context == 1) return token_batch(batch);
+  storage = data::shard_for_context(batch, context, context_rank);
+  const data::Batch& b = storage.local;
+  model::TokenBatch t;
+  t.inputs = b.inputs.data();
+  t.targets = b.targets.data();
+  t.loss_mask = b.loss_mask.data();
+  t.positions = b.positions.data();
+  t.cu_seqlens = storage.cu_seqlens.data();
+  t.num_tokens = static_cast<int64_t>(b.inputs.size());
+  t.num_segments = static_cast<int>(storage.cu_seqlens.size()) - 1;
+  t.global_rows = storage.global_rows.data();
+  t.gathered_rows = storage.gathered_rows.data();
+  t.gathered_index = storage.gathered_index.data();
+  t.num_global_tokens = static_cast<int64_t>(storage.gathered_rows.size());
   return t;
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 #include <vector>
 
+#include "data/context_shard.h"
 #include "data/sampler.h"
 #include "model/transformer.h"
 #include "trainer/recipe.h"
@@ -23,7 +24,13 @@ model::TransformerOptions transformer_options(const Recipe& recipe);
 // anything when it cannot fit the backend's free memory (naming the settings that shrink it).
 void check_memory_plan(const Recipe& recipe, const model::ModelConfig& config, int64_t micro_tokens,
                        const model::TransformerOptions& options, const Backend& backend);
+// Context parallelism's constraints on the recipe (no-op for context 1): data.seq_len a multiple of 2 x context,
+// and of 2 x context x block_size wherever a phase runs MoBA layers (a block never straddles two ranks' chunks).
+void check_context_parallel(const Recipe& recipe, int context);
 model::TokenBatch token_batch(const data::Batch& batch);
+// The rows of `batch` this context-parallel rank computes: the whole batch when context == 1, else its zigzag
+// chunks (cut into `storage`, which must outlive the returned view).
+model::TokenBatch local_batch(const data::Batch& batch, int context, int context_rank, data::ContextShard& storage);
 data::PackMode pack_mode_of(const DataSettings& data);
 // A one-line description of per-layer attention, e.g. "moba(B=512,k=3) x10 + full x2 (layers 10-11)".
 std::string describe_attention(const std::vector<AttentionParams>& layers);

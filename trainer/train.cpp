@@ -20,6 +20,7 @@
 #include "data/dataset.h"
 #include "data/sampler.h"
 #include "parallel/communicator.h"
+#include "parallel/context_exchange.h"
 #include "parallel/mpi_context.h"
 #include "trainer/checkpoint.h"
 #include "trainer/metrics.h"
@@ -126,16 +127,22 @@ data::SamplerConfig validation_sampler_config(const Recipe& r, const parallel::P
   return sc;
 }
 
-// Mean validation loss over the first `max_batches` micro-batches of the validation set (fixed order).
+// Mean validation loss over the first eval.max_batches micro-batches of the validation set (fixed order), counted
+// over all data-parallel ranks (each takes every D-th sequence; rounded up to a multiple of D), so the number does
+// not depend on the rank count.
 double validation_loss(model::Transformer& model, const data::TokenDataset& val, const Recipe& r,
                        const std::vector<AttentionParams>& attention, parallel::Communicator& comm) {
-  data::Sampler sampler(val, validation_sampler_config(r, comm.layout()));
-  double sums[2] = {0, 0};  // loss sum, token count
-  for (int64_t b = 0; b < r.eval.max_batches; ++b) {
+  const parallel::ParallelLayout& layout = comm.layout();
+  data::Sampler sampler(val, validation_sampler_config(r, layout));
+  double sums[2] = {0, 0};  // loss sum, token count (this rank's rows; summed over every rank below)
+  data::ContextShard shard;
+  const int64_t per_rank = (r.eval.max_batches + layout.data - 1) / layout.data;
+  for (int64_t b = 0; b < per_rank; ++b) {
     std::optional<data::Batch> batch = sampler.next();
     if (!batch) break;
-    sums[0] += model.forward(token_batch(*batch), attention);
-    for (uint8_t m : batch->loss_mask) sums[1] += m;
+    const model::TokenBatch local = local_batch(*batch, layout.context, layout.context_rank, shard);
+    sums[0] += model.forward(local, attention);
+    for (int64_t i = 0; i < local.num_tokens; ++i) sums[1] += local.loss_mask[i];
   }
   comm.host(parallel::Group::world).all_reduce(sums, 2, parallel::ReduceOp::sum, "validation loss");
   MOBA_CHECK(sums[1] > 0, cat("the validation set ", val.info().path, " yields no full sequence of ", r.data.seq_len,
@@ -147,6 +154,7 @@ double validation_loss(model::Transformer& model, const data::TokenDataset& val,
 struct Run {
   std::unique_ptr<Backend> backend;
   std::unique_ptr<parallel::Communicator> comm;
+  std::unique_ptr<parallel::CommunicatorContextExchange> context_exchange;
   std::unique_ptr<data::TokenDataset> train_data, val_data;
   std::unique_ptr<model::Transformer> model;
   std::unique_ptr<AdamW> optimizer;
@@ -159,10 +167,7 @@ struct Run {
 };
 
 void check_layout(const Recipe& r, Run& run) {
-  MOBA_CHECK(r.parallel.context == 1,
-             cat(r.source_path, ": parallel.context = ", r.parallel.context,
-                 ": context parallelism is not implemented yet"),
-             "set parallel.context: 1 (sequence sharding arrives with the context-parallel work)");
+  check_context_parallel(r, run.layout.context);
   const int dp = run.layout.data;
   const int64_t per_step = static_cast<int64_t>(r.train.micro_batch_seqs) * r.data.seq_len * dp;
   MOBA_CHECK(r.train.global_batch_tokens >= per_step,
@@ -269,8 +274,13 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   const int64_t micro_tokens = static_cast<int64_t>(r.train.micro_batch_seqs) * r.data.seq_len;
   model::TransformerOptions model_options = transformer_options(r);
   model_options.parameter_shards = run.layout.data;
-  check_memory_plan(r, c, micro_tokens, model_options, *run.backend);  // every rank: each checks its own GPU
-  run.model = std::make_unique<model::Transformer>(*run.backend, c, micro_tokens, model_options);
+  model_options.context_size = run.layout.context;
+  if (run.layout.context > 1) {
+    run.context_exchange = std::make_unique<parallel::CommunicatorContextExchange>(*run.comm);
+    model_options.context = run.context_exchange.get();
+  }
+  check_memory_plan(r, c, micro_tokens / run.layout.context, model_options, *run.backend);  // each rank its GPU
+  run.model = std::make_unique<model::Transformer>(*run.backend, c, micro_tokens / run.layout.context, model_options);
   run.optimizer = std::make_unique<AdamW>(*run.backend, *run.model, r.train.optimizer, run.comm.get(), r.parallel.zero);
 
   data::SamplerConfig sc;
@@ -373,6 +383,7 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   double next_checkpoint = next_boundary(r.checkpoint.every_tokens, state.tokens_seen);
   std::string last_attention_desc;
   std::vector<data::Batch> micro(static_cast<size_t>(run.accumulation));
+  std::vector<data::ContextShard> micro_shards(micro.size());  // this rank's rows under context parallelism
   std::vector<model::TokenBatch> micro_views(micro.size());
   auto t_start = std::chrono::steady_clock::now();
   const int64_t first_step = state.step;
@@ -415,7 +426,7 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
       std::optional<data::Batch> next = run.sampler->next();
       MOBA_ASSERT(next.has_value());
       micro[i] = std::move(*next);
-      micro_views[i] = token_batch(micro[i]);
+      micro_views[i] = local_batch(micro[i], run.layout.context, run.layout.context_rank, micro_shards[i]);
     }
     inject_fault(fault, state.step + 1, run.layout.rank, *run.model, *run.backend);
     const double lr = learning_rate(r.train, state.tokens_seen, step_tokens);

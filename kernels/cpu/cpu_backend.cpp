@@ -74,10 +74,11 @@ class CpuBackend final : public Backend {
   void download(void* host, const Tensor& src) override { std::memcpy(host, src.data, src.bytes()); }
   void synchronize() override {}
 
-  void embedding_forward(Tensor out, const Tensor& tokens, const Tensor& wte) override {
-    same_rows(out, tokens, "embedding_forward");
-    cpu::embedding_forward(f32(out, "out"), i32(tokens, "tokens"), f32(wte, "wte"), out.rows(),
-                           static_cast<int>(out.row_size()));
+  void gather_rows(Tensor out, const Tensor& src, const Tensor& rows) override {
+    same_rows(out, rows, "gather_rows");
+    MOBA_ASSERT(out.dtype == src.dtype && out.row_size() == src.row_size() && out.contiguous() && src.contiguous());
+    cpu::gather_rows(out.data, i32(rows, "rows"), src.data, out.rows(),
+                     static_cast<int64_t>(out.row_size() * dtype_size(out.dtype)));
   }
   void embedding_backward(Tensor dwte, const Tensor& dout, const Tensor& tokens) override {
     cpu::embedding_backward(f32(dwte, "dwte"), f32(dout, "dout"), i32(tokens, "tokens"), dout.rows(),

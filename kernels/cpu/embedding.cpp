@@ -1,4 +1,4 @@
-// CPU token embedding lookup (forward) and its scatter-add (backward).
+// CPU row gather (the embedding lookup, and any reordering of rows) and the embedding's scatter-add (backward).
 // Invariant: embedding_backward is bitwise deterministic: each thread owns a column stripe of dwte and walks
 // the tokens in order of t, so rows with equal ids always add in the same order whatever the thread count.
 #include <cstring>
@@ -7,12 +7,13 @@
 
 namespace moba::cpu {
 
-// out (N, C) = wte (V, C) [tokens (N)]
-void embedding_forward(float* out, const int32_t* tokens, const float* wte, int64_t N, int C) {
+// out (N, row_bytes) = src (M, row_bytes) [rows (N)]
+void gather_rows(void* out, const int32_t* rows, const void* src, int64_t N, int64_t row_bytes) {
+  char* dst = static_cast<char*>(out);
+  const char* from = static_cast<const char*>(src);
 #pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < N; ++t) {
-    std::memcpy(out + t * C, wte + static_cast<int64_t>(tokens[t]) * C, sizeof(float) * C);
-  }
+  for (int64_t t = 0; t < N; ++t)
+    std::memcpy(dst + t * row_bytes, from + static_cast<int64_t>(rows[t]) * row_bytes, static_cast<size_t>(row_bytes));
 }
 
 // dwte (V, C) += scatter of dout (N, C) by tokens (N).

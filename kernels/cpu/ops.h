@@ -12,7 +12,8 @@ namespace moba::cpu {
 
 // ---- embedding --------------------------------------------------------------------------------------------
 // out (N, C) = wte[tokens[t]]; wte (V, C). Token ids are validated by the data layer, not here.
-void embedding_forward(float* out, const int32_t* tokens, const float* wte, int64_t N, int C);
+// out row i (row_bytes) = src row rows[i], for N rows (the embedding lookup, context parallelism's key reordering).
+void gather_rows(void* out, const int32_t* rows, const void* src, int64_t N, int64_t row_bytes);
 // dwte (V, C) += scatter of dout (N, C) by tokens. Deterministic: rows with equal ids add in order of t.
 void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, int64_t N, int C, int V);
 

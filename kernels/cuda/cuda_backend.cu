@@ -217,10 +217,12 @@ class CudaBackend final : public Backend {
   void synchronize() override { MOBA_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream)); }
 
   // ---- ops: check dtypes/shapes here, launch in kernels/cuda/*.cu ----
-  void embedding_forward(Tensor out, const Tensor& tokens, const Tensor& wte) override {
-    OpTimer timer(*profiler_, "embedding_forward");
-    cuda::embedding_forward(ctx_, b16(out, "out"), i32(tokens, "tokens"), b16(wte, "wte"), out.rows(),
-                            static_cast<int>(out.row_size()));
+  void gather_rows(Tensor out, const Tensor& src, const Tensor& rows) override {
+    OpTimer timer(*profiler_, "gather_rows");
+    MOBA_ASSERT(out.dtype == src.dtype && out.row_size() == src.row_size() && out.contiguous() && src.contiguous() &&
+                rows.numel() == out.rows() && src.device == Device::cuda);
+    cuda::gather_rows(ctx_, out.data, i32(rows, "rows"), src.data, out.rows(),
+                      static_cast<int64_t>(out.row_size() * dtype_size(out.dtype)));
   }
   void embedding_backward(Tensor dwte, const Tensor& dout, const Tensor& tokens) override {
     OpTimer timer(*profiler_, "embedding_backward");

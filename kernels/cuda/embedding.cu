@@ -1,5 +1,6 @@
-// Token embedding on the GPU: gather rows of wte (forward) and scatter-add dout into the f32 gradient (backward).
-// Invariant: forward is an exact copy. Backward adds with f32 atomics, so rows with a repeated token id add in a
+// Row gather on the GPU (the embedding lookup out = wte[tokens], and any reordering of rows), and the embedding's
+// scatter-add of dout into the f32 gradient (backward).
+// Invariant: the gather is an exact copy. Backward adds with f32 atomics, so rows with a repeated token id add in a
 // run-dependent order: results agree with the CPU's ordered sums to f32 rounding, not bitwise.
 #include "kernels/cuda/dense_util.cuh"
 #include "kernels/cuda/ops.h"
@@ -9,13 +10,13 @@ namespace {
 
 constexpr int kMaxThreads = 256;
 
-// One block per token row t: out[t] = wte[tokens[t]], copied as Chunk-sized pieces (uint4 = 8 bf16, or one bf16).
+// One block per row t: out[t] = src[rows[t]], copied as Chunk-sized pieces (uint4 = 16 bytes, or 2 or 1 bytes).
 template <typename Chunk>
-__global__ void embedding_forward_kernel(Chunk* out, const int32_t* tokens, const Chunk* wte, int chunks_per_row) {
+__global__ void gather_rows_kernel(Chunk* out, const int32_t* rows, const Chunk* src, int chunks_per_row) {
   const int64_t t = blockIdx.x;
-  const Chunk* src = wte + static_cast<int64_t>(tokens[t]) * chunks_per_row;
+  const Chunk* from = src + static_cast<int64_t>(rows[t]) * chunks_per_row;
   Chunk* dst = out + t * chunks_per_row;
-  for (int i = threadIdx.x; i < chunks_per_row; i += blockDim.x) dst[i] = src[i];
+  for (int i = threadIdx.x; i < chunks_per_row; i += blockDim.x) dst[i] = from[i];
 }
 
 // One block per token row t: dwte[tokens[t]] += dout[t] with f32 atomics (RED instructions, no return value).
@@ -36,15 +37,22 @@ int threads_for(int work_items) { return work_items >= kMaxThreads ? kMaxThreads
 
 }  // namespace
 
-// out (N, C) bf16 = wte (V, C) bf16 [tokens (N)]
-void embedding_forward(const CudaContext& ctx, bf16* out, const int32_t* tokens, const bf16* wte, int64_t N, int C) {
-  if (N == 0 || C == 0) return;
-  if (C % 8 == 0 && aligned_16({out, wte})) {
-    const int chunks = C / 8;
-    embedding_forward_kernel<<<static_cast<unsigned>(N), threads_for(chunks), 0, ctx.stream>>>(
-        reinterpret_cast<uint4*>(out), tokens, reinterpret_cast<const uint4*>(wte), chunks);
+// out (N, row_bytes) = src (M, row_bytes) [rows (N)]
+void gather_rows(const CudaContext& ctx, void* out, const int32_t* rows, const void* src, int64_t N, int64_t row_bytes) {
+  if (N == 0 || row_bytes == 0) return;
+  const unsigned blocks = static_cast<unsigned>(N);
+  if (row_bytes % 16 == 0 && aligned_16({out, src})) {
+    const int chunks = static_cast<int>(row_bytes / 16);
+    gather_rows_kernel<<<blocks, threads_for(chunks), 0, ctx.stream>>>(
+        static_cast<uint4*>(out), rows, static_cast<const uint4*>(src), chunks);
+  } else if (row_bytes % 2 == 0) {
+    const int chunks = static_cast<int>(row_bytes / 2);
+    gather_rows_kernel<<<blocks, threads_for(chunks), 0, ctx.stream>>>(
+        static_cast<uint16_t*>(out), rows, static_cast<const uint16_t*>(src), chunks);
   } else {
-    embedding_forward_kernel<<<static_cast<unsigned>(N), threads_for(C), 0, ctx.stream>>>(out, tokens, wte, C);
+    const int chunks = static_cast<int>(row_bytes);
+    gather_rows_kernel<<<blocks, threads_for(chunks), 0, ctx.stream>>>(
+        static_cast<uint8_t*>(out), rows, static_cast<const uint8_t*>(src), chunks);
   }
   MOBA_CUDA_CHECK(cudaGetLastError());
 }

@@ -14,7 +14,8 @@ namespace moba::cuda {
 using bf16 = __nv_bfloat16;
 
 // out (N, C) = wte[tokens]; dwte (V, C) f32 += scatter of dout.
-void embedding_forward(const CudaContext& ctx, bf16* out, const int32_t* tokens, const bf16* wte, int64_t N, int C);
+// out row i (row_bytes) = src row rows[i], N rows, any dtype (the embedding lookup, key reordering).
+void gather_rows(const CudaContext& ctx, void* out, const int32_t* rows, const void* src, int64_t N, int64_t row_bytes);
 void embedding_backward(const CudaContext& ctx, float* dwte, const bf16* dout, const int32_t* tokens, int64_t N, int C,
                         int V);
 // out (N, C), rstd (N) f32, inp (N, C), weight (C); dinp (N, C) +=, dweight (C) f32 +=.

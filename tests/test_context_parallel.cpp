@@ -1,0 +1,239 @@
+// Context parallelism under real `mpirun --oversubscribe` on CPU ranks: a sequence cut into zigzag chunks over
+// 2 and 4 ranks trains exactly like one rank (every step's loss, the gradients of the first step, the weights at
+// the end) for MoBA, full and hybrid layers with GQA and MQA, on packed documents that cross chunk boundaries;
+// data x context = 2 x 2; resuming with another context size; `moba eval --context`; and bad layouts.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <regex>
+
+#include "common/hdf5_io.h"
+#include "tests/support/test_util.h"
+
+namespace fs = std::filesystem;
+
+namespace moba {
+namespace {
+
+const char* kMpiEnv = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 "
+                      "OMP_NUM_THREADS=1 ";
+
+struct Result {
+  int rc = -1;
+  std::string out;
+};
+Result shell(const std::string& cmd) {
+  Result r;
+  FILE* pipe = popen((cmd + " 2>&1").c_str(), "r");
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) r.out.append(buf, n);
+  const int status = pclose(pipe);
+  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return r;
+}
+
+std::map<int, double> losses(const std::string& run_dir) {
+  std::map<int, double> out;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  static const std::regex re(R"re("step": (\d+), "tokens": [^,]+, "loss": ([^,]+),)re");
+  for (std::string line; std::getline(in, line);) {
+    std::smatch m;
+    if (std::regex_search(line, m, re)) out[std::stoi(m[1])] = std::stod(m[2]);
+  }
+  return out;
+}
+
+std::string json_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\', out += c;
+    else if (c == '\n') out += "\\n";
+    else if (c == '\t') out += "\\t";
+    else if (static_cast<unsigned char>(c) >= 0x20) out += c;
+  }
+  return out;
+}
+
+class ContextParallel : public ::testing::Test {
+ protected:
+  static std::string short_docs, long_docs;
+  static void SetUpTestSuite() {
+    // Short documents (real C++: this repository's CPU kernels, one paragraph per document, 20 - 1500 bytes), so
+    // packed windows of 128 tokens hold several documents and their boundaries fall inside and across the zigzag
+    // chunks of 64, 32 and 16 tokens.
+    short_docs = test::scratch_dir("cp-short");
+    {
+      std::ofstream jsonl(short_docs + "/paragraphs.jsonl");
+      for (const auto& e : fs::directory_iterator(test::source_path("kernels/cpu"))) {
+        std::ifstream in(e.path());
+        std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        size_t start = 0;
+        while (start < text.size()) {
+          size_t end = text.find("\n\n", start);
+          if (end == std::string::npos) end = text.size();
+          if (end - start >= 20) jsonl << "{\"text\": \"" << json_escape(text.substr(start, end - start)) << "\"}\n";
+          start = end + 2;
+        }
+      }
+    }
+    std::string out;
+    ASSERT_EQ(test::run_moba("prep " + short_docs + "/paragraphs.jsonl --out " + short_docs + " --val-fraction 0.1", &out), 0)
+        << out;
+    if (!fs::exists(test::shared_data("linux-6.1-core.jsonl.xz"))) return;
+    long_docs = test::scratch_dir("cp-long");
+    ASSERT_EQ(test::run_moba("prep " + test::shared_data("linux-6.1-core.jsonl.xz") + " --out " + long_docs +
+                                 " --max-bytes 4000000 --seed 5",
+                             &out),
+              0)
+        << out;
+  }
+
+  // The tiny recipe (2 layers, 4 heads over 2 kv heads, MoBA B 16 k 3 in layer 0, full layer 1) for 12 steps.
+  static std::string args(const std::string& data, const std::string& run_dir, const std::string& extra) {
+    return "train " + test::source_path("recipes/tests/tiny.yaml") + " --set data.train=" + data +
+           "/train.h5 --set data.val=" + data + "/val.h5 --set run_dir=" + run_dir +
+           " --set train.tokens=1.2e4 --set train.micro_batch_seqs=2 --set checkpoint.every_tokens=4096 " + extra;
+  }
+  static Result train(int ranks, const std::string& data, const std::string& run_dir, const std::string& extra) {
+    return shell(std::string(kMpiEnv) + "mpirun -np " + std::to_string(ranks) + " " + test::moba_binary() + " " +
+                 args(data, run_dir, extra));
+  }
+  static std::vector<float> read(const std::string& file, const std::string& dataset) {
+    return h5::File::open_read(file).read<float>(dataset);
+  }
+  // Every step's loss equal to the reference run's up to the order of floating-point sums (measured ~1e-9).
+  static void expect_same_curve(const std::string& run, const std::string& reference, const std::string& what) {
+    std::map<int, double> want = losses(reference), got = losses(run);
+    ASSERT_EQ(got.size(), want.size()) << what;
+    for (const auto& [step, loss] : want) EXPECT_NEAR(got[step], loss, 1e-6 * loss) << what << ", step " << step;
+  }
+  static void expect_same_weights(const std::string& run, const std::string& reference, const std::string& what) {
+    for (const char* tensor : {"wte", "layers.wqkv", "layers.wo", "layers.w_down", "lm_head"}) {
+      const std::string name = std::string("params/") + tensor;
+      std::vector<float> a = read(run + "/checkpoints/step_00000012/model.h5", name);
+      std::vector<float> b = read(reference + "/checkpoints/step_00000012/model.h5", name);
+      EXPECT_LT(test::rel_l2(a.data(), b.data(), a.size()), 1e-5) << what << ": " << tensor;
+    }
+  }
+};
+std::string ContextParallel::short_docs, ContextParallel::long_docs;
+
+TEST_F(ContextParallel, TwoAndFourRanksEqualOneForMobaFullAndHybridLayers) {
+  struct Case {
+    const char* name;
+    std::string settings;
+  };
+  const std::vector<Case> cases = {
+      {"hybrid MoBA + full, GQA", ""},
+      {"full attention, GQA", "--set attention.mode=full"},
+      {"MoBA every layer, MQA", "--set attention.full_layers=none --set model.n_kv_heads=1"}};
+  for (const Case& c : cases) {
+    const std::string reference = test::scratch_dir("cp-ref");
+    Result r = train(1, short_docs, reference, c.settings);
+    ASSERT_EQ(r.rc, 0) << r.out;
+    for (int C : {2, 4}) {
+      const std::string what = cat(c.name, ", context ", C);
+      const std::string run = test::scratch_dir(cat("cp", C));
+      r = train(C, short_docs, run, c.settings + cat(" --set parallel.context=", C));
+      ASSERT_EQ(r.rc, 0) << what << "\n" << r.out;
+      EXPECT_NE(r.out.find(cat("ranks: ", C, " = 1 data x ", C, " context")), std::string::npos) << r.out;
+      expect_same_curve(run, reference, what);
+      expect_same_weights(run, reference, what);
+    }
+  }
+}
+
+TEST_F(ContextParallel, FirstStepGradientsEqualOneRank) {
+  // After one step AdamW's first moment is 0.1 x the (clipped) gradient: every parameter's gradient, compared.
+  const std::string reference = test::scratch_dir("cp-grad-ref");
+  Result r = train(1, short_docs, reference, "--max-steps 1");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  const std::vector<float> want = read(reference + "/checkpoints/step_00000001/shard_00000.h5", "m");
+  for (int C : {2, 4}) {
+    const std::string run = test::scratch_dir(cat("cp-grad", C));
+    r = train(C, short_docs, run, cat("--max-steps 1 --set parallel.context=", C));
+    ASSERT_EQ(r.rc, 0) << r.out;
+    const std::vector<float> got = read(run + "/checkpoints/step_00000001/shard_00000.h5", "m");
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_LT(test::rel_l2(got.data(), want.data(), got.size()), 1e-6) << "context " << C;
+  }
+}
+
+TEST_F(ContextParallel, DataTimesContextAndResumingWithAnotherContextSize) {
+  MOBA_REQUIRE_SHARED(test::shared_data("linux-6.1-core.jsonl.xz"));
+  const std::string reference = test::scratch_dir("cp-long-ref");
+  Result r = train(1, long_docs, reference, "");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  const std::string grid = test::scratch_dir("cp-2x2");
+  r = train(4, long_docs, grid, "--set parallel.context=2");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("ranks: 4 = 2 data x 2 context"), std::string::npos) << r.out;
+  expect_same_curve(grid, reference, "data 2 x context 2");
+  expect_same_weights(grid, reference, "data 2 x context 2");
+  // Checkpoints do not depend on the context size: 4 steps on 2 ranks, 4 on 4, the rest on 1.
+  const std::string run = test::scratch_dir("cp-resume");
+  ASSERT_EQ(train(2, long_docs, run, "--set parallel.context=2 --max-steps 4").rc, 0);
+  r = train(4, long_docs, run, "--set parallel.context=4 --max-steps 4");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("resumed from " + run + "/checkpoints/step_00000004 at step 4"), std::string::npos) << r.out;
+  r = train(1, long_docs, run, "");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  expect_same_curve(run, reference, "context 2 -> 4 -> 1");
+}
+
+TEST_F(ContextParallel, EvalWithContextEqualsEvalWithout) {
+  MOBA_REQUIRE_SHARED(test::shared_data("linux-6.1-core.jsonl.xz"));
+  const std::string run = test::scratch_dir("cp-eval");
+  ASSERT_EQ(train(1, long_docs, run, "").rc, 0);
+  // Position-wise loss of 4 documents at 256 tokens (twice the trained length is fine for equality), MoBA layers.
+  auto eval = [&](int ranks, const std::string& extra) {
+    const std::string out_dir = test::scratch_dir(cat("cp-eval-out-", ranks));
+    Result r = shell(std::string(kMpiEnv) + "mpirun -np " + std::to_string(ranks) + " " + test::moba_binary() +
+                     " eval --checkpoint " + run + " --data " + long_docs + "/train.h5 --seq-len 256 --bucket 64 " +
+                     "--trailing 64 --max-docs 4 --out " + out_dir + " " + extra);
+    EXPECT_EQ(r.rc, 0) << r.out;
+    std::string json;
+    for (const auto& e : fs::directory_iterator(out_dir))
+      if (e.path().extension() == ".json") {
+        std::ifstream in(e.path());
+        json.assign((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      }
+    return json;
+  };
+  auto field = [](const std::string& json, const std::string& key) {
+    std::smatch m;
+    return std::regex_search(json, m, std::regex("\"" + key + "\": ([^,}]+|\\[[^\\]]*\\])")) ? std::string(m[1])
+                                                                                           : std::string("missing");
+  };
+  const std::string plain = eval(1, ""), two = eval(2, "--context 2"), four = eval(4, "--context 4");
+  for (const std::string& key : {"tokens", "full_length_sequences", "sequences"}) {
+    EXPECT_EQ(field(two, key), field(plain, key)) << key;
+    EXPECT_EQ(field(four, key), field(plain, key)) << key;
+  }
+  const double mean = std::stod(field(plain, "mean_loss")), trailing = std::stod(field(plain, "trailing_loss"));
+  EXPECT_NEAR(std::stod(field(two, "mean_loss")), mean, 1e-5 * mean);
+  EXPECT_NEAR(std::stod(field(four, "mean_loss")), mean, 1e-5 * mean);
+  EXPECT_NEAR(std::stod(field(two, "trailing_loss")), trailing, 1e-5 * trailing);
+  EXPECT_NEAR(std::stod(field(four, "trailing_loss")), trailing, 1e-5 * trailing);
+}
+
+TEST_F(ContextParallel, ImpossibleLayoutsNameTheKey) {
+  const std::string run = test::scratch_dir("cp-bad");
+  Result r = train(2, short_docs, run, "--set parallel.context=2 --set data.seq_len=96 --set train.global_batch_tokens=1152");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("data.seq_len = 96 is not a multiple of 2 x parallel.context x attention.moba.block_size = "
+                       "2 x 2 x 16 = 64"),
+            std::string::npos)
+      << r.out;
+  r = train(4, short_docs, run, "--set parallel.context=4 --set attention.mode=full --set data.seq_len=68 --set train.global_batch_tokens=1088");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("data.seq_len = 68 is not a multiple of 2 x parallel.context = 8"), std::string::npos) << r.out;
+}
+
+}  // namespace
+}  // namespace moba
