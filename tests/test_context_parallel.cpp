@@ -127,16 +127,20 @@ TEST_F(ContextParallel, TwoAndFourRanksEqualOneForMobaFullAndHybridLayers) {
   struct Case {
     const char* name;
     std::string settings;
+    std::vector<int> contexts;
   };
   const std::vector<Case> cases = {
-      {"hybrid MoBA + full, GQA", ""},
-      {"full attention, GQA", "--set attention.mode=full"},
-      {"MoBA every layer, MQA", "--set attention.full_layers=none --set model.n_kv_heads=1"}};
+      {"hybrid MoBA + full, GQA", "", {2, 4}},
+      {"full attention, GQA", "--set attention.mode=full", {2, 4}},
+      {"MoBA every layer, MQA", "--set attention.full_layers=none --set model.n_kv_heads=1", {2, 4}},
+      {"hybrid, recompute full", "--set train.recompute=full", {2}},
+      {"phases: MoBA then full", "--set 'phases=[{until: 0.5, attention: {mode: moba, full_layers: none}}, "
+                                 "{until: 1.0, attention: {mode: full}}]'", {4}}};
   for (const Case& c : cases) {
     const std::string reference = test::scratch_dir("cp-ref");
     Result r = train(1, short_docs, reference, c.settings);
     ASSERT_EQ(r.rc, 0) << r.out;
-    for (int C : {2, 4}) {
+    for (int C : c.contexts) {
       const std::string what = cat(c.name, ", context ", C);
       const std::string run = test::scratch_dir(cat("cp", C));
       r = train(C, short_docs, run, c.settings + cat(" --set parallel.context=", C));

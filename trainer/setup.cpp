@@ -65,10 +65,9 @@ model::TransformerOptions transformer_options(const Recipe& r) {
   return o;
 }
 
-void check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t micro_tokens,
-                       const model::TransformerOptions& options, const Backend& backend) {
-  std::vector<model::MemoryItem> plan =
-      model::Transformer::memory_plan(c, micro_tokens, options, backend);
+std::vector<model::MemoryItem> rank_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t micro_tokens,
+                                                const model::TransformerOptions& options, const Backend& backend) {
+  std::vector<model::MemoryItem> plan = model::Transformer::memory_plan(c, micro_tokens, options, backend);
   const model::ParameterLayout layout(c, options.parameter_shards);
   const int zero = options.parameter_shards > 1 ? r.parallel.zero : 1;
   plan.insert(plan.begin() + 2,
@@ -76,6 +75,12 @@ void check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t mic
                                                               ? cat("ZeRO-1 shard, 1/", options.parameter_shards)
                                                               : std::string("whole"), ")"),
                AdamW::state_bytes(layout, zero, options.parameter_shards)});
+  return plan;
+}
+
+void check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t micro_tokens,
+                       const model::TransformerOptions& options, const Backend& backend) {
+  const std::vector<model::MemoryItem> plan = rank_memory_plan(r, c, micro_tokens, options, backend);
   size_t total = 0;
   for (const model::MemoryItem& m : plan) total += m.bytes;
   auto mib = [](size_t bytes) { return cat(static_cast<double>(bytes) / (1 << 20)); };

@@ -19,9 +19,13 @@ std::vector<AttentionParams> layer_attention(const AttentionSettings& attention,
 int max_top_k(const Recipe& recipe);
 // How the model keeps its activations (routing buffer size, train.recompute).
 model::TransformerOptions transformer_options(const Recipe& recipe);
-// Prints what the model and AdamW will allocate on each rank for a micro-batch of micro_tokens (the optimizer
-// state is one ZeRO-1 shard when options.parameter_shards > 1 and parallel.zero is 1), and fails before allocating
-// anything when it cannot fit the backend's free memory (naming the settings that shrink it).
+// The buffers one rank allocates for the model and AdamW for a micro-batch of micro_tokens rows on this rank (the
+// optimizer state is one ZeRO-1 shard when options.parameter_shards > 1 and parallel.zero is 1).
+std::vector<model::MemoryItem> rank_memory_plan(const Recipe& recipe, const model::ModelConfig& config,
+                                                int64_t micro_tokens, const model::TransformerOptions& options,
+                                                const Backend& backend);
+// Prints rank_memory_plan and fails before allocating anything when it cannot fit the backend's free memory
+// (naming the settings that shrink it).
 void check_memory_plan(const Recipe& recipe, const model::ModelConfig& config, int64_t micro_tokens,
                        const model::TransformerOptions& options, const Backend& backend);
 // Context parallelism's constraints on the recipe (no-op for context 1): data.seq_len a multiple of 2 x context,

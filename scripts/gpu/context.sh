@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# On the GPU machine: context parallelism on one GPU (ranks share it through parallel.transport: mpi).
+#   1. the tiny recipe and recipes/tests/moba-64k.yaml: CP 1 against CP 2 and 4, losses compared step by step;
+#   2. `moba plan --ranks C` against the per-rank peak memory `moba bench train` measures;
+#   3. training tokens/s at C = 1 before/after (BASE=<tree of an earlier commit>, built in this same call).
+# Needs $MOBA_SHARED_DATA/linux-6.1-core.jsonl.xz. Results: $OUT/context.jsonl, $OUT/train.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-/tmp}
+data=${MOBA_SHARED_DATA:-../shared/data}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 OMP_NUM_THREADS=4
+source scripts/gpu/build_here.sh
+gpu_build moba
+moba=$PWD/build-gpu/moba
+commit=${MOBA_COMMIT:-unknown}
+device=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+work=/tmp/moba-cp
+rm -rf $work && mkdir -p $work
+$moba prep "$data/linux-6.1-core.jsonl.xz" --out $work/data --max-bytes 40000000 --seed 3 > $work/prep.log 2>&1
+d="--set data.train=$work/data/train.h5 --set data.val=$work/data/val.h5"
+run() {  # name ranks recipe extra...
+  local name=$1 ranks=$2 recipe=$3; shift 3
+  mpirun -np $ranks $moba train $recipe $d --set backend=cuda --set parallel.transport=mpi \
+    --set run_dir=$work/$name "$@" > $work/$name.log 2>&1 || { echo "$name failed:"; tail -20 $work/$name.log; exit 1; }
+}
+for recipe in tiny moba-64k; do
+  r=recipes/tests/$recipe.yaml
+  extra=()
+  [ $recipe = tiny ] && extra=(--set train.tokens=5.12e4 --set train.micro_batch_seqs=2)
+  run $recipe-cp1 1 $r "${extra[@]}"
+  run $recipe-cp1-again 1 $r "${extra[@]}"
+  run $recipe-cp2 2 $r --set parallel.context=2 "${extra[@]}"
+  run $recipe-cp4 4 $r --set parallel.context=4 "${extra[@]}"
+done
+python3 - "$work" "$out/context.jsonl" "$commit" "$device" <<'PY'
+import json, sys, datetime
+work, path, commit, device = sys.argv[1:5]
+def losses(name):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(f"{work}/{name}/metrics.jsonl")) if "loss" in r}
+with open(path, "a") as f:
+    for recipe in ("tiny", "moba-64k"):
+        ref = losses(f"{recipe}-cp1")
+        for other in ("cp1-again", "cp2", "cp4"):
+            got = losses(f"{recipe}-{other}")
+            diff = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
+            rec = {"date": datetime.date.today().isoformat(), "commit": commit, "device": device,
+                   "command": f"scripts/gpu/context.sh ({recipe}, {other} vs CP 1)", "bench": "cp_equality",
+                   "recipe": recipe, "run": other, "steps": len(ref), "max_rel_loss_diff": diff}
+            f.write(json.dumps(rec) + "\n")
+            print(f"{recipe:9} {other:10} steps {len(ref)}  max |dloss|/loss {diff:.2e}")
+PY
+# The plan against the memory a run really takes, and the gathers' time, at 64K (CP 1, 2, 4) on this GPU.
+for C in 1 2 4; do
+  $moba plan recipes/tests/moba-64k.yaml --ranks $C --set model.vocab_size=258 --set parallel.context=$C \
+    > $work/plan$C.txt
+  mpirun -np $C $moba bench train --recipe recipes/tests/moba-64k.yaml --set model.vocab_size=258 \
+    --set parallel.context=$C --set parallel.transport=mpi --warmup 1 --steps 3 --out "$out/train.jsonl" \
+    > $work/bench$C.log 2>&1 || { tail -20 $work/bench$C.log; exit 1; }
+  echo "CP $C: plan $(grep -o '"rank_bytes": [0-9]*' $work/plan$C.txt), measured peak $(tail -1 $out/train.jsonl | grep -o '"peak_gib": [0-9.]*')"
+done
+if [ -n "${BASE:-}" ]; then
+  (cd "$BASE" && source scripts/gpu/build_here.sh && OUT=$out/base gpu_build moba)
+  for i in 1 2; do
+    for tree in "$BASE" .; do
+      for r in d1792-full-seq8192 d1792-moba-seq32768; do
+        (cd "$tree" && build-gpu/moba bench train --recipe recipes/bench/$r.yaml --warmup 2 --steps 5 \
+          --out "$out/train.jsonl" | tail -1)
+      done
+    done
+  done
+fi
