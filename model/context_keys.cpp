@@ -33,9 +33,9 @@ std::vector<MemoryItem> ContextKeys::memory_plan(int64_t max_local_rows, int con
     return (static_cast<size_t>(rows * cols) * dtype_size(t) + 255) / 256 * 256;
   };
   const int64_t N = max_local_rows * context;
-  return {{cat("context parallel: gathered K and V of one layer (", context, " ranks)"),
+  return {{cat("context parallel: K, V of one layer gathered from ", context, " ranks"),
            bytes(activations, N, kv_width) * 3 + bytes(DType::i32, N, 2) + bytes(DType::i32, max_local_rows, 1)},
-          {"context parallel: f32 dK and dV of one layer, and their reduce-scatter",
+          {"context parallel: f32 dK, dV of one layer (+ reduce-scatter)",
            bytes(DType::f32, N, kv_width) * 3 + bytes(DType::f32, max_local_rows, kv_width)}};
 }
 

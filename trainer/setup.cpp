@@ -78,7 +78,7 @@ std::vector<model::MemoryItem> rank_memory_plan(const Recipe& r, const model::Mo
   return plan;
 }
 
-void check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t micro_tokens,
+size_t check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t micro_tokens,
                        const model::TransformerOptions& options, const Backend& backend) {
   const std::vector<model::MemoryItem> plan = rank_memory_plan(r, c, micro_tokens, options, backend);
   size_t total = 0;
@@ -94,7 +94,7 @@ void check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t mic
   for (const model::MemoryItem& m : plan) row(m.name, m.bytes);
   row("total", total);
   const size_t available = backend.available_bytes();
-  if (available == 0) return;
+  if (available == 0) return total;
   const bool recompute_left = options.recompute != model::Recompute::full;
   MOBA_CHECK(total <= available,
              cat("the model needs ", mib(total), " MiB for a micro-batch of ", micro_tokens, " tokens but ",
@@ -104,6 +104,7 @@ void check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t mic
                                       options.recompute == model::Recompute::none ? "attention or full" : "full")
                                 : std::string(),
                  "; the plan above shows where the memory goes"));
+  return total;
 }
 
 void check_context_parallel(const Recipe& r, int context) {

@@ -25,8 +25,8 @@ std::vector<model::MemoryItem> rank_memory_plan(const Recipe& recipe, const mode
                                                 int64_t micro_tokens, const model::TransformerOptions& options,
                                                 const Backend& backend);
 // Prints rank_memory_plan and fails before allocating anything when it cannot fit the backend's free memory
-// (naming the settings that shrink it).
-void check_memory_plan(const Recipe& recipe, const model::ModelConfig& config, int64_t micro_tokens,
+// (naming the settings that shrink it). Returns the planned bytes.
+size_t check_memory_plan(const Recipe& recipe, const model::ModelConfig& config, int64_t micro_tokens,
                        const model::TransformerOptions& options, const Backend& backend);
 // Context parallelism's constraints on the recipe (no-op for context 1): data.seq_len a multiple of 2 x context,
 // and of 2 x context x block_size wherever a phase runs MoBA layers (a block never straddles two ranks' chunks).

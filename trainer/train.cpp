@@ -279,7 +279,8 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
     run.context_exchange = std::make_unique<parallel::CommunicatorContextExchange>(*run.comm);
     model_options.context = run.context_exchange.get();
   }
-  check_memory_plan(r, c, micro_tokens / run.layout.context, model_options, *run.backend);  // each rank its GPU
+  const size_t planned =  // every rank checks its own GPU
+      check_memory_plan(r, c, micro_tokens / run.layout.context, model_options, *run.backend);
   run.model = std::make_unique<model::Transformer>(*run.backend, c, micro_tokens / run.layout.context, model_options);
   run.optimizer = std::make_unique<AdamW>(*run.backend, *run.model, r.train.optimizer, run.comm.get(), r.parallel.zero);
 
@@ -360,8 +361,10 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
        c.head_dim, "), ffn ", c.ffn_hidden, ", vocab ", c.vocab_size, ": ", format_count(layout.count()),
        " parameters (", format_count(layout.count_non_embedding()), " non-embedding)");
   info("ranks: ", run.layout.world_size, " = ", run.layout.data, " data x ", run.layout.context, " context; ZeRO ",
-       r.parallel.zero, "; transport ", run.comm->transport(), "; memory ", run.backend->allocated_bytes() >> 20,
-       " MiB on ", run.backend->name(), " (rank 0)");
+       r.parallel.zero, "; transport ", run.comm->transport());
+  info("memory: ", cat(std::round(static_cast<double>(run.backend->allocated_bytes()) / (1 << 20) * 10) / 10),
+       " MiB allocated on ", run.backend->name(), " by rank 0 (the plan: ",
+       cat(std::round(static_cast<double>(planned) / (1 << 20) * 10) / 10), " MiB)");
   info("data: ", run.train_data->info().num_tokens, " train tokens in ", run.train_data->num_documents(),
        " documents; pack ", r.data.pack, "; ", run.sampler->sequences_per_epoch(), " sequences of ", r.data.seq_len,
        " per epoch per data-parallel rank");
