@@ -13,6 +13,7 @@
 #include "parallel/mpi_context.h"
 #include "trainer/bench.h"
 #include "trainer/eval.h"
+#include "trainer/plan.h"
 #include "trainer/train.h"
 
 namespace {
@@ -23,7 +24,8 @@ const char* kUsage =
     "commands:\n"
     "  prep            tokenize text (JSONL/.xz/.gz/plain text) into HDF5 train/val datasets\n"
     "  train           train a model from a YAML recipe (resumes automatically)\n"
-    "  eval            mean, position-wise and trailing loss of a checkpoint on long documents\n"
+    "  eval            mean, position-wise and trailing loss of checkpoints on long documents\n"
+    "  plan            resolve a recipe and print its parameters, tokens and FLOPs (JSON)\n"
     "  check-vectors   run MoBA on a test-vector file (moba-vectors.h5 format) and compare\n"
     "  bench           time attention layers or training steps (JSON lines for bench/results/)\n"
     "\n"
@@ -34,6 +36,7 @@ int dispatch(const std::string& command, const std::vector<std::string>& args, m
   if (command == "prep") return moba::data::prep_command(args);
   if (command == "train") return moba::train_command(args, mpi);
   if (command == "eval") return moba::eval_command(args, mpi);
+  if (command == "plan") return moba::plan_command(args);
   if (command == "check-vectors") return moba::check_vectors_command(args);
   if (command == "bench") return moba::bench_command(args, mpi);
   throw moba::Error(moba::cat("unknown command '", command, "'"), "run `moba --help` for the list of commands");
