@@ -142,7 +142,13 @@ AttentionScratchShape attention_plan(const ModelConfig& c, int64_t max_tokens, c
 
 std::vector<MemoryItem> Transformer::memory_plan(const ModelConfig& c, int64_t max_tokens,
                                                  const TransformerOptions& options, const Backend& backend) {
-  const DType A = backend.activation_dtype();
+  return memory_plan(c, max_tokens, options, backend.activation_dtype(),
+                     AttentionLayer::scratch_bytes(backend, attention_plan(c, max_tokens, options)));
+}
+
+std::vector<MemoryItem> Transformer::memory_plan(const ModelConfig& c, int64_t max_tokens,
+                                                 const TransformerOptions& options, DType A,
+                                                 size_t attention_scratch_bytes) {
   ParameterLayout layout(c, options.parameter_shards);
   const size_t P = static_cast<size_t>(layout.total());
   std::vector<MemoryItem> plan = {{cat("weights (", dtype_name(A), ", every rank)"), padded_bytes(A, 1, P)},
@@ -164,8 +170,7 @@ std::vector<MemoryItem> Transformer::memory_plan(const ModelConfig& c, int64_t m
   plan.push_back({"LM head (final norm, one logits chunk, losses)", head});
   plan.push_back({"activation gradients (one layer at a time)", grads});
   plan.push_back({"inputs and projection scratch", layer_scratch});
-  const size_t attention = AttentionLayer::scratch_bytes(backend, attention_plan(c, max_tokens, options));
-  if (attention > 0) plan.push_back({"attention kernels' scratch", attention});
+  if (attention_scratch_bytes > 0) plan.push_back({"attention kernels' scratch", attention_scratch_bytes});
   if (options.context_size > 1)
     for (const MemoryItem& m : ContextKeys::memory_plan(max_tokens, options.context_size,
                                                         static_cast<int64_t>(c.n_kv_heads) * c.head_dim, A))

@@ -89,6 +89,11 @@ class Transformer {
   // plan printed before training, the attention kernels' scratch included.
   static std::vector<MemoryItem> memory_plan(const ModelConfig& config, int64_t max_tokens,
                                              const TransformerOptions& options, const Backend& backend);
+  // The same for a backend that is not at hand (planning a GPU run on a machine without one): its activation dtype
+  // and the bytes of its attention scratch for these settings.
+  static std::vector<MemoryItem> memory_plan(const ModelConfig& config, int64_t max_tokens,
+                                             const TransformerOptions& options, DType activations,
+                                             size_t attention_scratch_bytes);
 
   // Runs the forward pass; returns the sum of the per-token losses over unmasked targets.
   // attention[l] says how layer l attends (full or moba with its block size / top_k).

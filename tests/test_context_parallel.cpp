@@ -231,6 +231,22 @@ TEST_F(ContextParallel, EvalWithContextEqualsEvalWithout) {
   EXPECT_NEAR(std::stod(field(four, "trailing_loss")), trailing, 1e-5 * trailing);
 }
 
+TEST_F(ContextParallel, PlanCountsTheTrafficOfTheLayout) {
+  // 4 ranks = 2 data x 2 context; each rank holds 2 x 128 / 2 = 128 rows of K and V (2 kv heads of 16, f32 on the
+  // CPU) and receives the other rank's: 128 x 32 x 2 (K, V) x 4 bytes per layer; dK/dV the same in f32.
+  Result r = shell(test::moba_binary() + " plan " + test::source_path("recipes/tests/tiny.yaml") +
+                   " --ranks 4 --set parallel.context=2 --set model.vocab_size=258 --set train.micro_batch_seqs=2");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("\"data_ranks\": 2, \"context_ranks\": 2, \"rank_tokens\": 128"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"kv_gather_bytes_per_layer\": 32768, \"kv_grad_bytes_per_layer\": 32768"), std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("memory per rank:"), std::string::npos) << r.out;
+  r = shell(test::moba_binary() + " plan " + test::source_path("recipes/tests/tiny.yaml") +
+            " --ranks 6 --set parallel.context=4 --set model.vocab_size=258");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("parallel.context = 4 does not divide the world size 6"), std::string::npos) << r.out;
+}
+
 TEST_F(ContextParallel, ImpossibleLayoutsNameTheKey) {
   const std::string run = test::scratch_dir("cp-bad");
   Result r = train(2, short_docs, run, "--set parallel.context=2 --set data.seq_len=96 --set train.global_batch_tokens=1152");

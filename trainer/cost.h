@@ -5,7 +5,7 @@
 #pragma once
 #include <cstdint>
 
-#include "kernels/backend.h"
+#include "model/attention.h"
 #include "model/parameters.h"
 #include "trainer/recipe.h"
 

@@ -8,7 +8,8 @@
 
 namespace moba {
 
-ParallelPlan plan_parallel(const Recipe& r, const model::ModelConfig& c, int ranks, const Backend& backend) {
+ParallelPlan plan_parallel(const Recipe& r, const model::ModelConfig& c, int ranks, const Backend* backend,
+                           DType activations) {
   ParallelPlan p;
   p.layout = parallel::make_layout(ranks, 0, r.parallel.context, r.parallel.data, r.source_path);
   check_context_parallel(r, p.layout.context);
@@ -25,10 +26,10 @@ ParallelPlan plan_parallel(const Recipe& r, const model::ModelConfig& c, int ran
   model::TransformerOptions options = transformer_options(r);
   options.parameter_shards = D;
   options.context_size = C;
-  p.memory = rank_memory_plan(r, c, p.rank_tokens, options, backend);
+  p.memory = rank_memory_plan(r, c, p.rank_tokens, options, backend, activations);
   for (const model::MemoryItem& m : p.memory) p.memory_bytes += m.bytes;
 
-  const double act = static_cast<double>(dtype_size(backend.activation_dtype()));
+  const double act = static_cast<double>(dtype_size(activations));
   const double kv_rows = static_cast<double>(p.rank_tokens) * c.n_kv_heads * c.head_dim;  // per K (or V), per rank
   if (C > 1) {
     p.kv_gather_per_layer = (C - 1) * kv_rows * 2 * act;

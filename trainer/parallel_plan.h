@@ -31,8 +31,10 @@ struct ParallelPlan {
   double weights_per_step = 0;       // bf16 working weights all-gathered after the step (zero 1)
 };
 
-// `ranks` processes with the recipe's parallel settings; `backend` sizes the attention kernels' scratch.
-ParallelPlan plan_parallel(const Recipe& recipe, const model::ModelConfig& config, int ranks, const Backend& backend);
+// `ranks` processes with the recipe's parallel settings. `backend` (may be null: no GPU here) sizes the attention
+// kernels' scratch; `activations` is the recipe backend's activation dtype (bf16 for cuda).
+ParallelPlan plan_parallel(const Recipe& recipe, const model::ModelConfig& config, int ranks, const Backend* backend,
+                           DType activations);
 // A human-readable table of the plan; bandwidth_gbs (GB/s of a collective's bus bandwidth) turns bytes into times.
 std::string describe_parallel_plan(const ParallelPlan& plan, const model::ModelConfig& config, double bandwidth_gbs);
 

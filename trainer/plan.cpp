@@ -1,6 +1,8 @@
 #include "trainer/plan.h"
 
+#include <cmath>
 #include <cstdio>
+#include <memory>
 #include <filesystem>
 #include <fstream>
 
@@ -9,6 +11,7 @@
 #include "data/dataset.h"
 #include "trainer/cost.h"
 #include "trainer/metrics.h"
+#include "trainer/parallel_plan.h"
 #include "trainer/recipe.h"
 #include "trainer/setup.h"
 
@@ -56,6 +59,10 @@ int plan_command(const std::vector<std::string>& args) {
   ap.add_positional("recipe", "YAML recipe");
   ap.add_option("set", "KEY=VALUE", "override a recipe key, e.g. --set model.d_model=512", "", true);
   ap.add_option("write", "FILE", "also write the resolved recipe (what `moba train` would run) to FILE");
+  ap.add_option("ranks", "N", "also plan a launch on N ranks with the recipe's parallel settings: memory of every "
+                "buffer and bytes moved per layer and step, per rank (a table on stderr, totals in the JSON)");
+  ap.add_option("bandwidth", "GB/S", "collective bus bandwidth for the --ranks times (8 H200 over NVSwitch: ~350; "
+                "across nodes: the network's)", "350");
   if (!ap.parse(args)) return 0;
 
   const Recipe r = load_recipe(ap.get("recipe"), ap.get_all("set"));
@@ -81,8 +88,39 @@ int plan_command(const std::vector<std::string>& args) {
       {"attention_flops_full", json_number(cost.attention_flops_full)},
       {"flops", json_number(cost.dense_flops + cost.attention_flops)},
       {"attention", json_string(describe_schedule(r, c))}};
+  std::vector<std::pair<std::string, std::string>> parallel_fields;
+  if (ap.has("ranks")) {
+    const int ranks = static_cast<int>(ap.get_int("ranks"));
+    const double bandwidth = ap.get_double("bandwidth");
+    MOBA_CHECK(ranks >= 1, "moba plan: --ranks must be >= 1", "e.g. --ranks 8");
+    MOBA_CHECK(bandwidth > 0 && std::isfinite(bandwidth), "moba plan: --bandwidth must be a positive number of GB/s",
+               "e.g. --bandwidth 350");
+    MOBA_CHECK(c.vocab_size > 0, cat(ap.get("recipe"), ": moba plan --ranks needs the vocabulary"),
+               "set model.vocab_size, or data.train to a prepared dataset");
+    // The recipe's own backend sizes the attention scratch when its device is here; else the plan leaves it out.
+    const bool gpu_here = r.backend != "cuda" || gpu_count() > 0;
+    std::unique_ptr<Backend> backend = gpu_here ? make_backend(r.backend) : nullptr;
+    const DType activations = r.backend == "cuda" ? DType::bf16 : DType::f32;
+    const ParallelPlan p = plan_parallel(r, c, ranks, backend.get(), activations);
+    std::fputs(describe_parallel_plan(p, c, bandwidth).c_str(), stderr);
+    if (!backend)
+      std::fputs("  (no GPU here: the attention kernels' scratch, sized by the CUDA backend, is not included)\n", stderr);
+    parallel_fields = {{"ranks", cat(ranks)},
+                       {"data_ranks", cat(p.layout.data)},
+                       {"context_ranks", cat(p.layout.context)},
+                       {"rank_tokens", cat(p.rank_tokens)},
+                       {"rank_bytes", cat(p.memory_bytes)},
+                       {"kv_gather_bytes_per_layer", json_number(p.kv_gather_per_layer)},
+                       {"kv_grad_bytes_per_layer", json_number(p.kv_grad_per_layer)},
+                       {"context_bytes_per_step", json_number(p.context_per_step)},
+                       {"gradient_bytes_per_step", json_number(p.gradients_per_step)},
+                       {"weight_bytes_per_step", json_number(p.weights_per_step)},
+                       {"bandwidth_gbs", json_number(bandwidth)}};
+  }
+  std::vector<std::pair<std::string, std::string>> all = fields;
+  all.insert(all.end(), parallel_fields.begin(), parallel_fields.end());
   std::string line = "{";
-  for (size_t i = 0; i < fields.size(); ++i) line += (i ? ", " : "") + json_string(fields[i].first) + ": " + fields[i].second;
+  for (size_t i = 0; i < all.size(); ++i) line += (i ? ", " : "") + json_string(all[i].first) + ": " + all[i].second;
   std::printf("%s}\n", line.c_str());
   return 0;
 }

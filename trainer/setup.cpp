@@ -66,8 +66,11 @@ model::TransformerOptions transformer_options(const Recipe& r) {
 }
 
 std::vector<model::MemoryItem> rank_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t micro_tokens,
-                                                const model::TransformerOptions& options, const Backend& backend) {
-  std::vector<model::MemoryItem> plan = model::Transformer::memory_plan(c, micro_tokens, options, backend);
+                                                const model::TransformerOptions& options, const Backend* backend,
+                                                DType activations) {
+  std::vector<model::MemoryItem> plan =
+      backend ? model::Transformer::memory_plan(c, micro_tokens, options, *backend)
+              : model::Transformer::memory_plan(c, micro_tokens, options, activations, 0);
   const model::ParameterLayout layout(c, options.parameter_shards);
   const int zero = options.parameter_shards > 1 ? r.parallel.zero : 1;
   plan.insert(plan.begin() + 2,
@@ -80,7 +83,8 @@ std::vector<model::MemoryItem> rank_memory_plan(const Recipe& r, const model::Mo
 
 size_t check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t micro_tokens,
                        const model::TransformerOptions& options, const Backend& backend) {
-  const std::vector<model::MemoryItem> plan = rank_memory_plan(r, c, micro_tokens, options, backend);
+  const std::vector<model::MemoryItem> plan =
+      rank_memory_plan(r, c, micro_tokens, options, &backend, backend.activation_dtype());
   size_t total = 0;
   for (const model::MemoryItem& m : plan) total += m.bytes;
   auto mib = [](size_t bytes) { return cat(static_cast<double>(bytes) / (1 << 20)); };

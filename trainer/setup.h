@@ -21,9 +21,11 @@ int max_top_k(const Recipe& recipe);
 model::TransformerOptions transformer_options(const Recipe& recipe);
 // The buffers one rank allocates for the model and AdamW for a micro-batch of micro_tokens rows on this rank (the
 // optimizer state is one ZeRO-1 shard when options.parameter_shards > 1 and parallel.zero is 1).
+// `backend` sizes the attention kernels' scratch; without one (planning a GPU run without a GPU) the plan uses
+// `activations` and leaves that scratch out.
 std::vector<model::MemoryItem> rank_memory_plan(const Recipe& recipe, const model::ModelConfig& config,
                                                 int64_t micro_tokens, const model::TransformerOptions& options,
-                                                const Backend& backend);
+                                                const Backend* backend, DType activations);
 // Prints rank_memory_plan and fails before allocating anything when it cannot fit the backend's free memory
 // (naming the settings that shrink it). Returns the planned bytes.
 size_t check_memory_plan(const Recipe& recipe, const model::ModelConfig& config, int64_t micro_tokens,
