@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "common/log.h"
+#include "kernels/cuda/cuda_check.h"
 #include "parallel/cuda/gpu_collectives.h"
 
 // MOBA_NCCL_CHECK(call): an NCCL failure becomes a moba::Error naming the rank, the call and NCCL's message.
@@ -31,15 +32,6 @@
                           "NCCL_DEBUG=WARN prints NCCL's own diagnosis");                                      \
   } while (0)
 
-#define MOBA_CUDA_RT_CHECK(call)                                                                               \
-  do {                                                                                                         \
-    cudaError_t moba_cuda_rc = (call);                                                                         \
-    if (moba_cuda_rc != cudaSuccess)                                                                           \
-      throw ::moba::Error(::moba::cat("[rank ", ::moba::log_rank(), "] CUDA: ", #call, " failed: ",           \
-                                      cudaGetErrorString(moba_cuda_rc), " at ", __FILE__, ":", __LINE__),      \
-                          "check the GPU and driver (nvidia-smi)");                                            \
-  } while (0)
-
 namespace moba::parallel {
 namespace {
 
@@ -47,7 +39,7 @@ class NcclCollectives final : public Collectives {
  public:
   NcclCollectives(MpiGroups groups, cudaStream_t compute, int device, double timeout_s)
       : groups_(groups), compute_(compute), device_(device), timeout_s_(timeout_s) {
-    MOBA_CUDA_RT_CHECK(cudaSetDevice(device_));
+    MOBA_CUDA_CHECK(cudaSetDevice(device_));
     ncclUniqueId id{};
     if (groups_.world->rank() == 0) MOBA_NCCL_CHECK(ncclGetUniqueId(&id));
     groups_.world->broadcast(&id, sizeof id, 0, "NCCL unique id");
@@ -56,9 +48,9 @@ class NcclCollectives final : public Collectives {
     const ParallelColours colours = colours_of();
     MOBA_NCCL_CHECK(ncclCommSplit(comms_[0], colours.data, groups_.world->rank(), &comms_[1], nullptr));
     MOBA_NCCL_CHECK(ncclCommSplit(comms_[0], colours.context, groups_.world->rank(), &comms_[2], nullptr));
-    MOBA_CUDA_RT_CHECK(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
-    MOBA_CUDA_RT_CHECK(cudaEventCreateWithFlags(&compute_done_, cudaEventDisableTiming));
-    MOBA_CUDA_RT_CHECK(cudaEventCreateWithFlags(&comm_done_, cudaEventDisableTiming));
+    MOBA_CUDA_CHECK(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
+    MOBA_CUDA_CHECK(cudaEventCreateWithFlags(&compute_done_, cudaEventDisableTiming));
+    MOBA_CUDA_CHECK(cudaEventCreateWithFlags(&comm_done_, cudaEventDisableTiming));
     watchdog_ = std::thread([this] { watch(); });
   }
 
@@ -99,8 +91,8 @@ class NcclCollectives final : public Collectives {
   }
   void wait_all() override {
     if (!issued_since_wait_) return;
-    MOBA_CUDA_RT_CHECK(cudaEventRecord(comm_done_, comm_stream_));
-    MOBA_CUDA_RT_CHECK(cudaStreamWaitEvent(compute_, comm_done_, 0));
+    MOBA_CUDA_CHECK(cudaEventRecord(comm_done_, comm_stream_));
+    MOBA_CUDA_CHECK(cudaStreamWaitEvent(compute_, comm_done_, 0));
     issued_since_wait_ = false;
   }
 
@@ -116,13 +108,13 @@ class NcclCollectives final : public Collectives {
   ncclComm_t comm(Group g) const { return comms_[g == Group::world ? 0 : g == Group::data ? 1 : 2]; }
 
   void begin() {  // the communication stream waits for the compute work queued so far
-    MOBA_CUDA_RT_CHECK(cudaEventRecord(compute_done_, compute_));
-    MOBA_CUDA_RT_CHECK(cudaStreamWaitEvent(comm_stream_, compute_done_, 0));
+    MOBA_CUDA_CHECK(cudaEventRecord(compute_done_, compute_));
+    MOBA_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, compute_done_, 0));
   }
   void end(Group g, const char* what) {
     cudaEvent_t done;
-    MOBA_CUDA_RT_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
-    MOBA_CUDA_RT_CHECK(cudaEventRecord(done, comm_stream_));
+    MOBA_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    MOBA_CUDA_CHECK(cudaEventRecord(done, comm_stream_));
     std::lock_guard<std::mutex> lock(mutex_);
     pending_.push_back({done, cat(what, " on the ", groups_.get(g).name(), " group"), std::chrono::steady_clock::now()});
     issued_since_wait_ = true;
@@ -215,8 +207,8 @@ class StagedCollectives final : public Collectives {
     const int size = groups_.get(g).size(), rank = groups_.get(g).rank();
     char* h = static_cast<char*>(reserve(static_cast<size_t>(bytes_per_rank) * static_cast<size_t>(size)));
     char* own = h + rank * bytes_per_rank;
-    MOBA_CUDA_RT_CHECK(cudaMemcpyAsync(own, in, static_cast<size_t>(bytes_per_rank), cudaMemcpyDeviceToHost, compute_));
-    MOBA_CUDA_RT_CHECK(cudaStreamSynchronize(compute_));
+    MOBA_CUDA_CHECK(cudaMemcpyAsync(own, in, static_cast<size_t>(bytes_per_rank), cudaMemcpyDeviceToHost, compute_));
+    MOBA_CUDA_CHECK(cudaStreamSynchronize(compute_));
     host_.all_gather(own, h, bytes_per_rank, g, what);
     unstage(out, h, static_cast<size_t>(bytes_per_rank) * static_cast<size_t>(size));
   }
@@ -230,21 +222,21 @@ class StagedCollectives final : public Collectives {
  private:
   void* reserve(size_t bytes) {
     if (bytes > capacity_) {  // grows in the first step only; later steps reuse it
-      if (buffer_) MOBA_CUDA_RT_CHECK(cudaFreeHost(buffer_));
-      MOBA_CUDA_RT_CHECK(cudaHostAlloc(&buffer_, bytes, cudaHostAllocDefault));
+      if (buffer_) MOBA_CUDA_CHECK(cudaFreeHost(buffer_));
+      MOBA_CUDA_CHECK(cudaHostAlloc(&buffer_, bytes, cudaHostAllocDefault));
       capacity_ = bytes;
     }
     return buffer_;
   }
   void* stage(const void* device, size_t bytes) {
     void* h = reserve(bytes);
-    MOBA_CUDA_RT_CHECK(cudaMemcpyAsync(h, device, bytes, cudaMemcpyDeviceToHost, compute_));
-    MOBA_CUDA_RT_CHECK(cudaStreamSynchronize(compute_));
+    MOBA_CUDA_CHECK(cudaMemcpyAsync(h, device, bytes, cudaMemcpyDeviceToHost, compute_));
+    MOBA_CUDA_CHECK(cudaStreamSynchronize(compute_));
     return h;
   }
   void unstage(void* device, const void* h, size_t bytes) {
-    MOBA_CUDA_RT_CHECK(cudaMemcpyAsync(device, h, bytes, cudaMemcpyHostToDevice, compute_));
-    MOBA_CUDA_RT_CHECK(cudaStreamSynchronize(compute_));  // the buffer is reused by the next call
+    MOBA_CUDA_CHECK(cudaMemcpyAsync(device, h, bytes, cudaMemcpyHostToDevice, compute_));
+    MOBA_CUDA_CHECK(cudaStreamSynchronize(compute_));  // the buffer is reused by the next call
   }
   HostCollectives host_;
   MpiGroups groups_;
