@@ -19,34 +19,8 @@ namespace fs = std::filesystem;
 namespace moba {
 namespace {
 
-const char* kMpiEnv = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 "
-                      "OMP_NUM_THREADS=1 ";
-
-struct Result {
-  int rc = -1;
-  std::string out;
-};
-Result shell(const std::string& cmd) {
-  Result r;
-  FILE* pipe = popen((cmd + " 2>&1").c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) r.out.append(buf, n);
-  const int status = pclose(pipe);
-  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return r;
-}
-
-std::map<int, double> losses(const std::string& run_dir) {
-  std::map<int, double> out;
-  std::ifstream in(run_dir + "/metrics.jsonl");
-  static const std::regex re(R"re("step": (\d+), "tokens": [^,]+, "loss": ([^,]+),)re");
-  for (std::string line; std::getline(in, line);) {
-    std::smatch m;
-    if (std::regex_search(line, m, re)) out[std::stoi(m[1])] = std::stod(m[2]);
-  }
-  return out;
-}
+using test::shell;
+using Result = test::ShellResult;
 
 std::string json_escape(const std::string& s) {
   std::string out;
@@ -100,15 +74,14 @@ class ContextParallel : public ::testing::Test {
            " --set train.tokens=1.2e4 --set train.micro_batch_seqs=2 --set checkpoint.every_tokens=4096 " + extra;
   }
   static Result train(int ranks, const std::string& data, const std::string& run_dir, const std::string& extra) {
-    return shell(std::string(kMpiEnv) + "mpirun -np " + std::to_string(ranks) + " " + test::moba_binary() + " " +
-                 args(data, run_dir, extra));
+    return shell(test::mpirun(ranks) + test::moba_binary() + " " + args(data, run_dir, extra));
   }
   static std::vector<float> read(const std::string& file, const std::string& dataset) {
     return h5::File::open_read(file).read<float>(dataset);
   }
   // Every step's loss equal to the reference run's up to the order of floating-point sums (measured ~1e-9).
   static void expect_same_curve(const std::string& run, const std::string& reference, const std::string& what) {
-    std::map<int, double> want = losses(reference), got = losses(run);
+    std::map<int, double> want = test::training_losses(reference), got = test::training_losses(run);
     ASSERT_EQ(got.size(), want.size()) << what;
     for (const auto& [step, loss] : want) EXPECT_NEAR(got[step], loss, 1e-6 * loss) << what << ", step " << step;
   }
@@ -202,7 +175,7 @@ TEST_F(ContextParallel, EvalWithContextEqualsEvalWithout) {
   // Position-wise loss of 4 documents at 256 tokens (twice the trained length is fine for equality), MoBA layers.
   auto eval = [&](int ranks, const std::string& extra) {
     const std::string out_dir = test::scratch_dir(cat("cp-eval-out-", ranks));
-    Result r = shell(std::string(kMpiEnv) + "mpirun -np " + std::to_string(ranks) + " " + test::moba_binary() +
+    Result r = shell(test::mpirun(ranks) + test::moba_binary() +
                      " eval --checkpoint " + run + " --data " + long_docs + "/train.h5 --seq-len 256 --bucket 64 " +
                      "--trailing 64 --max-docs 4 --out " + out_dir + " " + extra);
     EXPECT_EQ(r.rc, 0) << r.out;

@@ -25,39 +25,8 @@ namespace fs = std::filesystem;
 namespace moba {
 namespace {
 
-const char* kMpiEnv = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 "
-                      "OMP_NUM_THREADS=1 ";
-
-// step -> loss of every training line of a run's metrics.jsonl
-std::map<int, double> losses(const std::string& run_dir) {
-  std::map<int, double> out;
-  std::ifstream in(run_dir + "/metrics.jsonl");
-  static const std::regex re(R"re("step": (\d+), "tokens": [^,]+, "loss": ([^,]+),)re");
-  for (std::string line; std::getline(in, line);) {
-    std::smatch m;
-    if (std::regex_search(line, m, re)) out[std::stoi(m[1])] = std::stod(m[2]);
-  }
-  return out;
-}
-
-// Runs a shell command, returning its exit code, output and wall time.
-struct Result {
-  int rc = -1;
-  std::string out;
-  double seconds = 0;
-};
-Result shell(const std::string& cmd) {
-  Result r;
-  const auto t0 = std::chrono::steady_clock::now();
-  FILE* pipe = popen((cmd + " 2>&1").c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) r.out.append(buf, n);
-  const int status = pclose(pipe);
-  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return r;
-}
+using test::shell;
+using Result = test::ShellResult;
 
 // A command started in the background (its own process group), with its output in a file.
 struct Background {
@@ -122,8 +91,7 @@ class DataParallel : public ::testing::Test {
            " --set train.tokens=1.2e4 --set train.micro_batch_seqs=2 --set checkpoint.every_tokens=4096 " + extra;
   }
   static std::string mpirun(int ranks, const std::string& run_dir, const std::string& extra = "") {
-    return std::string(kMpiEnv) + "mpirun -np " + std::to_string(ranks) + " " + test::moba_binary() + " " +
-           args(run_dir, extra);
+    return test::mpirun(ranks) + test::moba_binary() + " " + args(run_dir, extra);
   }
   static std::vector<float> final_weights(const std::string& run_dir, const std::string& tensor) {
     h5::File f = h5::File::open_read(run_dir + "/checkpoints/step_00000012/model.h5");
@@ -131,7 +99,7 @@ class DataParallel : public ::testing::Test {
   }
   // Same curve as the one-rank baseline: only the order of floating-point sums differs (measured ~1e-9).
   static void expect_baseline_curve(const std::string& run_dir, const std::string& what) {
-    std::map<int, double> want = losses(baseline), got = losses(run_dir);
+    std::map<int, double> want = test::training_losses(baseline), got = test::training_losses(run_dir);
     ASSERT_EQ(got.size(), want.size()) << what;
     for (const auto& [step, loss] : want) EXPECT_NEAR(got[step], loss, 1e-6 * loss) << what << ", step " << step;
   }
@@ -236,7 +204,7 @@ TEST_F(DataParallel, StartUpIsSafe) {
   }
   // Ranks launched with different recipes stop before allocating anything.
   std::string run = test::scratch_dir("dp-mismatch");
-  Result r = shell(std::string(kMpiEnv) + "mpirun -np 1 " + test::moba_binary() + " " + args(run, "--set seed=1") +
+  Result r = shell(test::mpirun(1) + test::moba_binary() + " " + args(run, "--set seed=1") +
                    " : -np 1 " + test::moba_binary() + " " + args(run, "--set seed=2"));
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find("rank(s) 1 resolved a different recipe than rank 0"), std::string::npos) << r.out;

@@ -65,23 +65,17 @@ std::string describe_parallel_plan(const ParallelPlan& p, const model::ModelConf
   std::snprintf(line, sizeof line, "communication per rank (received; times at %.0f GB/s bus bandwidth):\n",
                 bandwidth_gbs);
   out += line;
+  auto traffic = [&](const std::string& what, double bytes) {
+    std::snprintf(line, sizeof line, "  %-40s %10.3f GiB  %9.2f ms\n", what.c_str(), gib(bytes), ms(bytes));
+    out += line;
+  };
   if (p.layout.context > 1) {
-    std::snprintf(line, sizeof line, "  K and V all-gather, one layer        %10.3f GiB  %9.2f ms\n",
-                  gib(p.kv_gather_per_layer), ms(p.kv_gather_per_layer));
-    out += line;
-    std::snprintf(line, sizeof line, "  dK and dV reduce-scatter, one layer  %10.3f GiB  %9.2f ms\n",
-                  gib(p.kv_grad_per_layer), ms(p.kv_grad_per_layer));
-    out += line;
-    std::snprintf(line, sizeof line, "  context parallel, one step (%d layers) %8.3f GiB  %9.2f ms\n", c.n_layers,
-                  gib(p.context_per_step), ms(p.context_per_step));
-    out += line;
+    traffic("K and V all-gather, one layer", p.kv_gather_per_layer);
+    traffic("dK and dV reduce-scatter, one layer", p.kv_grad_per_layer);
+    traffic(cat("context parallel, one step (", c.n_layers, " layers)"), p.context_per_step);
   }
-  std::snprintf(line, sizeof line, "  gradients, one step                  %10.3f GiB  %9.2f ms\n",
-                gib(p.gradients_per_step), ms(p.gradients_per_step));
-  out += line;
-  std::snprintf(line, sizeof line, "  weights all-gather, one step         %10.3f GiB  %9.2f ms\n",
-                gib(p.weights_per_step), ms(p.weights_per_step));
-  out += line;
+  traffic("gradients, one step", p.gradients_per_step);
+  traffic("weights all-gather, one step", p.weights_per_step);
   return out;
 }
 

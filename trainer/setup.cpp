@@ -134,31 +134,28 @@ void check_context_parallel(const Recipe& r, int context) {
   }
 }
 
-model::TokenBatch token_batch(const data::Batch& b) {
+namespace {
+// The rows of `b` as model input, with `cu_seqlens` describing the key sequence.
+model::TokenBatch view_of(const data::Batch& b, const std::vector<int32_t>& cu_seqlens) {
   model::TokenBatch t;
   t.inputs = b.inputs.data();
   t.targets = b.targets.data();
   t.loss_mask = b.loss_mask.data();
   t.positions = b.positions.data();
-  t.cu_seqlens = b.cu_seqlens.data();
+  t.cu_seqlens = cu_seqlens.data();
   t.num_tokens = static_cast<int64_t>(b.inputs.size());
-  t.num_segments = static_cast<int>(b.cu_seqlens.size()) - 1;
+  t.num_segments = static_cast<int>(cu_seqlens.size()) - 1;
   t.num_global_tokens = t.num_tokens;
   return t;
 }
+}  // namespace
+
+model::TokenBatch token_batch(const data::Batch& b) { return view_of(b, b.cu_seqlens); }
 
 model::TokenBatch local_batch(const data::Batch& batch, int context, int context_rank, data::ContextShard& storage) {
   if (context == 1) return token_batch(batch);
   storage = data::shard_for_context(batch, context, context_rank);
-  const data::Batch& b = storage.local;
-  model::TokenBatch t;
-  t.inputs = b.inputs.data();
-  t.targets = b.targets.data();
-  t.loss_mask = b.loss_mask.data();
-  t.positions = b.positions.data();
-  t.cu_seqlens = storage.cu_seqlens.data();
-  t.num_tokens = static_cast<int64_t>(b.inputs.size());
-  t.num_segments = static_cast<int>(storage.cu_seqlens.size()) - 1;
+  model::TokenBatch t = view_of(storage.local, storage.cu_seqlens);
   t.global_rows = storage.global_rows.data();
   t.gathered_rows = storage.gathered_rows.data();
   t.gathered_index = storage.gathered_index.data();

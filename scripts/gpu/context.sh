@@ -13,42 +13,21 @@ source scripts/gpu/build_here.sh
 gpu_build moba
 moba=$PWD/build-gpu/moba
 commit=${MOBA_COMMIT:-unknown}
-device=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 work=/tmp/moba-cp
 rm -rf $work && mkdir -p $work
 $moba prep "$data/linux-6.1-core.jsonl.xz" --out $work/data --max-bytes 40000000 --seed 3 > $work/prep.log 2>&1
 d="--set data.train=$work/data/train.h5 --set data.val=$work/data/val.h5"
-run() {  # name ranks recipe extra...
-  local name=$1 ranks=$2 recipe=$3; shift 3
-  mpirun -np $ranks $moba train $recipe $d --set backend=cuda --set parallel.transport=mpi \
-    --set run_dir=$work/$name "$@" > $work/$name.log 2>&1 || { echo "$name failed:"; tail -20 $work/$name.log; exit 1; }
-}
+source scripts/gpu/train_runs.sh
 for recipe in tiny moba-64k; do
   r=recipes/tests/$recipe.yaml
-  extra=()
-  [ $recipe = tiny ] && extra=(--set train.tokens=5.12e4 --set train.micro_batch_seqs=2)
-  run $recipe-cp1 1 $r "${extra[@]}"
-  run $recipe-cp1-again 1 $r "${extra[@]}"
-  run $recipe-cp2 2 $r --set parallel.context=2 "${extra[@]}"
-  run $recipe-cp4 4 $r --set parallel.context=4 "${extra[@]}"
+  extra=(--set parallel.transport=mpi)
+  [ $recipe = tiny ] && extra+=(--set train.tokens=5.12e4 --set train.micro_batch_seqs=2)
+  train_run $recipe-cp1 1 $r "${extra[@]}"
+  train_run $recipe-cp1-again 1 $r "${extra[@]}"
+  train_run $recipe-cp2 2 $r --set parallel.context=2 "${extra[@]}"
+  train_run $recipe-cp4 4 $r --set parallel.context=4 "${extra[@]}"
 done
-python3 - "$work" "$out/context.jsonl" "$commit" "$device" <<'PY'
-import json, sys, datetime
-work, path, commit, device = sys.argv[1:5]
-def losses(name):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(f"{work}/{name}/metrics.jsonl")) if "loss" in r}
-with open(path, "a") as f:
-    for recipe in ("tiny", "moba-64k"):
-        ref = losses(f"{recipe}-cp1")
-        for other in ("cp1-again", "cp2", "cp4"):
-            got = losses(f"{recipe}-{other}")
-            diff = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
-            rec = {"date": datetime.date.today().isoformat(), "commit": commit, "device": device,
-                   "command": f"scripts/gpu/context.sh ({recipe}, {other} vs CP 1)", "bench": "cp_equality",
-                   "recipe": recipe, "run": other, "steps": len(ref), "max_rel_loss_diff": diff}
-            f.write(json.dumps(rec) + "\n")
-            print(f"{recipe:9} {other:10} steps {len(ref)}  max |dloss|/loss {diff:.2e}")
-PY
+compare_runs "$out/context.jsonl" cp_equality cp1 "tiny moba-64k" "cp1-again cp2 cp4"
 # The plan against the memory a run really takes, and the gathers' time, at 64K (CP 1, 2, 4) on this GPU.
 for C in 1 2 4; do
   $moba plan recipes/tests/moba-64k.yaml --ranks $C --set model.vocab_size=258 --set parallel.context=$C \

@@ -15,8 +15,7 @@ export NCCL_NVLS_ENABLE=0
 source scripts/gpu/build_here.sh
 gpu_build moba
 moba=$PWD/build-gpu/moba
-commit=${MOBA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-device=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+commit=${MOBA_COMMIT:-unknown}
 
 if [ -n "${BASE:-}" ]; then  # the earlier tree first, so both binaries exist before anything is timed
   (cd "$BASE" && source scripts/gpu/build_here.sh && OUT=$out/base gpu_build moba) || { echo "base build failed"; exit 1; }
@@ -26,42 +25,18 @@ work=/tmp/moba-dp
 rm -rf $work && mkdir -p $work
 $moba prep "$data/linux-6.1-core.jsonl.xz" --out $work/data --max-bytes 40000000 --seed 3 > $work/prep.log 2>&1
 d="--set data.train=$work/data/train.h5 --set data.val=$work/data/val.h5"
-run() {  # name ranks recipe extra...
-  local name=$1 ranks=$2 recipe=$3; shift 3
-  local t0=$(date +%s.%N)
-  mpirun -np $ranks $moba train $recipe $d --set backend=cuda --set run_dir=$work/$name "$@" > $work/$name.log 2>&1 ||
-    { echo "$name failed:"; tail -20 $work/$name.log; exit 1; }
-  echo "$name $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $t0}") s"
-}
+source scripts/gpu/train_runs.sh
 for recipe in tiny code-100m; do
   r=recipes/tests/$recipe.yaml
   extra=()
   [ $recipe = tiny ] && extra=(--set train.tokens=5.12e4 --set train.micro_batch_seqs=2)
-  run $recipe-nccl1 1 $r --set parallel.transport=nccl "${extra[@]}"
-  run $recipe-nccl1-again 1 $r --set parallel.transport=nccl "${extra[@]}"
-  run $recipe-mpi2 2 $r --set parallel.transport=mpi "${extra[@]}"
-  run $recipe-mpi4 4 $r --set parallel.transport=mpi "${extra[@]}"
-  run $recipe-mpi2-zero0 2 $r --set parallel.transport=mpi --set parallel.zero=0 "${extra[@]}"
+  train_run $recipe-nccl1 1 $r --set parallel.transport=nccl "${extra[@]}"
+  train_run $recipe-nccl1-again 1 $r --set parallel.transport=nccl "${extra[@]}"
+  train_run $recipe-mpi2 2 $r --set parallel.transport=mpi "${extra[@]}"
+  train_run $recipe-mpi4 4 $r --set parallel.transport=mpi "${extra[@]}"
+  train_run $recipe-mpi2-zero0 2 $r --set parallel.transport=mpi --set parallel.zero=0 "${extra[@]}"
 done
-python3 - "$work" "$out/distributed.jsonl" "$commit" "$device" <<'PY'
-import json, sys, datetime
-work, path, commit, device = sys.argv[1:5]
-def losses(name):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(f"{work}/{name}/metrics.jsonl")) if "loss" in r}
-with open(path, "a") as f:
-    for recipe in ("tiny", "code-100m"):
-        ref = losses(f"{recipe}-nccl1")
-        for other in ("nccl1-again", "mpi2", "mpi4", "mpi2-zero0"):
-            got = losses(f"{recipe}-{other}")
-            diffs = [abs(got[s] - ref[s]) / ref[s] for s in ref]
-            rec = {"date": datetime.date.today().isoformat(), "commit": commit, "device": device,
-                   "command": f"scripts/gpu/distributed.sh ({recipe}, {other} vs 1 rank over NCCL)",
-                   "bench": "dp_equality", "recipe": recipe, "run": other, "steps": len(ref),
-                   "max_rel_loss_diff": max(diffs), "final_loss_ref": ref[max(ref)], "final_loss": got[max(got)]}
-            f.write(json.dumps(rec) + "\n")
-            print(f"{recipe:10} {other:12} steps {len(ref)}  max |dloss|/loss {max(diffs):.2e}  "
-                  f"final {got[max(got)]:.4f} vs {ref[max(ref)]:.4f}")
-PY
+compare_runs "$out/distributed.jsonl" dp_equality nccl1 "tiny code-100m" "nccl1-again mpi2 mpi4 mpi2-zero0"
 grep -h "ranks:\|f32 master" $work/code-100m-mpi4.log | head -3
 
 if [ -n "${BASE:-}" ]; then

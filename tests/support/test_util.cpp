@@ -1,5 +1,8 @@
 #include "tests/support/test_util.h"
 
+#include <sys/wait.h>
+
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -7,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <regex>
 
 #include "common/hdf5_io.h"
 
@@ -46,6 +50,36 @@ int run_moba(const std::string& args, std::string* output) {
   int status = pclose(pipe);
   if (output) *output = out;
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+ShellResult shell(const std::string& command) {
+  ShellResult r;
+  const auto t0 = std::chrono::steady_clock::now();
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  if (!pipe) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) r.out.append(buf, n);
+  const int status = pclose(pipe);
+  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+
+std::string mpirun(int ranks) {
+  return "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 "
+         "OMP_NUM_THREADS=1 mpirun -np " + std::to_string(ranks) + " ";
+}
+
+std::map<int, double> training_losses(const std::string& run_dir) {
+  std::map<int, double> out;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  static const std::regex re(R"re("step": (\d+), "tokens": [^,]+, "loss": ([^,]+),)re");
+  for (std::string line; std::getline(in, line);) {
+    std::smatch m;
+    if (std::regex_search(line, m, re)) out[std::stoi(m[1])] = std::stod(m[2]);
+  }
+  return out;
 }
 
 bool gpu_available() {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,18 @@ std::string scratch_dir(const std::string& name);
 // The built `moba` binary, and a helper that runs it (stdout+stderr captured) returning the exit code.
 std::string moba_binary();
 int run_moba(const std::string& args, std::string* output = nullptr);
+
+// A shell command's exit code (128 + signal when killed), its stdout+stderr, and its wall time.
+struct ShellResult {
+  int rc = -1;
+  std::string out;
+  double seconds = 0;
+};
+ShellResult shell(const std::string& command);
+// `mpirun -np N` with the environment the CPU-rank tests need (root allowed, oversubscribed, 1 OpenMP thread).
+std::string mpirun(int ranks);
+// step -> loss of the training lines of RUN_DIR/metrics.jsonl.
+std::map<int, double> training_losses(const std::string& run_dir);
 
 // Skips the current test with a message when a shared-data file is missing.
 #define MOBA_REQUIRE_SHARED(path)                                                                   \
