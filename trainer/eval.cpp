@@ -87,6 +87,7 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
     as_evaluated.attention = attention;
     as_evaluated.phases.clear();
     check_context_parallel(as_evaluated, layout.context);
+    require_context_parallel_backend(as_evaluated, layout.context);
   }
   const Device device = r.backend == "cuda" ? Device::cuda : Device::cpu;
   const int gpus = device == Device::cuda ? gpu_count() : 0;
