@@ -107,6 +107,7 @@ TEST_F(ContextParallel, TwoAndFourRanksEqualOneForMobaFullAndHybridLayers) {
       {"full attention, GQA", "--set attention.mode=full", {2, 4}},
       {"MoBA every layer, MQA", "--set attention.full_layers=none --set model.n_kv_heads=1", {2, 4}},
       {"hybrid, recompute full", "--set train.recompute=full", {2}},
+      {"pack: concat (attention across documents)", "--set data.pack=concat", {2}},
       {"phases: MoBA then full", "--set 'phases=[{until: 0.5, attention: {mode: moba, full_layers: none}}, "
                                  "{until: 1.0, attention: {mode: full}}]'", {4}}};
   for (const Case& c : cases) {
