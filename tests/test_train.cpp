@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -68,6 +69,34 @@ std::string field(const std::string& json_line, const std::string& key) {
   return std::regex_search(json_line, m, re) ? std::string(m[1]) : "";
 }
 
+// Runs `moba ARGS` in the background and SIGKILLs it as soon as RUN_DIR/checkpoints/CHECKPOINT exists. True
+// when the process died by the signal with the checkpoint in place (false: it finished first, or never wrote it).
+bool killed_after_checkpoint(const std::string& args, const std::string& run_dir, const std::string& checkpoint) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    std::string cmd = test::moba_binary() + " " + args + " > " + run_dir + "/first.log 2>&1";
+    execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  const fs::path target = fs::path(run_dir) / "checkpoints" / checkpoint;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (!fs::exists(target) && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  kill(pid, SIGKILL);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return fs::exists(target) && WIFSIGNALED(status);
+}
+
+// The metrics.jsonl lines recording an attention change.
+std::vector<std::string> attention_lines(const std::string& run_dir) {
+  std::vector<std::string> lines;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  for (std::string line; std::getline(in, line);)
+    if (line.find("\"attention\"") != std::string::npos) lines.push_back(line);
+  return lines;
+}
+
 double last_value(const std::string& run_dir, const std::string& key) {
   std::ifstream in(run_dir + "/metrics.jsonl");
   double v = NAN;
@@ -105,21 +134,8 @@ TEST_F(Train, KillAndResumeReproducesTheUninterruptedRunExactly) {
   ASSERT_EQ(test::run_moba(tiny(full, settings), &out), 0) << out;
 
   // Start the same run, SIGKILL it as soon as its first checkpoint lands, then run the command again.
-  pid_t pid = fork();
-  if (pid == 0) {
-    std::string cmd = test::moba_binary() + " " + tiny(killed, settings) + " > " + killed + "/first.log 2>&1";
-    execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), static_cast<char*>(nullptr));
-    _exit(127);
-  }
-  const fs::path first_ckpt = fs::path(killed) / "checkpoints" / "step_00000020";  // renamed once complete
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-  while (!fs::exists(first_ckpt) && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  kill(pid, SIGKILL);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  ASSERT_TRUE(fs::exists(first_ckpt));
-  ASSERT_TRUE(WIFSIGNALED(status)) << "the run finished before it could be killed; the test proves nothing";
+  ASSERT_TRUE(killed_after_checkpoint(tiny(killed, settings), killed, "step_00000020"))  // renamed once complete
+      << "the run finished before it could be killed; the test proves nothing";
   ASSERT_FALSE(fs::exists(fs::path(killed) / "checkpoints" / "step_00000098"));
 
   ASSERT_EQ(test::run_moba(tiny(killed, settings), &out), 0) << out;
@@ -191,12 +207,15 @@ TEST_F(Train, EvalWritesPositionWiseAndTrailingLoss) {
   std::string run = test::scratch_dir("eval");
   std::string out;
   ASSERT_EQ(test::run_moba(tiny(run), &out), 0) << out;
-  ASSERT_EQ(test::run_moba("eval --checkpoint " + run + " --data " + data_dir + "/val.h5 --seq-len 256 --bucket 64 "
-                               "--trailing 64 --attention full --out " + run + "/eval",
+  // Two checkpoints in one call: the run directory (its newest, step 40) and the step-30 checkpoint.
+  ASSERT_EQ(test::run_moba("eval --checkpoint " + run + " --checkpoint " + run + "/checkpoints/step_00000030" +
+                               " --data " + data_dir + "/val.h5 --seq-len 256 --bucket 64 --trailing 64 " +
+                               "--attention full --out " + run + "/eval",
                            &out),
             0)
       << out;
-  std::ifstream json(run + "/eval/eval_step40_full_N256.json");
+  EXPECT_TRUE(fs::exists(run + "/eval/eval_tiny_step30_full_N256.json")) << out;
+  std::ifstream json(run + "/eval/eval_tiny_step40_full_N256.json");
   ASSERT_TRUE(json.good()) << out;
   std::string text((std::istreambuf_iterator<char>(json)), std::istreambuf_iterator<char>());
   EXPECT_GT(std::stod(field(text, "full_length_sequences")), 0);
@@ -206,19 +225,75 @@ TEST_F(Train, EvalWritesPositionWiseAndTrailingLoss) {
   EXPECT_EQ(std::count(buckets.begin(), buckets.end(), ','), 3);  // 4 buckets of 64
   // With --trailing equal to --bucket, the trailing loss is the last bucket.
   EXPECT_EQ(field(text, "trailing_loss"), buckets.substr(buckets.rfind(", ") + 2));
-  EXPECT_TRUE(fs::exists(run + "/eval/eval_step40_full_N256.csv"));
+  EXPECT_TRUE(fs::exists(run + "/eval/eval_tiny_step40_full_N256.csv"));
+  EXPECT_EQ(field(text, "name"), "\"tiny\"");
 }
 
-TEST_F(Train, HybridPhasesSwitchAttentionMidRun) {
-  std::string run = test::scratch_dir("hybrid");
+TEST_F(Train, HybridPhaseSwitchLandsOnTheSameTokenAcrossKillAndResume) {
+  // 40 steps of 1024 tokens, MoBA until half of 4e4 tokens: the first step starting at or past 20000 tokens is
+  // step 20 (20480 tokens). Whether the run is whole, killed mid-phase, or stopped right on the boundary, the
+  // switch lands there, is logged once with its token count, and every loss is the same bit for bit.
+  const std::string phases =
+      "--set 'phases=[{until: 0.5, attention: {mode: moba, full_layers: none}}, {until: 1.0, attention: {mode: full}}]'";
+  std::string whole = test::scratch_dir("phase-whole"), killed = test::scratch_dir("phase-killed"),
+              boundary = test::scratch_dir("phase-boundary");
   std::string out;
-  ASSERT_EQ(test::run_moba(tiny(run, "--set 'phases=[{until: 0.5, attention: {mode: moba, full_layers: none}}, "
-                                     "{until: 1.0, attention: {mode: full}}]'"),
+  ASSERT_EQ(test::run_moba(tiny(whole, phases), &out), 0) << out;
+  EXPECT_NE(out.find("attention from step 0: moba(B=16,k=3) [layers 0-1]"), std::string::npos) << out;
+  EXPECT_NE(out.find("attention from step 20: full [layers 0-1]"), std::string::npos) << out;
+  ASSERT_TRUE(killed_after_checkpoint(tiny(killed, phases), killed, "step_00000010"))
+      << "the run finished before it could be killed; the test proves nothing";
+  ASSERT_FALSE(fs::exists(fs::path(killed) / "checkpoints" / "step_00000020"));
+  ASSERT_EQ(test::run_moba(tiny(killed, phases), &out), 0) << out;
+  EXPECT_NE(out.find("resumed from " + killed + "/checkpoints/step_00000010"), std::string::npos) << out;
+  ASSERT_EQ(test::run_moba(tiny(boundary, phases + " --max-steps 20"), &out), 0) << out;
+  ASSERT_EQ(test::run_moba(tiny(boundary, phases), &out), 0) << out;
+  EXPECT_NE(out.find("attention from step 20: full [layers 0-1]"), std::string::npos) << out;
+
+  const std::string expected = "{\"step\": 20, \"tokens\": 20480, \"attention\": \"full [layers 0-1]\"}";
+  for (const std::string& run : {whole, killed, boundary}) {
+    EXPECT_EQ(attention_lines(run), std::vector<std::string>{expected}) << run;
+    auto a = training_lines(whole), b = training_lines(run);
+    ASSERT_EQ(b.size(), 40u) << run;
+    for (const auto& [step, line] : a) EXPECT_EQ(field(line, "loss"), field(b[step], "loss")) << run << " step " << step;
+  }
+}
+
+TEST_F(Train, PlanCountsParametersTokensAndFlops) {
+  // tiny: d 64, 2 layers, 4 heads (2 kv) of 16, SwiGLU 160: per layer wqkv 64*128 + wo 64*64 + 3*64*160 + 2 norms.
+  std::string out;
+  std::string plan_path = test::scratch_dir("plan") + "/resolved.yaml";
+  ASSERT_EQ(test::run_moba("plan " + test::source_path("recipes/tests/tiny.yaml") + " --set data.train=" + data_dir +
+                               "/train.h5 --set attention.full_layers=none --set train.tokens=40000 --write " + plan_path,
                            &out),
             0)
       << out;
-  EXPECT_NE(out.find("attention from step 0: moba(B=16,k=3) [layers 0-1]"), std::string::npos) << out;
-  EXPECT_NE(out.find("attention from step 20: full [layers 0-1]"), std::string::npos) << out;
+  const int64_t per_layer = 64 * 128 + 64 * 64 + 3 * 64 * 160 + 2 * 64;
+  EXPECT_EQ(field(out, "non_embedding_parameters"), std::to_string(2 * per_layer + 64)) << out;
+  EXPECT_EQ(field(out, "parameters"), std::to_string(2 * per_layer + 64 + 2 * 258 * 64)) << out;
+  EXPECT_EQ(field(out, "steps"), "40") << out;
+  EXPECT_EQ(field(out, "tokens"), "40960") << out;
+  EXPECT_DOUBLE_EQ(std::stod(field(out, "dense_flops")), 6.0 * (2 * per_layer + 64) * 40960) << out;
+  // seq 128, B 16, k 3: a query at t attends t%16 + 1 keys of its block plus 16 * min(2, t/16); full: (128+1)/2.
+  double moba_keys = 0;
+  for (int t = 0; t < 128; ++t) moba_keys += t % 16 + 1 + 16 * std::min(2, t / 16);
+  const double per_pair = 12.0 * 4 * 16 * 2 * 40960;  // heads * head_dim, 2 layers, tokens
+  EXPECT_NEAR(std::stod(field(out, "attention_flops")), per_pair * moba_keys / 128, 1e-6 * per_pair) << out;
+  EXPECT_NEAR(std::stod(field(out, "attention_flops_full")), per_pair * 64.5, 1e-6 * per_pair) << out;
+  // The written recipe is what `moba train` resolves: it plans to the same numbers.
+  std::string again;
+  ASSERT_EQ(test::run_moba("plan " + plan_path, &again), 0) << again;
+  EXPECT_EQ(field(again, "attention_flops"), field(out, "attention_flops")) << again;
+}
+
+TEST_F(Train, InitFromTakesARunDirectory) {
+  std::string base = test::scratch_dir("init-base"), tuned = test::scratch_dir("init-tuned");
+  std::string out;
+  ASSERT_EQ(test::run_moba(tiny(base), &out), 0) << out;
+  ASSERT_EQ(test::run_moba(tiny(tuned, "--set init_from=" + base + " --set train.tokens=2048"), &out), 0) << out;
+  EXPECT_NE(out.find("initialised weights from " + base + "/checkpoints/step_00000040"), std::string::npos) << out;
+  int rc = test::run_moba(tiny(test::scratch_dir("init-missing"), "--set init_from=" + tuned + "/nothing"), &out);
+  EXPECT_EQ(rc, 1) << out;
 }
 
 TEST_F(Train, BadInputFailsWithAClearMessage) {

@@ -312,6 +312,15 @@ std::optional<std::string> latest_checkpoint(const std::string& dir) {
   return choice.resume_from->path;
 }
 
+std::string resolve_checkpoint(const std::string& path, const std::string& what) {
+  if (!fs::is_directory(path) || fs::exists(fs::path(path) / "model.h5")) return path;  // a checkpoint itself
+  const fs::path dir = fs::exists(fs::path(path) / "checkpoints") ? fs::path(path) / "checkpoints" : fs::path(path);
+  std::optional<std::string> latest = latest_checkpoint(dir.string());
+  MOBA_CHECK(latest.has_value(), cat(what, ": no checkpoint found in ", path),
+             "pass a checkpoint (checkpoints/step_N/ or step_N.h5), or a run directory whose checkpoints/ holds one");
+  return *latest;
+}
+
 CheckpointState read_checkpoint_state(const std::string& path) {
   const std::string weights = weights_file(path);
   h5::File file = h5::File::open_read(weights);

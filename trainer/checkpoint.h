@@ -51,6 +51,10 @@ std::vector<CheckpointCandidate> list_checkpoints(const std::string& dir);
 // Why the checkpoint at path cannot be used ("" when it opens as a supported moba checkpoint with a manifest; the
 // data's checksums are verified when it is loaded).
 std::string checkpoint_problem(const std::string& path);
+// A checkpoint as given (a step_N/ directory with model.h5, or a step_N.h5 file), or the newest readable checkpoint
+// of a run directory (RUN_DIR/checkpoints, or the checkpoints directory itself); throws naming `what` (e.g.
+// "init_from") when there is none.
+std::string resolve_checkpoint(const std::string& checkpoint_or_run_dir, const std::string& what);
 // Reads the attributes only (step, tokens, recipe) - what `moba eval` needs to rebuild the model.
 CheckpointState read_checkpoint_state(const std::string& path);
 // The f32 weights as a full arena of `layout` (eval, init_from, tests).

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 
 #include "common/cli.h"
 #include "common/log.h"
@@ -19,68 +20,51 @@ namespace fs = std::filesystem;
 
 namespace moba {
 
-int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi) {
-  ArgParser ap("eval", "Evaluates a checkpoint on long documents: mean, position-wise and trailing LM loss.");
-  ap.add_option("checkpoint", "PATH", "checkpoint (a step_N/ directory or step_N.h5 file) or a run directory (its newest checkpoint)");
-  ap.add_option("data", "PATH", "tokenized dataset (HDF5 from moba prep), e.g. the validation split");
-  ap.add_option("seq-len", "N", "evaluation length N: each document's first N tokens", "4096");
-  ap.add_option("bucket", "B", "position bucket width (default: the recipe's eval.position_bucket, at most N)");
-  ap.add_option("trailing", "T", "trailing loss over positions [N - T, N) (default: the recipe's eval.trailing, at most N)");
-  ap.add_option("attention", "MODE", "full | moba | as-trained (the attention in force at the checkpoint)", "as-trained");
-  ap.add_option("block-size", "B", "override the MoBA block size (with --attention moba)");
-  ap.add_option("top-k", "K", "override the MoBA top_k (with --attention moba)");
-  ap.add_option("batch-seqs", "S", "sequences per forward pass", "1");
-  ap.add_option("context", "C", "context-parallel ranks per sequence (under mpirun, a divisor of the world size): "
-                "sequences too long for one GPU", "1");
-  ap.add_option("max-docs", "M", "evaluate at most M documents (-1 = all)", "-1");
-  ap.add_option("out", "DIR", "where to write eval JSON/CSV", "<run dir>/eval");
-  if (!ap.parse(args)) return 0;
-  MOBA_CHECK(ap.has("checkpoint") && ap.has("data"), "moba eval: --checkpoint and --data are required", ap.usage());
+namespace {
 
-  std::string ckpt = ap.get("checkpoint");
-  if (fs::is_directory(ckpt)) {
-    fs::path dir = fs::exists(fs::path(ckpt) / "checkpoints") ? fs::path(ckpt) / "checkpoints" : fs::path(ckpt);
-    std::optional<std::string> latest = latest_checkpoint(dir.string());
-    MOBA_CHECK(latest.has_value(), cat("no checkpoint found in ", ckpt), "pass a checkpoint (checkpoints/step_N/) or a run directory");
-    ckpt = *latest;
-  }
-  const int64_t N = ap.get_int("seq-len");
+// What one `moba eval` call asks of every checkpoint it evaluates.
+struct EvalRequest {
+  std::string data;                  // the dataset's path
+  int64_t seq_len = 0;               // N
+  std::optional<int64_t> bucket, trailing;  // unset: the checkpoint's recipe eval.* (at most N)
+  std::string mode = "as-trained";   // full | moba | as-trained
+  std::optional<int> block_size, top_k;
+  int batch_seqs = 1;
+  int context = 1;                   // context-parallel ranks per sequence
+  int64_t max_docs = -1;
+  std::string out;                   // empty: <run dir>/eval
+};
+
+void evaluate_checkpoint(const std::string& ckpt, const EvalRequest& q, const data::TokenDataset& dataset,
+                         parallel::MpiContext& mpi) {
+  const int64_t N = q.seq_len;
+  const int batch_seqs = q.batch_seqs;
+  const int64_t max_docs = q.max_docs;
   CheckpointState saved = read_checkpoint_state(ckpt);
   Recipe r = parse_recipe_text(saved.recipe_yaml, ckpt + " (saved recipe)");
-  const int64_t bucket = ap.has("bucket") ? ap.get_int("bucket") : std::min(N, r.eval.position_bucket);
-  const int64_t trailing = ap.has("trailing") ? ap.get_int("trailing") : std::min(N, r.eval.trailing);
-  const int batch_seqs = static_cast<int>(ap.get_int("batch-seqs"));
-  const int64_t max_docs = ap.get_int("max-docs");
-  MOBA_CHECK(N >= 2, "moba eval: --seq-len must be >= 2", "e.g. --seq-len 4096");
+  const int64_t bucket = q.bucket.value_or(std::min(N, r.eval.position_bucket));
+  const int64_t trailing = q.trailing.value_or(std::min(N, r.eval.trailing));
   MOBA_CHECK(bucket >= 1 && bucket <= N, "moba eval: --bucket must be in [1, seq-len]", "e.g. --bucket 512");
   MOBA_CHECK(trailing >= 1 && trailing <= N, "moba eval: --trailing must be in [1, seq-len]", "e.g. --trailing 512");
-  MOBA_CHECK(batch_seqs >= 1, "moba eval: --batch-seqs must be >= 1", "e.g. --batch-seqs 1");
 
-  data::TokenDataset dataset = data::TokenDataset::open(ap.get("data"));
   model::ModelConfig c = model_config_from(r, 0);
   MOBA_CHECK(dataset.info().vocab_size <= c.vocab_size,
-             cat(ap.get("data"), " has vocabulary ", dataset.info().vocab_size, " but the model was trained with ",
+             cat(q.data, " has vocabulary ", dataset.info().vocab_size, " but ", ckpt, " was trained with ",
                  c.vocab_size),
              "evaluate on data prepared with the model's tokenizer");
 
   AttentionSettings attention = r.attention_at(saved.tokens_seen);
-  const std::string mode = ap.get("attention");
-  if (mode == "full" || mode == "moba") {
-    attention.mode = mode == "moba" ? AttentionMode::moba : AttentionMode::full;
+  if (q.mode == "full" || q.mode == "moba") {
+    attention.mode = q.mode == "moba" ? AttentionMode::moba : AttentionMode::full;
     attention.full_layers = LayerSelection{};
-  } else {
-    MOBA_CHECK(mode == "as-trained", cat("moba eval: --attention '", mode, "' is not allowed"),
-               "allowed: full, moba, as-trained");
   }
-  if (ap.has("block-size")) attention.moba.block_size = static_cast<int>(ap.get_int("block-size"));
-  if (ap.has("top-k")) attention.moba.top_k = static_cast<int>(ap.get_int("top-k"));
-  MOBA_CHECK(attention.moba.block_size >= 1 && attention.moba.top_k >= 1, "moba eval: --block-size and --top-k must be >= 1",
-             "e.g. --block-size 512 --top-k 3");
+  if (q.block_size) attention.moba.block_size = *q.block_size;
+  if (q.top_k) attention.moba.top_k = *q.top_k;
   std::vector<AttentionParams> layers = layer_attention(attention, c);
 
   // Context parallelism: each sequence's zigzag chunks over `context` ranks, data parallelism over the rest.
   const parallel::ParallelLayout layout = parallel::make_layout(
-      mpi.world_size(), mpi.rank(), static_cast<int>(ap.get_int("context")), 0, "moba eval --context");
+      mpi.world_size(), mpi.rank(), q.context, 0, "moba eval --context");
   {
     Recipe as_evaluated = r;
     as_evaluated.data.seq_len = N;
@@ -121,7 +105,7 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
   double totals[4] = {0, 0, 0, 0};  // loss sum, token count, full-length sequences, sequences
   int64_t docs = 0;
   data::ContextShard shard;
-  info("evaluating ", ckpt, " (step ", saved.step, ") on ", ap.get("data"), ": seq_len ", N, ", bucket ", bucket,
+  info("evaluating ", ckpt, " (step ", saved.step, ") on ", q.data, ": seq_len ", N, ", bucket ", bucket,
        ", attention ", describe_attention(layers));
   while (max_docs < 0 || docs < max_docs) {
     std::optional<data::Batch> batch = sampler.next();
@@ -152,7 +136,7 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
   mpi.world().all_reduce(pos_sum.data(), N, parallel::ReduceOp::sum, "position-wise loss");
   mpi.world().all_reduce(pos_count.data(), N, parallel::ReduceOp::sum, "position-wise counts");
   mpi.world().all_reduce(totals, 4, parallel::ReduceOp::sum, "evaluation totals");
-  MOBA_CHECK(totals[1] > 0, cat(ap.get("data"), " yields no evaluation tokens"), "check the dataset");
+  MOBA_CHECK(totals[1] > 0, cat(q.data, " yields no evaluation tokens"), "check the dataset");
 
   const int64_t n_buckets = (N + bucket - 1) / bucket;
   std::vector<double> bucket_loss(static_cast<size_t>(n_buckets), NAN);
@@ -169,9 +153,9 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
     warn("no document reaches ", N, " tokens: position-wise and trailing losses are empty; lower --seq-len");
 
   if (mpi.is_root()) {
-    fs::path out = ap.has("out") ? fs::path(ap.get("out")) : fs::path(r.run_dir) / "eval";
+    fs::path out = q.out.empty() ? fs::path(r.run_dir) / "eval" : fs::path(q.out);
     fs::create_directories(out);
-    std::string stem = cat("eval_step", saved.step, "_", mode, "_N", N);
+    std::string stem = cat("eval_", r.name, "_step", saved.step, "_", q.mode, "_N", N);
     std::ofstream csv(out / (stem + ".csv"));
     csv << "bucket_start,bucket_end,loss,tokens\n";
     for (int64_t b = 0; b < n_buckets; ++b) {
@@ -183,8 +167,10 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
     for (int64_t b = 0; b < n_buckets; ++b) buckets += (b ? ", " : "") + json_number(bucket_loss[b]);
     buckets += "]";
     std::ofstream json(out / (stem + ".json"));
-    json << "{" << json_string("checkpoint") << ": " << json_string(ckpt) << ", " << json_string("step") << ": "
-         << saved.step << ", " << json_string("data") << ": " << json_string(ap.get("data")) << ", "
+    json << "{" << json_string("name") << ": " << json_string(r.name) << ", " << json_string("checkpoint") << ": "
+         << json_string(ckpt) << ", " << json_string("step") << ": " << saved.step << ", "
+         << json_string("tokens_seen") << ": " << json_number(saved.tokens_seen) << ", " << json_string("data")
+         << ": " << json_string(q.data) << ", "
          << json_string("attention") << ": " << json_string(describe_attention(layers)) << ", "
          << json_string("seq_len") << ": " << N << ", " << json_string("bucket") << ": " << bucket << ", "
          << json_string("trailing") << ": " << trailing << ", " << json_string("mean_loss") << ": "
@@ -199,6 +185,57 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
       info(cat("  positions [", b * bucket, ", ", std::min(N, (b + 1) * bucket), "): ", bucket_loss[b]));
     info("wrote ", (out / (stem + ".json")).string(), " and ", (out / (stem + ".csv")).string());
   }
+}
+
+}  // namespace
+
+int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi) {
+  ArgParser ap("eval",
+               "Evaluates checkpoints on long documents: mean, position-wise and trailing LM loss (one JSON + CSV "
+               "per checkpoint, named eval_<run name>_step<S>_<attention>_N<N>).");
+  ap.add_option("checkpoint", "PATH",
+                "checkpoint (a step_N/ directory or step_N.h5 file) or a run directory (its newest checkpoint); repeat "
+                "to evaluate several",
+                "", true);
+  ap.add_option("data", "PATH", "tokenized dataset (HDF5 from moba prep), e.g. the validation split");
+  ap.add_option("seq-len", "N", "evaluation length N: each document's first N tokens", "4096");
+  ap.add_option("bucket", "B", "position bucket width (default: the recipe's eval.position_bucket, at most N)");
+  ap.add_option("trailing", "T", "trailing loss over positions [N - T, N) (default: the recipe's eval.trailing, at most N)");
+  ap.add_option("attention", "MODE", "full | moba | as-trained (the attention in force at the checkpoint)", "as-trained");
+  ap.add_option("block-size", "B", "override the MoBA block size (with --attention moba)");
+  ap.add_option("top-k", "K", "override the MoBA top_k (with --attention moba)");
+  ap.add_option("batch-seqs", "S", "sequences per forward pass", "1");
+  ap.add_option("context", "C", "context-parallel ranks per sequence (under mpirun, a divisor of the world size): "
+                "sequences too long for one GPU", "1");
+  ap.add_option("max-docs", "M", "evaluate at most M documents (-1 = all)", "-1");
+  ap.add_option("out", "DIR", "where to write eval JSON/CSV", "<run dir>/eval");
+  if (!ap.parse(args)) return 0;
+  MOBA_CHECK(ap.has("checkpoint") && ap.has("data"), "moba eval: --checkpoint and --data are required", ap.usage());
+
+  EvalRequest q;
+  q.data = ap.get("data");
+  q.seq_len = ap.get_int("seq-len");
+  if (ap.has("bucket")) q.bucket = ap.get_int("bucket");
+  if (ap.has("trailing")) q.trailing = ap.get_int("trailing");
+  q.mode = ap.get("attention");
+  if (ap.has("block-size")) q.block_size = static_cast<int>(ap.get_int("block-size"));
+  if (ap.has("top-k")) q.top_k = static_cast<int>(ap.get_int("top-k"));
+  q.batch_seqs = static_cast<int>(ap.get_int("batch-seqs"));
+  q.context = static_cast<int>(ap.get_int("context"));
+  q.max_docs = ap.get_int("max-docs");
+  if (ap.has("out")) q.out = ap.get("out");
+  MOBA_CHECK(q.seq_len >= 2, "moba eval: --seq-len must be >= 2", "e.g. --seq-len 4096");
+  MOBA_CHECK(q.batch_seqs >= 1, "moba eval: --batch-seqs must be >= 1", "e.g. --batch-seqs 1");
+  MOBA_CHECK(q.mode == "full" || q.mode == "moba" || q.mode == "as-trained",
+             cat("moba eval: --attention '", q.mode, "' is not allowed"), "allowed: full, moba, as-trained");
+  MOBA_CHECK(q.block_size.value_or(1) >= 1 && q.top_k.value_or(1) >= 1,
+             "moba eval: --block-size and --top-k must be >= 1", "e.g. --block-size 512 --top-k 3");
+
+  // Resolve every checkpoint first, so a typo in the last one fails before the first is evaluated.
+  std::vector<std::string> checkpoints;
+  for (const std::string& given : ap.get_all("checkpoint")) checkpoints.push_back(resolve_checkpoint(given, "moba eval"));
+  const data::TokenDataset dataset = data::TokenDataset::open(q.data);
+  for (const std::string& ckpt : checkpoints) evaluate_checkpoint(ckpt, q, dataset, mpi);
   return 0;
 }
 

@@ -1,5 +1,5 @@
-// `moba eval`: loads a checkpoint and measures, on long documents, the mean loss, the position-wise loss per
-// bucket and the trailing loss (../shared/docs/moba-spec.md): position-wise and trailing losses count only
+// `moba eval`: loads each checkpoint given and measures, on long documents, the mean loss, the position-wise
+// loss per bucket and the trailing loss (../shared/docs/moba-spec.md): position-wise and trailing losses count only
 // sequences that reach the full evaluation length N; the mean loss counts every real token.
 #pragma once
 #include <string>

@@ -342,8 +342,9 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
     run.sampler->restore({saved.sampler.epoch, saved.sampler.cursor / run.layout.data});
     info("resumed from ", path, " at step ", state.step);
   } else if (!r.init_from.empty()) {
-    load_weights(r.init_from, *run.model, run.optimizer.get());
-    info("initialised weights from ", r.init_from);
+    const std::string init = resolve_checkpoint(r.init_from, cat(r.source_path, ": init_from"));
+    load_weights(init, *run.model, run.optimizer.get());
+    info("initialised weights from ", init);
   } else {
     std::vector<float> host;
     model::initialize_parameters(run.model->layout(), c, static_cast<float>(r.model.init_std), r.seed, host);
@@ -385,7 +386,11 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   };
   double next_eval = next_boundary(r.eval.every_tokens, state.tokens_seen);
   double next_checkpoint = next_boundary(r.checkpoint.every_tokens, state.tokens_seen);
-  std::string last_attention_desc;
+  // The attention of the step before the first one run here: a phase switch is logged at its exact step and
+  // token count even when a resume starts right on it.
+  std::string previous_attention =
+      state.step > 0 ? describe_attention(layer_attention(r.attention_at(state.tokens_seen - step_tokens), c)) : "";
+  bool attention_announced = false;
   std::vector<data::Batch> micro(static_cast<size_t>(run.accumulation));
   std::vector<data::ContextShard> micro_shards(micro.size());  // this rank's rows under context parallelism
   std::vector<model::TokenBatch> micro_views(micro.size());
@@ -419,11 +424,13 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
     AttentionSettings attention_now = r.attention_at(state.tokens_seen);
     std::vector<AttentionParams> attention = layer_attention(attention_now, c, r.train.deterministic);
     std::string desc = describe_attention(attention);
-    if (desc != last_attention_desc) {
+    if (desc != previous_attention || !attention_announced) {
       info("attention from step ", state.step, ": ", desc);
-      if (metrics && !last_attention_desc.empty())
-        metrics->write({{"step", cat(state.step)}, {"attention", json_string(desc)}});
-      last_attention_desc = desc;
+      if (metrics && !previous_attention.empty() && desc != previous_attention)
+        metrics->write({{"step", cat(state.step)}, {"tokens", json_number(state.tokens_seen)},
+                        {"attention", json_string(desc)}});
+      previous_attention = desc;
+      attention_announced = true;
     }
     auto t0 = std::chrono::steady_clock::now();
     for (size_t i = 0; i < micro.size(); ++i) {
