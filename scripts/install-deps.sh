@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(build-essential cmake pkg-config xz-utils
           libopenmpi-dev openmpi-bin libhdf5-dev libyaml-cpp-dev libgtest-dev
           libsentencepiece-dev sentencepiece liblzma-dev zlib1g-dev
-          python3-numpy python3-h5py python3-matplotlib)
+          python3-numpy python3-scipy python3-h5py python3-matplotlib)
 
 missing=()
 for p in "${packages[@]}"; do

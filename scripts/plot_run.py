@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Plots a run: training/validation loss against tokens (loss_curve.png) and, for every `moba eval` CSV in
-<run>/eval, the position-wise loss (position_loss.png). Usage: plot_run.py RUN_DIR"""
-import csv
+"""Plots a run: training/validation loss against tokens (loss_curve.png, attention switches marked) and the
+`moba eval` results in <run>/eval overlaid by scripts/plot_positions.py (position_loss.png, .csv,
+_summary.csv). Usage: plot_run.py RUN_DIR"""
 import glob
 import json
 import os
@@ -11,6 +11,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import plot_positions  # noqa: E402
 
 
 def main() -> int:
@@ -22,7 +25,7 @@ def main() -> int:
     if not os.path.exists(metrics):
         print(f"error: {metrics} not found (is {run} a moba run directory?)", file=sys.stderr)
         return 1
-    train, val = [], []
+    train, val, switches = [], [], []
     with open(metrics) as f:
         for line in f:
             row = json.loads(line)
@@ -30,11 +33,17 @@ def main() -> int:
                 train.append((row["tokens"], row["loss"]))
             if "val_loss" in row:
                 val.append((row["tokens"], row["val_loss"]))
+            if "attention" in row and "tokens" in row:
+                switches.append((row["tokens"], row["attention"]))
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
+    for tokens, attention in switches:
+        ax.axvline(tokens, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(f"-> {attention}", (tokens, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                    rotation=90, va="top", ha="right", color="grey")
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"{os.path.basename(os.path.normpath(run))}: loss")
@@ -45,26 +54,17 @@ def main() -> int:
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
 
-    csvs = sorted(glob.glob(os.path.join(run, "eval", "*.csv")))
-    if csvs:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for path in csvs:
-            xs, ys = [], []
-            with open(path) as f:
-                for row in csv.DictReader(f):
-                    if row["loss"] not in ("", "null"):
-                        xs.append((int(row["bucket_start"]) + int(row["bucket_end"])) / 2)
-                        ys.append(float(row["loss"]))
-            ax.plot(xs, ys, "o-", label=os.path.basename(path)[:-4])
-        ax.set_xlabel("position in document (bucket centre)")
-        ax.set_ylabel("loss (nats/token)")
-        ax.set_title("position-wise loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        out = os.path.join(run, "position_loss.png")
-        fig.savefig(out, dpi=120)
-        print(f"wrote {out}")
+    evals = sorted(glob.glob(os.path.join(run, "eval", "*.json")))
+    if evals:
+        results = [plot_positions.load_eval(p) for p in evals]
+        shapes = sorted({(r["seq_len"], r["bucket"]) for r in results})
+        if len(shapes) > 1:  # overlay only results evaluated alike: the longest evaluation
+            keep = max(shapes)
+            results = [r for r in results if (r["seq_len"], r["bucket"]) == keep]
+            print(f"note: plotting the evaluations at seq_len {keep[0]} only (others: {shapes[:-1]})")
+        labels = [f"{r['name']} step {r['step']}: {r['attention']}" for r in results]
+        for path in plot_positions.overlay(results, labels, os.path.join(run, "position_loss")):
+            print(f"wrote {path}")
     return 0
 
 
