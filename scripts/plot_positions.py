@@ -4,7 +4,8 @@ trailing loss annotated, and writes the numbers next to it:
     plot_positions.py --out DIR/positions EVAL.json[=LABEL] ...
 -> DIR/positions.png, DIR/positions.csv (one row per position bucket, one loss column per curve) and
 DIR/positions_summary.csv (per curve: mean loss, trailing loss and its range, documents reaching the full length).
-Labels default to the run name plus the evaluated attention when that differs between files."""
+Labels default to the run names without their common prefix (plus the evaluated attention when a run appears
+twice)."""
 import argparse
 import csv
 import json
@@ -22,7 +23,12 @@ def load_eval(path):
 
 
 def default_labels(results):
+    """Run names without the prefix they all share (e.g. "mini-positions-d256-l4-"), plus the evaluated attention
+    when two results come from the same run."""
     names = [r.get("name", os.path.basename(r["checkpoint"])) for r in results]
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    prefix = prefix[:prefix.rfind("-") + 1]
+    names = [n[len(prefix):] or n for n in names]
     if len(set(names)) == len(names):
         return names
     return [f"{n} ({r['attention']})" for n, r in zip(names, results)]

@@ -13,7 +13,12 @@ fi
 
 ./build/moba train recipes/quickstart.yaml
 run=runs/quickstart
-./build/moba eval --checkpoint "$run" --data "$data/val.h5" --seq-len 1024 --bucket 128 --out "$run/eval"
+# Position-wise loss within the trained context (256 tokens), the model as trained (MoBA B=32, k=3 in layers 0-2,
+# full attention in layer 3) next to the same weights with full attention in every layer.
+for attention in as-trained full; do
+  ./build/moba eval --checkpoint "$run" --data "$data/val.h5" --seq-len 256 --bucket 32 --trailing 32 \
+    --attention "$attention" --out "$run/eval"
+done
 
 python=python3
 for candidate in /usr/bin/python3 python3; do
@@ -24,5 +29,5 @@ done
 echo
 echo "Quickstart done."
 echo "  run directory : $run (recipe.yaml, metrics.jsonl, checkpoints/)"
-echo "  evaluation    : $run/eval/*.json, $run/eval/*.csv"
-echo "  plots         : $run/loss_curve.png, $run/position_loss.png"
+echo "  evaluation    : $run/eval/*.json, $run/eval/*.csv (as trained and with full attention, within 256 tokens)"
+echo "  plots         : $run/loss_curve.png, $run/position_loss.png (+ position_loss.csv, position_loss_summary.csv)"

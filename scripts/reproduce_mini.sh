@@ -5,14 +5,17 @@
 # Every stage is resumable (sweep.py skips finished runs) and is skipped once --deadline seconds have passed, so a
 # time-limited machine returns what finished; results are packed into OUT/mini-results.tar.gz after each stage.
 #
-#   scripts/reproduce_mini.sh --work DIR --out OUT [--moba BIN] [--shared ../shared/data] [--deadline S] [--smoke]
+#   scripts/reproduce_mini.sh --work DIR --out OUT [--moba BIN] [--shared ../shared/data] [--deadline S]
+#                             [--suite mini|micro] [--smoke]
 #
+# --suite micro: the specs of recipes/micro/ instead (the same experiments scaled to a 2-core CPU, ~1 hour).
 # --smoke: the same stages on the CPU with every run cut to a step or two and contexts to 512 (a dry run of the
 # whole pipeline before spending GPU time). Fits and plots need numpy/scipy/matplotlib; without them the stage
 # says so and the raw CSV/JSONL still land in OUT.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=runs/mini-work out=runs/mini-out moba=$repo/build/moba shared=$repo/../shared/data deadline=100000 smoke=0
+suite=mini
 while [ $# -gt 0 ]; do
   case $1 in
     --work) work=$2; shift 2 ;;
@@ -20,6 +23,7 @@ while [ $# -gt 0 ]; do
     --moba) moba=$2; shift 2 ;;
     --shared) shared=$2; shift 2 ;;
     --deadline) deadline=$2; shift 2 ;;
+    --suite) suite=$2; shift 2 ;;
     --smoke) smoke=1; shift ;;
     *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
   esac
@@ -48,10 +52,10 @@ time_left() { [ $((SECONDS - start)) -lt "$deadline" ] || { log "deadline: skipp
 pack() {
   log "packing results"
   local dirs=()
-  for d in runs/mini-*; do [ -d "$d" ] && dirs+=("$d"); done
+  for d in runs/"$suite"-*; do [ -d "$d" ] && dirs+=("$d"); done
   if [ ${#dirs[@]} -gt 0 ]; then
-    tar czf "$out/mini-results.tar.gz.tmp" --exclude='*.h5' --exclude='*.h5.tmp' "${dirs[@]}"
-    mv "$out/mini-results.tar.gz.tmp" "$out/mini-results.tar.gz"
+    tar czf "$out/$suite-results.tar.gz.tmp" --exclude='*.h5' --exclude='*.h5.tmp' "${dirs[@]}"
+    mv "$out/$suite-results.tar.gz.tmp" "$out/$suite-results.tar.gz"
   fi
 }
 stage() {  # stage NAME COMMAND...: runs the command unless the deadline passed; a failure is reported, not fatal
@@ -84,28 +88,28 @@ prepare_data() {
 # fit and plot whatever finished.
 sft() {
   local rc=0
-  "${sweep[@]}" run recipes/mini/sft-pretrain.sweep.json "${common[@]}" || return 1
-  "${sweep[@]}" run recipes/mini/sft.sweep.json "${common[@]}" || rc=1
-  "${sweep[@]}" collect recipes/mini/sft.sweep.json "${common[@]}" || rc=1
+  "${sweep[@]}" run recipes/$suite/sft-pretrain.sweep.json "${common[@]}" || return 1
+  "${sweep[@]}" run recipes/$suite/sft.sweep.json "${common[@]}" || rc=1
+  "${sweep[@]}" collect recipes/$suite/sft.sweep.json "${common[@]}" || rc=1
   return $rc
 }
 
 scaling() {
   local rc=0
-  "${sweep[@]}" run recipes/mini/scaling.sweep.json "${common[@]}" || rc=1
-  "${sweep[@]}" collect recipes/mini/scaling.sweep.json "${common[@]}" || rc=1
-  "${sweep[@]}" fit recipes/mini/scaling.sweep.json "${common[@]}" || rc=1
-  "${sweep[@]}" fit recipes/mini/scaling.sweep.json "${common[@]}" --compute flops || rc=1
+  "${sweep[@]}" run recipes/$suite/scaling.sweep.json "${common[@]}" || rc=1
+  "${sweep[@]}" collect recipes/$suite/scaling.sweep.json "${common[@]}" || rc=1
+  "${sweep[@]}" fit recipes/$suite/scaling.sweep.json "${common[@]}" || rc=1
+  "${sweep[@]}" fit recipes/$suite/scaling.sweep.json "${common[@]}" --compute flops || rc=1
   return $rc
 }
 
 positions() {
   local rc=0 eval_args=()
   [ "$smoke" = 1 ] && eval_args=(--eval seq_len=512 --eval bucket=64 --eval trailing=64 --eval max_docs=4)
-  "${sweep[@]}" run recipes/mini/positions.sweep.json "${common[@]}" "${eval_args[@]}" || rc=1
-  "${sweep[@]}" collect recipes/mini/positions.sweep.json "${common[@]}" "${eval_args[@]}" || rc=1
-  "$python" "$repo/scripts/plot_positions.py" --out runs/mini-positions/positions \
-    --title "byte-level Linux sources, 32K context, held-out documents" runs/mini-positions/eval/*.json || rc=1
+  "${sweep[@]}" run recipes/$suite/positions.sweep.json "${common[@]}" "${eval_args[@]}" || rc=1
+  "${sweep[@]}" collect recipes/$suite/positions.sweep.json "${common[@]}" "${eval_args[@]}" || rc=1
+  "$python" "$repo/scripts/plot_positions.py" --out "runs/$suite-positions/positions" \
+    --title "byte-level Linux sources, held-out documents ($suite)" runs/"$suite"-positions/eval/*.json || rc=1
   return $rc
 }
 
@@ -113,4 +117,4 @@ stage data prepare_data
 stage sft sft
 stage scaling scaling
 stage positions positions
-log "done in $((SECONDS - start))s; results in $out/mini-results.tar.gz"
+log "done in $((SECONDS - start))s; results in $out/$suite-results.tar.gz"

@@ -135,12 +135,14 @@ class Sweep(unittest.TestCase):
         self.assertEqual([int(r["position_start"]) for r in rows], [0, 32, 64, 96])
         self.assertEqual(len(rows[0]), 2 + 4)
         summary = {r["label"]: r for r in read_csv(prefix + "_summary.csv")}
+        self.assertEqual(sorted(summary), ["s1-full", "s1-moba", "s2-full", "s2-moba"])  # "ladder-" dropped
         for path in evals:
             with open(path) as f:
                 result = json.load(f)
-            self.assertAlmostEqual(float(summary[result["name"]]["trailing_loss"]), result["trailing_loss"], places=9)
-            self.assertAlmostEqual(float(rows[-1][result["name"]]), result["position_loss"][-1], places=5)
-            self.assertEqual(summary[result["name"]]["trailing_start"], "96")
+            label = result["name"][len("ladder-"):]
+            self.assertAlmostEqual(float(summary[label]["trailing_loss"]), result["trailing_loss"], places=9)
+            self.assertAlmostEqual(float(rows[-1][label]), result["position_loss"][-1], places=5)
+            self.assertEqual(summary[label]["trailing_start"], "96")
 
     def test_bad_specs_are_clear_errors(self):
         bad = os.path.join(self.dir, "bad.json")
