@@ -220,7 +220,9 @@ def write_table(path, rows, columns):
 # ---- state read back from the run directories -----------------------------------------------------------
 
 def final_checkpoint(run):
-    return os.path.join(run["run_dir"], "checkpoints", f"step_{run['steps']:08d}.h5")
+    """The checkpoint `moba train` leaves at the last step: a step_N/ directory (step_N.h5 before format 2)."""
+    path = os.path.join(run["run_dir"], "checkpoints", f"step_{run['steps']:08d}")
+    return path + ".h5" if os.path.exists(path + ".h5") else path
 
 
 def is_trained(run):

@@ -88,7 +88,7 @@ class Sweep(unittest.TestCase):
         support.run([support.MOBA, "train", plan["s2-moba"]["recipe"], "--max-steps", "3"])
         output = self.sweep("all")
         self.assertIn("s1-full: finished", output)
-        self.assertIn("resumed from " + plan["s2-moba"]["run_dir"] + "/checkpoints/step_00000003.h5", output)
+        self.assertIn("resumed from " + plan["s2-moba"]["run_dir"] + "/checkpoints/step_00000003", output)
         for run in plan.values():
             self.assertEqual(training_steps(run["run_dir"]), list(range(1, int(run["steps"]) + 1)), run["run"])
         self.assertEqual(sum(line.startswith("sbatch") for line in self.sweep("commands", "--sbatch", "").splitlines()), 0)
