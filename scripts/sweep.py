@@ -129,14 +129,15 @@ def load_bench(path, moba):
 
 
 def matching_bench(records, recipe, cost):
-    """The record of this very recipe, else one with the same seq_len and (dominant) attention; None if none."""
-    for record in reversed(records):
-        if os.path.normpath(record["recipe"]) == os.path.normpath(recipe):
-            return record
+    """The newest record of this very recipe, else of the same seq_len and (dominant) attention, else of the same
+    seq_len; None if none."""
     kind = "full" if cost["attention_flops"] >= cost["attention_flops_full"] else "moba"
-    for record in reversed(records):
-        if record["seq"] == cost["seq_len"] and record["attention"] == kind:
-            return record
+    for match in (lambda r: os.path.normpath(r["recipe"]) == os.path.normpath(recipe),
+                  lambda r: r["seq"] == cost["seq_len"] and r["attention"] == kind,
+                  lambda r: r["seq"] == cost["seq_len"]):
+        for record in reversed(records):
+            if match(record):
+                return record
     return None
 
 
@@ -198,9 +199,11 @@ def add_header(recipe, spec, cost, measured=None):
               f"# Attention: {cost['attention']}."]
     if measured:
         same = os.path.normpath(measured["recipe"]) == os.path.normpath(recipe)
-        header.append(f"# Expected time on one {measured['device']}: {cost['expected_hours']:,.1f} hours at "
+        device = measured["device"].removeprefix("cuda (").removesuffix(")")  # "cuda (NVIDIA H200)" -> the GPU
+        header.append(f"# Expected time on one {device}: {cost['expected_hours']:,.1f} hours at "
                       f"{measured['flops_per_s'] / 1e12:,.0f} TFLOP/s (counted as above), the rate measured "
-                      + ("on this recipe" if same else f"on {measured['recipe']}") + f" by `{measured['command']}` "
+                      + ("on this recipe" if same else f"on {measured['recipe']} ({measured['attention']} attention)")
+                      + f" by `{measured['command']}` "
                       f"({measured['tokens_per_s']:,} tokens/s, peak {measured['peak_gib']:.1f} GiB; "
                       f"{measured['commit']}, {measured['date']}).")
     with open(recipe + ".tmp", "w") as f:
