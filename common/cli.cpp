@@ -1,5 +1,7 @@
 #include "common/cli.h"
 
+#include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <sstream>
 
@@ -78,20 +80,18 @@ bool ArgParser::parse(const std::vector<std::string>& args) {
         std::string allowed;
         for (const Spec& sp : specs_)
           if (!sp.positional) allowed += " --" + sp.name;
-        throw Error(cat("moba ", command_, ": unknown option --", name), cat("allowed:", allowed, " (see --help)"));
+        throw UsageError(cat("moba ", command_, ": unknown option --", name), cat("allowed:", allowed, " (see --help)"));
       }
       if (s->is_flag) {
-        MOBA_CHECK(!has_value, cat("moba ", command_, ": --", name, " takes no value"), "write it alone: --" + name);
+        check(!has_value, cat("--", name, " takes no value"), "write it alone: --" + name);
         values_[name].push_back("1");
         continue;
       }
       if (!has_value) {
-        MOBA_CHECK(i + 1 < args.size(), cat("moba ", command_, ": --", name, " needs a value (", s->value_name, ")"),
-                   "see --help");
+        check(i + 1 < args.size(), cat("--", name, " needs a value (", s->value_name, ")"), "see --help");
         value = args[++i];
       }
-      MOBA_CHECK(s->repeatable || !values_.count(name), cat("moba ", command_, ": --", name, " given twice"),
-                 "give it once");
+      check(s->repeatable || !values_.count(name), cat("--", name, " given twice"), "give it once");
       values_[name].push_back(value);
     } else {
       positionals.push_back(a);
@@ -101,7 +101,7 @@ bool ArgParser::parse(const std::vector<std::string>& args) {
   for (const Spec& s : specs_) {
     if (!s.positional) continue;
     if (next >= positionals.size()) {
-      MOBA_CHECK(!s.required, cat("moba ", command_, ": missing argument ", s.name), usage());
+      check(!s.required, cat("missing argument ", s.name), usage());
       continue;
     }
     if (s.repeatable) {
@@ -110,8 +110,8 @@ bool ArgParser::parse(const std::vector<std::string>& args) {
       values_[s.name].push_back(positionals[next++]);
     }
   }
-  MOBA_CHECK(next == positionals.size(), cat("moba ", command_, ": unexpected argument '", positionals[next], "'"),
-             "see --help");
+  check(next == positionals.size(), cat("unexpected argument '", next < positionals.size() ? positionals[next] : "", "'"),
+        "see --help");
   return true;
 }
 
@@ -131,26 +131,51 @@ std::vector<std::string> ArgParser::get_all(const std::string& name) const {
   return it == values_.end() ? std::vector<std::string>{} : it->second;
 }
 
-long long ArgParser::get_int(const std::string& name) const {
-  std::string v = get(name);
-  try {
-    size_t pos = 0;
-    long long x = std::stoll(v, &pos);
-    if (pos == v.size()) return x;
-  } catch (...) {
-  }
-  throw Error(cat("moba ", command_, ": --", name, " expects an integer, got '", v, "'"), "see --help");
+void ArgParser::check(bool ok, const std::string& what, const std::string& hint) const {
+  if (!ok) throw UsageError(cat("moba ", command_, ": ", what), hint);
 }
 
-double ArgParser::get_double(const std::string& name) const {
-  std::string v = get(name);
-  try {
-    size_t pos = 0;
-    double x = std::stod(v, &pos);
-    if (pos == v.size()) return x;
-  } catch (...) {
+long long ArgParser::get_int(const std::string& name, long long min, long long max) const {
+  const std::string v = get(name);
+  long long x = 0;
+  auto [end, error] = std::from_chars(v.data(), v.data() + v.size(), x);
+  if (error != std::errc() || end != v.data() + v.size()) {  // 1e6 is a whole number too
+    double d = 0;
+    auto [d_end, d_error] = std::from_chars(v.data(), v.data() + v.size(), d);
+    check(d_error != std::errc::invalid_argument && d_end == v.data() + v.size() && !std::isnan(d) &&
+              (d_error != std::errc() || d == std::floor(d)),
+          cat("--", name, " expects a whole number, got '", v, "'"), "see --help");
+    check(d_error == std::errc() && d >= static_cast<double>(min) && d <= static_cast<double>(max) &&
+              std::abs(d) <= 9.0e15,
+          cat("--", name, " ", v, " is out of range [", min, ", ", max, "]"), "see --help for what it means");
+    x = static_cast<long long>(d);
   }
-  throw Error(cat("moba ", command_, ": --", name, " expects a number, got '", v, "'"), "see --help");
+  check(x >= min && x <= max, cat("--", name, " ", v, " is out of range [", min, ", ", max, "]"),
+        "see --help for what it means");
+  return x;
+}
+
+double ArgParser::get_double(const std::string& name, double min, double max) const {
+  const std::string v = get(name);
+  double x = 0;
+  auto [end, error] = std::from_chars(v.data(), v.data() + v.size(), x);
+  check(error != std::errc::invalid_argument && end == v.data() + v.size(),
+        cat("--", name, " expects a number, got '", v, "'"), "see --help");
+  check(error == std::errc() && std::isfinite(x), cat("--", name, " expects a finite number, got '", v, "'"),
+        "see --help");
+  check(x >= min && x <= max, cat("--", name, " ", v, " is out of range [", min, ", ", max, "]"),
+        "see --help for what it means");
+  return x;
+}
+
+std::string ArgParser::get_choice(const std::string& name, const std::vector<std::string>& choices) const {
+  const std::string v = get(name);
+  std::string allowed;
+  for (const std::string& c : choices) {
+    if (c == v) return v;
+    allowed += (allowed.empty() ? "" : ", ") + c;
+  }
+  throw UsageError(cat("moba ", command_, ": --", name, " '", v, "' is not allowed"), cat("allowed: ", allowed));
 }
 
 }  // namespace moba

@@ -1,6 +1,6 @@
 // Errors the user can act on: every failure is a moba::Error carrying what went wrong and how to fix it.
-// Invariant: library code throws, never exits; only trainer/main.cpp turns an Error into an exit code
-// (and an MPI abort when several ranks run), so nothing already written is lost half-way.
+// Invariant: library code throws, never exits; only trainer/main.cpp turns an Error into an exit code (2 for a
+// UsageError, else 1; an MPI abort when several ranks run), so nothing already written is lost half-way.
 #pragma once
 #include <sstream>
 #include <stdexcept>
@@ -15,6 +15,13 @@ class Error : public std::runtime_error {
 
  private:
   std::string hint_;
+};
+
+// A command line the command cannot run: unknown command or option, a missing or malformed argument, an option
+// value out of range, a malformed --set. main() exits with 2 for these (1 for every other Error).
+class UsageError : public Error {
+ public:
+  using Error::Error;
 };
 
 // Builds a message from stream pieces: moba::cat("bad value ", x, " in ", file).

@@ -92,6 +92,17 @@ Handle checksummed_chunks(const std::vector<hsize_t>& chunk) {
   return dcpl;
 }
 
+// The filters of a dataset's pipeline (Fletcher32, deflate, ...), in order.
+std::vector<H5Z_filter_t> filters_of(hid_t dcpl) {
+  std::vector<H5Z_filter_t> filters;
+  for (int i = 0, n = H5Pget_nfilters(dcpl); i < n; ++i) {
+    unsigned flags = 0;
+    size_t n_values = 0;
+    filters.push_back(H5Pget_filter2(dcpl, static_cast<unsigned>(i), &flags, &n_values, nullptr, 0, nullptr, nullptr));
+  }
+  return filters;
+}
+
 std::string norm(const std::string& name) { return name.empty() || name[0] != '/' ? "/" + name : name; }
 
 }  // namespace
@@ -240,20 +251,39 @@ bool File::has_checksum(const std::string& dataset) const {
   Handle d = open_dataset(dataset);
   Handle dcpl(H5Dget_create_plist(d.id()), Handle::Kind::plist);
   MOBA_H5_CHECK(dcpl.id(), cat("cannot read the layout of ", dataset, " in ", path_), kReadHint);
-  int filters = H5Pget_nfilters(dcpl.id());
-  for (int i = 0; i < filters; ++i) {
-    unsigned flags = 0;
-    size_t n_values = 0;
-    if (H5Pget_filter2(dcpl.id(), static_cast<unsigned>(i), &flags, &n_values, nullptr, 0, nullptr, nullptr) ==
-        H5Z_FILTER_FLETCHER32)
-      return true;
-  }
-  return false;
+  const std::vector<H5Z_filter_t> filters = filters_of(dcpl.id());
+  return std::find(filters.begin(), filters.end(), H5Z_FILTER_FLETCHER32) != filters.end();
 }
 
 int64_t File::numel(const std::string& dataset) const {
-  int64_t n = 1;
-  for (int64_t d : shape(dataset)) n *= d;
+  // A damaged header can claim any shape: before anyone allocates, the element count must fit what the file can
+  // store, and the storage must hold them all: a contiguous or compact block exactly (libhdf5 1.10 copies the whole
+  // extent out of a shorter block: a crash, found by fuzz/fuzz_dataset), uncompressed chunks at least (a chunk
+  // missing from a damaged index would read as zeros). Compressed data (test vectors written by h5py; moba itself
+  // never compresses) is bounded by deflate's largest ratio instead.
+  Handle d = open_dataset(dataset);
+  Handle type(H5Dget_type(d.id()), Handle::Kind::datatype);
+  Handle dcpl(H5Dget_create_plist(d.id()), Handle::Kind::plist);
+  bool compressed = false;
+  for (H5Z_filter_t filter : filters_of(dcpl.id())) compressed |= filter != H5Z_FILTER_FLETCHER32;
+  hsize_t file_bytes = 0;
+  MOBA_H5_CHECK(H5Fget_filesize(id(), &file_bytes), cat("cannot get the size of ", path_), kReadHint);
+  const hsize_t capacity = compressed ? file_bytes * 1032 : file_bytes;
+  int64_t n = 1, bytes = static_cast<int64_t>(std::max<size_t>(H5Tget_size(type.id()), 1));
+  for (int64_t extent : shape(dataset)) {
+    MOBA_CHECK(!__builtin_mul_overflow(n, extent, &n) && !__builtin_mul_overflow(bytes, extent, &bytes) &&
+                   static_cast<hsize_t>(bytes) <= capacity,
+               cat(path_, ": dataset '", dataset, "' claims more elements than the file's ", file_bytes,
+                   " bytes can hold: the file is corrupt"),
+               kCorruptHint);
+  }
+  const H5D_layout_t layout = H5Pget_layout(dcpl.id());
+  const hsize_t stored = H5Dget_storage_size(d.id());
+  MOBA_CHECK(n == 0 || (layout == H5D_CHUNKED ? compressed || stored >= static_cast<hsize_t>(bytes)
+                                               : stored == static_cast<hsize_t>(bytes)),
+             cat(path_, ": dataset '", dataset, "' stores ", stored, " bytes for ", n, " elements (", bytes,
+                 " bytes): the file is corrupt"),
+             kCorruptHint);
   return n;
 }
 
@@ -280,7 +310,7 @@ StoredType File::stored_type(const std::string& dataset) const {
 template <typename T>
 std::vector<T> File::read(const std::string& dataset) const {
   Handle d = open_dataset(dataset);
-  std::vector<T> out(static_cast<size_t>(numel(dataset)));
+  std::vector<T> out(static_cast<size_t>(numel(dataset)));  // numel() checked the count against the file
   if (!out.empty() && H5Dread(d.id(), native_type<T>(), H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) < 0)
     throw_hdf5_failure(cat(path_, ": cannot read dataset '", dataset, "'"), kReadHint);
   return out;
@@ -291,9 +321,10 @@ void File::read_range(const std::string& dataset, int64_t offset, int64_t count,
   if (count == 0) return;
   Handle d = open_dataset(dataset);
   Handle space(H5Dget_space(d.id()), Handle::Kind::dataspace);
-  hsize_t n = 0;
-  H5Sget_simple_extent_dims(space.id(), &n, nullptr);
-  MOBA_CHECK(offset >= 0 && count >= 0 && static_cast<hsize_t>(offset + count) <= n,
+  MOBA_CHECK(H5Sget_simple_extent_ndims(space.id()) == 1,
+             cat(path_, ": dataset '", dataset, "' is not 1-D: the file is corrupt or not moba's"), kCorruptHint);
+  const hsize_t n = static_cast<hsize_t>(numel(dataset));
+  MOBA_CHECK(offset >= 0 && count >= 0 && offset <= INT64_MAX - count && static_cast<hsize_t>(offset + count) <= n,
              cat("read of [", offset, ", ", offset + count, ") past the end of ", dataset, " (", n, ") in ", path_),
              "the dataset is inconsistent (offsets beyond the token array); recreate it with moba prep");
   hsize_t start = static_cast<hsize_t>(offset), cnt = static_cast<hsize_t>(count);

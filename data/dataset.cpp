@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "common/error.h"
+#include "common/host_memory.h"
 #include "common/log.h"
 
 namespace moba::data {
@@ -85,6 +86,13 @@ TokenDataset TokenDataset::open(const std::string& path) {
   info.num_documents = static_cast<int64_t>(offsets.size()) - 1;
   info.num_tokens = num_tokens;
 
+  // The tokens (and mask) are held in memory as uint32 (and uint8): refuse before allocating what cannot fit.
+  const size_t needed = static_cast<size_t>(num_tokens) * (sizeof(uint32_t) + (file.exists("loss_mask") ? 1 : 0));
+  const size_t available = host_available_bytes();
+  MOBA_CHECK(available == 0 || needed <= available,
+             cat(path, ": its ", num_tokens, " tokens need ", needed >> 20, " MiB of memory but this machine has ",
+                 available >> 20, " MiB available"),
+             "prepare a smaller dataset (moba prep --max-bytes) or use a machine with more memory");
   if (!file.has_checksum("tokens"))
     moba::info("note: ", path, " carries no checksums (written before moba added them), so corruption in it cannot be "
          "detected; re-run moba prep to add them");

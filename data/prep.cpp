@@ -7,6 +7,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <optional>
 
 #include "common/cli.h"
@@ -356,30 +357,28 @@ int prep_command(const std::vector<std::string>& args) {
   parser.add_option("max-bytes", "N", "read at most N bytes of text, cutting the last document (default: all)");
   if (!parser.parse(args)) return 0;
 
-  MOBA_CHECK(parser.has("out"), "moba prep: --out DIR is required",
-             "e.g. moba prep data/sample/python-docs.jsonl.xz --out data/prepared/python-docs");
+  parser.check(parser.has("out"), "--out DIR is required",
+               "e.g. moba prep data/sample/python-docs.jsonl.xz --out data/prepared/python-docs");
   PrepOptions options;
   options.inputs = parser.get_all("inputs");
   options.output_dir = parser.get("out");
-  options.tokenizer = parser.get("tokenizer");
-  options.sp_model_type = parser.get("sp-model-type");
+  options.tokenizer = parser.get_choice("tokenizer", {"byte", "sentencepiece"});
+  options.sp_model_type = parser.get_choice("sp-model-type", {"bpe", "unigram"});
   options.sp_model = parser.get("sp-model");
   if (!options.sp_model.empty() && !parser.has("tokenizer")) options.tokenizer = "sentencepiece";
   const bool trains_sentencepiece = options.tokenizer == "sentencepiece" && options.sp_model.empty();
   for (const char* training_option : {"vocab-size", "sp-model-type"})
     if (parser.has(training_option) && !trains_sentencepiece)
       warn("moba prep: --", training_option, " only applies when training SentencePiece; ignored");
-  const long long vocab_size = parser.get_int("vocab-size");
-  MOBA_CHECK(vocab_size >= 1 && vocab_size <= 1000000, cat("moba prep: --vocab-size ", vocab_size, " is out of range"),
-             "use e.g. 8000 (SentencePiece needs at least 300)");
-  options.vocab_size = static_cast<int>(vocab_size);
-  options.val_fraction = parser.get_double("val-fraction");
-  const long long seed = parser.get_int("seed");
-  MOBA_CHECK(seed >= 0, cat("moba prep: --seed ", seed, " must be >= 0"), "use e.g. 1234");
-  options.seed = static_cast<uint64_t>(seed);
+  options.vocab_size = static_cast<int>(parser.get_int("vocab-size", 300, 1000000));  // SentencePiece's range
+  options.val_fraction = parser.get_double("val-fraction", 0, 1);
+  parser.check(options.val_fraction < 1, "--val-fraction 1 would hold out every document",
+               "use e.g. 0.05 (with 2 or more documents, one document goes to val whatever the fraction)");
+  options.seed = static_cast<uint64_t>(parser.get_int("seed", 0, std::numeric_limits<long long>::max()));
   options.sft = parser.flag("sft");
-  if (parser.has("max-documents")) options.max_documents = parser.get_int("max-documents");
-  if (parser.has("max-bytes")) options.max_bytes = parser.get_int("max-bytes");
+  const long long no_limit = std::numeric_limits<long long>::max();
+  if (parser.has("max-documents")) options.max_documents = parser.get_int("max-documents", 1, no_limit);
+  if (parser.has("max-bytes")) options.max_bytes = parser.get_int("max-bytes", 1, no_limit);
   run_prep(options);
   return 0;
 }

@@ -37,7 +37,8 @@ class Backend {
   // Bytes held by allocate() and backend scratch now, and the most held at once since creation.
   virtual size_t allocated_bytes() const = 0;
   virtual size_t peak_bytes() const = 0;
-  // Device memory still free for allocate(), or 0 where the backend sets no limit (host memory).
+  // Memory still free for allocate(): the GPU's free memory, or on the CPU the host memory this process may
+  // still use (common/host_memory.h); 0 when unknown.
   virtual size_t available_bytes() const = 0;
   // Runs fn `warmup` times, then `reps` times, returning each timed run's milliseconds (CUDA events on the
   // GPU, a steady clock on the CPU).

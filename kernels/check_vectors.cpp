@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <sstream>
 
@@ -307,11 +308,16 @@ int check_vectors_command(const std::vector<std::string>& args) {
                     cat(defaults.min_selection_agreement));
   if (!parser.parse(args)) return 0;
 
-  const std::string backend = parser.get("backend");
-  MOBA_CHECK(backend == "cpu" || backend == "cuda",
-             cat("moba check-vectors: unknown --backend '", backend, "'"), "use --backend cpu or --backend cuda");
+  const std::string backend = parser.get_choice("backend", {"cpu", "cuda"});
+  // Tolerances are read before any work: a NaN tolerance would pass every comparison.
+  VectorTolerances tol = backend == "cuda" ? cuda_tolerances() : VectorTolerances{};
+  const double max_error = std::numeric_limits<double>::max();
+  if (parser.has("tol-o")) tol.o = parser.get_double("tol-o", 0, max_error);
+  if (parser.has("tol-lse")) tol.lse = parser.get_double("tol-lse", 0, max_error);
+  if (parser.has("tol-grad")) tol.grad = parser.get_double("tol-grad", 0, max_error);
+  if (parser.has("min-selection-agreement"))
+    tol.min_selection_agreement = parser.get_double("min-selection-agreement", 0, 1);
   std::unique_ptr<Backend> be;
-  VectorTolerances tol;
   if (backend == "cuda") {
     try {
       be = make_backend("cuda");
@@ -320,15 +326,9 @@ int check_vectors_command(const std::vector<std::string>& args) {
       std::fprintf(stderr, "  hint: run on a machine with an NVIDIA GPU, or use --backend cpu\n");
       return 2;
     }
-    tol = cuda_tolerances();
   } else {
     be = make_cpu_backend();
   }
-  if (parser.has("tol-o")) tol.o = parser.get_double("tol-o");
-  if (parser.has("tol-lse")) tol.lse = parser.get_double("tol-lse");
-  if (parser.has("tol-grad")) tol.grad = parser.get_double("tol-grad");
-  if (parser.has("min-selection-agreement"))
-    tol.min_selection_agreement = parser.get_double("min-selection-agreement");
 
   const h5::File file = h5::File::open_read(parser.get("FILE.h5"));
   const std::vector<std::string> all_cases = vector_case_names(file);

@@ -101,30 +101,6 @@ void write_directory(const std::string& dir, const std::map<std::string, std::st
   for (const auto& [name, bytes] : files) std::ofstream(dir + "/" + name, std::ios::binary) << bytes;
 }
 
-// A format-1 checkpoint (one step_N.h5 of whole arenas, as moba wrote before directory checkpoints).
-void write_single_file_checkpoint(const std::string& path, const TinyModel& m, const CheckpointState& s) {
-  const model::ParameterLayout& layout = m.model.layout();
-  h5::File file = h5::File::create(path);
-  const char* groups[3] = {"params", "optimizer/m", "optimizer/v"};
-  const AdamW::State states[3] = {AdamW::State::master, AdamW::State::first_moment, AdamW::State::second_moment};
-  for (int k = 0; k < 3; ++k) {
-    std::vector<float> packed = m.optimizer.state_to_host(states[k]);
-    std::vector<float> arena(static_cast<size_t>(layout.total()), 0.0f);
-    for (const AdamW::OwnedRange& r : m.optimizer.owned())
-      std::copy_n(packed.begin() + r.state_offset, r.numel, arena.begin() + r.offset);
-    for (const model::ParamTensor& t : layout.tensors())
-      file.write(std::string(groups[k]) + "/" + t.name, layout.read_tensor(arena, t).data(), t.shape);
-  }
-  file.set_attr("/", "format_version", int64_t{1});
-  file.set_attr("/", "step", s.step);
-  file.set_attr("/", "tokens_seen", s.tokens_seen);
-  file.set_attr("/", "optimizer_steps", m.optimizer.steps_taken());
-  file.set_attr("/", "sampler_epoch", s.sampler.epoch);
-  file.set_attr("/", "sampler_cursor", s.sampler.cursor);
-  file.set_attr("/", "seed", static_cast<int64_t>(s.seed));
-  file.set_attr("/", "recipe", s.recipe_yaml);
-}
-
 TEST(Checkpoint, SavesAndLoadsEverything) {
   std::string dir = test::scratch_dir("ckpt-roundtrip");
   TinyModel a, b;
@@ -205,7 +181,7 @@ TEST(Checkpoint, SingleFileCheckpointsWithoutChecksumsLoadWithANote) {
   std::string dir = test::scratch_dir("ckpt-legacy");
   TinyModel saved, loaded;
   saved.randomize(9);
-  write_single_file_checkpoint(dir + "/new.h5", saved, state_at(4));
+  test::write_single_file_checkpoint(dir + "/new.h5", saved.optimizer, saved.model.layout(), state_at(4));
   const std::string legacy = dir + "/step_00000004.h5";
   test::write_legacy_copy(dir + "/new.h5", legacy);
   EXPECT_FALSE(h5::File::open_read(legacy).has_checksum("params/wte"));

@@ -299,9 +299,9 @@ TEST_F(Train, InitFromTakesARunDirectory) {
 TEST_F(Train, BadInputFailsWithAClearMessage) {
   std::string run = test::scratch_dir("bad");
   std::string out;
-  auto expect_error = [&](const std::string& args, const std::string& needle) {
+  auto expect_error = [&](const std::string& args, const std::string& needle, int exit_code = 1) {
     int rc = test::run_moba(args, &out);
-    EXPECT_EQ(rc, 1) << args << "\n" << out;
+    EXPECT_EQ(rc, exit_code) << args << "\n" << out;
     EXPECT_NE(out.find(needle), std::string::npos) << "expected '" << needle << "' in:\n" << out;
   };
   expect_error(tiny(run, "--set train.optimizer.learning_rate=1"), "unknown key 'train.optimizer.learning_rate'");
@@ -311,8 +311,8 @@ TEST_F(Train, BadInputFailsWithAClearMessage) {
   expect_error(tiny(run, "--set parallel.data=3"), "parallel.data = 3");
   expect_error(tiny(run, "--set model.vocab_size=100"), "smaller than the dataset's vocabulary");
   expect_error(tiny(run, "--set backend=tpu"), "'tpu' is not allowed");
-  expect_error("frobnicate", "unknown command 'frobnicate'");
-  expect_error("train", "missing argument recipe");
+  expect_error("frobnicate", "unknown command 'frobnicate'", 2);  // usage errors exit 2
+  expect_error("train", "missing argument recipe", 2);
 
   // A truncated dataset (first half of the bytes) is rejected, not read as garbage.
   std::string truncated = run + "/truncated.h5";
@@ -398,6 +398,52 @@ TEST_F(Train, CheckpointWithFlippedWeightBytesIsNotResumedFrom) {
       << out;
   EXPECT_NE(out.find("resumed from " + run + "/checkpoints/step_00000010"), std::string::npos) << out;
   EXPECT_TRUE(fs::exists(run + "/checkpoints/unreadable/step_00000020/shard_00000.h5"));
+}
+
+// Plans that cannot fit the machine stop before anything is allocated, with the settings to change (before,
+// the CPU backend allocated until the OOM killer or the allocator gave up). The sizes are far beyond any
+// machine, so even without the check the first allocation fails at once instead of swapping the machine out.
+TEST_F(Train, MemoryPlansLargerThanTheMachineStopBeforeAllocating) {
+  std::string run = test::scratch_dir("memory");
+  std::string out;
+  ASSERT_EQ(test::run_moba(tiny(run, "--set model.d_model=32768 --set model.n_heads=256 --set model.n_kv_heads=0 "
+                                     "--set model.ffn_hidden=0 --set model.n_layers=64"),
+                           &out),
+            1)
+      << out;
+  EXPECT_NE(out.find("training (micro-batch of 512 tokens, recompute: none) needs "), std::string::npos) << out;
+  EXPECT_NE(out.find("MiB but this machine has "), std::string::npos) << out;
+  EXPECT_NE(out.find("lower train.micro_batch_seqs (4) or data.seq_len (128)"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(run + "/checkpoints"));
+
+  ASSERT_EQ(test::run_moba(tiny(run, "--max-steps 1"), &out), 0) << out;
+  ASSERT_EQ(test::run_moba("eval --checkpoint " + run + " --data " + data_dir + "/val.h5 --seq-len 256 "
+                           "--batch-seqs 8000000",
+                           &out),
+            1)
+      << out;
+  EXPECT_NE(out.find("evaluation (8000000 x 256 tokens per forward pass) needs "), std::string::npos) << out;
+  EXPECT_NE(out.find("lower --seq-len (256) or --batch-seqs (8000000)"), std::string::npos) << out;
+}
+
+// An evaluation length no document reaches is an error before any work (it used to run through the whole dataset
+// and warn at the end that the position-wise losses were empty).
+TEST_F(Train, EvalRefusesASequenceLengthNoDocumentReaches) {
+  std::string dir = test::scratch_dir("eval-short");
+  {
+    std::ofstream jsonl(dir + "/short.jsonl");
+    for (int i = 0; i < 300; ++i) jsonl << "{\"text\": \"document number " << i << " is short\"}\n";
+  }
+  std::string out;
+  ASSERT_EQ(test::run_moba("prep " + dir + "/short.jsonl --out " + dir + "/data --val-fraction 0.3", &out), 0) << out;
+  std::string run = test::scratch_dir("eval-short-run");
+  ASSERT_EQ(test::run_moba(tiny(run, "--max-steps 1"), &out), 0) << out;
+  ASSERT_EQ(test::run_moba("eval --checkpoint " + run + " --data " + dir + "/data/val.h5 --seq-len 512", &out), 1) << out;
+  EXPECT_NE(out.find(dir + "/data/val.h5: no document reaches --seq-len 512 tokens (the longest gives 28)"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("use --seq-len 28 or less"), std::string::npos) << out;
+  EXPECT_EQ(out.find("evaluating"), std::string::npos) << out;
 }
 
 // Makes `path` a checkpoint this moba cannot read: a copy of a good one claiming format_version 99.

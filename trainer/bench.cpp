@@ -104,31 +104,36 @@ int bench_attention(const std::vector<std::string>& args) {
   ap.add_option("entry-budget-mb", "MIB", "CUDA MoBA per-entry buffers per query chunk, MiB", "4096");
   ap.add_option("out", "FILE", "also append the JSON line to FILE (e.g. bench/results/attention.jsonl)");
   if (!ap.parse(args)) return 0;
-  const std::string mode = ap.get("mode");
-  MOBA_CHECK(mode == "full" || mode == "moba", cat("moba bench attention: --mode '", mode, "' is not allowed"),
-             "allowed: full, moba");
-  const int64_t N = ap.get_int("seq");
-  const int H = static_cast<int>(ap.get_int("heads"));
-  const int Hkv = ap.has("kv-heads") ? static_cast<int>(ap.get_int("kv-heads")) : H;
-  const int D = static_cast<int>(ap.get_int("head-dim"));
-  const int B = static_cast<int>(ap.get_int("block")), K = static_cast<int>(ap.get_int("topk"));
-  const int warmup = static_cast<int>(ap.get_int("warmup")), reps = static_cast<int>(ap.get_int("reps"));
-  MOBA_CHECK(N >= 1 && H >= 1 && Hkv >= 1 && H % Hkv == 0 && D >= 2 && D % 2 == 0 && B >= 1 && K >= 1 && reps >= 1,
-             "moba bench attention: invalid shape", "need seq >= 1, kv-heads dividing heads, even head-dim, block/topk >= 1");
+  const std::string mode = ap.get_choice("mode", {"full", "moba"});
+  const int64_t N = ap.get_int("seq", 1, INT32_MAX);
+  const int H = static_cast<int>(ap.get_int("heads", 1, 1024));
+  const int Hkv = ap.has("kv-heads") ? static_cast<int>(ap.get_int("kv-heads", 1, H)) : H;
+  const int D = static_cast<int>(ap.get_int("head-dim", 2, 1024));
+  const int B = static_cast<int>(ap.get_int("block", 1, INT32_MAX)), K = static_cast<int>(ap.get_int("topk", 1, 65536));
+  const int warmup = static_cast<int>(ap.get_int("warmup", 0, 1000000));
+  const int reps = static_cast<int>(ap.get_int("reps", 1, 1000000));
+  ap.check(H % Hkv == 0, cat("--kv-heads ", Hkv, " does not divide --heads ", H), "1 = MQA, heads = MHA");
+  ap.check(D % 2 == 0, cat("--head-dim ", D, " is odd"), "RoPE pairs dimensions: use an even head dimension");
   AttentionKernelSettings settings;
-  const std::string dkv = ap.get("dkv-kernel"), deterministic = ap.get("deterministic");
-  MOBA_CHECK(dkv == "auto" || dkv == "mma", cat("moba bench attention: --dkv-kernel '", dkv, "' is not allowed"),
-             "allowed: auto, mma");
-  MOBA_CHECK(deterministic == "true" || deterministic == "false",
-             cat("moba bench attention: --deterministic '", deterministic, "' is not allowed"), "allowed: true, false");
-  settings.moba_dkv_kernel = dkv == "mma" ? AttentionKernelSettings::MobaDkvKernel::mma_sync
-                                          : AttentionKernelSettings::MobaDkvKernel::automatic;
-  settings.entry_budget_bytes = ap.get_int("entry-budget-mb") << 20;
-  MOBA_CHECK(settings.entry_budget_bytes > 0, "moba bench attention: --entry-budget-mb must be positive",
-             "give a number of MiB, e.g. 4096");
+  settings.moba_dkv_kernel = ap.get_choice("dkv-kernel", {"auto", "mma"}) == "mma"
+                                 ? AttentionKernelSettings::MobaDkvKernel::mma_sync
+                                 : AttentionKernelSettings::MobaDkvKernel::automatic;
+  const std::string deterministic = ap.get_choice("deterministic", {"true", "false"});
+  settings.entry_budget_bytes = ap.get_int("entry-budget-mb", 1, int64_t{1} << 40) << 20;
 
-  std::unique_ptr<Backend> be = make_backend(ap.get("backend"));
+  std::unique_ptr<Backend> be = make_backend(ap.get_choice("backend", {"cuda", "cpu"}));
   const DType A = be->activation_dtype();
+  {  // q, out, dout, dq (N, H, D) and k, v, dk, dv (N, Hkv, D) in the activation dtype; lse; the routing
+    const size_t n = static_cast<size_t>(N), bytes = dtype_size(A);
+    MemoryPlan plan;
+    plan.backend = {{"q, o, dO, dQ", 4 * n * H * D * bytes},
+                    {"k, v, dK, dV", 4 * n * Hkv * D * bytes},
+                    {"lse (f32)", n * H * 4},
+                    {"selected blocks (i32)", mode == "moba" ? n * H * K * 4 : 0}};
+    plan.host = {{"random values staged on the host (f32, one q-sized tensor)", n * H * D * 4}};
+    check_memory_fits(cat("attention benchmark (", N, " tokens, ", H, " heads)"), plan, *be,
+                      "lower --seq or --heads");
+  }
   Tensor q = be->allocate(A, {N, H, D}), k = be->allocate(A, {N, Hkv, D}), v = be->allocate(A, {N, Hkv, D});
   Tensor out = be->allocate(A, {N, H, D}), dout = be->allocate(A, {N, H, D});
   Tensor dq = be->allocate(A, {N, H, D}), dk = be->allocate(A, {N, Hkv, D}), dv = be->allocate(A, {N, Hkv, D});
@@ -228,7 +233,9 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
   ap.add_option("steps", "S", "timed steps (the median is reported)", "5");
   ap.add_option("out", "FILE", "also append the JSON line to FILE (e.g. bench/results/train.jsonl)");
   if (!ap.parse(args)) return 0;
-  MOBA_CHECK(ap.has("recipe"), "moba bench train: --recipe is required", ap.usage());
+  ap.check(ap.has("recipe"), "--recipe is required", ap.usage());
+  const int warmup = static_cast<int>(ap.get_int("warmup", 0, 1000000));
+  const int steps = static_cast<int>(ap.get_int("steps", 1, 1000000));
   Recipe r = load_recipe(ap.get("recipe"), ap.get_all("set"));
   MOBA_CHECK(r.model.vocab_size > 0, cat(r.source_path, ": bench train needs model.vocab_size > 0"),
              "set model.vocab_size (random token ids are drawn below it)");
@@ -255,7 +262,7 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
   model_options.context_size = layout.context;
   parallel::CommunicatorContextExchange exchange(comm);
   if (layout.context > 1) model_options.context = &exchange;
-  check_memory_plan(r, c, micro * T / layout.context, model_options, *be);
+  check_memory_plan(r, c, micro * T / layout.context, model_options, *be, mpi.local_size());
   model::Transformer m(*be, c, micro * T / layout.context, model_options);
   AdamW opt(*be, m, r.train.optimizer, &comm, r.parallel.zero);
   {
@@ -291,7 +298,7 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
     loss = train_step(m, opt, &comm, micro_batches, attention, r.train.optimizer.lr, r.train.grad_clip, step_index++)
                .loss;
   };
-  std::vector<double> ms = be->time_ms(step, static_cast<int>(ap.get_int("warmup")), static_cast<int>(ap.get_int("steps")));
+  std::vector<double> ms = be->time_ms(step, warmup, steps);
   const double step_ms = median(ms);
   const double tokens_per_s = static_cast<double>(r.train.global_batch_tokens) / (step_ms * 1e-3);
   // MFU as in ../shared/docs/anchors.md: tokens/s * (6 N_nonembedding + 6 L d S) / 989e12 per GPU (dense attention
@@ -320,7 +327,7 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
 
 int bench_command(const std::vector<std::string>& args, parallel::MpiContext& mpi) {
   const char* usage = "usage: moba bench attention [options] | moba bench train --recipe R [options] (--help for each)";
-  MOBA_CHECK(!args.empty(), "moba bench: missing what to benchmark", usage);
+  if (args.empty()) throw UsageError("moba bench: missing what to benchmark", usage);
   std::vector<std::string> rest(args.begin() + 1, args.end());
   if (args[0] == "attention") return bench_attention(rest);
   if (args[0] == "train") return bench_train(rest, mpi);
@@ -328,7 +335,7 @@ int bench_command(const std::vector<std::string>& args, parallel::MpiContext& mp
     info(usage);
     return 0;
   }
-  throw Error(cat("moba bench: unknown benchmark '", args[0], "'"), usage);
+  throw UsageError(cat("moba bench: unknown benchmark '", args[0], "'"), usage);
 }
 
 }  // namespace moba

@@ -1,8 +1,10 @@
 #include "trainer/eval.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <optional>
 
 #include "common/cli.h"
@@ -44,8 +46,6 @@ void evaluate_checkpoint(const std::string& ckpt, const EvalRequest& q, const da
   Recipe r = parse_recipe_text(saved.recipe_yaml, ckpt + " (saved recipe)");
   const int64_t bucket = q.bucket.value_or(std::min(N, r.eval.position_bucket));
   const int64_t trailing = q.trailing.value_or(std::min(N, r.eval.trailing));
-  MOBA_CHECK(bucket >= 1 && bucket <= N, "moba eval: --bucket must be in [1, seq-len]", "e.g. --bucket 512");
-  MOBA_CHECK(trailing >= 1 && trailing <= N, "moba eval: --trailing must be in [1, seq-len]", "e.g. --trailing 512");
 
   model::ModelConfig c = model_config_from(r, 0);
   MOBA_CHECK(dataset.info().vocab_size <= c.vocab_size,
@@ -86,7 +86,19 @@ void evaluate_checkpoint(const std::string& ckpt, const EvalRequest& q, const da
   options.min_block_size = attention.moba.block_size;
   options.context_size = layout.context;
   options.context = layout.context > 1 ? &exchange : nullptr;
-  model::Transformer model(*backend, c, static_cast<int64_t>(batch_seqs) * N / layout.context, options);
+  const int64_t tokens = static_cast<int64_t>(batch_seqs) * N / layout.context;  // this rank's rows per pass
+  MemoryPlan plan;
+  plan.backend = model::Transformer::memory_plan(c, tokens, options, *backend);
+  const size_t batch_tokens = static_cast<size_t>(batch_seqs) * static_cast<size_t>(N);
+  plan.host = {{"checkpoint weights read on the host (f32)", 4 * static_cast<size_t>(model::ParameterLayout(c, 1).total())},
+               {"batch: inputs, targets, positions, loss mask, per-token losses", 17 * batch_tokens},
+               {"position-wise loss sums and counts (f64, 2 x seq-len)", 16 * static_cast<size_t>(N)}};
+  check_memory_fits(cat("evaluation (", batch_seqs, " x ", N, " tokens per forward pass", layout.context > 1 ?
+                        cat(", ", tokens, " rows on each of ", layout.context, " context ranks") : std::string(), ")"),
+                    plan, *backend, cat("lower --seq-len (", N, ") or --batch-seqs (", batch_seqs, ")",
+                                        layout.context > 1 ? std::string() : ", or raise --context"),
+                    mpi.local_size());
+  model::Transformer model(*backend, c, tokens, options);
   load_weights(ckpt, model, nullptr);
 
   data::SamplerConfig sc;
@@ -207,34 +219,40 @@ int eval_command(const std::vector<std::string>& args, parallel::MpiContext& mpi
   ap.add_option("batch-seqs", "S", "sequences per forward pass", "1");
   ap.add_option("context", "C", "context-parallel ranks per sequence (under mpirun, a divisor of the world size): "
                 "sequences too long for one GPU", "1");
-  ap.add_option("max-docs", "M", "evaluate at most M documents (-1 = all)", "-1");
+  ap.add_option("max-docs", "M", "evaluate at most M documents (default: all)");
   ap.add_option("out", "DIR", "where to write eval JSON/CSV", "<run dir>/eval");
   if (!ap.parse(args)) return 0;
-  MOBA_CHECK(ap.has("checkpoint") && ap.has("data"), "moba eval: --checkpoint and --data are required", ap.usage());
+  ap.check(ap.has("checkpoint") && ap.has("data"), "--checkpoint and --data are required", ap.usage());
 
+  // Every option is checked before anything is read.
   EvalRequest q;
   q.data = ap.get("data");
-  q.seq_len = ap.get_int("seq-len");
-  if (ap.has("bucket")) q.bucket = ap.get_int("bucket");
-  if (ap.has("trailing")) q.trailing = ap.get_int("trailing");
-  q.mode = ap.get("attention");
-  if (ap.has("block-size")) q.block_size = static_cast<int>(ap.get_int("block-size"));
-  if (ap.has("top-k")) q.top_k = static_cast<int>(ap.get_int("top-k"));
-  q.batch_seqs = static_cast<int>(ap.get_int("batch-seqs"));
-  q.context = static_cast<int>(ap.get_int("context"));
-  q.max_docs = ap.get_int("max-docs");
+  q.seq_len = ap.get_int("seq-len", 2, INT32_MAX);
+  q.batch_seqs = static_cast<int>(ap.get_int("batch-seqs", 1, INT32_MAX));
+  ap.check(q.batch_seqs * q.seq_len <= INT32_MAX,
+           cat("--batch-seqs ", q.batch_seqs, " x --seq-len ", q.seq_len, " is more than ", INT32_MAX,
+               " tokens per forward pass"),
+           "lower --batch-seqs");
+  if (ap.has("bucket")) q.bucket = ap.get_int("bucket", 1, q.seq_len);
+  if (ap.has("trailing")) q.trailing = ap.get_int("trailing", 1, q.seq_len);
+  q.mode = ap.get_choice("attention", {"full", "moba", "as-trained"});
+  if (ap.has("block-size")) q.block_size = static_cast<int>(ap.get_int("block-size", 1, INT32_MAX));
+  if (ap.has("top-k")) q.top_k = static_cast<int>(ap.get_int("top-k", 1, INT32_MAX));
+  q.context = static_cast<int>(ap.get_int("context", 1, INT32_MAX));
+  q.max_docs = ap.has("max-docs") ? ap.get_int("max-docs", 1, std::numeric_limits<int64_t>::max()) : -1;
   if (ap.has("out")) q.out = ap.get("out");
-  MOBA_CHECK(q.seq_len >= 2, "moba eval: --seq-len must be >= 2", "e.g. --seq-len 4096");
-  MOBA_CHECK(q.batch_seqs >= 1, "moba eval: --batch-seqs must be >= 1", "e.g. --batch-seqs 1");
-  MOBA_CHECK(q.mode == "full" || q.mode == "moba" || q.mode == "as-trained",
-             cat("moba eval: --attention '", q.mode, "' is not allowed"), "allowed: full, moba, as-trained");
-  MOBA_CHECK(q.block_size.value_or(1) >= 1 && q.top_k.value_or(1) >= 1,
-             "moba eval: --block-size and --top-k must be >= 1", "e.g. --block-size 512 --top-k 3");
 
   // Resolve every checkpoint first, so a typo in the last one fails before the first is evaluated.
   std::vector<std::string> checkpoints;
   for (const std::string& given : ap.get_all("checkpoint")) checkpoints.push_back(resolve_checkpoint(given, "moba eval"));
   const data::TokenDataset dataset = data::TokenDataset::open(q.data);
+  // A document reaches N when it has N + 1 tokens (N inputs, each with its next token as target).
+  int64_t longest = 0;
+  for (int64_t d = 0; d < dataset.num_documents(); ++d) longest = std::max(longest, dataset.doc_length(d) - 1);
+  MOBA_CHECK(longest >= q.seq_len,
+             cat(q.data, ": no document reaches --seq-len ", q.seq_len, " tokens (the longest gives ", longest,
+                 "), so the position-wise and trailing losses would be empty"),
+             cat("use --seq-len ", longest, " or less, or data with longer documents"));
   for (const std::string& ckpt : checkpoints) evaluate_checkpoint(ckpt, q, dataset, mpi);
   return 0;
 }

@@ -39,7 +39,7 @@ int dispatch(const std::string& command, const std::vector<std::string>& args, m
   if (command == "plan") return moba::plan_command(args);
   if (command == "check-vectors") return moba::check_vectors_command(args);
   if (command == "bench") return moba::bench_command(args, mpi);
-  throw moba::Error(moba::cat("unknown command '", command, "'"), "run `moba --help` for the list of commands");
+  throw moba::UsageError(moba::cat("unknown command '", command, "'"), "run `moba --help` for the list of commands");
 }
 
 }  // namespace
@@ -50,6 +50,7 @@ int main(int argc, char** argv) {
     return argc < 2 ? 2 : 0;
   }
   std::unique_ptr<moba::parallel::MpiContext> mpi;
+  int status = 1;
   try {
     mpi = std::make_unique<moba::parallel::MpiContext>(&argc, &argv);
     std::vector<std::string> args(argv + 2, argv + argc);
@@ -57,9 +58,10 @@ int main(int argc, char** argv) {
   } catch (const moba::Error& e) {
     moba::log_error(e.what());
     if (!e.hint().empty()) std::fprintf(stderr, "  hint: %s\n", e.hint().c_str());
+    if (dynamic_cast<const moba::UsageError*>(&e)) status = 2;
   } catch (const std::exception& e) {
     moba::log_error(moba::cat("unexpected failure: ", e.what()));
   }
-  if (mpi && mpi->world_size() > 1) mpi->abort_all(1);
-  return 1;
+  if (mpi && mpi->world_size() > 1) mpi->abort_all(status);
+  return status;
 }

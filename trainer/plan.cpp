@@ -90,11 +90,8 @@ int plan_command(const std::vector<std::string>& args) {
       {"attention", json_string(describe_schedule(r, c))}};
   std::vector<std::pair<std::string, std::string>> parallel_fields;
   if (ap.has("ranks")) {
-    const int ranks = static_cast<int>(ap.get_int("ranks"));
-    const double bandwidth = ap.get_double("bandwidth");
-    MOBA_CHECK(ranks >= 1, "moba plan: --ranks must be >= 1", "e.g. --ranks 8");
-    MOBA_CHECK(bandwidth > 0 && std::isfinite(bandwidth), "moba plan: --bandwidth must be a positive number of GB/s",
-               "e.g. --bandwidth 350");
+    const int ranks = static_cast<int>(ap.get_int("ranks", 1, 1 << 24));
+    const double bandwidth = ap.get_double("bandwidth", 1e-3, 1e6);  // GB/s
     MOBA_CHECK(c.vocab_size > 0, cat(ap.get("recipe"), ": moba plan --ranks needs the vocabulary"),
                "set model.vocab_size, or data.train to a prepared dataset");
     // The recipe's own backend sizes the attention scratch when its device is here; else the plan leaves it out.

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -23,86 +24,134 @@ std::string join(const std::vector<std::string>& v, const char* sep = ", ") {
   return s;
 }
 
-// A YAML map being read: knows its file and dotted path, converts values with errors that name both.
+// Where every key of one parse came from, for messages: "file:line: key" for keys read from the file,
+// "--set key" for keys given (or reached) through an override.
+struct Origins {
+  std::string file;
+  std::set<std::string> overridden;        // dotted paths assigned by --set
+  std::map<std::string, std::string> of;  // dotted path -> where it was read
+
+  bool from_override(const std::string& path) const {
+    for (const std::string& o : overridden)
+      if (path == o || (path.rfind(o, 0) == 0 && (path[o.size()] == '.' || path[o.size()] == '['))) return true;
+    return false;
+  }
+  // Where a key without a value of its own (a default or a derived value) is reported.
+  std::string of_key(const std::string& path) const {
+    auto it = of.find(path);
+    return it != of.end() ? it->second : cat(file, ": ", path);
+  }
+};
+
+// A YAML map being read: knows its dotted path and where each key came from, converts values with errors that
+// name both. A key written without a value (`key:`, `key: null`, `--set key=`) is an error, except for the few
+// string keys where empty has a documented meaning (get_or_empty).
 class Section {
  public:
-  Section(YAML::Node node, std::string path, std::string file)
-      : node_(std::move(node)), path_(std::move(path)), file_(std::move(file)) {
+  Section(YAML::Node node, std::string path, Origins* origins)
+      : node_(std::move(node)), path_(std::move(path)), origins_(origins) {
     if (node_ && !node_.IsNull() && !node_.IsMap())
-      throw Error(cat(file_, ":", line(node_), ": '", path_.empty() ? "(top level)" : path_, "' must be a mapping"),
+      throw Error(cat(where_path(path_.empty() ? "(top level)" : path_, node_), ": must be a mapping"),
                   "write it as `key: value` lines indented under it");
+    if (node_ && node_.IsMap())
+      for (auto it = node_.begin(); it != node_.end(); ++it)
+        if (!it->first.IsScalar())
+          throw Error(cat(location(path_, it->first), ": a list or map is used as a key in '",
+                          path_.empty() ? "(top level)" : path_, "'"),
+                      "keys are plain names, e.g. `lr: 3.0e-4`");
   }
 
   std::string key_path(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
   static int line(const YAML::Node& n) { return n.Mark().line + 1; }
+  // The key's line when the key is in this section (an empty value `key:` has no line of its own), else n's.
   std::string where(const std::string& key, const YAML::Node& n) const {
-    return cat(file_, ":", line(n), ": ", key_path(key));
+    if (node_ && node_.IsMap())
+      for (auto it = node_.begin(); it != node_.end(); ++it)
+        if (it->first.IsScalar() && it->first.Scalar() == key) return where_path(key_path(key), it->first);
+    return where_path(key_path(key), n);
   }
 
+  // The key's node; an undefined node (operator! is true) when the key or the whole section is absent.
   YAML::Node raw(const std::string& key) {
     allowed_.push_back(key);
-    if (!node_ || node_.IsNull()) return YAML::Node();
-    return node_[key];
+    if (!node_ || node_.IsNull()) return YAML::Node(YAML::NodeType::Undefined);
+    const YAML::Node& section = node_;  // the const lookup never inserts the key
+    return section[key];
   }
 
   template <typename T>
   void get(const std::string& key, T& out) {
     YAML::Node n = raw(key);
-    if (!n || n.IsNull()) return;
+    if (!n) return;
+    convert(key, n, out);
+  }
+
+  // A string key where no value means empty (what the recipe documents for it: no validation set, no init).
+  void get_or_empty(const std::string& key, std::string& out) {
+    YAML::Node n = raw(key);
+    if (!n) return;
+    if (n.IsNull()) {
+      record_origin(key, n);
+      out.clear();
+      return;
+    }
     convert(key, n, out);
   }
 
   void get_choice(const std::string& key, std::string& out, const std::vector<std::string>& choices) {
     YAML::Node n = raw(key);
-    if (!n || n.IsNull()) return;
+    if (!n) return;
     convert(key, n, out);
     if (std::find(choices.begin(), choices.end(), out) == choices.end())
       throw Error(cat(where(key, n), ": '", out, "' is not allowed"), cat("allowed: ", join(choices)));
   }
 
-  Section child(const std::string& key) { return Section(raw(key), key_path(key), file_); }
+  Section child(const std::string& key) { return Section(raw(key), key_path(key), origins_); }
+  Section child(const YAML::Node& node, const std::string& path) { return Section(node, path, origins_); }
+  void record_origin(const std::string& key, const YAML::Node& n) { origins_->of[key_path(key)] = where(key, n); }
 
   // Errors on keys that nobody asked for.
   void finish() const {
     if (!node_ || !node_.IsMap()) return;
     for (auto it = node_.begin(); it != node_.end(); ++it) {
-      std::string k = it->first.as<std::string>();
+      std::string k = it->first.IsScalar() ? it->first.as<std::string>() : "(a list or map used as a key)";
       if (std::find(allowed_.begin(), allowed_.end(), k) == allowed_.end())
-        throw Error(cat(file_, ":", line(it->first), ": unknown key '", key_path(k), "'"),
+        throw Error(cat(location(key_path(k), it->first), ": unknown key '", key_path(k), "'"),
                     cat("allowed keys", path_.empty() ? "" : " in '" + path_ + "'", ": ", join(allowed_)));
     }
   }
 
-  const std::string& file() const { return file_; }
-
   void convert(const std::string& key, const YAML::Node& n, std::string& out) const {
+    present(key, n);
     if (!n.IsScalar()) throw Error(cat(where(key, n), ": expected a string"), "write a plain value");
     out = n.as<std::string>();
   }
   void convert(const std::string& key, const YAML::Node& n, double& out) const {
+    present(key, n);
     try {
       if (!n.IsScalar()) throw YAML::Exception(n.Mark(), "");
       out = n.as<double>();
     } catch (const YAML::Exception&) {
       throw Error(cat(where(key, n), ": expected a number, got '", scalar(n), "'"), "e.g. 3.0e-4 or 1000000");
     }
+    if (!std::isfinite(out))
+      throw Error(cat(where(key, n), ": expected a finite number, got '", scalar(n), "'"), "e.g. 3.0e-4 or 1000000");
   }
   void convert(const std::string& key, const YAML::Node& n, int64_t& out) const {
     double d = 0;
-    try {
-      if (!n.IsScalar()) throw YAML::Exception(n.Mark(), "");
-      d = n.as<double>();  // accepts 1e6 as well as 1000000
-    } catch (const YAML::Exception&) {
-      throw Error(cat(where(key, n), ": expected an integer, got '", scalar(n), "'"), "e.g. 8192");
-    }
-    if (d != std::floor(d) || std::abs(d) > 9.0e15)
+    convert(key, n, d);  // accepts 1e6 as well as 1000000
+    if (d != std::floor(d))
       throw Error(cat(where(key, n), ": expected an integer, got ", scalar(n)), "write a whole number");
+    if (std::abs(d) > kMaxInteger)
+      throw Error(cat(where(key, n), ": ", scalar(n), " is out of range (at most 9e15 in magnitude)"),
+                  "use a smaller value");
     out = static_cast<int64_t>(d);
   }
   void convert(const std::string& key, const YAML::Node& n, int& out) const {
     int64_t v = 0;
     convert(key, n, v);
-    if (v < INT32_MIN || v > INT32_MAX) throw Error(cat(where(key, n), ": value out of range"), "use a smaller value");
+    if (v < INT32_MIN || v > INT32_MAX)
+      throw Error(cat(where(key, n), ": ", v, " is out of range (at most ", INT32_MAX, ")"), "use a smaller value");
     out = static_cast<int>(v);
   }
   void convert(const std::string& key, const YAML::Node& n, uint64_t& out) const {
@@ -112,6 +161,7 @@ class Section {
     out = static_cast<uint64_t>(v);
   }
   void convert(const std::string& key, const YAML::Node& n, bool& out) const {
+    present(key, n);
     try {
       if (!n.IsScalar()) throw YAML::Exception(n.Mark(), "");
       out = n.as<bool>();
@@ -121,9 +171,29 @@ class Section {
   }
 
  private:
+  static constexpr double kMaxInteger = 9.0e15;  // integers stay exact in a double below 2^53
+
   static std::string scalar(const YAML::Node& n) { return n.IsScalar() ? n.as<std::string>() : "(a list or map)"; }
+  // "file:line" for keys from the file, "--set" for overridden ones; where_path adds the key.
+  std::string location(const std::string& path, const YAML::Node& n) const {
+    return origins_->from_override(path) ? std::string("--set") : cat(origins_->file, ":", line(n));
+  }
+  std::string where_path(const std::string& path, const YAML::Node& n) const {
+    return cat(location(path, n), origins_->from_override(path) ? " " : ": ", path);
+  }
+  // Records where the key was read; a key given without a value is an error here.
+  void present(const std::string& key, const YAML::Node& n) const {
+    origins_->of[key_path(key)] = where(key, n);  // origins_ is shared by the parse, not part of this Section
+    if (n.IsNull())
+      throw Error(cat(where(key, n), ": no value given"),
+                  origins_->from_override(key_path(key))
+                      ? cat("write --set ", key_path(key), "=VALUE, or leave the --set out to keep the recipe's value")
+                      : "write a value, or delete the line to use the default");
+  }
+
   YAML::Node node_;
-  std::string path_, file_;
+  std::string path_;
+  Origins* origins_;
   std::vector<std::string> allowed_;
 };
 
@@ -143,7 +213,8 @@ MobaSettings parse_moba(Section s, MobaSettings m) {
 // full_layers may be a string ("last:3", "first:2", "0-3", "none") or a list of indices.
 std::string layer_spec(Section& s, const std::string& key, bool* present) {
   YAML::Node n = s.raw(key);
-  *present = n && !n.IsNull();
+  *present = n && !n.IsNull();  // no value: none (or, in a phase, the recipe's)
+  if (n) s.record_origin(key, n);
   if (!*present) return "";
   if (n.IsScalar()) return n.as<std::string>();
   if (n.IsSequence()) {
@@ -158,43 +229,54 @@ std::string layer_spec(Section& s, const std::string& key, bool* present) {
               "e.g. full_layers: last:3");
 }
 
-void apply_override(YAML::Node root, const std::string& assignment) {
+// Applies one --set key=value (YAML syntax for the value) to the tree before the typed parse. A malformed
+// assignment is a usage error; an empty value reaches the parse as "no value" (an error unless the key accepts
+// empty), except on a section, which it would silently reset to its defaults.
+void apply_override(YAML::Node root, const std::string& assignment, Origins& origins) {
   size_t eq = assignment.find('=');
-  MOBA_CHECK(eq != std::string::npos && eq > 0, cat("--set '", assignment, "': expected key=value"),
-             "e.g. --set train.optimizer.lr=3e-4");
+  if (eq == std::string::npos || eq == 0)
+    throw UsageError(cat("--set '", assignment, "': expected key=value"), "e.g. --set train.optimizer.lr=3e-4");
   std::string key = assignment.substr(0, eq), value = assignment.substr(eq + 1);
+  if (key.front() == '.' || key.back() == '.' || key.find("..") != std::string::npos)
+    throw UsageError(cat("--set '", assignment, "': empty key segment"), "e.g. --set model.d_model=512");
   std::vector<std::string> parts;
   std::stringstream ss(key);
-  for (std::string p; std::getline(ss, p, '.');) {
-    MOBA_CHECK(!p.empty(), cat("--set '", assignment, "': empty key segment"), "e.g. --set model.d_model=512");
-    parts.push_back(p);
-  }
+  for (std::string p; std::getline(ss, p, '.');) parts.push_back(p);
   // Walk with YAML::Node handles; yaml-cpp nodes are references, so assignments land in root.
   std::vector<YAML::Node> chain{root};
   for (size_t i = 0; i + 1 < parts.size(); ++i) {
     YAML::Node next = chain.back()[parts[i]];
-    if (!next || next.IsNull()) {
+    if (!next || next.IsNull()) {  // a section the recipe does not have: it comes from --set
       chain.back()[parts[i]] = YAML::Node(YAML::NodeType::Map);
       next = chain.back()[parts[i]];
+      std::string section = parts[0];
+      for (size_t j = 1; j <= i; ++j) section += "." + parts[j];
+      origins.overridden.insert(section);
     }
-    MOBA_CHECK(next.IsMap(), cat("--set ", key, ": '", parts[i], "' is not a section"), "check the key path");
+    if (!next.IsMap())
+      throw UsageError(cat("--set ", key, ": '", parts[i], "' is not a section"), "check the key path");
     chain.push_back(next);
   }
   YAML::Node parsed;
   try {
     parsed = YAML::Load(value);
   } catch (const YAML::Exception& e) {
-    throw Error(cat("--set ", key, ": cannot parse value '", value, "'"), "use YAML syntax, e.g. [0, 5] or 1e-3");
+    throw UsageError(cat("--set ", key, ": cannot parse value '", value, "'"),
+                     "use YAML syntax, e.g. [0, 5] or 1e-3");
   }
+  YAML::Node current = chain.back()[parts.back()];
+  if ((!parsed || parsed.IsNull()) && current && current.IsMap())
+    throw UsageError(cat("--set ", key, "=", value, ": '", key, "' is a section and needs a value for each key"),
+                     cat("set its keys one by one, e.g. --set ", key, ".KEY=VALUE"));
   chain.back()[parts.back()] = parsed;
+  origins.overridden.insert(key);
 }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-void validate(Recipe& r) {
-  const std::string& f = r.source_path;
+void validate(Recipe& r, const Origins& origins) {
   auto fail = [&](const std::string& key, const std::string& what, const std::string& hint) {
-    throw Error(cat(f, ": ", key, ": ", what), hint);
+    throw Error(cat(origins.of_key(key), ": ", what), hint);
   };
   ModelSettings& m = r.model;
   if (m.d_model <= 0) fail("model.d_model", "must be positive", "e.g. 256");
@@ -223,7 +305,8 @@ void validate(Recipe& r) {
     if (s.top_k < 1) fail(where + ".top_k", "must be >= 1 (it counts the current block)", "e.g. 3");
   };
   check_moba(r.attention.moba, "attention.moba");
-  r.attention.full_layers = resolve_layers(r.attention.full_layers.spec, m.n_layers, f + ": attention.full_layers");
+  r.attention.full_layers =
+      resolve_layers(r.attention.full_layers.spec, m.n_layers, origins.of_key("attention.full_layers"));
   double prev = 0;
   for (size_t i = 0; i < r.phases.size(); ++i) {
     Phase& p = r.phases[i];
@@ -233,15 +316,45 @@ void validate(Recipe& r) {
            "phase boundaries are increasing fractions of train.tokens");
     prev = p.until;
     if (p.moba) check_moba(*p.moba, where + ".attention.moba");
-    if (p.full_layers) *p.full_layers = resolve_layers(p.full_layers->spec, m.n_layers, f + ": " + where);
+    if (p.full_layers)
+      *p.full_layers =
+          resolve_layers(p.full_layers->spec, m.n_layers, origins.of_key(where + ".attention.full_layers"));
   }
 
   DataSettings& d = r.data;
   if (d.seq_len < 2) fail("data.seq_len", "must be >= 2", "e.g. 1024");
+  if (d.seq_len > INT32_MAX)
+    fail("data.seq_len", cat("must be at most ", INT32_MAX, " (positions are int32)"), "e.g. 1024");
   TrainSettings& t = r.train;
   if (t.tokens <= 0) fail("train.tokens", "must be positive", "e.g. 1.0e7");
+  if (t.tokens > 9.0e15) fail("train.tokens", "must be at most 9e15 (token counts stay exact)", "e.g. 1.0e12");
   if (t.micro_batch_seqs <= 0) fail("train.micro_batch_seqs", "must be positive", "e.g. 4");
-  int64_t micro_tokens = t.micro_batch_seqs * d.seq_len;
+  const int64_t micro_tokens = t.micro_batch_seqs * d.seq_len;  // both below 2^31: no overflow
+  if (micro_tokens > INT32_MAX)
+    fail("train.micro_batch_seqs",
+         cat("micro_batch_seqs * seq_len = ", micro_tokens, " tokens: more than ", INT32_MAX,
+             " per micro-batch (token offsets are int32)"),
+         "lower train.micro_batch_seqs or data.seq_len");
+  // Sizes whose products would overflow the memory plan: the parameters, and the widest activation buffer of
+  // one micro-batch over all layers (the plan then refuses anything that does not fit the machine).
+  const double dm = m.d_model, hd = m.head_dim, layers = m.n_layers;
+  const double projections = (m.n_heads + 2.0 * m.n_kv_heads) * hd;
+  const double parameters = 2.0 * std::max(m.vocab_size, 1) * dm +
+                            layers * (projections * dm + m.n_heads * hd * dm + 3.0 * m.ffn_hidden * dm + 2 * dm);
+  if (parameters > 1.0e14)
+    fail("model", cat("d_model ", m.d_model, ", n_layers ", m.n_layers, ", heads ", m.n_heads, " x ", m.head_dim,
+                      ", ffn_hidden ", m.ffn_hidden, " and vocab_size ", m.vocab_size, " make ", parameters,
+                      " parameters, more than 1e14"),
+         "use smaller model sizes");
+  double top_k = r.attention.moba.top_k;
+  for (const Phase& p : r.phases)
+    if (p.moba) top_k = std::max<double>(top_k, p.moba->top_k);
+  const double widest = std::max({dm, 2.0 * m.ffn_hidden, projections, m.n_heads * top_k});
+  if (static_cast<double>(micro_tokens) * layers * widest > std::pow(2.0, 56))
+    fail("train.micro_batch_seqs",
+         cat("a micro-batch of ", micro_tokens, " tokens through ", m.n_layers, " layers of width ", widest,
+             " needs more than 2^56 activation values"),
+         "lower train.micro_batch_seqs or data.seq_len, or use a smaller model");
   if (t.global_batch_tokens <= 0 || t.global_batch_tokens % micro_tokens != 0)
     fail("train.global_batch_tokens",
          cat(t.global_batch_tokens, " is not a positive multiple of micro_batch_seqs * seq_len = ", micro_tokens),
@@ -260,8 +373,11 @@ void validate(Recipe& r) {
   if (r.parallel.context < 1) fail("parallel.context", "must be >= 1", "1 = no context parallelism");
   if (r.parallel.data < 0) fail("parallel.data", "must be >= 1 or auto", "auto uses the remaining ranks");
   if (r.parallel.zero != 0 && r.parallel.zero != 1) fail("parallel.zero", "must be 0 or 1", "1 shards optimizer state");
-  if (!(r.parallel.timeout_s > 0) || !std::isfinite(r.parallel.timeout_s))
-    fail("parallel.timeout_s", "must be a positive number of seconds", "e.g. 120");
+  if (!(r.parallel.timeout_s > 0) || r.parallel.timeout_s > 1.0e6)
+    fail("parallel.timeout_s", "must be a positive number of seconds, at most 1e6", "e.g. 120");
+  if (r.eval.every_tokens < 0) fail("eval.every_tokens", "must not be negative", "0 evaluates only at the end");
+  if (r.checkpoint.every_tokens < 0)
+    fail("checkpoint.every_tokens", "must not be negative", "0 writes a checkpoint only at the end");
   if (r.eval.max_batches < 1) fail("eval.max_batches", "must be >= 1", "e.g. 16");
   if (r.eval.position_bucket < 1) fail("eval.position_bucket", "must be >= 1", "e.g. 2048");
   if (r.eval.trailing < 1) fail("eval.trailing", "must be >= 1", "e.g. 2048");
@@ -349,16 +465,18 @@ Recipe parse_recipe_text(const std::string& text, const std::string& source, con
     throw Error(cat(source, ":", e.mark.line + 1, ": YAML syntax error: ", e.msg), "fix the YAML syntax at that line");
   }
   if (!root || root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
-  for (const std::string& o : overrides) apply_override(root, o);
+  Origins origins{source, {}, {}};
+  if (!root.IsMap()) Section(root, "", &origins);  // throws: the top level must be a mapping
+  for (const std::string& o : overrides) apply_override(root, o, origins);
 
   Recipe r;
   r.source_path = source;
-  Section top(root, "", source);
+  Section top(root, "", &origins);
   top.get("name", r.name);
   top.get("seed", r.seed);
   top.get_choice("backend", r.backend, {"cpu", "cuda"});
-  top.get("run_dir", r.run_dir);
-  top.get("init_from", r.init_from);
+  top.get_or_empty("run_dir", r.run_dir);      // empty: runs/<name>
+  top.get_or_empty("init_from", r.init_from);  // empty: initialise from the seed
 
   Section model = top.child("model");
   ModelSettings& m = r.model;
@@ -385,13 +503,13 @@ Recipe parse_recipe_text(const std::string& text, const std::string& source, con
   YAML::Node phases = top.raw("phases");
   if (phases && !phases.IsNull()) {
     if (!phases.IsSequence())
-      throw Error(cat(source, ":", Section::line(phases), ": phases must be a list"),
+      throw Error(cat(top.where("phases", phases), ": must be a list"),
                   "e.g. phases: [{until: 0.9, attention: {mode: moba}}, {until: 1.0, attention: {mode: full}}]");
     for (size_t i = 0; i < phases.size(); ++i) {
-      Section ps(phases[i], cat("phases[", i, "]"), source);
+      Section ps = top.child(phases[i], cat("phases[", i, "]"));
       Phase p;
       YAML::Node until = ps.raw("until");
-      if (!until) throw Error(cat(source, ":", Section::line(phases[i]), ": phases[", i, "] needs 'until'"),
+      if (!until) throw Error(cat(top.where(cat("phases[", i, "]"), phases[i]), ": needs 'until'"),
                               "a fraction of train.tokens in (0, 1]");
       ps.convert("until", until, p.until);
       Section pa = ps.child("attention");
@@ -405,7 +523,7 @@ Recipe parse_recipe_text(const std::string& text, const std::string& source, con
       }
       YAML::Node moba_node = pa.raw("moba");
       if (moba_node && !moba_node.IsNull())
-        p.moba = parse_moba(Section(moba_node, pa.key_path("moba"), source), r.attention.moba);
+        p.moba = parse_moba(pa.child(moba_node, pa.key_path("moba")), r.attention.moba);
       bool has_layers = false;
       std::string spec = layer_spec(pa, "full_layers", &has_layers);
       if (has_layers) p.full_layers = LayerSelection{spec, {}};
@@ -416,8 +534,8 @@ Recipe parse_recipe_text(const std::string& text, const std::string& source, con
   }
 
   Section data = top.child("data");
-  data.get("train", r.data.train);
-  data.get("val", r.data.val);
+  data.get_or_empty("train", r.data.train);  // empty: not set (moba train says so; bench train needs none)
+  data.get_or_empty("val", r.data.val);      // empty: no validation
   data.get("seq_len", r.data.seq_len);
   data.get_choice("pack", r.data.pack, {"documents", "concat", "long_documents"});
   data.get("sft", r.data.sft);
@@ -483,7 +601,7 @@ Recipe parse_recipe_text(const std::string& text, const std::string& source, con
   lg.finish();
   top.finish();
 
-  validate(r);
+  validate(r, origins);
   return r;
 }
 

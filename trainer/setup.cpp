@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "common/error.h"
+#include "common/host_memory.h"
 #include "common/log.h"
 #include "trainer/optimizer.h"
 
@@ -81,33 +82,59 @@ std::vector<model::MemoryItem> rank_memory_plan(const Recipe& r, const model::Mo
   return plan;
 }
 
-size_t check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t micro_tokens,
-                       const model::TransformerOptions& options, const Backend& backend) {
-  const std::vector<model::MemoryItem> plan =
-      rank_memory_plan(r, c, micro_tokens, options, &backend, backend.activation_dtype());
-  size_t total = 0;
-  for (const model::MemoryItem& m : plan) total += m.bytes;
-  auto mib = [](size_t bytes) { return cat(static_cast<double>(bytes) / (1 << 20)); };
-  info("memory plan on ", backend.name(), " (micro-batch ", micro_tokens, " tokens, recompute: ",
-       model::recompute_name(options.recompute), "):");
+void check_memory_fits(const std::string& what, const MemoryPlan& plan, const Backend& backend,
+                       const std::string& settings, int ranks_per_host) {
+  auto mib = [](size_t bytes) { return cat(std::round(static_cast<double>(bytes) / (1 << 20) * 10) / 10); };
   auto row = [](const std::string& name, size_t bytes) {
     char line[160];
     std::snprintf(line, sizeof line, "  %-58s %10.1f MiB", name.c_str(), static_cast<double>(bytes) / (1 << 20));
     info(line);
   };
-  for (const model::MemoryItem& m : plan) row(m.name, m.bytes);
-  row("total", total);
-  const size_t available = backend.available_bytes();
-  if (available == 0) return total;
+  auto total_of = [](const std::vector<model::MemoryItem>& items) {
+    size_t total = 0;
+    for (const model::MemoryItem& m : items) total += m.bytes;
+    return total;
+  };
+  const bool shared = backend.device() == Device::cpu;  // the CPU backend allocates host memory
+  std::vector<model::MemoryItem> on_backend = plan.backend;
+  if (shared) on_backend.insert(on_backend.end(), plan.host.begin(), plan.host.end());
+  info("memory plan of ", what, " on ", backend.name(), ":");
+  for (const model::MemoryItem& m : on_backend) row(m.name, m.bytes);
+  row(shared ? "total" : cat("total on ", backend.name()), total_of(on_backend));
+  if (!shared && !plan.host.empty()) {
+    for (const model::MemoryItem& m : plan.host) row(cat(m.name, " (host)"), m.bytes);
+    row("total in host memory", total_of(plan.host));
+  }
+  // Host memory is shared by the job's ranks on this machine; each GPU's by the ranks that use it (one here).
+  auto require = [&](size_t needed, size_t available, const std::string& where, int ranks) {
+    MOBA_CHECK(available == 0 || needed * static_cast<size_t>(ranks) <= available,
+               cat(what, " needs ", mib(needed), " MiB", ranks > 1 ? cat(" on each of ", ranks, " ranks") : "", " but ",
+                   where, " has ", mib(available), " MiB available"),
+               cat(settings, ranks > 1 ? ", or run fewer ranks per machine" : "",
+                   "; the plan above shows where the memory goes"));
+  };
+  require(total_of(on_backend), backend.available_bytes(), shared ? "this machine" : backend.name(),
+          shared ? ranks_per_host : 1);
+  if (!shared && !plan.host.empty())
+    require(total_of(plan.host), host_available_bytes(), "this machine's memory", ranks_per_host);
+}
+
+size_t check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t micro_tokens,
+                         const model::TransformerOptions& options, const Backend& backend, int ranks_per_host) {
+  MemoryPlan plan;
+  plan.backend = rank_memory_plan(r, c, micro_tokens, options, &backend, backend.activation_dtype());
   const bool recompute_left = options.recompute != model::Recompute::full;
-  MOBA_CHECK(total <= available,
-             cat("the model needs ", mib(total), " MiB for a micro-batch of ", micro_tokens, " tokens but ",
-                 backend.name(), " has ", mib(available), " MiB free"),
-             cat("lower train.micro_batch_seqs (", r.train.micro_batch_seqs, ") or data.seq_len (", r.data.seq_len, ")",
-                 recompute_left ? cat(", or set train.recompute: ",
-                                      options.recompute == model::Recompute::none ? "attention or full" : "full")
-                                : std::string(),
-                 "; the plan above shows where the memory goes"));
+  check_memory_fits(
+      cat("training (micro-batch of ", micro_tokens, " tokens, recompute: ", model::recompute_name(options.recompute),
+          ")"),
+      plan, backend,
+      cat("lower train.micro_batch_seqs (", r.train.micro_batch_seqs, ") or data.seq_len (", r.data.seq_len, ")",
+          recompute_left ? cat(", or set train.recompute: ",
+                               options.recompute == model::Recompute::none ? "attention or full" : "full")
+                         : std::string()),
+      ranks_per_host);
+  size_t total = 0;
+  for (const model::MemoryItem& m : plan.backend) total += m.bytes;
   return total;
 }
 

@@ -1,6 +1,7 @@
 // Glue between a Recipe and the model/data layers, shared by `moba train` and `moba eval`: the model's
 // shape, per-layer attention, and host batches viewed as model inputs.
 #pragma once
+#include <string>
 #include <vector>
 
 #include "data/context_shard.h"
@@ -26,10 +27,23 @@ model::TransformerOptions transformer_options(const Recipe& recipe);
 std::vector<model::MemoryItem> rank_memory_plan(const Recipe& recipe, const model::ModelConfig& config,
                                                 int64_t micro_tokens, const model::TransformerOptions& options,
                                                 const Backend* backend, DType activations);
-// Prints rank_memory_plan and fails before allocating anything when it cannot fit the backend's free memory
-// (naming the settings that shrink it). Returns the planned bytes.
+// Memory one command will allocate, by buffer: through the backend, and in plain host memory.
+struct MemoryPlan {
+  std::vector<model::MemoryItem> backend;  // weights, gradients, optimizer state, activations
+  std::vector<model::MemoryItem> host;     // host-side buffers (on the CPU backend the same memory as the above)
+};
+// Prints the plan and fails before anything is allocated when it does not fit: the backend's items against what
+// the backend has free (a GPU's free memory; on the CPU the host memory available, cgroup limits included), host
+// items against host memory. `what` names the job ("training (micro-batch of 4096 tokens)"); `settings` says
+// what shrinks the plan; `ranks_per_host` ranks of the job run this plan on the same machine (CPU ranks share its
+// memory).
+void check_memory_fits(const std::string& what, const MemoryPlan& plan, const Backend& backend,
+                       const std::string& settings, int ranks_per_host = 1);
+// The plan of one training rank for a micro-batch of micro_tokens (the optimizer state is one ZeRO-1 shard when
+// options.parameter_shards > 1 and parallel.zero is 1), checked as above with the recipe's settings to change.
+// Returns the planned bytes on the backend.
 size_t check_memory_plan(const Recipe& recipe, const model::ModelConfig& config, int64_t micro_tokens,
-                       const model::TransformerOptions& options, const Backend& backend);
+                         const model::TransformerOptions& options, const Backend& backend, int ranks_per_host = 1);
 // Context parallelism's constraints on the recipe (no-op for context 1): data.seq_len a multiple of 2 x context,
 // and of 2 x context x block_size wherever a phase runs MoBA layers (a block never straddles two ranks' chunks).
 void check_context_parallel(const Recipe& recipe, int context);

@@ -5,12 +5,14 @@
 // for bit on the CPU backend. SIGINT / SIGTERM / SIGUSR1 finish the step, write a checkpoint and exit 0.
 #include "trainer/train.h"
 
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <thread>
@@ -65,19 +67,20 @@ Fault parse_fault(const std::string& spec) {
   Fault f;
   if (spec.empty()) return f;
   const size_t a = spec.find(':'), b = spec.find(':', a == std::string::npos ? a : a + 1);
-  MOBA_CHECK(a != std::string::npos && b != std::string::npos,
-             cat("moba train: --fault '", spec, "' is not KIND:STEP:RANK"), "e.g. --fault throw:3:1");
+  if (a == std::string::npos || b == std::string::npos)
+    throw UsageError(cat("moba train: --fault '", spec, "' is not KIND:STEP:RANK"), "e.g. --fault throw:3:1");
   f.kind = spec.substr(0, a);
-  MOBA_CHECK(f.kind == "throw" || f.kind == "exit" || f.kind == "kill" || f.kind == "hang" || f.kind == "nan" ||
-                 f.kind == "pause" || f.kind == "save",
-             cat("moba train: --fault kind '", f.kind, "' is not allowed"),
-             "allowed: throw, exit, kill, hang, nan, pause (wait for a stop signal), save (SIGKILL while saving)");
-  try {
-    f.step = std::stoll(spec.substr(a + 1, b - a - 1));
-    f.rank = std::stoi(spec.substr(b + 1));
-  } catch (const std::exception&) {
-    throw Error(cat("moba train: --fault '", spec, "': STEP and RANK must be integers"), "e.g. --fault throw:3:1");
-  }
+  if (f.kind != "throw" && f.kind != "exit" && f.kind != "kill" && f.kind != "hang" && f.kind != "nan" &&
+      f.kind != "pause" && f.kind != "save")
+    throw UsageError(cat("moba train: --fault kind '", f.kind, "' is not allowed"),
+                     "allowed: throw, exit, kill, hang, nan, pause (wait for a stop signal), save (SIGKILL while saving)");
+  const std::string step = spec.substr(a + 1, b - a - 1), rank = spec.substr(b + 1);
+  auto [step_end, step_error] = std::from_chars(step.data(), step.data() + step.size(), f.step);
+  auto [rank_end, rank_error] = std::from_chars(rank.data(), rank.data() + rank.size(), f.rank);
+  if (step_error != std::errc() || step_end != step.data() + step.size() || f.step < 0 ||
+      rank_error != std::errc() || rank_end != rank.data() + rank.size() || f.rank < 0)
+    throw UsageError(cat("moba train: --fault '", spec, "': STEP and RANK must be whole numbers >= 0"),
+                     "e.g. --fault throw:3:1");
   return f;
 }
 
@@ -237,7 +240,8 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   ArgParser ap("train", "Trains a model from a YAML recipe; resumes from the newest checkpoint of its run directory.");
   ap.add_positional("recipe", "YAML recipe (see recipes/ and docs in README.md)");
   ap.add_option("set", "KEY=VALUE", "override a recipe key, e.g. --set train.optimizer.lr=3e-4", "", true);
-  ap.add_option("max-steps", "N", "stop after N optimizer steps in this invocation (writes a checkpoint; resume later)", "-1");
+  ap.add_option("max-steps", "N",
+                "stop after N optimizer steps in this invocation (writes a checkpoint; resume later; default: no limit)");
   ap.add_flag("ignore-unreadable-checkpoints",
               "start from step 0 although the run directory holds checkpoints that cannot be read (they are moved to "
               "checkpoints/unreadable/ with metrics.jsonl, never deleted)");
@@ -245,11 +249,12 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
                 "testing aid: fail on RANK at STEP (throw, exit, kill, hang, nan, save) to check that the job ends "
                 "cleanly, or pause there until a stop signal");
   if (!ap.parse(args)) return 0;
+  const int64_t max_steps_now =
+      ap.has("max-steps") ? ap.get_int("max-steps", 1, std::numeric_limits<int64_t>::max()) : -1;  // -1: no limit
+  const Fault fault = parse_fault(ap.has("fault") ? ap.get("fault") : "");
 
   Recipe recipe = load_recipe(ap.get("recipe"), ap.get_all("set"));
   const Recipe& r = recipe;
-  const int64_t max_steps_now = ap.get_int("max-steps");
-  const Fault fault = parse_fault(ap.has("fault") ? ap.get("fault") : "");
   Run run;
   run.layout = parallel::make_layout(mpi.world_size(), mpi.rank(), r.parallel.context, r.parallel.data, r.source_path);
   check_layout(r, run);
@@ -280,8 +285,9 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
     run.context_exchange = std::make_unique<parallel::CommunicatorContextExchange>(*run.comm);
     model_options.context = run.context_exchange.get();
   }
-  const size_t planned =  // every rank checks its own GPU
-      check_memory_plan(r, c, micro_tokens / run.layout.context, model_options, *run.backend);
+  const size_t planned =  // every rank checks: its own GPU, or on the CPU the machine its ranks share
+      check_memory_plan(r, c, micro_tokens / run.layout.context, model_options, *run.backend,
+                        mpi.local_size());
   run.model = std::make_unique<model::Transformer>(*run.backend, c, micro_tokens / run.layout.context, model_options);
   run.optimizer = std::make_unique<AdamW>(*run.backend, *run.model, r.train.optimizer, run.comm.get(), r.parallel.zero);
 

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "common/error.h"
+#include "common/host_memory.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/ops.h"
@@ -52,7 +53,7 @@ class CpuBackend final : public Backend {
   }
   size_t allocated_bytes() const override { return allocated_; }
   size_t peak_bytes() const override { return peak_; }
-  size_t available_bytes() const override { return 0; }
+  size_t available_bytes() const override { return host_available_bytes(); }
   std::vector<double> time_ms(const std::function<void()>& fn, int warmup, int reps) override {
     for (int i = 0; i < warmup; ++i) fn();
     std::vector<double> ms;

@@ -149,6 +149,28 @@ void write_legacy_copy(const std::string& from, const std::string& to) {
   H5Fclose(dst);
 }
 
+void write_single_file_checkpoint(const std::string& path, const AdamW& optimizer, const model::ParameterLayout& layout,
+                                  const CheckpointState& state) {
+  h5::File file = h5::File::create(path);
+  const char* groups[3] = {"params", "optimizer/m", "optimizer/v"};
+  const AdamW::State states[3] = {AdamW::State::master, AdamW::State::first_moment, AdamW::State::second_moment};
+  for (int k = 0; k < 3; ++k) {
+    std::vector<float> packed = optimizer.state_to_host(states[k]), arena(static_cast<size_t>(layout.total()), 0.0f);
+    for (const AdamW::OwnedRange& r : optimizer.owned())
+      std::copy_n(packed.begin() + r.state_offset, r.numel, arena.begin() + r.offset);
+    for (const model::ParamTensor& t : layout.tensors())
+      file.write(std::string(groups[k]) + "/" + t.name, layout.read_tensor(arena, t).data(), t.shape);
+  }
+  file.set_attr("/", "format_version", int64_t{1});
+  file.set_attr("/", "step", state.step);
+  file.set_attr("/", "tokens_seen", state.tokens_seen);
+  file.set_attr("/", "optimizer_steps", optimizer.steps_taken());
+  file.set_attr("/", "sampler_epoch", state.sampler.epoch);
+  file.set_attr("/", "sampler_cursor", state.sampler.cursor);
+  file.set_attr("/", "seed", static_cast<int64_t>(state.seed));
+  file.set_attr("/", "recipe", state.recipe_yaml);
+}
+
 void flip_byte(const std::string& path, size_t offset) {
   std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
   f.seekg(static_cast<std::streamoff>(offset));

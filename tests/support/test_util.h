@@ -10,6 +10,9 @@
 #include <string>
 #include <vector>
 
+#include "trainer/checkpoint.h"
+#include "trainer/optimizer.h"
+
 namespace moba::test {
 
 // Path inside ../shared/data (the MOBA_SHARED_DATA env var overrides the configured location).
@@ -50,6 +53,10 @@ bool gpu_available();
 // Copies an HDF5 file the way moba wrote files before it added checksums (default file format, contiguous
 // datasets without filters), to test that such files still load.
 void write_legacy_copy(const std::string& from, const std::string& to);
+// A single-file (format 1) checkpoint of the optimizer's master weights and moments, as moba wrote before
+// directory checkpoints: params/, optimizer/m/, optimizer/v/ whole arenas and the run's attributes.
+void write_single_file_checkpoint(const std::string& path, const AdamW& optimizer, const model::ParameterLayout& layout,
+                                  const CheckpointState& state);
 // Flips the bits of one byte of a file (XOR 0x5A) in place.
 void flip_byte(const std::string& path, size_t offset);
 // Where the first chunk of a chunked dataset lies in its file: {byte offset, stored size}.
