@@ -6,7 +6,8 @@ set -euo pipefail
 packages=(build-essential cmake pkg-config xz-utils
           libopenmpi-dev openmpi-bin libhdf5-dev libyaml-cpp-dev libgtest-dev
           libsentencepiece-dev sentencepiece liblzma-dev zlib1g-dev
-          python3-numpy python3-scipy python3-h5py python3-matplotlib)
+          python3-numpy python3-scipy python3-h5py python3-matplotlib
+          clang-14 libclang-rt-14-dev libomp-14-dev)  # clang: the fuzz targets (scripts/fuzz.sh)
 
 missing=()
 for p in "${packages[@]}"; do
