@@ -1,11 +1,13 @@
 // Context parallelism under real `mpirun --oversubscribe` on CPU ranks: a sequence cut into zigzag chunks over
-// 2 and 4 ranks trains exactly like one rank (every step's loss, the gradients of the first step, the weights at
-// the end) for MoBA, full and hybrid layers with GQA and MQA, on packed documents that cross chunk boundaries;
-// data x context = 2 x 2; resuming with another context size; `moba eval --context`; and bad layouts.
+// 2 and 4 ranks trains exactly like one rank (the loss, every gradient and the weights after a step from the same
+// weights, at the start, mid-run and after a phase switch; the whole curve where the model has no MoBA layer) for
+// MoBA, full and hybrid layers with GQA and MQA, on packed documents that cross chunk boundaries; data x context =
+// 2 x 2; resuming with another context size; `moba eval --context`; and bad layouts.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -85,12 +87,55 @@ class ContextParallel : public ::testing::Test {
     ASSERT_EQ(got.size(), want.size()) << what;
     for (const auto& [step, loss] : want) EXPECT_NEAR(got[step], loss, 1e-6 * loss) << what << ", step " << step;
   }
-  static void expect_same_weights(const std::string& run, const std::string& reference, const std::string& what) {
+  static std::string checkpoint(const std::string& run, int step) {
+    char name[32];
+    std::snprintf(name, sizeof name, "step_%08d", step);
+    return run + "/checkpoints/" + name;
+  }
+  static void expect_same_weights(const std::string& run, const std::string& reference, const std::string& what,
+                                  int step = 12) {
     for (const char* tensor : {"wte", "layers.wqkv", "layers.wo", "layers.w_down", "lm_head"}) {
       const std::string name = std::string("params/") + tensor;
-      std::vector<float> a = read(run + "/checkpoints/step_00000012/model.h5", name);
-      std::vector<float> b = read(reference + "/checkpoints/step_00000012/model.h5", name);
+      std::vector<float> a = read(checkpoint(run, step) + "/model.h5", name);
+      std::vector<float> b = read(checkpoint(reference, step) + "/model.h5", name);
       EXPECT_LT(test::rel_l2(a.data(), b.data(), a.size()), 1e-5) << what << ": " << tensor;
+    }
+  }
+  // A run directory holding `reference`'s recipe, metrics and its checkpoint at `step` only (none for step 0).
+  static std::string start_from(const std::string& reference, int step, const std::string& name) {
+    const std::string dir = test::scratch_dir(name);
+    fs::remove_all(dir);
+    fs::copy(reference, dir, fs::copy_options::recursive);
+    for (const auto& e : fs::directory_iterator(dir + "/checkpoints"))
+      if (step == 0 || e.path() != fs::path(checkpoint(dir, step))) fs::remove_all(e.path());
+    if (step == 0) fs::remove(dir + "/metrics.jsonl");
+    return dir;
+  }
+  // One optimizer step from the reference's weights at `step` (its initial weights for step 0) on 1 and on each of
+  // `contexts` ranks: the step's loss, every gradient (AdamW's first moment after one step is 0.1 x the clipped
+  // gradient, so after several steps it still differs only by this step's gradient) and the new weights agree up
+  // to the order of floating-point sums. MoBA's top-k routing is discontinuous, so two runs that differ by such
+  // rounding (~1e-7) may route a query differently steps later and drift apart; from the same weights they may not.
+  static void expect_same_step(const std::string& data, const std::string& reference, int step,
+                               const std::vector<int>& contexts, const std::string& settings, const std::string& what) {
+    const std::string one = start_from(reference, step, "cp-step-one");
+    Result r = train(1, data, one, settings + " --max-steps 1");
+    ASSERT_EQ(r.rc, 0) << what << "\n" << r.out;
+    const std::map<int, double> want = test::training_losses(one);
+    const std::vector<float> want_m = read(checkpoint(one, step + 1) + "/shard_00000.h5", "m");
+    for (int C : contexts) {
+      const std::string at = cat(what, ", context ", C, ", step ", step + 1, " from step ", step);
+      const std::string many = start_from(reference, step, cat("cp-step-", C));
+      r = train(C, data, many, settings + cat(" --set parallel.context=", C, " --max-steps 1"));
+      ASSERT_EQ(r.rc, 0) << at << "\n" << r.out;
+      EXPECT_NE(r.out.find(cat("ranks: ", C, " = 1 data x ", C, " context")), std::string::npos) << r.out;
+      const std::map<int, double> got = test::training_losses(many);
+      ASSERT_TRUE(got.count(step + 1) && want.count(step + 1)) << at;
+      EXPECT_NEAR(got.at(step + 1), want.at(step + 1), 1e-6 * want.at(step + 1)) << at;
+      const std::vector<float> got_m = read(checkpoint(many, step + 1) + "/shard_00000.h5", "m");
+      ASSERT_EQ(got_m.size(), want_m.size()) << at;
+      EXPECT_LT(test::rel_l2(got_m.data(), want_m.data(), got_m.size()), 1e-6) << at;
+      expect_same_weights(many, one, at, step + 1);
     }
   }
 };
@@ -101,20 +146,26 @@ TEST_F(ContextParallel, TwoAndFourRanksEqualOneForMobaFullAndHybridLayers) {
     const char* name;
     std::string settings;
     std::vector<int> contexts;
+    bool moba = true;  // the model has MoBA layers (at some step)
   };
   const std::vector<Case> cases = {
       {"hybrid MoBA + full, GQA", "", {2, 4}},
-      {"full attention, GQA", "--set attention.mode=full", {2, 4}},
+      {"full attention, GQA", "--set attention.mode=full", {2, 4}, false},
       {"MoBA every layer, MQA", "--set attention.full_layers=none --set model.n_kv_heads=1", {2, 4}},
       {"hybrid, recompute full", "--set train.recompute=full", {2}},
       {"pack: concat (attention across documents)", "--set data.pack=concat", {2}},
       {"phases: MoBA then full", "--set 'phases=[{until: 0.5, attention: {mode: moba, full_layers: none}}, "
                                  "{until: 1.0, attention: {mode: full}}]'", {4}}};
   for (const Case& c : cases) {
+    // Checkpoints at steps 4, 8 and 12 (4096 tokens each), all kept; the phases case switches to full at step 6.
     const std::string reference = test::scratch_dir("cp-ref");
-    Result r = train(1, short_docs, reference, c.settings);
+    Result r = train(1, short_docs, reference, c.settings + " --set checkpoint.keep=3");
     ASSERT_EQ(r.rc, 0) << r.out;
-    for (int C : c.contexts) {
+    if (c.moba) {
+      for (int step : {0, 4, 8}) expect_same_step(short_docs, reference, step, c.contexts, c.settings, c.name);
+      continue;
+    }
+    for (int C : c.contexts) {  // no routing decision: the whole run stays within rounding of one rank's
       const std::string what = cat(c.name, ", context ", C);
       const std::string run = test::scratch_dir(cat("cp", C));
       r = train(C, short_docs, run, c.settings + cat(" --set parallel.context=", C));
