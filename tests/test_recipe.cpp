@@ -189,6 +189,21 @@ TEST(Recipe, HybridPhasesSwitchAttention) {
   AttentionSettings late = r.attention_at(900);
   EXPECT_EQ(late.mode, AttentionMode::full);
   EXPECT_EQ(late.full_layers.layers, (std::vector<int>{2, 3}));
+  // The end of training (the last whole batch ends past train.tokens): still the last phase, which `moba eval
+  // --attention as-trained` relies on for a final checkpoint.
+  for (double end : {1000.0, 1024.0}) {
+    EXPECT_EQ(r.attention_at(end).mode, AttentionMode::full) << end;
+    EXPECT_EQ(r.attention_at(end).full_layers.layers, (std::vector<int>{2, 3})) << end;
+  }
+  // Phases that end before 1.0 leave the base attention in force after them, to the end.
+  Recipe early = parse_recipe_text(
+      "model: {n_layers: 4}\nattention: {mode: full}\n"
+      "train: {tokens: 1000, global_batch_tokens: 1024, micro_batch_seqs: 1}\ndata: {seq_len: 1024}\n"
+      "phases:\n  - {until: 0.5, attention: {mode: moba}}\n",
+      "e.yaml");
+  EXPECT_EQ(early.attention_at(499).mode, AttentionMode::moba);
+  EXPECT_EQ(early.attention_at(500).mode, AttentionMode::full);
+  EXPECT_EQ(early.attention_at(1024).mode, AttentionMode::full);
 }
 
 TEST(Recipe, LayerSelections) {

@@ -395,7 +395,9 @@ AttentionMode AttentionSettings::layer_mode(int layer) const {
 
 AttentionSettings Recipe::attention_at(double tokens_seen) const {
   AttentionSettings a = attention;
-  double fraction = tokens_seen / train.tokens;
+  // The last step can end past train.tokens (whole batches): a checkpoint there was trained, and is evaluated, in
+  // the phase that ends at 1.0, so fractions from 1 on count as just below it.
+  const double fraction = std::min(tokens_seen / train.tokens, std::nextafter(1.0, 0.0));
   for (const Phase& p : phases) {
     if (fraction < p.until) {
       if (p.mode) a.mode = *p.mode;
