@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The three mini reproductions of the MoBA paper (docs/results/mini/README.md) in one go, sized for minutes on one
+# The three mini reproductions of the MoBA paper (docs/results/micro/: the CPU-scaled runs) in one go, sized for minutes on one
 # H200: prepare the data, then the layer-wise hybrid SFT (pre-train + 4 SFT runs), the 8K scaling ladder (4 sizes x
 # full/MoBA) and the 32K position-wise comparison (5 runs), each through scripts/sweep.py, then the overlay plot.
 # Every stage is resumable (sweep.py skips finished runs) and is skipped once --deadline seconds have passed, so a
