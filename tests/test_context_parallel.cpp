@@ -1,5 +1,5 @@
 // Context parallelism under real `mpirun --oversubscribe` on CPU ranks: a sequence cut into zigzag chunks over
-// 2 and 4 ranks trains exactly like one rank (the loss, every gradient and the weights after a step from the same
+// 2, 4 and 8 ranks trains exactly like one rank (the loss, every gradient and the weights after a step from the same
 // weights, at the start, mid-run and after a phase switch; the whole curve where the model has no MoBA layer) for
 // MoBA, full and hybrid layers with GQA and MQA, on packed documents that cross chunk boundaries; data x context =
 // 2 x 2; resuming with another context size; `moba eval --context`; and bad layouts.
@@ -155,7 +155,11 @@ TEST_F(ContextParallel, TwoAndFourRanksEqualOneForMobaFullAndHybridLayers) {
       {"hybrid, recompute full", "--set train.recompute=full", {2}},
       {"pack: concat (attention across documents)", "--set data.pack=concat", {2}},
       {"phases: MoBA then full", "--set 'phases=[{until: 0.5, attention: {mode: moba, full_layers: none}}, "
-                                 "{until: 1.0, attention: {mode: full}}]'", {4}}};
+                                 "{until: 1.0, attention: {mode: full}}]'", {4}},
+      // 8 ranks: chunks of 16 tokens (one MoBA block) need sequences of 2 x 8 x 16.
+      {"hybrid, sequences of 256", "--set data.seq_len=256 --set train.global_batch_tokens=1024", {8}},
+      {"full attention, sequences of 256",
+       "--set attention.mode=full --set data.seq_len=256 --set train.global_batch_tokens=1024", {8}, false}};
   for (const Case& c : cases) {
     // Checkpoints at steps 4, 8 and 12 (4096 tokens each), all kept; the phases case switches to full at step 6.
     const std::string reference = test::scratch_dir("cp-ref");
@@ -244,16 +248,15 @@ TEST_F(ContextParallel, EvalWithContextEqualsEvalWithout) {
     return std::regex_search(json, m, std::regex("\"" + key + "\": ([^,}]+|\\[[^\\]]*\\])")) ? std::string(m[1])
                                                                                            : std::string("missing");
   };
-  const std::string plain = eval(1, ""), two = eval(2, "--context 2"), four = eval(4, "--context 4");
-  for (const std::string& key : {"tokens", "full_length_sequences", "sequences"}) {
-    EXPECT_EQ(field(two, key), field(plain, key)) << key;
-    EXPECT_EQ(field(four, key), field(plain, key)) << key;
-  }
+  const std::string plain = eval(1, "");
   const double mean = std::stod(field(plain, "mean_loss")), trailing = std::stod(field(plain, "trailing_loss"));
-  EXPECT_NEAR(std::stod(field(two, "mean_loss")), mean, 1e-5 * mean);
-  EXPECT_NEAR(std::stod(field(four, "mean_loss")), mean, 1e-5 * mean);
-  EXPECT_NEAR(std::stod(field(two, "trailing_loss")), trailing, 1e-5 * trailing);
-  EXPECT_NEAR(std::stod(field(four, "trailing_loss")), trailing, 1e-5 * trailing);
+  for (int C : {2, 4, 8}) {  // 8: chunks of 16 tokens, one MoBA block each
+    const std::string got = eval(C, cat("--context ", C));
+    for (const std::string& key : {"tokens", "full_length_sequences", "sequences"})
+      EXPECT_EQ(field(got, key), field(plain, key)) << key << ", context " << C;
+    EXPECT_NEAR(std::stod(field(got, "mean_loss")), mean, 1e-5 * mean) << "context " << C;
+    EXPECT_NEAR(std::stod(field(got, "trailing_loss")), trailing, 1e-5 * trailing) << "context " << C;
+  }
 }
 
 TEST_F(ContextParallel, PlanCountsTheTrafficOfTheLayout) {

@@ -107,10 +107,12 @@ class DataParallel : public ::testing::Test {
 std::string DataParallel::data_dir, DataParallel::baseline;
 
 TEST_F(DataParallel, RanksEqualOneRankForZeroOneAndZeroZero) {
-  for (const auto& [ranks, zero] : std::vector<std::pair<int, int>>{{2, 1}, {4, 1}, {2, 0}, {4, 0}}) {
+  for (const auto& [ranks, zero] : std::vector<std::pair<int, int>>{{2, 1}, {4, 1}, {8, 1}, {2, 0}, {4, 0}}) {
     const std::string what = cat(ranks, " ranks, zero ", zero);
     std::string run = test::scratch_dir(cat("dp", ranks, "z", zero));
-    Result r = shell(mpirun(ranks, run, cat("--set parallel.zero=", zero)));
+    // 8 ranks take one sequence each of the 8 in a global batch (the baseline: 4 micro-batches of 2).
+    Result r = shell(mpirun(ranks, run, cat("--set parallel.zero=", zero,
+                                            ranks == 8 ? " --set train.micro_batch_seqs=1" : "")));
     ASSERT_EQ(r.rc, 0) << what << "\n" << r.out;
     EXPECT_NE(r.out.find(cat("ranks: ", ranks, " = ", ranks, " data x 1 context; ZeRO ", zero)), std::string::npos)
         << r.out;
@@ -167,6 +169,21 @@ TEST_F(DataParallel, AFailingRankEndsTheJobWithItsMessage) {
     EXPECT_LT(r.seconds, 60) << c.fault << "\n" << r.out;
     EXPECT_NE(r.out.find(c.needle), std::string::npos) << c.fault << ": expected '" << c.needle << "' in\n" << r.out;
   }
+}
+
+TEST_F(DataParallel, AKilledRankOfFourEndsTheJobAndTheCheckpointResumesOnTwo) {
+  // SIGKILL of rank 2 of 4 at step 6: mpirun ends the job naming it; the checkpoint of step 4 resumes on 2 ranks
+  // along the one-rank curve.
+  std::string run = test::scratch_dir("dp-kill4");
+  Result r = shell(mpirun(4, run, "--fault kill:6:2"));
+  EXPECT_NE(r.rc, 0) << r.out;
+  EXPECT_LT(r.seconds, 60) << r.out;
+  EXPECT_NE(r.out.find("rank 2 with PID"), std::string::npos) << r.out;
+  EXPECT_TRUE(fs::exists(run + "/checkpoints/step_00000004/manifest.yaml"));
+  r = shell(mpirun(2, run));
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("resumed from " + run + "/checkpoints/step_00000004 at step 4"), std::string::npos) << r.out;
+  expect_baseline_curve(run, "4 ranks, rank 2 killed, resumed on 2");
 }
 
 TEST_F(DataParallel, StopSignalsCheckpointExitZeroAndResumeExactly) {
