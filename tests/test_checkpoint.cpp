@@ -193,26 +193,6 @@ TEST(Checkpoint, SingleFileCheckpointsWithoutChecksumsLoadWithANote) {
   EXPECT_NE(out.find("note: " + legacy + " carries no checksums"), std::string::npos) << out;
 }
 
-// Writes past RLIMIT_FSIZE fail (EFBIG, SIGXFSZ ignored) exactly where a full disk fails with ENOSPC.
-class FileSizeLimit {
- public:
-  explicit FileSizeLimit(rlim_t bytes) {
-    getrlimit(RLIMIT_FSIZE, &saved_);
-    previous_handler_ = signal(SIGXFSZ, SIG_IGN);
-    rlimit limit = saved_;
-    limit.rlim_cur = bytes;
-    setrlimit(RLIMIT_FSIZE, &limit);
-  }
-  ~FileSizeLimit() {
-    setrlimit(RLIMIT_FSIZE, &saved_);
-    signal(SIGXFSZ, previous_handler_);
-  }
-
- private:
-  rlimit saved_{};
-  sighandler_t previous_handler_;
-};
-
 TEST(Checkpoint, AFailedWriteLeavesNoTempFileAndTheOlderCheckpoints) {
   std::string dir = test::scratch_dir("ckpt-full");
   TinyModel m;
@@ -222,7 +202,7 @@ TEST(Checkpoint, AFailedWriteLeavesNoTempFileAndTheOlderCheckpoints) {
   for (rlim_t limit : {rlim_t{1000}, rlim_t{20000}, static_cast<rlim_t>(older.at("model.h5").size() - 100)}) {
     std::string message;
     {
-      FileSizeLimit full(limit);
+      test::FileSizeLimit full(limit);
       try {
         save_checkpoint(dir, state_at(2), m.model, m.optimizer, nullptr, 1);
       } catch (const Error& e) {

@@ -398,26 +398,6 @@ TEST(Prep, CommandLineParsesAndValidates) {
   EXPECT_EQ(read_file(dir + "/mine/keep.txt"), "not moba's");  // a directory it did not create stays
 }
 
-// Writes past RLIMIT_FSIZE fail (EFBIG, SIGXFSZ ignored) exactly where a full disk fails with ENOSPC.
-class FileSizeLimit {
- public:
-  explicit FileSizeLimit(rlim_t bytes) {
-    getrlimit(RLIMIT_FSIZE, &saved_);
-    previous_handler_ = signal(SIGXFSZ, SIG_IGN);
-    rlimit limit = saved_;
-    limit.rlim_cur = bytes;
-    setrlimit(RLIMIT_FSIZE, &limit);
-  }
-  ~FileSizeLimit() {
-    setrlimit(RLIMIT_FSIZE, &saved_);
-    signal(SIGXFSZ, previous_handler_);
-  }
-
- private:
-  rlimit saved_{};
-  sighandler_t previous_handler_;
-};
-
 TEST(Prep, AFullDiskLeavesNoTemporaryFilesOrEmptyDirectory) {
   std::string dir = scratch_dir("prep_full");
   std::string text;
@@ -427,7 +407,7 @@ TEST(Prep, AFullDiskLeavesNoTemporaryFilesOrEmptyDirectory) {
   for (rlim_t limit : {rlim_t{100}, rlim_t{100000}, rlim_t{3000000}, rlim_t{9000000}}) {
     std::string message;
     {
-      FileSizeLimit full(limit);
+      test::FileSizeLimit full(limit);
       message = error_of([&] {
         PrepOptions o;
         o.inputs = {dir + "/docs.jsonl"};

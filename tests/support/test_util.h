@@ -2,6 +2,8 @@
 // relative errors, and a finite-difference gradient checker used by every op and by the whole model.
 #pragma once
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 
 #include <cstdint>
 #include <filesystem>
@@ -57,6 +59,18 @@ void write_legacy_copy(const std::string& from, const std::string& to);
 // directory checkpoints: params/, optimizer/m/, optimizer/v/ whole arenas and the run's attributes.
 void write_single_file_checkpoint(const std::string& path, const AdamW& optimizer, const model::ParameterLayout& layout,
                                   const CheckpointState& state);
+// While alive, writes past `bytes` fail (EFBIG, SIGXFSZ ignored) exactly where a full disk fails with ENOSPC.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(rlim_t bytes);
+  ~FileSizeLimit();
+  FileSizeLimit(const FileSizeLimit&) = delete;
+  FileSizeLimit& operator=(const FileSizeLimit&) = delete;
+
+ private:
+  rlimit saved_{};
+  sighandler_t previous_handler_;
+};
 // Flips the bits of one byte of a file (XOR 0x5A) in place.
 void flip_byte(const std::string& path, size_t offset);
 // Where the first chunk of a chunked dataset lies in its file: {byte offset, stored size}.
