@@ -1,18 +1,58 @@
-// Dense causal attention on the GPU (flash-attention style: tiled, online softmax, LSE saved, recompute in
-// the backward), over packed segments (cu_seqlens on the device), GQA/MQA native. Semantics match
-// kernels/cpu/attention.h: q (N, H, D), k/v (N, Hkv, D) bf16, out (N, H, D) bf16, lse (N, H) f32 natural log.
-// The backward ACCUMULATES into dq/dk/dv (bf16). Scratch comes from ctx.scratch (no allocation per step).
+// The attention ops on the GPU, for the CUDA backend: dense causal flash attention (flash_attention_*.cu) and MoBA
+// (moba_routing.cu, moba_forward.cu, moba_backward*.cu), all over one plain argument block per call, the raw device
+// view of an AttentionCall (kernels/attention.h): query rows standing at ascending key rows (q_rows), packed
+// documents of the key sequence (cu_seqlens), GQA/MQA native. q, k, v, out, dout, dq bf16; lse f32 natural log;
+// dk/dv bf16 or f32. Backward ACCUMULATES into dq, dk, dv.
+// Invariants: every launcher runs on ctx.stream and never synchronises the host; scratch comes only from the named
+// buffers of `args.scratch` (a too small one is an Error naming it), sized by attention_scratch_sizes.
 #pragma once
+#include "kernels/attention.h"
 #include "kernels/cuda/ops.h"
 
 namespace moba::cuda {
 
-void flash_attention_forward(const CudaContext& ctx, bf16* out, float* lse, const bf16* q, const bf16* k,
-                             const bf16* v, const int32_t* cu_seqlens, int n_segments, int64_t N, int H, int Hkv,
-                             int D, float softmax_scale);
-void flash_attention_backward(const CudaContext& ctx, bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* q,
-                              const bf16* k, const bf16* v, const bf16* out, const float* lse,
-                              const int32_t* cu_seqlens, int n_segments, int64_t N, int H, int Hkv, int D,
-                              float softmax_scale);
+// One device buffer of the call's scratch.
+struct ScratchBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+};
+
+struct AttentionArgs {
+  int64_t n_queries = 0, n_keys = 0;  // Nq, Nk
+  int H = 0, Hkv = 0, D = 0;
+  const bf16* q = nullptr;             // (Nq, H, D)
+  const bf16* k = nullptr;             // (Nk, Hkv, D)
+  const bf16* v = nullptr;             // (Nk, Hkv, D)
+  const int32_t* cu_seqlens = nullptr;  // (S + 1) documents of the key rows
+  int n_segments = 0;
+  const int32_t* q_rows = nullptr;     // (Nq) ascending key row of each query row; nullptr: row i at key row i
+  int block_size = 0, top_k = 0;       // MoBA
+  int32_t* selected = nullptr;         // MoBA (Nq, H, top_k)
+  float softmax_scale = 0;
+  bf16* out = nullptr;                 // (Nq, H, D)
+  float* lse = nullptr;                // (Nq, H)
+  const bf16* dout = nullptr;          // (Nq, H, D)
+  bf16* dq = nullptr;                  // (Nq, H, D) +=
+  void* dk = nullptr;                  // (Nk, Hkv, D) +=, bf16 or f32 (dkv_f32)
+  void* dv = nullptr;
+  bool dkv_f32 = false;
+  AttentionKernelSettings settings;
+  struct {
+    ScratchBuffer row_stats, partials, block_means, dispatch, chunk_dispatch, query_index;
+  } scratch;
+};
+
+// Bytes of each scratch buffer the launchers below need for calls up to `shape`.
+AttentionScratchSizes attention_scratch_sizes(const AttentionScratchShape& shape);
+
+void flash_attention_forward(const CudaContext& ctx, const AttentionArgs& a);   // out, lse
+void flash_attention_backward(const CudaContext& ctx, const AttentionArgs& a);  // dq, dk, dv +=
+// MoBA, exactly as ../shared/docs/moba-spec.md and kernels/cpu/attention.h define it: routing (bf16-rounded block
+// means of the whole key sequence, fp32 gate, top-(k-1) past blocks + the current block, ties to the lower index, per
+// query head), attention over the union with one softmax, and the backward. Any top_k >= 1 (top_k - 1 > 64 past
+// blocks take an exact radix-select router: selections equal to the CPU's).
+void moba_select_blocks(const CudaContext& ctx, const AttentionArgs& a);       // selected
+void moba_attention_forward(const CudaContext& ctx, const AttentionArgs& a);   // out, lse
+void moba_attention_backward(const CudaContext& ctx, const AttentionArgs& a);  // dq, dk, dv +=
 
 }  // namespace moba::cuda

@@ -10,7 +10,6 @@
 
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda_backend.h"
-#include "kernels/cuda/moba.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/timing.h"
 
@@ -114,16 +113,39 @@ class OpTimer {
   cudaEvent_t start_ = nullptr, stop_ = nullptr;
 };
 
-struct Shape {
-  int64_t N;
-  int H, Hkv, D;
-};
-Shape shape_of(const AttentionCall& c, const char* op, bool backward) {
+// The raw device view of a checked call (tensors the call leaves empty stay nullptr).
+cuda::AttentionArgs args_of(const AttentionCall& c, const char* op, bool backward) {
   check_attention_call(cat("cuda ", op).c_str(), c, DType::bf16, Device::cuda, backward);
-  MOBA_CHECK(c.q_rows.data == nullptr && (!backward || c.dk.dtype == DType::bf16),
-             cat("cuda ", op, ": query subsets (q_rows) and f32 dK/dV are not on the CUDA backend yet"),
-             "use the cpu backend for query subsets until the CUDA kernels take them");
-  return Shape{c.n_queries(), c.n_heads(), c.n_kv_heads(), c.head_dim()};
+  cuda::AttentionArgs a;
+  a.n_queries = c.n_queries();
+  a.n_keys = c.n_keys();
+  a.H = c.n_heads();
+  a.Hkv = c.n_kv_heads();
+  a.D = c.head_dim();
+  a.q = c.q.as<bf16>();
+  a.k = c.k.as<bf16>();
+  a.v = c.v.as<bf16>();
+  a.cu_seqlens = c.cu_seqlens.as<int32_t>();
+  a.n_segments = c.n_segments();
+  a.q_rows = c.q_rows.as<int32_t>();
+  if (c.mode == AttentionMode::moba) {
+    a.block_size = c.block_size;
+    a.top_k = c.top_k;
+    a.selected = c.selected.as<int32_t>();
+  }
+  a.softmax_scale = c.softmax_scale;
+  a.out = c.out.as<bf16>();
+  a.lse = c.lse.as<float>();
+  a.dout = c.dout.as<bf16>();
+  a.dq = c.dq.as<bf16>();
+  a.dk = c.dk.data;
+  a.dv = c.dv.data;
+  a.dkv_f32 = c.dk.dtype == DType::f32;
+  a.settings = c.settings;
+  auto buffer = [](const Tensor& t) { return cuda::ScratchBuffer{t.data, t.data ? t.bytes() : 0}; };
+  a.scratch = {buffer(c.scratch.row_stats), buffer(c.scratch.partials), buffer(c.scratch.block_means),
+               buffer(c.scratch.dispatch), buffer(c.scratch.chunk_dispatch), buffer(c.scratch.query_index)};
+  return a;
 }
 
 class CudaBackend final : public Backend {
@@ -323,43 +345,24 @@ class CudaBackend final : public Backend {
     cuda::convert(ctx_, dst.data, dst.dtype, src.data, src.dtype, dst.numel());
   }
 
-  AttentionScratchSizes attention_scratch_sizes(const AttentionScratchShape&) const override {
-    return {};  // (interim) the kernels still grow their scratch in ctx's slots
+  AttentionScratchSizes attention_scratch_sizes(const AttentionScratchShape& shape) const override {
+    return cuda::attention_scratch_sizes(shape);
   }
   void moba_select_blocks(const AttentionCall& c) override {
     OpTimer timer(*profiler_, "moba_select_blocks");
-    const Shape s = shape_of(c, "moba_select_blocks", false);
-    cuda::moba_select_blocks(ctx_, const_cast<int32_t*>(i32(c.selected, "selected")), b16(c.q, "q"), b16(c.k, "k"),
-                             i32(c.cu_seqlens, "cu_seqlens"), c.n_segments(), s.N, s.H, s.Hkv, s.D, c.block_size,
-                             c.top_k);
+    cuda::moba_select_blocks(ctx_, args_of(c, "moba_select_blocks", false));
   }
   void attention_forward(const AttentionCall& c) override {
     OpTimer timer(*profiler_, "attention_forward");
-    const Shape s = shape_of(c, "attention_forward", false);
-    if (c.mode == AttentionMode::full) {
-      cuda::flash_attention_forward(ctx_, b16(c.out, "out"), f32(c.lse, "lse"), b16(c.q, "q"), b16(c.k, "k"),
-                                    b16(c.v, "v"), i32(c.cu_seqlens, "cu_seqlens"), c.n_segments(), s.N, s.H, s.Hkv,
-                                    s.D, c.softmax_scale);
-      return;
-    }
-    cuda::moba_attention_forward(ctx_, b16(c.out, "out"), f32(c.lse, "lse"), b16(c.q, "q"), b16(c.k, "k"),
-                                 b16(c.v, "v"), i32(c.selected, "selected"), i32(c.cu_seqlens, "cu_seqlens"),
-                                 c.n_segments(), s.N, s.H, s.Hkv, s.D, c.block_size, c.top_k, c.softmax_scale);
+    const cuda::AttentionArgs a = args_of(c, "attention_forward", false);
+    if (c.mode == AttentionMode::full) cuda::flash_attention_forward(ctx_, a);
+    else cuda::moba_attention_forward(ctx_, a);
   }
   void attention_backward(const AttentionCall& c) override {
     OpTimer timer(*profiler_, "attention_backward");
-    const Shape s = shape_of(c, "attention_backward", true);
-    if (c.mode == AttentionMode::full) {
-      cuda::flash_attention_backward(ctx_, b16(c.dq, "dq"), b16(c.dk, "dk"), b16(c.dv, "dv"), b16(c.dout, "dout"),
-                                     b16(c.q, "q"), b16(c.k, "k"), b16(c.v, "v"), b16(c.out, "out"), f32(c.lse, "lse"),
-                                     i32(c.cu_seqlens, "cu_seqlens"), c.n_segments(), s.N, s.H, s.Hkv, s.D,
-                                     c.softmax_scale);
-      return;
-    }
-    cuda::moba_attention_backward(ctx_, b16(c.dq, "dq"), b16(c.dk, "dk"), b16(c.dv, "dv"), b16(c.dout, "dout"),
-                                  b16(c.q, "q"), b16(c.k, "k"), b16(c.v, "v"), b16(c.out, "out"), f32(c.lse, "lse"),
-                                  i32(c.selected, "selected"), i32(c.cu_seqlens, "cu_seqlens"), c.n_segments(), s.N,
-                                  s.H, s.Hkv, s.D, c.block_size, c.top_k, c.softmax_scale, c.settings.deterministic);
+    const cuda::AttentionArgs a = args_of(c, "attention_backward", true);
+    if (c.mode == AttentionMode::full) cuda::flash_attention_backward(ctx_, a);
+    else cuda::moba_attention_backward(ctx_, a);
   }
 
   double cross_entropy_forward(Tensor losses, const Tensor& logits, const Tensor& targets,

@@ -10,7 +10,7 @@
 namespace moba::cuda {
 
 struct CudaContext {
-  static constexpr int kScratchSlots = 8;
+  static constexpr int kScratchSlots = 2;  // 0: the loss total (cross_entropy), 1: reduction partials (reduce)
   int device = 0;
   cudaStream_t stream = nullptr;
   cublasLtHandle_t lt = nullptr;
@@ -18,7 +18,8 @@ struct CudaContext {
   size_t workspace_bytes = 0;
   int sm_count = 0;
 
-  // Device scratch, one buffer per slot so one op can hold several. A slot grows (synchronously) the first
+  // Device scratch of the reductions, one buffer per slot (the attention ops take named scratch from their call
+  // instead, sized up front by the model's plan). A slot grows (synchronously) the first
   // time a larger size is asked for, which happens in the first training step; later steps reuse it, so no
   // allocation happens per step and a step can be captured in a CUDA graph once warmed up.
   void* scratch(int slot, size_t bytes) const {

@@ -7,17 +7,20 @@
 // 2024), elsewhere on mma.sync; both share the masking, softmax recomputation and epilogues. dq_accum is laid out
 // in the order of the MMA accumulators (dq_tile_index), so each thread adds its four dQ values of a 16x8 tile with
 // one 16-byte vector reduction and a warp's reductions cover whole contiguous 512-byte ranges.
-// Invariants: dK/dV of a (key tile, kv head) are owned by one CTA (no atomics, plain read-add-write into bf16); the
-// dq accumulation buffer (scratch slot 2, layout in dq_tile_index) is zeroed at every call; scratch slot 3 holds
-// Delta and lse2; query tiles start at multiples of 64 (kBlockM) for every key tile.
+// Query rows may stand at any ascending key rows (q_rows): the query rows that see a key tile are a contiguous range
+// [first_query_at(tile start), first_query_at(end of its last key's document)), walked in tiles from a multiple of 64.
+// Invariants: dK/dV of a (key tile, kv head) are owned by one CTA (no atomics, plain read-add-write into bf16 or
+// f32); the dq accumulation buffer (scratch `partials`, layout in dq_tile_index) is zeroed at every call; scratch
+// `row_stats` holds Delta and lse2; query tiles start at multiples of 64 (kBlockM) for every key tile.
 #include <algorithm>
 #include <type_traits>
 
 #include "kernels/cuda/attention.h"
-#include "kernels/cuda/flash_attention_common.cuh"
+#include "kernels/cuda/attention_primitives.cuh"
+#include "kernels/cuda/attention_scratch.h"
 
 namespace moba::cuda {
-namespace flash {
+namespace attn {
 namespace {
 
 // Tile constants of one backward instantiation. Each warp owns 16 keys (rows of S^T = K Q^T); with kWgmma each
@@ -37,6 +40,7 @@ struct BackwardTiles {
   // K, V, (Q, dO) x 2 stages, dS^T, (lse2, Delta) x 2 stages
   static constexpr int kStatsOffset = 2 * KVTile::kBytes + 4 * QTile::kBytes + DSTile::kBytes;
   static constexpr int kSmemBytes = kStatsOffset + 2 * 2 * kBlockM * 4 + kAlign;
+  static constexpr int kKeyRowBytes = 2 * kBlockM * 4;  // with q_rows: (2 stages, kBlockM) key rows of the query rows
   // mma.sync dQ (kBlockM, kD) = dS K is split over the warps: kMTilesQ row tiles, each shared by kWarps / kMTilesQ
   // warps that split its columns, computed in passes of at most 64 columns (32 accumulators).
   static constexpr int kMTilesQ = kBlockM / 16;
@@ -47,19 +51,22 @@ struct BackwardTiles {
 };
 
 struct BackwardParams {
-  bf16* dk;                  // (N, Hkv, D) +=
-  bf16* dv;                  // (N, Hkv, D) +=
-  float* dq_accum;           // (H, ceil(N / 64), 64 * kD) f32, unscaled sum of dS K (dq_tile_index)
-  const bf16* q;             // (N, H, D)
-  const bf16* k;             // (N, Hkv, D)
-  const bf16* v;             // (N, Hkv, D)
-  const bf16* dout;          // (N, H, D)
-  const float* lse2;         // (H, N) lse * log2(e)
-  const float* delta;        // (H, N) rowsum(dO * O)
+  void* dk;                  // (Nk, Hkv, D) +=, bf16 (or f32 with dkv_f32)
+  void* dv;                  // (Nk, Hkv, D) +=
+  float* dq_accum;           // (H, ceil(Nq / 64), 64 * kD) f32, unscaled sum of dS K (dq_tile_index)
+  const bf16* q;             // (Nq, H, D)
+  const bf16* k;             // (Nk, Hkv, D)
+  const bf16* v;             // (Nk, Hkv, D)
+  const bf16* dout;          // (Nq, H, D)
+  const float* lse2;         // (H, Nq) lse * log2(e)
+  const float* delta;        // (H, Nq) rowsum(dO * O)
   const int32_t* cu_seqlens;  // (S + 1)
-  int n_segments, N, H, Hkv, D, group, dq_tiles;  // dq_tiles = ceil(N / 64) per head
+  const int32_t* q_rows;      // (Nq) key row of each query row (kQueryRows only)
+  const int32_t* query_index;  // (Nk + 1) first query row at or after each key row (kQueryRows only)
+  int n_segments, Nq, Nk, H, Hkv, D, group, dq_tiles;  // dq_tiles = ceil(Nq / 64) per head
   float scale_log2, scale;
   bool vector;
+  bool dkv_f32;
 };
 
 // (1) One warp per (t, h): delta[h][t] = sum_d dout * out; lse2[h][t] = lse[t][h] * log2(e).
@@ -108,7 +115,7 @@ __device__ __forceinline__ void add_dq_band(const BackwardParams& p, const float
 }
 
 // (2) dK, dV of one (key tile, kv head) and the dQ contributions of its keys.
-template <class T>
+template <class T, bool kQueryRows>
 __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const BackwardParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t s_k = (smem_address(smem) + T::kAlign - 1) & ~static_cast<uint32_t>(T::kAlign - 1);
@@ -122,10 +129,13 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
   const int g = lane / 4, tig = lane % 4;
   const int hk = static_cast<int>(blockIdx.x % p.Hkv);
   const int n0 = static_cast<int>(blockIdx.x / p.Hkv) * kBlockN;  // tile 0 (most queries) launches first
-  const int keys_valid = min(kBlockN, p.N - n0);
-  const int q_end = segment_end(p.cu_seqlens, p.n_segments, n0 + keys_valid - 1);  // queries [n0, q_end) see keys
+  const int keys_valid = min(kBlockN, p.Nk - n0);
+  // Query rows standing at key rows [n0, q_end) see the keys: [m_begin, m_end), walked from a multiple of 64.
+  const int q_end = segment_end(p.cu_seqlens, p.n_segments, n0 + keys_valid - 1);
   const int first_segment_end = segment_end(p.cu_seqlens, p.n_segments, n0);
-  const int n_q_tiles = (q_end - n0 + kBlockM - 1) / kBlockM;
+  const int m_begin = kQueryRows ? first_query_at(p.query_index, n0) & ~(kBlockM - 1) : n0;
+  const int m_end = kQueryRows ? first_query_at(p.query_index, q_end) : q_end;
+  const int n_q_tiles = max(0, (m_end - m_begin + kBlockM - 1) / kBlockM);
   const int steps = p.group * n_q_tiles;
 
   // This thread's keys (fragment rows g, g + 8 of the warp's 16) and the ends of their segments.
@@ -133,7 +143,7 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     key_u[half] = n0 + warp * 16 + half * 8 + g;
-    key_last_query[half] = key_u[half] < p.N ? segment_end(p.cu_seqlens, p.n_segments, key_u[half]) - 1 : -1;
+    key_last_query[half] = key_u[half] < p.Nk ? segment_end(p.cu_seqlens, p.n_segments, key_u[half]) - 1 : -1;
   }
 
   const int64_t q_stride = static_cast<int64_t>(p.H) * p.D, kv_stride = static_cast<int64_t>(p.Hkv) * p.D;
@@ -143,22 +153,27 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
   const uint32_t s_ds = s_k + 2 * KVTile::kBytes + 4 * QTile::kBytes;
   auto s_lse = [&](int stage) { return s_k + T::kStatsOffset + stage * 2 * kBlockM * 4; };
   auto s_delta = [&](int stage) { return s_lse(stage) + kBlockM * 4; };
+  auto s_key_row = [&](int stage) { return s_k + T::kSmemBytes - T::kAlign + stage * kBlockM * 4; };  // kQueryRows
 
   const int64_t kv_offset = static_cast<int64_t>(n0) * kv_stride + static_cast<int64_t>(hk) * p.D;
   load_tile<KVTile, T::kThreads>(s_k, p.k + kv_offset, kv_stride, keys_valid, p.D, p.vector, tid);
   load_tile<KVTile, T::kThreads>(s_v, p.v + kv_offset, kv_stride, keys_valid, p.D, p.vector, tid);
   cp_async_commit();
   auto load_step = [&](int step, int stage) {
-    const int h = hk * p.group + step / n_q_tiles, m0 = n0 + (step % n_q_tiles) * kBlockM;
+    const int h = hk * p.group + step / n_q_tiles, m0 = m_begin + (step % n_q_tiles) * kBlockM;
     const int64_t offset = static_cast<int64_t>(m0) * q_stride + static_cast<int64_t>(h) * p.D;
-    const int rows = min(kBlockM, p.N - m0);
+    const int rows = min(kBlockM, p.Nq - m0);
     load_tile<QTile, T::kThreads>(s_q(stage), p.q + offset, q_stride, rows, p.D, p.vector, tid);
     load_tile<QTile, T::kThreads>(s_do(stage), p.dout + offset, q_stride, rows, p.D, p.vector, tid);
-    const int64_t stats = static_cast<int64_t>(h) * p.N + m0;
+    const int64_t stats = static_cast<int64_t>(h) * p.Nq + m0;
     for (int i = tid; i < kBlockM; i += T::kThreads) {
       const bool valid = i < rows;
       cp_async_4(s_lse(stage) + i * 4, p.lse2 + (valid ? stats + i : 0), valid);
       cp_async_4(s_delta(stage) + i * 4, p.delta + (valid ? stats + i : 0), valid);
+      if constexpr (kQueryRows) {  // rows past Nq stand nowhere: masked
+        if (valid) cp_async_4(s_key_row(stage) + i * 4, p.q_rows + m0 + i, true);
+        else st_shared_4(s_key_row(stage) + i * 4, static_cast<uint32_t>(INT_MAX));
+      }
     }
   };
   load_step(0, 0);
@@ -172,14 +187,8 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
   const uint32_t lane_ds = DSTile::offset((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
   for (int step = 0; step < steps; ++step) {
     const int stage = step & 1;
-    const int h = hk * p.group + step / n_q_tiles, m0 = n0 + (step % n_q_tiles) * kBlockM;
-    if (step + 1 < steps) {
-      load_step(step + 1, stage ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    const int h = hk * p.group + step / n_q_tiles, m0 = m_begin + (step % n_q_tiles) * kBlockM;
+    next_tile_loads(step + 1 < steps, [&] { load_step(step + 1, stage ^ 1); });
     if constexpr (T::kWgmma) fence_proxy_async();
     __syncthreads();
 
@@ -191,13 +200,9 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
       fence_registers(dp);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kKStepsD; ++kk) {  // K-major operands: 16 columns = 32 bytes of a swizzled row
-        const uint32_t kv_column = key_rows + (kk / 4) * KVTile::kBlockBytes + (kk % 4) * 32;
-        const uint32_t q_column = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
-        wgmma_m64n64k16_ss<0, 0>(s, wgmma_descriptor(s_k + kv_column, 16, 1024),
-                                 wgmma_descriptor(s_q(stage) + q_column, 16, 1024));
-        wgmma_m64n64k16_ss<0, 0>(dp, wgmma_descriptor(s_v + kv_column, 16, 1024),
-                                 wgmma_descriptor(s_do(stage) + q_column, 16, 1024));
+      for (int kk = 0; kk < kKStepsD; ++kk) {
+        wgmma_k_major_step<KVTile, QTile, kBlockM>(s, s_k + key_rows, s_q(stage), kk);
+        wgmma_k_major_step<KVTile, QTile, kBlockM>(dp, s_v + key_rows, s_do(stage), kk);
       }
       wgmma_commit();
       wgmma_wait_all();
@@ -223,16 +228,28 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
     }
     // ---- P^T = exp2(S^T * scale * log2 e - lse2), zero where the query must not see the key;
     //      dS^T = P^T * (dP^T - Delta) ----
-    const bool need_mask = m0 < n0 + warp * 16 + 15 || m0 + kBlockM > first_segment_end;
+    // Key rows of the step's first and last query rows: every pair is visible when the first follows the warp's
+    // last key and the last precedes the end of the first key's document.
+    const int first_t = kQueryRows ? __ldg(p.q_rows + m0) : m0;
+    const int last_t = kQueryRows ? (m0 + kBlockM <= p.Nq ? __ldg(p.q_rows + m0 + kBlockM - 1) : INT_MAX)
+                                  : m0 + kBlockM - 1;
+    const bool need_mask = first_t < n0 + warp * 16 + 15 || last_t >= first_segment_end;
 #pragma unroll
     for (int nt = 0; nt < kQTiles; ++nt) {
       const float2 lse2 = ld_shared_f32x2(s_lse(stage) + (nt * 8 + 2 * tig) * 4);  // columns 2 tig, 2 tig + 1
       const float2 delta = ld_shared_f32x2(s_delta(stage) + (nt * 8 + 2 * tig) * 4);
+      int2 t2 = make_int2(m0 + nt * 8 + 2 * tig, m0 + nt * 8 + 2 * tig + 1);  // the two columns' key rows
+      if constexpr (kQueryRows) {
+        if (need_mask) {
+          const float2 raw = ld_shared_f32x2(s_key_row(stage) + (nt * 8 + 2 * tig) * 4);
+          t2 = make_int2(__float_as_int(raw.x), __float_as_int(raw.y));
+        }
+      }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float pv = fast_exp2(fmaf(s[nt][e], p.scale_log2, -((e & 1) ? lse2.y : lse2.x)));
         if (need_mask) {
-          const int t = m0 + nt * 8 + 2 * tig + (e & 1);
+          const int t = (e & 1) ? t2.y : t2.x;
           if (t < key_u[e >> 1] || t > key_last_query[e >> 1]) pv = 0.0f;
         }
         s[nt][e] = pv;
@@ -324,21 +341,20 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
     }
   }
 
-  // ---- dK (scaled) and dV added into the bf16 outputs; each (key, kv head) row belongs to this CTA alone ----
+  // ---- dK (scaled) and dV added into the outputs (bf16, or f32 partial sums); each (key, kv head) row belongs to
+  //      this CTA alone ----
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int u = key_u[half];
-    if (u >= p.N) continue;
+    if (u >= p.Nk) continue;
     const int64_t row = (static_cast<int64_t>(u) * p.Hkv + hk) * p.D;
 #pragma unroll
     for (int dt = 0; dt < kDTiles; ++dt) {
       const int col = dt * 8 + 2 * tig;
       if (col >= p.D) continue;
-      const float2 old_k = load_bf16_pair(p.dk + row + col, p.vector);
-      const float2 old_v = load_bf16_pair(p.dv + row + col, p.vector);
-      store_bf16_pair(p.dk + row + col, old_k.x + dk[dt][2 * half] * p.scale,
-                      old_k.y + dk[dt][2 * half + 1] * p.scale, p.vector);
-      store_bf16_pair(p.dv + row + col, old_v.x + dv[dt][2 * half], old_v.y + dv[dt][2 * half + 1], p.vector);
+      add_key_row_pair(p.dk, p.dkv_f32, row + col, dk[dt][2 * half] * p.scale, dk[dt][2 * half + 1] * p.scale,
+                       p.vector);
+      add_key_row_pair(p.dv, p.dkv_f32, row + col, dv[dt][2 * half], dv[dt][2 * half + 1], p.vector);
     }
   }
 }
@@ -371,47 +387,52 @@ __global__ void flash_backward_dq_kernel(bf16* dq, const float* dq_accum, int N,
 
 template <class T>
 void launch_backward(const CudaContext& ctx, const BackwardParams& p) {
-  constexpr int smem = T::kSmemBytes;
-  MOBA_CUDA_CHECK(cudaFuncSetAttribute(flash_backward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const int64_t blocks = static_cast<int64_t>((p.N + T::kBlockN - 1) / T::kBlockN) * p.Hkv;
-  flash_backward_kernel<T><<<static_cast<unsigned>(blocks), T::kThreads, smem, ctx.stream>>>(p);
+  const int64_t blocks = static_cast<int64_t>((p.Nk + T::kBlockN - 1) / T::kBlockN) * p.Hkv;
+  auto launch = [&](auto kernel, int smem) {
+    MOBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<static_cast<unsigned>(blocks), T::kThreads, smem, ctx.stream>>>(p);
+  };
+  if (p.q_rows != nullptr) launch(flash_backward_kernel<T, true>, T::kSmemBytes + T::kKeyRowBytes);
+  else launch(flash_backward_kernel<T, false>, T::kSmemBytes);
   MOBA_CUDA_CHECK(cudaGetLastError());
 }
 
-
-
 }  // namespace
-}  // namespace flash
+}  // namespace attn
 
-void flash_attention_backward(const CudaContext& ctx, bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* q,
-                              const bf16* k, const bf16* v, const bf16* out, const float* lse,
-                              const int32_t* cu_seqlens, int n_segments, int64_t N, int H, int Hkv, int D,
-                              float softmax_scale) {
-  using namespace flash;
-  MOBA_CHECK(D >= 2 && D <= 128 && D % 2 == 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && n_segments >= 1 &&
-                 N < INT32_MAX,
-             cat("flash_attention_backward: unsupported shape (N ", N, ", H ", H, ", Hkv ", Hkv, ", D ", D, ")"),
+void flash_attention_backward(const CudaContext& ctx, const AttentionArgs& a) {
+  using namespace attn;
+  const int64_t Nq = a.n_queries, Nk = a.n_keys;
+  const int H = a.H, Hkv = a.Hkv, D = a.D;
+  MOBA_CHECK(D >= 2 && D <= 128 && D % 2 == 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && a.n_segments >= 1 &&
+                 Nk < INT32_MAX,
+             cat("flash_attention_backward: unsupported shape (Nq ", Nq, ", Nk ", Nk, ", H ", H, ", Hkv ", Hkv, ", D ",
+                 D, ")"),
              "the CUDA attention needs an even head dim <= 128 and H divisible by Hkv");
-  if (N == 0) return;
-  const int kD = padded_head_dim(D), dq_tiles = static_cast<int>((N + 63) / 64);
+  if (Nq == 0 && Nk == 0) return;
+  const int kD = padded_head_dim(D), dq_tiles = static_cast<int>((Nq + 63) / 64);
   const size_t dq_accum_bytes = static_cast<size_t>(H) * dq_tiles * 64 * kD * sizeof(float);
-  float* dq_accum = static_cast<float*>(ctx.scratch(2, dq_accum_bytes));  // (H, dq_tiles, 64 * kD)
-  float* stats = static_cast<float*>(ctx.scratch(3, static_cast<size_t>(2 * N * H) * sizeof(float)));
-  float* delta = stats;          // (H, N)
-  float* lse2 = stats + N * H;   // (H, N)
+  float* dq_accum = static_cast<float*>(scratch(a.scratch.partials, "partials", dq_accum_bytes));  // (H, dq_tiles, 64 kD)
+  float* stats = static_cast<float*>(scratch(a.scratch.row_stats, "row_stats", 2 * Nq * H * sizeof(float)));
+  float* delta = stats;          // (H, Nq)
+  float* lse2 = stats + Nq * H;  // (H, Nq)
+  const int32_t* query_index = a.q_rows != nullptr ? build_query_index(ctx, a) : nullptr;
   MOBA_CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, dq_accum_bytes, ctx.stream));
 
   constexpr int kPreprocessWarps = 8;
-  const int64_t rows = N * H;
-  flash_backward_preprocess_kernel<<<static_cast<unsigned>((rows + kPreprocessWarps - 1) / kPreprocessWarps),
-                                     kPreprocessWarps * 32, 0, ctx.stream>>>(delta, lse2, dout, out, lse,
-                                                                            static_cast<int>(N), H, D);
-  MOBA_CUDA_CHECK(cudaGetLastError());
+  const int64_t rows = Nq * H;
+  if (rows > 0) {
+    flash_backward_preprocess_kernel<<<static_cast<unsigned>((rows + kPreprocessWarps - 1) / kPreprocessWarps),
+                                       kPreprocessWarps * 32, 0, ctx.stream>>>(delta, lse2, a.dout, a.out, a.lse,
+                                                                              static_cast<int>(Nq), H, D);
+    MOBA_CUDA_CHECK(cudaGetLastError());
+  }
 
-  const bool vector = D % 8 == 0 && aligned16(dq) && aligned16(dk) && aligned16(dv) && aligned16(dout) &&
-                      aligned16(q) && aligned16(k) && aligned16(v);
-  const BackwardParams p{dk, dv, dq_accum, q, k, v, dout, lse2, delta, cu_seqlens, n_segments, static_cast<int>(N),
-                         H, Hkv, D, H / Hkv, dq_tiles, softmax_scale * kLog2e, softmax_scale, vector};
+  const bool vector = D % 8 == 0 && aligned16(a.dq) && aligned16(a.dk) && aligned16(a.dv) && aligned16(a.dout) &&
+                      aligned16(a.q) && aligned16(a.k) && aligned16(a.v);
+  const BackwardParams p{a.dk, a.dv, dq_accum, a.q, a.k, a.v, a.dout, lse2, delta, a.cu_seqlens, a.q_rows, query_index,
+                         a.n_segments, static_cast<int>(Nq), static_cast<int>(Nk), H, Hkv, D, H / Hkv, dq_tiles,
+                         a.softmax_scale * kLog2e, a.softmax_scale, vector, a.dkv_f32};
   switch (kD) {
     case 16: launch_backward<BackwardTiles<16, 4, 64>>(ctx, p); break;
     case 32: launch_backward<BackwardTiles<32, 4, 64>>(ctx, p); break;
@@ -423,11 +444,12 @@ void flash_attention_backward(const CudaContext& ctx, bf16* dq, bf16* dk, bf16* 
   }
 
   const int64_t vectors = static_cast<int64_t>(H) * dq_tiles * 16 * kD;
+  if (vectors == 0) return;
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>(
       std::min<int64_t>((vectors + threads - 1) / threads, static_cast<int64_t>(ctx.sm_count) * 16));
   auto finish_dq = [&](auto kernel) {
-    kernel<<<blocks, threads, 0, ctx.stream>>>(dq, dq_accum, static_cast<int>(N), H, D, dq_tiles, softmax_scale,
+    kernel<<<blocks, threads, 0, ctx.stream>>>(a.dq, dq_accum, static_cast<int>(Nq), H, D, dq_tiles, a.softmax_scale,
                                                vector);
   };
   switch (kD) {

@@ -2,17 +2,20 @@
 // per (tile of kBlockM packed query rows, query head); K/V tiles stream through shared memory (cp.async, double
 // buffered), S = Q K^T and O += P V on bf16 tensor cores (mma.sync m16n8k16 with ldmatrix operands; for D = 128 on
 // sm_90 warpgroup MMAs, wgmma, as in FlashAttention-3, Shah et al. 2024), online softmax in f32 with exp2 on
-// log2(e)-prescaled scores. Writes out (N, H, D) bf16 and lse (N, H) f32 (natural log).
-// Invariants: a query tile may straddle segments; its keys run from the segment start of its first row to its last
-// row and every element is masked per row (segment start <= u <= t), so no host knowledge of lengths is needed.
+// log2(e)-prescaled scores. Writes out (Nq, H, D) bf16 and lse (Nq, H) f32 (natural log).
+// Invariants: a query tile may straddle documents (and, with q_rows, jump between key rows); its keys run from the
+// document start of its first row's key row to its last row's key row and every element is masked per row (document
+// start <= u <= t), so no host knowledge of lengths is needed. Without q_rows (kQueryRows = false) the kernel is the
+// plain self-attention one, with the key row of query row i being i.
 #include <algorithm>
 #include <type_traits>
 
 #include "kernels/cuda/attention.h"
-#include "kernels/cuda/flash_attention_common.cuh"
+#include "kernels/cuda/attention_primitives.cuh"
+#include "kernels/cuda/attention_scratch.h"
 
 namespace moba::cuda {
-namespace flash {
+namespace attn {
 namespace {
 
 // Tile constants of one forward instantiation.
@@ -42,13 +45,14 @@ struct ForwardTiles {
 };
 
 struct ForwardParams {
-  bf16* out;              // (N, H, D)
-  float* lse;             // (N, H)
-  const bf16* q;          // (N, H, D)
-  const bf16* k;          // (N, Hkv, D)
-  const bf16* v;          // (N, Hkv, D)
+  bf16* out;              // (Nq, H, D)
+  float* lse;             // (Nq, H)
+  const bf16* q;          // (Nq, H, D)
+  const bf16* k;          // (Nk, Hkv, D)
+  const bf16* v;          // (Nk, Hkv, D)
   const int32_t* cu_seqlens;  // (S + 1)
-  int n_segments, N, H, Hkv, D, group, n_tiles;
+  const int32_t* q_rows;  // (Nq) key row of each query row (kQueryRows only)
+  int n_segments, Nq, H, Hkv, D, group, n_tiles;
   float scale_log2;       // softmax_scale * log2(e)
   bool vector;            // D % 8 == 0 and 16-byte aligned pointers: cp.async loads and paired stores
 };
@@ -67,61 +71,18 @@ __device__ __forceinline__ void mask_scores(float (&s)[kNTiles][4], int n0, cons
     }
 }
 
-// Online softmax step for the thread's two rows (shared by the 4 threads of a quad): raw scores s become
-// P = exp2(s * scale_log2 - running max), row_max and the thread's partial row_sum move on; returns the factors
-// (one per row) by which the rows of O accumulated so far must be multiplied.
-template <int kNTiles>
-__device__ __forceinline__ float2 online_softmax(float (&s)[kNTiles][4], float (&row_max)[2], float (&row_sum)[2],
-                                                 float scale_log2) {
-  float correction[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float new_max = fmaxf(row_max[half], mx * scale_log2);
-    const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet stays at zero
-    correction[half] = fast_exp2(row_max[half] - base);
-    row_max[half] = new_max;
-    float sum = 0.0f;
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-      for (int e = 2 * half; e < 2 * half + 2; ++e) {
-        const float pv = fast_exp2(fmaf(s[nt][e], scale_log2, -base));
-        s[nt][e] = pv;
-        sum += pv;
-      }
-    row_sum[half] = row_sum[half] * correction[half] + sum;
-  }
-  return make_float2(correction[0], correction[1]);
-}
-
-template <int kDTiles>
-__device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], float2 correction) {
-#pragma unroll
-  for (int dt = 0; dt < kDTiles; ++dt) {
-    o[dt][0] *= correction.x;
-    o[dt][1] *= correction.x;
-    o[dt][2] *= correction.y;
-    o[dt][3] *= correction.y;
-  }
-}
-
-// Epilogue of one 16-row tile: out = O / l, lse = (max + log2 l) * ln 2 for the thread's rows below N.
+// Epilogue of one 16-row tile: out = O / l, lse = (max + log2 l) * ln 2 for the thread's query rows below Nq (the
+// tile's rows row0 and row0 + 8).
 template <int kDTiles>
 __device__ __forceinline__ void store_output_rows(const ForwardParams& p, const float (&o)[kDTiles][4],
-                                                  const float (&row_max)[2], const float (&row_sum)[2],
-                                                  const int (&row_t)[2], int h, int tig) {
+                                                  const float (&row_max)[2], float (&row_sum)[2], int row0, int h,
+                                                  int tig) {
+  reduce_row_sums(row_sum);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float sum = row_sum[half];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int t = row_t[half];
-    if (t >= p.N) continue;
+    const float sum = row_sum[half];
+    const int t = row0 + 8 * half;
+    if (t >= p.Nq) continue;
     const float inv = 1.0f / sum;
     bf16* out_row = p.out + (static_cast<int64_t>(t) * p.H + h) * p.D;
 #pragma unroll
@@ -133,7 +94,7 @@ __device__ __forceinline__ void store_output_rows(const ForwardParams& p, const 
   }
 }
 
-template <class T>
+template <class T, bool kQueryRows>
 __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kernel(const ForwardParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t s_q = (smem_address(smem) + T::kAlign - 1) & ~static_cast<uint32_t>(T::kAlign - 1);
@@ -148,29 +109,40 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
   const int tile = p.n_tiles - 1 - static_cast<int>(blockIdx.x / p.H);
   const int h = static_cast<int>(blockIdx.x % p.H), hk = h / p.group;
   const int row0 = tile * kBlockM;
-  const int rows_valid = min(kBlockM, p.N - row0);
+  const int rows_valid = min(kBlockM, p.Nq - row0);
   const int last_row = row0 + rows_valid - 1;
-  const int key_begin = segment_start(p.cu_seqlens, p.n_segments, row0);
-  const int last_segment_start = segment_start(p.cu_seqlens, p.n_segments, last_row);
-  const int key_end = last_row + 1;
+  // The key row of query row i (i itself without q_rows), and of the first/last rows of a group (INT_MIN when the
+  // group holds no query row).
+  auto key_row = [&](int i) { return kQueryRows ? __ldg(p.q_rows + i) : i; };
+  const int last_key_row = key_row(last_row);
+  const int key_begin = segment_start(p.cu_seqlens, p.n_segments, key_row(row0));
+  const int last_segment_start = segment_start(p.cu_seqlens, p.n_segments, last_key_row);
+  const int key_end = last_key_row + 1;
   const int n_key_tiles = (key_end - key_begin + kBlockN - 1) / kBlockN;
 
   const int64_t q_stride = static_cast<int64_t>(p.H) * p.D, kv_stride = static_cast<int64_t>(p.Hkv) * p.D;
   auto s_k = [&](int stage) { return s_q + QTile::kBytes + stage * 2 * KVTile::kBytes; };
   auto s_v = [&](int stage) { return s_k(stage) + KVTile::kBytes; };
 
-  // This thread's query rows (fragment rows g and g + 8 of each m-tile) and their segment starts; padding rows
-  // past N get an empty key range.
+  // This thread's query rows (fragment rows g and g + 8 of each m-tile): their key rows and document starts; padding
+  // rows past Nq get an empty key range.
   const int warp_row0 = row0 + warp * T::kWarpRows;
   int row_t[kMTiles][2], row_first_key[kMTiles][2];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int t = warp_row0 + mt * 16 + half * 8 + g;
-      row_t[mt][half] = t;
-      row_first_key[mt][half] = t < p.N ? segment_start(p.cu_seqlens, p.n_segments, t) : INT32_MAX;
+      const int i = warp_row0 + mt * 16 + half * 8 + g;
+      row_t[mt][half] = kQueryRows && i >= p.Nq ? INT_MAX : (i < p.Nq ? key_row(i) : i);
+      row_first_key[mt][half] = i < p.Nq ? segment_start(p.cu_seqlens, p.n_segments, row_t[mt][half]) : INT32_MAX;
     }
+  // Key rows that bound the masks and skips: the warp's first row, and the last row of the MMA issuer (warp or
+  // warpgroup) of this thread. Without q_rows they are the rows themselves (padding rows included).
+  const int issuer_last = row0 + (warp * T::kWarpRows / T::kSkipRows + 1) * T::kSkipRows - 1;
+  const int warp_first_key = !kQueryRows ? warp_row0 : warp_row0 < p.Nq ? key_row(warp_row0) : INT_MIN;
+  const int issuer_last_key = !kQueryRows ? issuer_last
+                                          : issuer_last - T::kSkipRows + 1 < p.Nq ? key_row(min(issuer_last, p.Nq - 1))
+                                                                                  : INT_MIN;
 
   load_tile<QTile, T::kThreads>(s_q, p.q + row0 * q_stride + static_cast<int64_t>(h) * p.D, q_stride,
                                       rows_valid, p.D, p.vector, tid);
@@ -201,13 +173,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
 
   for (int j = 0; j < n_key_tiles; ++j) {
     const int stage = j & 1;
-    if (j + 1 < n_key_tiles) {
-      load_kv(j + 1, stage ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    next_tile_loads(j + 1 < n_key_tiles, [&] { load_kv(j + 1, stage ^ 1); });
     if constexpr (T::kWgmma) fence_proxy_async();
     __syncthreads();
     if constexpr (T::kQInRegisters) {
@@ -219,22 +185,15 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
     }
     const int n0 = key_begin + j * kBlockN;
     // A warp (warpgroup) whose rows all precede the tile's first key has nothing to do here.
-    if (n0 <= row0 + (warp * T::kWarpRows / T::kSkipRows + 1) * T::kSkipRows - 1) {
+    if (n0 <= issuer_last_key) {
       // ---- S = Q K^T (raw scores) ----
       float s[kMTiles][kNTiles][4] = {};
       if constexpr (T::kWgmma) {
-        const uint32_t q_rows = s_q + (warp / 4) * 64 * QTile::kRowBytes;
+        const uint32_t q_tile = s_q + (warp / 4) * 64 * QTile::kRowBytes;
         fence_registers(s[0]);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kKSteps; ++kk) {  // 16 columns = 32 bytes of a 128-byte swizzled row per step
-          const uint32_t column = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
-          const uint32_t k_column = (kk / 4) * KVTile::kBlockBytes + (kk % 4) * 32;
-          const uint64_t desc_q = wgmma_descriptor(q_rows + column, 16, 1024);
-          const uint64_t desc_k = wgmma_descriptor(s_k(stage) + k_column, 16, 1024);
-          if constexpr (kBlockN == 128) wgmma_m64n128k16_ss<0, 0>(s[0], desc_q, desc_k);
-          else wgmma_m64n64k16_ss<0, 0>(s[0], desc_q, desc_k);
-        }
+        for (int kk = 0; kk < kKSteps; ++kk) wgmma_k_major_step<QTile, KVTile, kBlockN>(s[0], q_tile, s_k(stage), kk);
         wgmma_commit();
         wgmma_wait_all();
         fence_registers(s[0]);
@@ -264,7 +223,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
         }
       }
       // ---- mask: causal near the diagonal, segment starts when the tile straddles segments ----
-      if (n0 + kBlockN - 1 > warp_row0 || n0 < last_segment_start) {
+      if (n0 + kBlockN - 1 > warp_first_key || n0 < last_segment_start) {
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) mask_scores(s[mt], n0, row_t[mt], row_first_key[mt], tig);
       }
@@ -311,36 +270,38 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks) flash_forward_kern
 
   // ---- epilogue ----
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) store_output_rows(p, o[mt], row_max[mt], row_sum[mt], row_t[mt], h, tig);
+  for (int mt = 0; mt < kMTiles; ++mt)
+    store_output_rows(p, o[mt], row_max[mt], row_sum[mt], warp_row0 + mt * 16 + g, h, tig);
 }
 
 template <class T>
 void launch_forward(const CudaContext& ctx, ForwardParams p) {
-  p.n_tiles = (p.N + T::kBlockM - 1) / T::kBlockM;
-  MOBA_CUDA_CHECK(cudaFuncSetAttribute(flash_forward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       T::kSmemBytes));
+  p.n_tiles = (p.Nq + T::kBlockM - 1) / T::kBlockM;
   const int64_t blocks = static_cast<int64_t>(p.n_tiles) * p.H;
-  flash_forward_kernel<T><<<static_cast<unsigned>(blocks), T::kThreads, T::kSmemBytes, ctx.stream>>>(p);
+  auto launch = [&](auto kernel) {
+    MOBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
+    kernel<<<static_cast<unsigned>(blocks), T::kThreads, T::kSmemBytes, ctx.stream>>>(p);
+  };
+  if (p.q_rows != nullptr) launch(flash_forward_kernel<T, true>);
+  else launch(flash_forward_kernel<T, false>);
   MOBA_CUDA_CHECK(cudaGetLastError());
 }
 
-
-
 }  // namespace
-}  // namespace flash
+}  // namespace attn
 
-void flash_attention_forward(const CudaContext& ctx, bf16* out, float* lse, const bf16* q, const bf16* k,
-                             const bf16* v, const int32_t* cu_seqlens, int n_segments, int64_t N, int H, int Hkv,
-                             int D, float softmax_scale) {
-  using namespace flash;
-  MOBA_CHECK(D >= 2 && D <= 128 && D % 2 == 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && n_segments >= 1 &&
-                 N < INT32_MAX,
-             cat("flash_attention_forward: unsupported shape (N ", N, ", H ", H, ", Hkv ", Hkv, ", D ", D, ")"),
+void flash_attention_forward(const CudaContext& ctx, const AttentionArgs& a) {
+  using namespace attn;
+  const int H = a.H, Hkv = a.Hkv, D = a.D;
+  MOBA_CHECK(D >= 2 && D <= 128 && D % 2 == 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && a.n_segments >= 1 &&
+                 a.n_keys < INT32_MAX,
+             cat("flash_attention_forward: unsupported shape (Nq ", a.n_queries, ", Nk ", a.n_keys, ", H ", H,
+                 ", Hkv ", Hkv, ", D ", D, ")"),
              "the CUDA attention needs an even head dim <= 128 and H divisible by Hkv");
-  if (N == 0) return;
-  ForwardParams p{out, lse, q, k, v, cu_seqlens, n_segments, static_cast<int>(N), H, Hkv, D, H / Hkv, 0,
-                  softmax_scale * kLog2e,
-                  D % 8 == 0 && aligned16(out) && aligned16(q) && aligned16(k) && aligned16(v)};
+  if (a.n_queries == 0) return;
+  ForwardParams p{a.out, a.lse, a.q, a.k, a.v, a.cu_seqlens, a.q_rows, a.n_segments, static_cast<int>(a.n_queries),
+                  H, Hkv, D, H / Hkv, 0, a.softmax_scale * kLog2e,
+                  D % 8 == 0 && aligned16(a.out) && aligned16(a.q) && aligned16(a.k) && aligned16(a.v)};
   switch (padded_head_dim(D)) {
     case 16: launch_forward<ForwardTiles<16, 4, 1, 64>>(ctx, p); break;
     case 32: launch_forward<ForwardTiles<32, 4, 1, 64>>(ctx, p); break;

@@ -1,32 +1,31 @@
 // MoBA attention backward on the GPU (moba-spec.md, Backward): with P = exp(scale * S - LSE), Delta = rowsum(dO * O),
 // dS = P * (dO V^T - Delta): dQ = scale * dS K, dK = scale * dS^T Q, dV = P^T dO, over the same union of keys as
-// the forward. Kernels, in stream order:
-//   delta             Delta (N, H) f32 (and the zeroing of the atomic dQ buffer).
+// the forward, for query rows standing at any ascending key rows (q_rows). Kernels, in stream order:
+//   delta             Delta (Nq, H) f32 (and the zeroing of the atomic dQ buffer).
 //   dk/dv             per (tile of keys, kv head): every row that chose one of the tile's blocks (the dispatch of
 //                     all rows), then the causal queries of the keys' own blocks (all heads of the group),
-//                     accumulated in registers and added into dk/dv (bf16) once. On sm_90 with D = 128 this is the
-//                     warpgroup-MMA kernel of moba_backward_wgmma.cu (128 keys per CTA), else moba_dkv_kernel below
-//                     (64 keys, mma.sync); MOBA_CUDA_DKV=mma forces the latter.
+//                     accumulated in registers and added into dk/dv (bf16, or f32 partial sums) once. On sm_90 with
+//                     D = 128 this is the warpgroup-MMA kernel of moba_backward_wgmma.cu (128 keys per CTA), else
+//                     moba_dkv_kernel below (64 keys, mma.sync); settings.moba_dkv_kernel = mma_sync forces the latter.
 // dQ, deterministic = false (what the backend uses): the dK/dV kernel also computes dS K per row tile and adds it
 //   into an f32 buffer with atomics (FlashAttention-2's backward, 5 matrix products per pair); a last pass adds
 //   scale times the buffer into dq (bf16).
 // dQ, deterministic = true: two extra passes per chunk of query tokens recompute P and dS query-major (7 products
 //   per pair): per dispatch item the selected block's dQ -> a per-(row, selection slot) f32 part; per (64-token
 //   tile, head) the causal current-block dQ + the row's parts in selection order, added into dq. No atomics:
-//   bitwise reproducible. Chunks keep the parts within kEntryBudgetBytes.
+//   bitwise reproducible. Chunks keep the parts within the settings' entry budget.
 // Invariant: dK/dV have a single owner per element (no atomics), but the selected part sums the rows of a block in
 // dispatch order, which atomics set, so dK/dV (and the atomic dQ) may differ in the last bits run to run.
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 
 #include "common/error.h"
+#include "kernels/cuda/attention_scratch.h"
 #include "kernels/cuda/moba_backward.cuh"
 
 namespace moba::cuda {
-namespace moba_detail {
+namespace attn {
 namespace {
 
 // Delta (rows) = rowsum(dout * out) in f32; DP / 8 threads per row, 8 channels each. With dq_acc (the atomic dQ
@@ -94,22 +93,16 @@ __global__ void __launch_bounds__(128) moba_dq_kernel(const BackwardArgs a) {
   const int key_begin = s_range[0], key_end = s_range[1];
   const int n_tiles = (key_end - key_begin + kKeyTile - 1) / kKeyTile;
 
-  for (int idx = tid; idx < 64 * (DP / 8); idx += 128) {
-    const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
-    const int row = s_row[r];
-    const bool ok = row >= 0 && c < a.D;
-    const int64_t off = static_cast<int64_t>(row) * a.D + c;
-    cp_async16(sQ + r * LD + c, ok ? a.q + off : a.q, ok ? 16 : 0);
-    cp_async16(sG + r * LD + c, ok ? a.dout + off : a.dout, ok ? 16 : 0);
-  }
+  load_gathered_rows<DP>(sQ, a.q, s_row, a.D);
+  load_gathered_rows<DP>(sG, a.dout, s_row, a.D);
   auto load_kv = [&](int tile, int buf) {
     const int k0 = key_begin + tile * kKeyTile;
     for (int idx = tid; idx < kKeyTile * (DP / 8); idx += 128) {
       const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
       const bool ok = k0 + r < key_end && c < a.D;
       const int64_t off = (static_cast<int64_t>(k0 + r) * a.Hkv + kv_head) * a.D + c;
-      cp_async16(sK + (buf * 64 + r) * LD + c, ok ? a.k + off : a.k, ok ? 16 : 0);
-      cp_async16(sV + (buf * 64 + r) * LD + c, ok ? a.v + off : a.v, ok ? 16 : 0);
+      cp_async_16(sK + (buf * 64 + r) * LD + c, ok ? a.k + off : a.k, ok);
+      cp_async_16(sV + (buf * 64 + r) * LD + c, ok ? a.v + off : a.v, ok);
     }
   };
   load_kv(0, 0);
@@ -124,13 +117,7 @@ __global__ void __launch_bounds__(128) moba_dq_kernel(const BackwardArgs a) {
   for (int d = 0; d < DT; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.0f;
 
   for (int tile = 0; tile < n_tiles; ++tile) {
-    if (tile + 1 < n_tiles) {
-      load_kv(tile + 1, (tile + 1) & 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    next_tile_loads(tile + 1 < n_tiles, [&] { load_kv(tile + 1, (tile + 1) & 1); });
     __syncthreads();
     const bf16* k_s = sK + (tile & 1) * 64 * LD;
     const bf16* v_s = sV + (tile & 1) * 64 * LD;
@@ -139,22 +126,8 @@ __global__ void __launch_bounds__(128) moba_dq_kernel(const BackwardArgs a) {
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
-#pragma unroll
-    for (int ks = 0; ks < DP / 16; ++ks) {
-      uint32_t qa[4], ga[4];
-      load_a(qa, sQ, LD, warp * 16, ks * 16, lane);
-      load_a(ga, sG, LD, warp * 16, ks * 16, lane);
-#pragma unroll
-      for (int j2 = 0; j2 < NT / 2; ++j2) {
-        uint32_t b[4];
-        load_b_rows(b, k_s, LD, j2 * 16, ks * 16, lane);
-        mma_16816(s[2 * j2], qa, b[0], b[1]);
-        mma_16816(s[2 * j2 + 1], qa, b[2], b[3]);
-        load_b_rows(b, v_s, LD, j2 * 16, ks * 16, lane);
-        mma_16816(dp[2 * j2], ga, b[0], b[1]);
-        mma_16816(dp[2 * j2 + 1], ga, b[2], b[3]);
-      }
-    }
+    mma_rows_times_rows<DP, kKeyTile>(s, sQ, warp * 16, k_s, LD, lane);    // S = Q K^T
+    mma_rows_times_rows<DP, kKeyTile>(dp, sG, warp * 16, v_s, LD, lane);   // dP = dO V^T
     const int k0 = key_begin + tile * kKeyTile;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -166,19 +139,7 @@ __global__ void __launch_bounds__(128) moba_dq_kernel(const BackwardArgs a) {
         s[j][e] = p * (dp[j][e] - (e < 2 ? delta0 : delta1));  // dS
       }
     }
-#pragma unroll
-    for (int kk = 0; kk < kKeyTile / 16; ++kk) {
-      const uint32_t da[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int d2 = 0; d2 < DT / 2; ++d2) {
-        uint32_t b[4];
-        load_b_cols(b, k_s, LD, kk * 16, d2 * 16, lane);
-        mma_16816(dq[2 * d2], da, b[0], b[1]);
-        mma_16816(dq[2 * d2 + 1], da, b[2], b[3]);
-      }
-    }
+    mma_accumulators_times_rows<kKeyTile, DP>(dq, s, k_s, LD, 0, lane);  // dQ += dS K
     __syncthreads();
   }
 
@@ -197,8 +158,7 @@ __global__ void __launch_bounds__(128) moba_dq_kernel(const BackwardArgs a) {
               make_float2(dq[d][2 * half] * a.scale, dq[d][2 * half + 1] * a.scale);
       }
     } else {
-      const int64_t t = row / a.H;
-      const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, t, a.B);
+      const TokenBlock tb = token_block(a.cu_seqlens, a.n_segments, row_key_row(a, row), a.B);
       const int current = static_cast<int>((tb.block_start - tb.segment_start) / a.B);
       const int32_t* sel = a.selected + static_cast<int64_t>(row) * a.top_k;
       int n_past = 0;
@@ -290,26 +250,26 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
 
   const int kv_head = blockIdx.y;
   const int key_begin = blockIdx.x * KT;  // this CTA's keys [key_begin, key_end)
-  const int key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + KT, a.N));
+  const int key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + KT, a.Nk));
   if (warp == 0) work.build(a, key_begin, key_end, kv_head, lane);
   __syncthreads();
-  const int n_tiles = work.n_tiles(a, key_begin);
+  const int n_tiles = work.n_tiles(a);
 
   for (int idx = tid; idx < KT * (DP / 8); idx += kThreads) {
     const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
     const bool ok = key_begin + r < key_end && c < a.D;
     const int64_t off = (static_cast<int64_t>(key_begin + r) * a.Hkv + kv_head) * a.D + c;
-    cp_async16(sK + r * LD + c, ok ? a.k + off : a.k, ok ? 16 : 0);
-    cp_async16(sV + r * LD + c, ok ? a.v + off : a.v, ok ? 16 : 0);
+    cp_async_16(sK + r * LD + c, ok ? a.k + off : a.k, ok);
+    cp_async_16(sV + r * LD + c, ok ? a.v + off : a.v, ok);
   }
   // Row tile `tile` into buffer `buf`: Q and dO rows by cp.async, lse/delta/token by plain stores (visible to the
   // other warps after the __syncthreads that precedes their use).
   static_assert(RT * (DP / 8) % kThreads == 0, "whole row-tile copies per thread");
   auto load_rows = [&](int tile, int buf) {
-    const auto src = work.source(a, tile, key_begin, kv_head);
+    const auto src = work.source(a, tile, kv_head);
     if (tid < RT) {
       const int row = source_row(a, src, tid);
-      s_tok[buf * RT + tid] = row >= 0 ? row / a.H : -1;
+      s_tok[buf * RT + tid] = row_key_row(a, row);
       s_rowid[buf * RT + tid] = row;
       s_lse2[buf * RT + tid] = row >= 0 ? a.lse[row] * kLog2e : INFINITY;
       s_delta[buf * RT + tid] = row >= 0 ? a.delta[row] : 0.0f;
@@ -321,8 +281,8 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
       const int row = source_row(a, src, r);
       const bool ok = row >= 0 && c < a.D;
       const int64_t off = static_cast<int64_t>(row) * a.D + c;
-      cp_async16(sQ + (buf * RT + r) * LD + c, ok ? a.q + off : a.q, ok ? 16 : 0);
-      cp_async16(sG + (buf * RT + r) * LD + c, ok ? a.dout + off : a.dout, ok ? 16 : 0);
+      cp_async_16(sQ + (buf * RT + r) * LD + c, ok ? a.q + off : a.q, ok);
+      cp_async_16(sG + (buf * RT + r) * LD + c, ok ? a.dout + off : a.dout, ok);
     }
   };
   if (n_tiles > 0) load_rows(0, 0);
@@ -350,13 +310,7 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
     for (int e = 0; e < 4; ++e) dk[d][e] = dv[d][e] = 0.0f;
 
   for (int tile = 0; tile < n_tiles; ++tile) {
-    if (tile + 1 < n_tiles) {
-      load_rows(tile + 1, (tile + 1) & 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    next_tile_loads(tile + 1 < n_tiles, [&] { load_rows(tile + 1, (tile + 1) & 1); });
     __syncthreads();
     const int buf = tile & 1;
     const bf16* q_s = sQ + buf * RT * LD;
@@ -376,22 +330,8 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.0f;
-#pragma unroll
-    for (int ks = 0; ks < DP / 16; ++ks) {
-      uint32_t ka[4], va[4];
-      load_a(ka, sK, LD, warp * 16, ks * 16, lane);
-      load_a(va, sV, LD, warp * 16, ks * 16, lane);
-#pragma unroll
-      for (int j2 = 0; j2 < NT / 2; ++j2) {
-        uint32_t b[4];
-        load_b_rows(b, q_s, LD, j2 * 16, ks * 16, lane);
-        mma_16816(st[2 * j2], ka, b[0], b[1]);
-        mma_16816(st[2 * j2 + 1], ka, b[2], b[3]);
-        load_b_rows(b, g_s, LD, j2 * 16, ks * 16, lane);
-        mma_16816(dpt[2 * j2], va, b[0], b[1]);
-        mma_16816(dpt[2 * j2 + 1], va, b[2], b[3]);
-      }
-    }
+    mma_rows_times_rows<DP, RT>(st, sK, warp * 16, q_s, LD, lane);   // S^T = K Q^T
+    mma_rows_times_rows<DP, RT>(dpt, sV, warp * 16, g_s, LD, lane);  // dP^T = V dO^T
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
 #pragma unroll
@@ -404,25 +344,8 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
         dpt[j][e] = p * (dpt[j][e] - delta_s[r]);  // dS^T
       }
     }
-#pragma unroll
-    for (int kk = 0; kk < RT / 16; ++kk) {
-      const uint32_t pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
-                              pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                              pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-      const uint32_t da[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]), pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
-                              pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                              pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-#pragma unroll
-      for (int d2 = 0; d2 < DT / 2; ++d2) {
-        uint32_t b[4];
-        load_b_cols(b, g_s, LD, kk * 16, d2 * 16, lane);
-        mma_16816(dv[2 * d2], pa, b[0], b[1]);
-        mma_16816(dv[2 * d2 + 1], pa, b[2], b[3]);
-        load_b_cols(b, q_s, LD, kk * 16, d2 * 16, lane);
-        mma_16816(dk[2 * d2], da, b[0], b[1]);
-        mma_16816(dk[2 * d2 + 1], da, b[2], b[3]);
-      }
-    }
+    mma_accumulators_times_rows<RT, DP>(dv, st, g_s, LD, 0, lane);   // dV += P^T dO
+    mma_accumulators_times_rows<RT, DP>(dk, dpt, q_s, LD, 0, lane);  // dK += dS^T Q
     if constexpr (FUSED_DQ) {
       // dS^T (16 keys of this warp x RT rows) -> sdS, then dQ (RT x DP) = dS (RT x KT keys) K, each warp one
       // 16-row m-tile x DP / (warps / m-tiles) columns, 32 columns at a time, added with float4 atomics.
@@ -451,8 +374,8 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
           for (int n2 = 0; n2 < 2; ++n2) {
             uint32_t b[4];
             load_b_cols(b, sK, LD, ks * 16, col_base + part * 32 + n2 * 16, lane);
-            mma_16816(acc[2 * n2], sa, b[0], b[1]);
-            mma_16816(acc[2 * n2 + 1], sa, b[2], b[3]);
+            mma_bf16_16816(acc[2 * n2], sa, b[0], b[1]);
+            mma_bf16_16816(acc[2 * n2 + 1], sa, b[2], b[3]);
           }
         }
 #pragma unroll
@@ -480,13 +403,8 @@ __global__ void __launch_bounds__(32 * kKvWarps) moba_dkv_kernel(const BackwardA
     for (int d = 0; d < DT; ++d) {
       const int col = d * 8 + quad_col;
       if (col >= a.D) continue;
-      const float k0v = dk[d][2 * half] * a.scale, k1v = dk[d][2 * half + 1] * a.scale;
-      const float v0v = dv[d][2 * half], v1v = dv[d][2 * half + 1];
-      __nv_bfloat162* gk = reinterpret_cast<__nv_bfloat162*>(a.dk + base + col);
-      __nv_bfloat162* gv = reinterpret_cast<__nv_bfloat162*>(a.dv + base + col);
-      const float2 old_k = __bfloat1622float2(*gk), old_v = __bfloat1622float2(*gv);
-      *gk = __floats2bfloat162_rn(old_k.x + k0v, old_k.y + k1v);
-      *gv = __floats2bfloat162_rn(old_v.x + v0v, old_v.y + v1v);
+      add_key_row_pair(a.dk, a.dkv_f32, base + col, dk[d][2 * half] * a.scale, dk[d][2 * half + 1] * a.scale, true);
+      add_key_row_pair(a.dv, a.dkv_f32, base + col, dv[d][2 * half], dv[d][2 * half + 1], true);
     }
   }
 }
@@ -497,7 +415,7 @@ void set_smem(Kernel kernel, size_t bytes) {
 }
 
 template <int DP>
-void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic) {
+void launch_backward(BackwardArgs a, const CudaContext& ctx, const AttentionArgs& args) {
   static const bool configured = [] {
     set_smem(moba_dq_kernel<DP, true>, dq_smem_bytes<DP>());
     set_smem(moba_dq_kernel<DP, false>, dq_smem_bytes<DP>());
@@ -507,45 +425,47 @@ void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic)
   }();
   (void)configured;
   cudaStream_t stream = ctx.stream;
-  // MOBA_CUDA_DKV=mma forces the mma.sync kernel (comparisons on the same device).
-  static const bool forced_mma = [] {
-    const char* v = std::getenv("MOBA_CUDA_DKV");
-    return v != nullptr && std::string(v) == "mma";
-  }();
-  // The warpgroup-MMA dK/dV kernel (moba_backward_wgmma.cu) takes D = 128 (padded) on sm_90.
-  const bool wgmma = !forced_mma && DP == 128 && device_has_wgmma(ctx) && aligned16(a.dk) && aligned16(a.dv) &&
-                     aligned16(a.q) && aligned16(a.k) && aligned16(a.v) && aligned16(a.dout);
-  const int64_t rows = a.N * a.H;
+  const bool deterministic = args.settings.deterministic;
+  // The warpgroup-MMA dK/dV kernel (moba_backward_wgmma.cu) takes D = 128 (padded) on sm_90, unless the settings
+  // force the mma.sync kernel (comparisons on the same device).
+  const bool wgmma = args.settings.moba_dkv_kernel == AttentionKernelSettings::MobaDkvKernel::automatic && DP == 128 &&
+                     device_has_wgmma(ctx) && aligned16(a.dk) && aligned16(a.dv) && aligned16(a.q) &&
+                     aligned16(a.k) && aligned16(a.v) && aligned16(a.dout);
+  const int64_t rows = a.Nq * a.H;
   const int64_t delta_threads = rows * (DP / 8);
-  delta_kernel<DP><<<static_cast<unsigned>((delta_threads + 255) / 256), 256, 0, stream>>>(
-      a.delta, deterministic ? nullptr : a.dq_acc, a.out, a.dout, rows, a.D);
-  MOBA_CUDA_CHECK(cudaGetLastError());
-  const dim3 dkv_grid(static_cast<unsigned>((a.N + kKvKeys - 1) / kKvKeys), a.Hkv);
+  if (rows > 0) {
+    delta_kernel<DP><<<static_cast<unsigned>((delta_threads + 255) / 256), 256, 0, stream>>>(
+        a.delta, deterministic ? nullptr : a.dq_acc, a.out, a.dout, rows, a.D);
+    MOBA_CUDA_CHECK(cudaGetLastError());
+  }
+  const dim3 dkv_grid(static_cast<unsigned>((a.Nk + kKvKeys - 1) / kKvKeys), a.Hkv);
   constexpr int kKvThreads = 32 * kKvWarps;
   if (deterministic) {
-    // dQ without atomics, per chunk of query tokens (parts within kEntryBudgetBytes): the selected blocks' dQ ->
+    // dQ without atomics, per chunk of query rows (parts within the entry budget): the selected blocks' dQ ->
     // per-entry parts, then the current-block pass adds them in selection order. One chunk reuses the dispatch of
     // all rows.
-    const int64_t chunk = a.top_k > 1 ? chunk_tokens(a.N, a.H, a.top_k, a.D * static_cast<int64_t>(sizeof(float)))
-                                      : (a.N + 63) / 64 * 64;
+    const int64_t all_rows = (a.Nq + 63) / 64 * 64;
+    const int64_t chunk = a.top_k > 1 ? moba_chunk_rows(a.Nq, a.H, a.top_k, a.D * static_cast<int64_t>(sizeof(float)),
+                                                        args.settings.entry_budget_bytes)
+                                      : all_rows;
     if (a.top_k > 1) {
       const int64_t max_entries = chunk * a.H * (a.top_k - 1);
-      // Scratch slot 6: dq_part (max_entries, D) f32.
-      a.dq_part = static_cast<float*>(ctx.scratch(6, static_cast<size_t>(max_entries) * a.D * sizeof(float)));
+      // Scratch `partials`: dq_part (max_entries, D) f32.
+      a.dq_part = static_cast<float*>(
+          scratch(args.scratch.partials, "partials", static_cast<size_t>(max_entries) * a.D * sizeof(float)));
     }
-    for (int64_t token_begin = 0; token_begin < a.N; token_begin += chunk) {
-      const int64_t token_end = std::min(a.N, token_begin + chunk);
+    for (int64_t row_begin = 0; row_begin < a.Nq; row_begin += chunk) {
+      const int64_t row_end = std::min(a.Nq, row_begin + chunk);
       BackwardArgs c = a;
-      c.tile_offset = static_cast<int>(token_begin / 64);
+      c.tile_offset = static_cast<int>(row_begin / 64);
       if (a.top_k > 1) {
-        // Scratch slot 4 (the router's, free after routing) holds the chunk's dispatch.
-        if (token_end - token_begin < a.N)
-          c.dispatch = build_dispatch(ctx, 4, a.selected, a.cu_seqlens, a.n_segments, a.N, a.H, a.Hkv, a.B, a.top_k,
-                                      token_begin, token_end, chunk);
+        if (chunk < all_rows)  // scratch `chunk_dispatch` holds the chunk's dispatch
+          c.dispatch = build_dispatch(ctx, args.scratch.chunk_dispatch, "chunk_dispatch", args, row_begin, row_end,
+                                      chunk);
         moba_dq_kernel<DP, true><<<static_cast<unsigned>(c.dispatch.max_items), 128, dq_smem_bytes<DP>(), stream>>>(c);
         MOBA_CUDA_CHECK(cudaGetLastError());
       }
-      const dim3 grid(static_cast<unsigned>((token_end - token_begin + 63) / 64), a.H);
+      const dim3 grid(static_cast<unsigned>((row_end - row_begin + 63) / 64), a.H);
       moba_dq_kernel<DP, false><<<grid, 128, dq_smem_bytes<DP>(), stream>>>(c);
       MOBA_CUDA_CHECK(cudaGetLastError());
     }
@@ -565,34 +485,37 @@ void launch_backward(BackwardArgs a, const CudaContext& ctx, bool deterministic)
     MOBA_CUDA_CHECK(cudaGetLastError());
   }
   const int64_t vectors = rows * a.D / 8;
+  if (vectors == 0) return;
   add_dq_kernel<<<static_cast<unsigned>((vectors + 255) / 256), 256, 0, stream>>>(a.dq, a.dq_acc, vectors, a.scale);
   MOBA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
-}  // namespace moba_detail
+}  // namespace attn
 
-void moba_attention_backward(const CudaContext& ctx, bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* q,
-                             const bf16* k, const bf16* v, const bf16* out, const float* lse,
-                             const int32_t* selected, const int32_t* cu_seqlens, int n_segments, int64_t N, int H,
-                             int Hkv, int D, int block_size, int top_k, float softmax_scale, bool deterministic) {
-  using namespace moba_detail;
-  check_moba_shape("moba_attention_backward", N, H, Hkv, D, block_size, top_k, n_segments);
-  if (N == 0) return;
-  BackwardArgs a{dq, dk, dv, nullptr, nullptr, nullptr, dout, q, k, v, out, lse, selected, cu_seqlens, Dispatch{},
-                 n_segments, N, H, Hkv, D, block_size, top_k, softmax_scale, softmax_scale * kLog2e, 0};
-  // Scratch slot 7: delta (N * H) f32.
-  a.delta = static_cast<float*>(ctx.scratch(7, static_cast<size_t>(N * H) * sizeof(float)));
-  // Scratch slot 5: the dispatch of all rows (dK/dV visit every row of a block's bucket).
-  if (top_k > 1)
-    a.dispatch = build_dispatch(ctx, 5, selected, cu_seqlens, n_segments, N, H, Hkv, block_size, top_k, 0, N,
-                                (N + 63) / 64 * 64);
-  // Scratch slot 6, otherwise: dq_acc (N, H, D) f32 (deterministic: per-chunk dQ parts, see launch_backward).
-  if (!deterministic) a.dq_acc = static_cast<float*>(ctx.scratch(6, static_cast<size_t>(N * H) * D * sizeof(float)));
+void moba_attention_backward(const CudaContext& ctx, const AttentionArgs& args) {
+  using namespace attn;
+  check_moba_shape("moba_attention_backward", args);
+  const int64_t Nq = args.n_queries, Nk = args.n_keys;
+  const int H = args.H, D = args.D, top_k = args.top_k;
+  if (Nq == 0 && Nk == 0) return;
+  BackwardArgs a{args.dq, args.dk, args.dv, args.dkv_f32, nullptr, nullptr, nullptr, args.dout, args.q, args.k,
+                 args.v, args.out, args.lse, args.selected, args.cu_seqlens, args.q_rows, nullptr, Dispatch{},
+                 args.n_segments, Nq, Nk, H, args.Hkv, D, args.block_size, top_k, args.softmax_scale,
+                 args.softmax_scale * kLog2e, 0};
+  // Scratch `row_stats`: delta (Nq, H) f32.
+  a.delta = static_cast<float*>(scratch(args.scratch.row_stats, "row_stats", static_cast<size_t>(Nq * H) * sizeof(float)));
+  if (args.q_rows != nullptr) a.query_index = build_query_index(ctx, args);
+  // Scratch `dispatch`: the dispatch of all rows (dK/dV visit every row of a block's bucket).
+  if (top_k > 1) a.dispatch = build_dispatch(ctx, args.scratch.dispatch, "dispatch", args, 0, Nq, (Nq + 63) / 64 * 64);
+  // Scratch `partials`, otherwise: dq_acc (Nq, H, D) f32 (deterministic: per-chunk dQ parts, see launch_backward).
+  if (!args.settings.deterministic)
+    a.dq_acc = static_cast<float*>(
+        scratch(args.scratch.partials, "partials", static_cast<size_t>(Nq * H) * D * sizeof(float)));
   if (D <= 64)
-    launch_backward<64>(a, ctx, deterministic);
+    launch_backward<64>(a, ctx, args);
   else
-    launch_backward<128>(a, ctx, deterministic);
+    launch_backward<128>(a, ctx, args);
 }
 
 }  // namespace moba::cuda

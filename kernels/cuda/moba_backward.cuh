@@ -7,42 +7,46 @@
 
 #include "kernels/cuda/moba_common.cuh"
 
-namespace moba::cuda::moba_detail {
+namespace moba::cuda::attn {
 
 struct BackwardArgs {
-  bf16* dq;               // (N, H, D) +=
-  bf16* dk;               // (N, Hkv, D) +=
-  bf16* dv;               // (N, Hkv, D) +=
+  bf16* dq;               // (Nq, H, D) +=
+  void* dk;               // (Nk, Hkv, D) +=, bf16 (or f32 with dkv_f32)
+  void* dv;               // (Nk, Hkv, D) +=
+  bool dkv_f32;
   float* dq_part;         // deterministic: (entries of the chunk, D) dQ of each selected block, already scaled,
                           // indexed by entry - dispatch.entry_base
-  float* dq_acc;          // otherwise: (N, H, D) f32 dS K (unscaled) accumulated with atomics by the dK/dV kernel
-  float* delta;           // (N, H)
-  const bf16* dout;       // (N, H, D)
-  const bf16* q;
-  const bf16* k;
-  const bf16* v;
-  const bf16* out;
-  const float* lse;       // (N, H) natural log
-  const int32_t* selected;
-  const int32_t* cu_seqlens;
+  float* dq_acc;          // otherwise: (Nq, H, D) f32 dS K (unscaled) accumulated with atomics by the dK/dV kernel
+  float* delta;           // (Nq, H)
+  const bf16* dout;       // (Nq, H, D)
+  const bf16* q;          // (Nq, H, D)
+  const bf16* k;          // (Nk, Hkv, D)
+  const bf16* v;          // (Nk, Hkv, D)
+  const bf16* out;        // (Nq, H, D)
+  const float* lse;       // (Nq, H) natural log
+  const int32_t* selected;     // (Nq, H, top_k)
+  const int32_t* cu_seqlens;   // (S + 1)
+  const int32_t* q_rows;       // (Nq) key row of each query row, or nullptr (row i at key row i)
+  const int32_t* query_index;  // (Nk + 1) first query row at or after each key row, or nullptr
   Dispatch dispatch;      // dK/dV: of all rows; deterministic dQ passes: of the chunk being processed
   int n_segments;
-  int64_t N;
+  int64_t Nq, Nk;
   int H, Hkv, D, B, top_k;
   float scale;            // softmax scale
   float scale_log2;       // softmax scale * log2(e)
-  int tile_offset;        // deterministic current-block dQ pass: the chunk's first 64-token tile
+  int tile_offset;        // deterministic current-block dQ pass: the chunk's first 64-row tile
 };
 
 // The row tiles of a key-major CTA that owns keys [key_begin, key_end) of kv head `kv_head`, in this order:
 //  - selected: for each complete block overlapping the keys that some row chose, the rows of its bucket in tiles of
 //    kRows (a row sees every key of that block and no other);
-//  - causal: tokens t in [key_begin, row_end) of each query head of the group, in tiles of kRows (row t sees key u
-//    iff u <= t < end of u's block).
+//  - causal: the query rows standing at key rows [key_begin, row_end) (local rows [causal_begin, causal_end)), of
+//    each query head of the group, in tiles of kRows (the row at key row t sees key u iff u <= t < end of u's block).
 // Lives in shared memory; build() is called by warp 0, then a __syncthreads makes it visible.
 template <int kKeys, int kRows>
 struct KeyTileWork {
   int row_end, n_sel, n_selected_tiles;
+  int causal_begin, causal_end;  // query rows of the causal part
   int sel_start[kKeys], sel_first[kKeys], sel_rows[kKeys];  // selected blocks: first token, first entry, rows
   int sel_tile0[kKeys + 1];                                  // their first row tile
 
@@ -80,6 +84,8 @@ struct KeyTileWork {
     __syncwarp();
     if (lane == 0) {
       row_end = end;
+      causal_begin = first_query_at(a.query_index, key_begin);
+      causal_end = max(causal_begin, first_query_at(a.query_index, end));
       n_sel = n;
       int tiles = 0;
       for (int b = 0; b < n; ++b) {
@@ -105,7 +111,7 @@ struct KeyTileWork {
     const int32_t* entries;  // selected: the tile's first entry; causal: nullptr
     int n, h, t0;
   };
-  __device__ Source source(const BackwardArgs& a, int tile, int key_begin, int kv_head) const {
+  __device__ Source source(const BackwardArgs& a, int tile, int kv_head) const {
     Source src{nullptr, 0, 0, 0};
     const int b = selected_block(tile);
     if (b >= 0) {
@@ -114,20 +120,20 @@ struct KeyTileWork {
       src.n = min(kRows, sel_rows[b] - first);
     } else {
       const int causal = tile - n_selected_tiles;
-      const int tiles_per_head = causal_tiles_per_head(key_begin);
+      const int tiles_per_head = causal_tiles_per_head();
       src.h = kv_head * (a.H / a.Hkv) + causal / tiles_per_head;
-      src.t0 = key_begin + (causal % tiles_per_head) * kRows;
-      src.n = min(kRows, row_end - src.t0);
+      src.t0 = causal_begin + (causal % tiles_per_head) * kRows;
+      src.n = min(kRows, causal_end - src.t0);
     }
     return src;
   }
-  __device__ int causal_tiles_per_head(int key_begin) const { return (row_end - key_begin + kRows - 1) / kRows; }
-  __device__ int n_tiles(const BackwardArgs& a, int key_begin) const {
-    return n_selected_tiles + causal_tiles_per_head(key_begin) * (a.H / a.Hkv);
+  __device__ int causal_tiles_per_head() const { return (causal_end - causal_begin + kRows - 1) / kRows; }
+  __device__ int n_tiles(const BackwardArgs& a) const {
+    return n_selected_tiles + causal_tiles_per_head() * (a.H / a.Hkv);
   }
 };
 
-// Query row t * H + h of row r of a tile, or -1 past its rows.
+// Query row i * H + h of row r of a tile, or -1 past its rows.
 template <class Source>
 __device__ __forceinline__ int source_row(const BackwardArgs& a, const Source& src, int r) {
   if (r >= src.n) return -1;
@@ -144,8 +150,13 @@ __device__ __forceinline__ int2 visible_rows(int key, int key_block_start, int k
   return key_block_start == sel_start ? make_int2(0, INT_MAX) : make_int2(INT_MAX, INT_MIN);
 }
 
+// The key row the query row `row` (= i * H + h) stands at, -1 for no row: what the masks compare keys with.
+__device__ __forceinline__ int row_key_row(const BackwardArgs& a, int row) {
+  return row >= 0 ? query_key_row(a.q_rows, row / a.H) : -1;
+}
+
 // Launches the warpgroup-MMA dK/dV kernel (D = 128 padded, sm_90a): dk, dv += and, with fused_dq, dq_acc += dS K
 // for every row (float atomics). Defined in moba_backward_wgmma.cu.
 void launch_dkv_wgmma(const BackwardArgs& a, cudaStream_t stream, bool fused_dq);
 
-}  // namespace moba::cuda::moba_detail
+}  // namespace moba::cuda::attn

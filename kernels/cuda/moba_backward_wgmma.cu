@@ -18,20 +18,18 @@
 #include <algorithm>
 #include <climits>
 
-#include "kernels/cuda/flash_attention_common.cuh"
+#include "kernels/cuda/attention_primitives.cuh"
 #include "kernels/cuda/moba_backward.cuh"
 
-namespace moba::cuda::moba_detail {
+namespace moba::cuda::attn {
 namespace {
-
-namespace fl = ::moba::cuda::flash;
 
 constexpr int kWgKeys = 128;  // keys per CTA: two warpgroups x 64
 constexpr int kWgRows = 64;   // query rows per step
 constexpr int kWgThreads = 256;
-using KeyTile = fl::WgTile<kWgKeys>;                // K, V: (128 keys, 128) bf16
-using RowTile = fl::WgTile<kWgRows>;                // Q, dO: (64 rows, 128) bf16
-using DsTile = fl::SmemTile<kWgKeys, kWgRows>;      // dS^T (128 keys, 64 rows) bf16: 128-byte swizzled rows
+using KeyTile = WgTile<kWgKeys>;                // K, V: (128 keys, 128) bf16
+using RowTile = WgTile<kWgRows>;                // Q, dO: (64 rows, 128) bf16
+using DsTile = SmemTile<kWgKeys, kWgRows>;      // dS^T (128 keys, 64 rows) bf16: 128-byte swizzled rows
 
 // Shared memory, from a 1024-byte aligned base (the 128-byte swizzle repeats every 1024 bytes).
 struct WgSmem {
@@ -70,7 +68,7 @@ __device__ __forceinline__ uint4 add_bf16x8(uint4 x, uint4 y) {
 template <bool FUSED_DQ>
 __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const BackwardArgs a) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const uint32_t raw = fl::smem_address(smem);
+  const uint32_t raw = smem_address(smem);
   const uint32_t base = (raw + 1023) & ~1023u;
   unsigned char* base_ptr = smem + (base - raw);
   const uint32_t s_k = base + WgSmem::kK, s_v = base + WgSmem::kV, s_ds = base + WgSmem::kDs;
@@ -92,27 +90,28 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
   // side by side and share them in L2), heads next, blocks last: every head's heavy early blocks (chosen by the most
   // rows) start in the first wave. Head-major order left the last heads' heavy tiles for the tail (8K backward
   // 0.77 vs 0.88 ms); heads fastest split a block's CTAs across the GPU (1M, B 16384: 1709 vs 1530 ms).
-  const int tiles = static_cast<int>((a.N + kWgKeys - 1) / kWgKeys);
+  const int tiles = static_cast<int>((a.Nk + kWgKeys - 1) / kWgKeys);
   const int per_block = max(1, a.B / kWgKeys);
   const int group = static_cast<int>(blockIdx.x) / (a.Hkv * per_block), within = static_cast<int>(blockIdx.x) % (a.Hkv * per_block);
   const int kv_head = within / per_block;
   const int tile_index = group * per_block + within % per_block;
   if (tile_index >= tiles) return;  // the last group may be partial
   const int key_begin = tile_index * kWgKeys;
-  const int key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + kWgKeys, a.N));
+  const int key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + kWgKeys, a.Nk));
   if (warp == 0) work.build(a, key_begin, key_end, kv_head, lane);
 
   const int64_t kv_stride = static_cast<int64_t>(a.Hkv) * a.D;
   const int64_t kv_offset = static_cast<int64_t>(key_begin) * kv_stride + static_cast<int64_t>(kv_head) * a.D;
-  fl::load_tile<KeyTile, kWgThreads>(s_k, a.k + kv_offset, kv_stride, key_end - key_begin, a.D, true, tid);
-  fl::load_tile<KeyTile, kWgThreads>(s_v, a.v + kv_offset, kv_stride, key_end - key_begin, a.D, true, tid);
-  fl::cp_async_commit();
+  load_tile<KeyTile, kWgThreads>(s_k, a.k + kv_offset, kv_stride, key_end - key_begin, a.D, true, tid);
+  load_tile<KeyTile, kWgThreads>(s_v, a.v + kv_offset, kv_stride, key_end - key_begin, a.D, true, tid);
+  cp_async_commit();
   __syncthreads();  // work
-  const int n_tiles = work.n_tiles(a, key_begin);
+  const int n_tiles = work.n_tiles(a);
   // The epilogue reads dk/dv rows back (+=): bring them into L2 now, so a short CTA does not wait on DRAM there.
   for (int i = tid; i < 2 * (key_end - key_begin) * 2; i += kWgThreads) {  // (dk | dv, key, 128-byte half)
     const int which = i & 1, half = (i >> 1) & 1, key = key_begin + (i >> 2);
-    const bf16* p = (which ? a.dv : a.dk) + (static_cast<int64_t>(key) * a.Hkv + kv_head) * a.D + half * 64;
+    const int64_t element = (static_cast<int64_t>(key) * a.Hkv + kv_head) * a.D + half * 64;
+    const char* p = static_cast<const char*>(which ? a.dv : a.dk) + element * (a.dkv_f32 ? 4 : 2);
     if (half * 64 < a.D) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
   }
 
@@ -133,19 +132,19 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
   // before that, so neither the entry load nor the row tile's load stalls a step, and no register holds them.
   auto fetch = [&](int tile) {  // (threads < 64) tile's entry into s_entry[tile & 1], or its row straight to s_row
     if (tile >= n_tiles) return;
-    const auto src = work.source(a, tile, key_begin, kv_head);
+    const auto src = work.source(a, tile, kv_head);
     if (src.entries != nullptr && tid < src.n)
-      fl::cp_async_4(base + WgSmem::kEntry + ((tile & 1) * kWgRows + tid) * 4, src.entries + tid, true);
+      cp_async_4(base + WgSmem::kEntry + ((tile & 1) * kWgRows + tid) * 4, src.entries + tid, true);
   };
   auto publish = [&](int tile) {  // (threads < 64) after fetch(tile)'s copy has landed
     int row = -1;
     if (tile < n_tiles) {
-      const auto src = work.source(a, tile, key_begin, kv_head);
+      const auto src = work.source(a, tile, kv_head);
       if (tid < src.n)
         row = src.entries != nullptr ? s_entry[(tile & 1) * kWgRows + tid] / (a.top_k - 1) : (src.t0 + tid) * a.H + src.h;
     }
     s_row[(tile & 3) * kWgRows + tid] = row;
-    s_token[(tile & 3) * kWgRows + tid] = row >= 0 ? row / a.H : -1;
+    s_token[(tile & 3) * kWgRows + tid] = row_key_row(a, row);
   };
   // Q, dO rows and their lse, Delta of tile `tile` into stage `stage` (cp.async; the caller commits).
   const int chunk = tid % 16, row_in_pass = tid / 16;  // 16 chunks of 16 bytes per row, 16 rows per pass
@@ -157,32 +156,32 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
       const int row = s_row[slot * kWgRows + r];
       const bool ok = row >= 0 && chunk * 8 < a.D;
       const int64_t offset = static_cast<int64_t>(row) * a.D + chunk * 8;
-      fl::cp_async_16(s_q(stage) + RowTile::offset(r, chunk), ok ? a.q + offset : a.q, ok);
-      fl::cp_async_16(s_do(stage) + RowTile::offset(r, chunk), ok ? a.dout + offset : a.dout, ok);
+      cp_async_16(s_q(stage) + RowTile::offset(r, chunk), ok ? a.q + offset : a.q, ok);
+      cp_async_16(s_do(stage) + RowTile::offset(r, chunk), ok ? a.dout + offset : a.dout, ok);
     }
     if (tid < kWgRows) {
       const int row = s_row[slot * kWgRows + tid];
       const uint32_t lse_dst = base + WgSmem::kLse + (stage * kWgRows + tid) * 4;
-      if (row >= 0) fl::cp_async_4(lse_dst, a.lse + row, true);
-      else fl::st_shared_4(lse_dst, __float_as_uint(INFINITY));
-      fl::cp_async_4(base + WgSmem::kDelta + (stage * kWgRows + tid) * 4, a.delta + (row >= 0 ? row : 0), row >= 0);
+      if (row >= 0) cp_async_4(lse_dst, a.lse + row, true);
+      else st_shared_4(lse_dst, __float_as_uint(INFINITY));
+      cp_async_4(base + WgSmem::kDelta + (stage * kWgRows + tid) * 4, a.delta + (row >= 0 ? row : 0), row >= 0);
     }
   };
   if (tid < kWgRows) {
     fetch(0);
     fetch(1);
   }
-  fl::cp_async_commit();
-  fl::cp_async_wait<0>();  // (also K and V)
+  cp_async_commit();
+  cp_async_wait<0>();  // (also K and V)
   if (tid < kWgRows) {
     publish(0);
     publish(1);
   }
   __syncthreads();
   if (n_tiles > 0) load_rows(0);
-  fl::cp_async_commit();  // L(0)
+  cp_async_commit();  // L(0)
   if (tid < kWgRows) fetch(2);
-  fl::cp_async_commit();  // E(2)
+  cp_async_commit();  // E(2)
 
   // dQ of a step leaves in two halves: its accumulators go to this warp's staging rows (stage_dq), and one step
   // later, after that step's proxy fences (which would otherwise wait for the reductions to complete), they are
@@ -217,7 +216,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
 #pragma unroll
     for (int i = 0; i < 8; ++i)
       if (rows[i] >= 0 && wg * 64 + c4 < a.D)
-        fl::red_add_f32x4(a.dq_acc + static_cast<int64_t>(rows[i]) * a.D + wg * 64 + c4, v[i]);
+        red_add_f32x4(a.dq_acc + static_cast<int64_t>(rows[i]) * a.D + wg * 64 + c4, v[i]);
   };
 
   float dk[kDTiles][4] = {}, dv[kDTiles][4] = {};
@@ -225,37 +224,33 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int stage = tile & 1;
     // Groups in flight, oldest first: L(tile), E(tile + 2).
-    fl::cp_async_wait<1>();
-    fl::fence_proxy_async();
+    cp_async_wait<1>();
+    fence_proxy_async();
     __syncthreads();  // tile's data and the row ids of tile + 1 are visible; stage ^ 1 is free
     if (tile + 1 < n_tiles) load_rows(tile + 1);
-    fl::cp_async_commit();  // L(tile + 1)
+    cp_async_commit();  // L(tile + 1)
 
     // ---- S^T = K Q^T and dP^T = V dO^T: this warpgroup's 64 keys x the 64 rows ----
     float s[kRowTiles][4] = {}, dp[kRowTiles][4] = {};
-    fl::fence_registers(s);
-    fl::fence_registers(dp);
-    fl::wgmma_fence();
+    fence_registers(s);
+    fence_registers(dp);
+    wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kKStepsD; ++kk) {  // K-major operands: 16 columns = 32 bytes of a swizzled row
-      const uint32_t kv_column = key_rows + (kk / 4) * KeyTile::kBlockBytes + (kk % 4) * 32;
-      const uint32_t q_column = (kk / 4) * RowTile::kBlockBytes + (kk % 4) * 32;
-      fl::wgmma_m64n64k16_ss<0, 0>(s, fl::wgmma_descriptor(s_k + kv_column, 16, 1024),
-                                   fl::wgmma_descriptor(s_q(stage) + q_column, 16, 1024));
-      fl::wgmma_m64n64k16_ss<0, 0>(dp, fl::wgmma_descriptor(s_v + kv_column, 16, 1024),
-                                   fl::wgmma_descriptor(s_do(stage) + q_column, 16, 1024));
+    for (int kk = 0; kk < kKStepsD; ++kk) {
+      wgmma_k_major_step<KeyTile, RowTile, kWgRows>(s, s_k + key_rows, s_q(stage), kk);
+      wgmma_k_major_step<KeyTile, RowTile, kWgRows>(dp, s_v + key_rows, s_do(stage), kk);
     }
-    fl::wgmma_commit();
+    wgmma_commit();
     // ---- while the tensor cores run: the row ids of tile + 2, the dispatch entries of tile + 3 ----
-    fl::cp_async_wait<1>();  // E(tile + 2) has landed (L(tile + 1) may still be in flight)
+    cp_async_wait<1>();  // E(tile + 2) has landed (L(tile + 1) may still be in flight)
     if (tid < kWgRows) {
       publish(tile + 2);
       fetch(tile + 3);
     }
-    fl::cp_async_commit();  // E(tile + 3)
-    fl::wgmma_wait_all();
-    fl::fence_registers(s);
-    fl::fence_registers(dp);
+    cp_async_commit();  // E(tile + 3)
+    wgmma_wait_all();
+    fence_registers(s);
+    fence_registers(dp);
 
     // ---- P^T = exp2(S^T * scale * log2 e - lse * log2 e) where the row sees the key, dS^T = P^T (dP^T - Delta) ----
     const int b = work.selected_block(tile);
@@ -279,10 +274,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
       const float2 lse = *reinterpret_cast<const float2*>(lse_s + col);
       const float2 delta = *reinterpret_cast<const float2*>(delta_s + col);
       const int2 token = *reinterpret_cast<const int2*>(token_s + col);
-      const float lse2[2] = {lse.x * fl::kLog2e, lse.y * fl::kLog2e};
+      const float lse2[2] = {lse.x * kLog2e, lse.y * kLog2e};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float pv = fl::fast_exp2(fmaf(s[nt][e], a.scale_log2, -lse2[e & 1]));
+        float pv = fast_exp2(fmaf(s[nt][e], a.scale_log2, -lse2[e & 1]));
         if (need_mask) {
           const int t = (e & 1) ? token.y : token.x;
           const int2 v = vis[e >> 1];
@@ -297,63 +292,82 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
     uint32_t a_p[kKStepsM][4], a_ds[kKStepsM][4];
 #pragma unroll
     for (int ks = 0; ks < kKStepsM; ++ks) {
-      fl::accumulators_to_a(a_p[ks], s[2 * ks], s[2 * ks + 1]);
-      fl::accumulators_to_a(a_ds[ks], dp[2 * ks], dp[2 * ks + 1]);
+      accumulators_to_a(a_p[ks], s[2 * ks], s[2 * ks + 1]);
+      accumulators_to_a(a_ds[ks], dp[2 * ks], dp[2 * ks + 1]);
     }
-    fl::fence_registers(dv);
-    fl::fence_registers(dk);
-    fl::wgmma_fence();
+    fence_registers(dv);
+    fence_registers(dk);
+    wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kKStepsM; ++ks) {  // dO and Q are MN-major here: 16 rows = 2048 bytes per step
       const uint32_t rows = ks * 16 * RowTile::kRowBytes;
-      fl::wgmma_m64n128k16_rs<1>(dv, a_p[ks], fl::wgmma_descriptor(s_do(stage) + rows, RowTile::kBlockBytes, 1024));
-      fl::wgmma_m64n128k16_rs<1>(dk, a_ds[ks], fl::wgmma_descriptor(s_q(stage) + rows, RowTile::kBlockBytes, 1024));
+      wgmma_m64n128k16_rs<1>(dv, a_p[ks], wgmma_descriptor(s_do(stage) + rows, RowTile::kBlockBytes, 1024));
+      wgmma_m64n128k16_rs<1>(dk, a_ds[ks], wgmma_descriptor(s_q(stage) + rows, RowTile::kBlockBytes, 1024));
     }
-    fl::wgmma_commit();
+    wgmma_commit();
     if constexpr (FUSED_DQ) {
       // ---- dS^T to shared memory (bf16); dQ sums over all 128 keys of the CTA ----
 #pragma unroll
       for (int ks = 0; ks < kKStepsM; ++ks)
 #pragma unroll
         for (int r = 0; r < 4; ++r)  // a_ds[ks][r]: key row g + 8 (r & 1), row columns 16 ks + 8 (r >> 1) + 2 tig
-          fl::st_shared_4(s_ds + DsTile::offset(warp * 16 + (r & 1) * 8 + g, 2 * ks + (r >> 1)) + tig * 4, a_ds[ks][r]);
-      fl::fence_proxy_async();
+          st_shared_4(s_ds + DsTile::offset(warp * 16 + (r & 1) * 8 + g, 2 * ks + (r >> 1)) + tig * 4, a_ds[ks][r]);
+      fence_proxy_async();
       __syncthreads();
       // ---- dQ (64 rows, 128) = dS K: warpgroup wg takes columns [64 wg, 64 wg + 64) ----
       float acc[8][4] = {};
-      fl::fence_registers(acc);
-      fl::wgmma_fence();
+      fence_registers(acc);
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kWgKeys / 16; ++kk) {  // 16 keys = 2048 bytes per step; A = dS read MN-major out of dS^T
         const uint32_t rows = kk * 16 * KeyTile::kRowBytes;
-        fl::wgmma_m64n64k16_ss<1, 1>(acc, fl::wgmma_descriptor(s_ds + rows, DsTile::kBytes, 1024),
-                                     fl::wgmma_descriptor(s_k + wg * KeyTile::kBlockBytes + rows,
+        wgmma_m64n64k16_ss<1, 1>(acc, wgmma_descriptor(s_ds + rows, DsTile::kBytes, 1024),
+                                     wgmma_descriptor(s_k + wg * KeyTile::kBlockBytes + rows,
                                                           KeyTile::kBlockBytes, 1024));
       }
-      fl::wgmma_commit();
+      wgmma_commit();
       if (tile > 0) flush_dq(tile - 1);  // under the dQ MMAs
-      fl::wgmma_wait_all();
-      fl::fence_registers(acc);
-      fl::fence_registers(dv);
-      fl::fence_registers(dk);
-      fl::fence_registers(a_p);
-      fl::fence_registers(a_ds);
+      wgmma_wait_all();
+      fence_registers(acc);
+      fence_registers(dv);
+      fence_registers(dk);
+      fence_registers(a_p);
+      fence_registers(a_ds);
       stage_dq(acc);
     } else {
-      fl::wgmma_wait_all();
-      fl::fence_registers(dv);
-      fl::fence_registers(dk);
-      fl::fence_registers(a_p);
-      fl::fence_registers(a_ds);
+      wgmma_wait_all();
+      fence_registers(dv);
+      fence_registers(dk);
+      fence_registers(a_p);
+      fence_registers(a_ds);
     }
   }
   if constexpr (FUSED_DQ) {
     if (n_tiles > 0) flush_dq(n_tiles - 1);
   }
-  fl::cp_async_wait<0>();  // n_tiles == 0: the K/V group is still committed
+  cp_async_wait<0>();  // n_tiles == 0: the K/V group is still committed
   __syncthreads();         // every warpgroup is done with K, V, Q and dO: they become the output staging
 
+  // ---- f32 partial sums (a query subset under context parallelism): straight from the accumulators ----
+  if (a.dkv_f32) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int key = key_begin + warp * 16 + half * 8 + g;
+      if (key >= key_end) continue;
+      const int64_t row = (static_cast<int64_t>(key) * a.Hkv + kv_head) * a.D;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        const int col = dt * 8 + 2 * tig;
+        if (col >= a.D) continue;
+        add_key_row_pair(a.dk, true, row + col, dk[dt][2 * half] * a.scale, dk[dt][2 * half + 1] * a.scale, true);
+        add_key_row_pair(a.dv, true, row + col, dv[dt][2 * half], dv[dt][2 * half + 1], true);
+      }
+    }
+    return;
+  }
   // ---- dK (scaled) and dV added into the bf16 outputs, through shared memory: 16-byte accesses per row ----
+  bf16* out_k = static_cast<bf16*>(a.dk);
+  bf16* out_v = static_cast<bf16*>(a.dv);
   const uint32_t s_dk = base + WgSmem::kDkOut, s_dv = base + WgSmem::kDvOut;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -361,8 +375,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
 #pragma unroll
     for (int dt = 0; dt < kDTiles; ++dt) {
       const uint32_t at = (key * WgSmem::kOutPitch + dt * 8 + 2 * tig) * 2;
-      fl::st_shared_4(s_dk + at, fl::pack_bf16(dk[dt][2 * half] * a.scale, dk[dt][2 * half + 1] * a.scale));
-      fl::st_shared_4(s_dv + at, fl::pack_bf16(dv[dt][2 * half], dv[dt][2 * half + 1]));
+      st_shared_4(s_dk + at, pack_bf16(dk[dt][2 * half] * a.scale, dk[dt][2 * half + 1] * a.scale));
+      st_shared_4(s_dv + at, pack_bf16(dv[dt][2 * half], dv[dt][2 * half + 1]));
     }
   }
   __syncthreads();
@@ -374,8 +388,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
     const int key = key0 + i * (kWgThreads / 16);
     const int64_t at = (static_cast<int64_t>(key_begin + key) * a.Hkv + kv_head) * a.D + c8;
     const bool ok = key_begin + key < key_end && c8 < a.D;
-    old_k[i] = ok ? *reinterpret_cast<const uint4*>(a.dk + at) : make_uint4(0, 0, 0, 0);
-    old_v[i] = ok ? *reinterpret_cast<const uint4*>(a.dv + at) : make_uint4(0, 0, 0, 0);
+    old_k[i] = ok ? *reinterpret_cast<const uint4*>(out_k + at) : make_uint4(0, 0, 0, 0);
+    old_v[i] = ok ? *reinterpret_cast<const uint4*>(out_v + at) : make_uint4(0, 0, 0, 0);
   }
 #pragma unroll
   for (int i = 0; i < kPasses; ++i) {
@@ -386,8 +400,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) moba_dkv_wgmma_kernel(const Bac
     uint4 nk, nv;
     asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(nk.x), "=r"(nk.y), "=r"(nk.z), "=r"(nk.w) : "r"(s_dk + from));
     asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(nv.x), "=r"(nv.y), "=r"(nv.z), "=r"(nv.w) : "r"(s_dv + from));
-    *reinterpret_cast<uint4*>(a.dk + at) = add_bf16x8(old_k[i], nk);
-    *reinterpret_cast<uint4*>(a.dv + at) = add_bf16x8(old_v[i], nv);
+    *reinterpret_cast<uint4*>(out_k + at) = add_bf16x8(old_k[i], nk);
+    *reinterpret_cast<uint4*>(out_v + at) = add_bf16x8(old_v[i], nv);
   }
 }
 
@@ -399,7 +413,7 @@ void launch(const BackwardArgs& a, cudaStream_t stream) {
     return true;
   }();
   (void)configured;
-  const int64_t tiles = (a.N + kWgKeys - 1) / kWgKeys, per_block = std::max(1, a.B / kWgKeys);
+  const int64_t tiles = (a.Nk + kWgKeys - 1) / kWgKeys, per_block = std::max(1, a.B / kWgKeys);
   const dim3 grid(static_cast<unsigned>((tiles + per_block - 1) / per_block * per_block * a.Hkv));
   moba_dkv_wgmma_kernel<FUSED_DQ><<<grid, kWgThreads, WgSmem::kBytes, stream>>>(a);
   MOBA_CUDA_CHECK(cudaGetLastError());
@@ -412,4 +426,4 @@ void launch_dkv_wgmma(const BackwardArgs& a, cudaStream_t stream, bool fused_dq)
   else launch<false>(a, stream);
 }
 
-}  // namespace moba::cuda::moba_detail
+}  // namespace moba::cuda::attn

@@ -1,7 +1,8 @@
-// MoBA routing on the GPU (moba-spec.md, Forward steps 1-4): bf16-rounded block means of K, the fp32 gate
-// <q, mean> without scale, and per (query, head) the top-(k-1) complete past blocks of the segment plus the current
-// block, ties to the lower block index, for any top_k. No host synchronisation and no (N, H, blocks) score tensor.
-// Two routers, one CTA per (64 tokens, head) each:
+// MoBA routing on the GPU (moba-spec.md, Forward steps 1-4): bf16-rounded block means of the whole key sequence,
+// the fp32 gate <q, mean> without scale, and per (query row, head) the top-(k-1) complete past blocks of its document
+// plus the current block, ties to the lower block index, for any top_k. Query rows stand at their key rows (q_rows):
+// a row's selection depends only on its q and its key row. No host synchronisation and no (Nq, H, blocks) score
+// tensor. Two routers, one CTA per (64 query rows, head) each:
 //  - top_k - 1 <= 64 (fast): the gate against 64 candidate blocks at a time on the tensor cores (bf16 products are
 //    exact in fp32; fp32 accumulation) into shared memory; one thread per token keeps its running top-(k-1) in
 //    registers. Only the gate's summation order differs from the CPU, which can flip a near-tie (measured
@@ -14,11 +15,41 @@
 #include <cstdlib>
 
 #include "common/error.h"
+#include "kernels/cuda/attention_scratch.h"
 #include "kernels/cuda/moba_common.cuh"
 
 namespace moba::cuda {
-namespace moba_detail {
+namespace attn {
 namespace {
+
+// The inputs both routers read: q rows, their key rows, the block means and the documents.
+struct RouteArgs {
+  int32_t* selected;           // (Nq, H, top_k)
+  int* nonfinite_flag;         // set when a gated query holds NaN/Inf
+  const bf16* q;               // (Nq, H, D)
+  const bf16* kbar;            // (n_slots, Hkv, D)
+  const int32_t* cu_seqlens;   // (S + 1)
+  const int32_t* q_rows;       // (Nq) or nullptr
+  int n_segments;
+  int64_t Nq;
+  int H, Hkv, D, B, top_k;
+};
+
+// The 64 candidate block means j0 .. j0 + 63 of the document starting at seg_start (kv head kv_head) into sM, rows of
+// ld bf16, zero past `candidates` (cp.async, waited for, then a barrier).
+template <int DP>
+__device__ __forceinline__ void load_block_means(bf16* sM, int ld, const RouteArgs& a, int64_t seg_start, int j0,
+                                                 int candidates, int kv_head) {
+  for (int idx = threadIdx.x; idx < 64 * (DP / 8); idx += 128) {
+    const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
+    const bool ok = j0 + r < candidates && c < a.D;
+    const int64_t slot = (seg_start + static_cast<int64_t>(j0 + r) * a.B) / a.B;
+    cp_async_16(sM + r * ld + c, ok ? a.kbar + (slot * a.Hkv + kv_head) * a.D + c : a.kbar, ok);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+}
 
 // kbar (n_slots, Hkv, D) bf16: the mean of the B keys of the complete block whose slot is blockIdx.x (slots with
 // no complete block are left unwritten: no query reads them). One thread per channel sums the block's B rows in
@@ -55,10 +86,11 @@ constexpr size_t route_smem_bytes() {
 // entries hold +inf sentinels that never move. Candidates arrive in ascending block order and enter only with a
 // strictly greater score than the list's last, so ties keep the lower block index (as the CPU reference).
 template <int DP, int SLOTS>
-__global__ void __launch_bounds__(128) route_kernel(int32_t* __restrict__ selected, int* __restrict__ nonfinite_flag,
-                                                    const bf16* __restrict__ q, const bf16* __restrict__ kbar,
-                                                    const int32_t* __restrict__ cu_seqlens, int n_segments, int64_t N,
-                                                    int H, int Hkv, int D, int B, int top_k) {
+__global__ void __launch_bounds__(128) route_kernel(const RouteArgs a) {
+  const int H = a.H, Hkv = a.Hkv, D = a.D, B = a.B, top_k = a.top_k, n_segments = a.n_segments;
+  const int64_t N = a.Nq;
+  const int32_t* cu_seqlens = a.cu_seqlens;
+  const bf16* q = a.q;
   constexpr int LD = DP + 8;
   constexpr int LDS = 65;  // score row stride (floats): column reads by 64 row threads hit distinct banks
   extern __shared__ __align__(16) unsigned char smem[];
@@ -73,9 +105,9 @@ __global__ void __launch_bounds__(128) route_kernel(int32_t* __restrict__ select
   const int past_slots = top_k - 1;
 
   if (tid < 64) {
-    const int64_t t = t0 + tid;
     int seg = -1, current = 0;
-    if (t < N) {
+    if (t0 + tid < N) {
+      const int t = query_key_row(a.q_rows, t0 + tid);
       seg = segment_of(cu_seqlens, n_segments, t);
       current = static_cast<int>((t - cu_seqlens[seg]) / B);
     }
@@ -85,7 +117,7 @@ __global__ void __launch_bounds__(128) route_kernel(int32_t* __restrict__ select
   for (int idx = tid; idx < 64 * (DP / 8); idx += 128) {
     const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
     const bool ok = t0 + r < N && c < D;
-    cp_async16(sQ + r * LD + c, ok ? q + ((t0 + r) * H + h) * D + c : q, ok ? 16 : 0);
+    cp_async_16(sQ + r * LD + c, ok ? q + ((t0 + r) * H + h) * D + c : q, ok);
   }
   cp_async_commit();
   cp_async_wait<0>();
@@ -99,7 +131,7 @@ __global__ void __launch_bounds__(128) route_kernel(int32_t* __restrict__ select
     bool finite = true;
     for (int c = 0; c < D; ++c) finite = finite && isfinite(__bfloat162float(sQ[tid * LD + c]));
     if (!finite) {
-      atomicOr(nonfinite_flag, 1);
+      atomicOr(a.nonfinite_flag, 1);
       gated = false;
     }
   }
@@ -121,30 +153,11 @@ __global__ void __launch_bounds__(128) route_kernel(int32_t* __restrict__ select
     __syncthreads();                       // read by all before the next segment resets it
     const int64_t seg_start = cu_seqlens[seg];
     for (int j0 = 0; j0 < candidates; j0 += 64) {
-      for (int idx = tid; idx < 64 * (DP / 8); idx += 128) {
-        const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
-        const bool ok = j0 + r < candidates && c < D;
-        const int64_t slot = (seg_start + static_cast<int64_t>(j0 + r) * B) / B;
-        cp_async16(sM + r * LD + c, ok ? kbar + (slot * Hkv + kv_head) * D + c : kbar, ok ? 16 : 0);
-      }
-      cp_async_commit();
-      cp_async_wait<0>();
-      __syncthreads();
+      load_block_means<DP>(sM, LD, a, seg_start, j0, candidates, kv_head);
       float acc[8][4];
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-#pragma unroll
-      for (int ks = 0; ks < DP / 16; ++ks) {
-        uint32_t qa[4];
-        load_a(qa, sQ, LD, warp * 16, ks * 16, lane);
-#pragma unroll
-        for (int j2 = 0; j2 < 4; ++j2) {
-          uint32_t b[4];
-          load_b_rows(b, sM, LD, j2 * 16, ks * 16, lane);
-          mma_16816(acc[2 * j2], qa, b[0], b[1]);
-          mma_16816(acc[2 * j2 + 1], qa, b[2], b[3]);
-        }
-      }
+      mma_rows_times_rows<DP, 64>(acc, sQ, warp * 16, sM, LD, lane);
       const int r0 = warp * 16 + (lane >> 2), col0 = 2 * (lane & 3);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
@@ -178,7 +191,7 @@ __global__ void __launch_bounds__(128) route_kernel(int32_t* __restrict__ select
   }
 
   if (tid >= 64 || my_seg < 0) return;
-  int32_t* out = selected + ((t0 + tid) * H + h) * top_k;
+  int32_t* out = a.selected + ((t0 + tid) * H + h) * top_k;
   if (!gated) {  // k = 1, all past blocks fit (full causal attention in the segment), or a non-finite query
     const bool all_past = past_slots > 0 && my_current <= past_slots && my_seg >= 0;
     const int n_past = all_past ? my_current : 0;
@@ -225,11 +238,11 @@ constexpr size_t route_radix_smem_bytes() {
 // One CTA per (64-token tile, head); 128 threads, two per token (each scores one half of a 64-candidate chunk with
 // the token's q row in registers; all lanes of a warp read the same block mean: shared-memory broadcasts).
 template <int DP>
-__global__ void __launch_bounds__(128) route_radix_kernel(int32_t* __restrict__ selected,
-                                                          int* __restrict__ nonfinite_flag, const bf16* __restrict__ q,
-                                                          const bf16* __restrict__ kbar,
-                                                          const int32_t* __restrict__ cu_seqlens, int n_segments,
-                                                          int64_t N, int H, int Hkv, int D, int B, int top_k) {
+__global__ void __launch_bounds__(128) route_radix_kernel(const RouteArgs a) {
+  const int H = a.H, D = a.D, B = a.B, top_k = a.top_k, n_segments = a.n_segments;
+  const int64_t N = a.Nq;
+  const int32_t* cu_seqlens = a.cu_seqlens;
+  const bf16* q = a.q;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* sM = reinterpret_cast<bf16*>(smem);                   // (64, DP) block means of 64 candidates
   uint32_t* sKey = reinterpret_cast<uint32_t*>(sM + 64 * DP);  // (64, 65) keys of the chunk per token (emission)
@@ -237,15 +250,16 @@ __global__ void __launch_bounds__(128) route_radix_kernel(int32_t* __restrict__ 
   __shared__ int s_seg[64], s_current[64];                     // per token: segment (-1 past N), current block
   __shared__ int s_candidates;
   const int tid = threadIdx.x, token = tid & 63, half = tid >> 6;
-  const int h = blockIdx.y, kv_head = h / (H / Hkv);
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * 64, t = t0 + token;
+  const int h = blockIdx.y, kv_head = h / (H / a.Hkv);
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * 64, t = t0 + token;  // the query row
   const int past_slots = top_k - 1;
 
   if (tid < 64) {
     int seg = -1, current = 0;
     if (t < N) {
-      seg = segment_of(cu_seqlens, n_segments, t);
-      current = static_cast<int>((t - cu_seqlens[seg]) / B);
+      const int key_row = query_key_row(a.q_rows, t);
+      seg = segment_of(cu_seqlens, n_segments, key_row);
+      current = static_cast<int>((key_row - cu_seqlens[seg]) / B);
     }
     s_seg[tid] = seg;
     s_current[tid] = current;
@@ -275,7 +289,7 @@ __global__ void __launch_bounds__(128) route_radix_kernel(int32_t* __restrict__ 
     for (int i = 0; i < DP / 2; ++i)
       finite = finite && (qw[i] & 0x7F80u) != 0x7F80u && (qw[i] & 0x7F800000u) != 0x7F800000u;
     if (!finite) {
-      if (half == 0) atomicOr(nonfinite_flag, 1);
+      if (half == 0) atomicOr(a.nonfinite_flag, 1);
       gated = false;
     }
   }
@@ -312,15 +326,7 @@ __global__ void __launch_bounds__(128) route_radix_kernel(int32_t* __restrict__ 
       __syncthreads();
       const int64_t seg_start = cu_seqlens[seg];
       for (int j0 = 0; j0 < candidates; j0 += 64) {
-        for (int idx = tid; idx < 64 * (DP / 8); idx += 128) {
-          const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
-          const bool ok = j0 + r < candidates && c < D;
-          const int64_t slot = (seg_start + static_cast<int64_t>(j0 + r) * B) / B;
-          cp_async16(sM + r * DP + c, ok ? kbar + (slot * Hkv + kv_head) * D + c : kbar, ok ? 16 : 0);
-        }
-        cp_async_commit();
-        cp_async_wait<0>();
-        __syncthreads();
+        load_block_means<DP>(sM, DP, a, seg_start, j0, candidates, kv_head);
         visit(j0, gated && my_seg == seg ? max(0, min(64, my_current - j0)) : 0);
         __syncthreads();  // sM (and sKey) are rewritten by the next chunk
       }
@@ -358,7 +364,7 @@ __global__ void __launch_bounds__(128) route_radix_kernel(int32_t* __restrict__ 
   }
 
   // Emission in ascending block order: keys above the threshold, and the first `need` keys equal to it.
-  int32_t* out = selected + (t * H + h) * top_k;
+  int32_t* out = a.selected + (t * H + h) * top_k;
   int n_out = 0, ties_left = need;
   for_each_chunk([&](int j0, int n) {
     for (int jj = half * 32; jj < half * 32 + 32 && jj < n; ++jj) sKey[token * 65 + jj] = order_key(gate(sM + jj * DP));
@@ -385,77 +391,49 @@ __global__ void __launch_bounds__(128) route_radix_kernel(int32_t* __restrict__ 
 }
 
 template <int DP>
-void launch_route(dim3 grid, cudaStream_t stream, int32_t* selected, int* flag, const bf16* q, const bf16* kbar,
-                  const int32_t* cu_seqlens, int n_segments, int64_t N, int H, int Hkv, int D, int B, int top_k) {
-  const int past = top_k - 1;
+void launch_route(dim3 grid, cudaStream_t stream, const RouteArgs& a) {
+  const int past = a.top_k - 1;
+  auto launch = [&](auto kernel, size_t bytes) {
+    MOBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    kernel<<<grid, 128, bytes, stream>>>(a);
+  };
   constexpr size_t bytes = route_smem_bytes<DP>();
-#define MOBA_ROUTE(SLOTS)                                                                                       \
-  do {                                                                                                          \
-    static const bool configured = [] {                                                                         \
-      MOBA_CUDA_CHECK(cudaFuncSetAttribute(route_kernel<DP, SLOTS>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
-                                           static_cast<int>(bytes)));                                           \
-      return true;                                                                                              \
-    }();                                                                                                        \
-    (void)configured;                                                                                           \
-    route_kernel<DP, SLOTS><<<grid, 128, bytes, stream>>>(selected, flag, q, kbar, cu_seqlens, n_segments, N, H, \
-                                                          Hkv, D, B, top_k);                                    \
-  } while (0)
-  if (past <= 2)
-    MOBA_ROUTE(2);
-  else if (past <= 4)
-    MOBA_ROUTE(4);
-  else if (past <= 8)
-    MOBA_ROUTE(8);
-  else if (past <= 16)
-    MOBA_ROUTE(16);
-  else if (past <= 32)
-    MOBA_ROUTE(32);
-  else if (past <= 64)
-    MOBA_ROUTE(64);
-#undef MOBA_ROUTE
-  else {
-    constexpr size_t radix_bytes = route_radix_smem_bytes<DP>();
-    static const bool configured = [] {
-      MOBA_CUDA_CHECK(cudaFuncSetAttribute(route_radix_kernel<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(radix_bytes)));
-      return true;
-    }();
-    (void)configured;
-    route_radix_kernel<DP><<<grid, 128, radix_bytes, stream>>>(selected, flag, q, kbar, cu_seqlens, n_segments, N, H,
-                                                               Hkv, D, B, top_k);
-  }
+  if (past <= 2) launch(route_kernel<DP, 2>, bytes);
+  else if (past <= 4) launch(route_kernel<DP, 4>, bytes);
+  else if (past <= 8) launch(route_kernel<DP, 8>, bytes);
+  else if (past <= 16) launch(route_kernel<DP, 16>, bytes);
+  else if (past <= 32) launch(route_kernel<DP, 32>, bytes);
+  else if (past <= 64) launch(route_kernel<DP, 64>, bytes);
+  else launch(route_radix_kernel<DP>, route_radix_smem_bytes<DP>());
 }
 
 }  // namespace
-}  // namespace moba_detail
+}  // namespace attn
 
-void moba_select_blocks(const CudaContext& ctx, int32_t* selected, const bf16* q, const bf16* k,
-                        const int32_t* cu_seqlens, int n_segments, int64_t N, int H, int Hkv, int D, int block_size,
-                        int top_k) {
-  using namespace moba_detail;
-  check_moba_shape("moba_select_blocks", N, H, Hkv, D, block_size, top_k, n_segments);
-  if (N == 0) return;
-  const int64_t n_slots = (N + block_size - 1) / block_size;
-  // Scratch slot 4: kbar (n_slots, Hkv, D) bf16, then the non-finite flag.
-  const size_t kbar_bytes = (static_cast<size_t>(n_slots) * Hkv * D * sizeof(bf16) + 255) / 256 * 256;
-  char* scratch = static_cast<char*>(ctx.scratch(4, kbar_bytes + 256));
-  bf16* kbar = reinterpret_cast<bf16*>(scratch);
-  int* flag = reinterpret_cast<int*>(scratch + kbar_bytes);
+void moba_select_blocks(const CudaContext& ctx, const AttentionArgs& a) {
+  using namespace attn;
+  check_moba_shape("moba_select_blocks", a);
+  if (a.n_queries == 0) return;
+  const int Hkv = a.Hkv, D = a.D, B = a.block_size;
+  const int64_t n_slots = (a.n_keys + B - 1) / B;
+  // Scratch `block_means`: kbar (n_slots, Hkv, D) bf16, padded to 256 bytes, then the non-finite flag.
+  char* buffer = static_cast<char*>(scratch(a.scratch.block_means, "block_means",
+                                            moba_block_means_bytes(a.n_keys, B, Hkv, D)));
+  bf16* kbar = reinterpret_cast<bf16*>(buffer);
+  int* flag = reinterpret_cast<int*>(buffer + moba_block_means_bytes(a.n_keys, B, Hkv, D) - 256);
   MOBA_CUDA_CHECK(cudaMemsetAsync(flag, 0, sizeof(int), ctx.stream));
-  if (top_k > 1) {
+  if (a.top_k > 1 && n_slots > 0) {
     const int channels = Hkv * D;
     const int threads = channels < 256 ? (channels + 31) / 32 * 32 : 256;
     const dim3 grid(static_cast<unsigned>(n_slots), (channels + threads - 1) / threads);
-    block_means_kernel<<<grid, threads, 0, ctx.stream>>>(kbar, k, cu_seqlens, n_segments, Hkv, D, block_size);
+    block_means_kernel<<<grid, threads, 0, ctx.stream>>>(kbar, a.k, a.cu_seqlens, a.n_segments, Hkv, D, B);
     MOBA_CUDA_CHECK(cudaGetLastError());
   }
-  const dim3 grid(static_cast<unsigned>((N + 63) / 64), H);
-  if (D <= 64)
-    launch_route<64>(grid, ctx.stream, selected, flag, q, kbar, cu_seqlens, n_segments, N, H, Hkv, D, block_size,
-                     top_k);
-  else
-    launch_route<128>(grid, ctx.stream, selected, flag, q, kbar, cu_seqlens, n_segments, N, H, Hkv, D, block_size,
-                      top_k);
+  const RouteArgs r{a.selected, flag, a.q, kbar, a.cu_seqlens, a.q_rows, a.n_segments, a.n_queries, a.H, Hkv, D, B,
+                    a.top_k};
+  const dim3 grid(static_cast<unsigned>((a.n_queries + 63) / 64), a.H);
+  if (D <= 64) launch_route<64>(grid, ctx.stream, r);
+  else launch_route<128>(grid, ctx.stream, r);
   MOBA_CUDA_CHECK(cudaGetLastError());
   // Debug check (MOBA_CUDA_DEBUG=1): synchronise and fail on a non-finite query, as the CPU router does. Off by
   // default because it stalls the stream; rows with NaN/Inf queries are routed to their current block only.

@@ -10,19 +10,17 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// dst[i] = src[i] cos - src[i + D/2] sin;  dst[i + D/2] = src[i + D/2] cos + src[i] sin.  kInverse negates sin
-// and adds into dst. src row t at src + t * src_stride, dst row t at dst + t * dst_stride, each (heads, D).
+// This thread's row t and first pair i0 (threads cover the D / 2 pairs of a row kVec at a time), and the cos and sin
+// (negated when kInverse) of its pairs: angle = pos[t] * theta^(-2i/D) in double, rounded once to f32 (the CPU
+// reference's arithmetic). False past the last row.
 template <int kVec, bool kInverse>
-__global__ void __launch_bounds__(kThreads)
-    rope_kernel(bf16* dst, int64_t dst_stride, const bf16* src, int64_t src_stride, const int32_t* pos, int64_t N,
-                int heads, int D, float theta) {
-  const int half = D / 2;
-  const int chunks = half / kVec;  // pair chunks per head
+__device__ __forceinline__ bool rope_thread_pairs(int64_t& t, int& i0, float (&cos_i)[kVec], float (&sin_i)[kVec],
+                                                  const int32_t* pos, int64_t N, int D, float theta) {
+  const int chunks = D / 2 / kVec;  // pair chunks per row
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= N * chunks) return;
-  const int64_t t = idx / chunks;
-  const int i0 = static_cast<int>(idx % chunks) * kVec;
-  float cos_i[kVec], sin_i[kVec];
+  if (idx >= N * chunks) return false;
+  t = idx / chunks;
+  i0 = static_cast<int>(idx % chunks) * kVec;
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
     const double inv_freq = pow(static_cast<double>(theta), -2.0 * (i0 + k) / D);
@@ -31,6 +29,20 @@ __global__ void __launch_bounds__(kThreads)
     cos_i[k] = static_cast<float>(cos_d);
     sin_i[k] = kInverse ? -static_cast<float>(sin_d) : static_cast<float>(sin_d);
   }
+  return true;
+}
+
+// dst[i] = src[i] cos - src[i + D/2] sin;  dst[i + D/2] = src[i + D/2] cos + src[i] sin.  kInverse negates sin
+// and adds into dst. src row t at src + t * src_stride, dst row t at dst + t * dst_stride, each (heads, D).
+template <int kVec, bool kInverse>
+__global__ void __launch_bounds__(kThreads)
+    rope_kernel(bf16* dst, int64_t dst_stride, const bf16* src, int64_t src_stride, const int32_t* pos, int64_t N,
+                int heads, int D, float theta) {
+  const int half = D / 2;
+  int64_t t;
+  int i0;
+  float cos_i[kVec], sin_i[kVec];
+  if (!rope_thread_pairs<kVec, kInverse>(t, i0, cos_i, sin_i, pos, N, D, theta)) return;
   for (int h = 0; h < heads; ++h) {
     const bf16* x = src + t * src_stride + static_cast<int64_t>(h) * D + i0;
     bf16* y = dst + t * dst_stride + static_cast<int64_t>(h) * D + i0;
@@ -62,20 +74,10 @@ __global__ void __launch_bounds__(kThreads)
     qkv_rope_kernel(bf16* q, bf16* k, bf16* v, bf16* qkv, int64_t qkv_stride, const int32_t* pos, int64_t N, int H,
                     int Hkv, int D, float theta) {
   const int half = D / 2;
-  const int chunks = half / kVec;
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= N * chunks) return;
-  const int64_t t = idx / chunks;
-  const int i0 = static_cast<int>(idx % chunks) * kVec;
+  int64_t t;
+  int i0;
   float cos_i[kVec], sin_i[kVec];
-#pragma unroll
-  for (int j = 0; j < kVec; ++j) {
-    const double inv_freq = pow(static_cast<double>(theta), -2.0 * (i0 + j) / D);
-    double sin_d, cos_d;
-    sincos(static_cast<double>(pos[t]) * inv_freq, &sin_d, &cos_d);
-    cos_i[j] = static_cast<float>(cos_d);
-    sin_i[j] = kBackward ? -static_cast<float>(sin_d) : static_cast<float>(sin_d);
-  }
+  if (!rope_thread_pairs<kVec, kBackward>(t, i0, cos_i, sin_i, pos, N, D, theta)) return;
   bf16* packed_row = qkv + t * qkv_stride + i0;
   for (int h = 0; h < H + Hkv; ++h) {  // q heads, then k heads: contiguous in the packed row
     bf16* packed = packed_row + static_cast<int64_t>(h) * D;

@@ -1,52 +1,65 @@
-// Shared pieces of the dense flash-attention kernels (flash_attention_forward.cu, flash_attention_backward.cu):
-// PTX wrappers for cp.async, ldmatrix and the bf16 tensor-core MMA (mma.sync.m16n8k16), the XOR-swizzled
-// shared-memory tile layout, tile loaders and the segment lookups over cu_seqlens.
-// Invariants: every tile in shared memory is (rows, kD) bf16 with 16-byte chunks swizzled by row (SmemTile),
-// columns >= D and rows past the valid ones are zero-filled, and kD (the padded head dim) is 16, 32, 64 or 128.
-// Fragment layouts follow the PTX ISA's description of mma.m16n8k16 and ldmatrix (Section "Matrix Fragments for
-// mma.m16n8k16"); the tiling and the online softmax follow FlashAttention-2 (Dao, 2023, arXiv 2307.08691).
+// The device primitives every attention kernel shares (dense flash attention, MoBA routing, forward and backward):
+// PTX wrappers for cp.async, ldmatrix, the bf16 tensor-core MMAs (mma.sync.m16n8k16 and Hopper's wgmma), the
+// shared-memory tile layouts and loaders, the MMA loops over padded tiles, the one online-softmax step, and the
+// lookups of documents (cu_seqlens) and query positions (q_rows).
+// Invariants: a swizzled tile is (rows, kD) bf16 with 16-byte chunks XOR-swizzled by row (SmemTile, WgTile); a padded
+// tile is (rows, DP + 8) bf16 row-major; columns >= D and rows past the valid ones are zero-filled; kD / DP (the
+// padded head dim) is 16, 32, 64 or 128. Fragment layouts follow the PTX ISA ("Matrix Fragments for mma.m16n8k16",
+// "ldmatrix", "Matrix Descriptor Format"); the tiling and the online softmax follow FlashAttention-2 (Dao, 2023,
+// arXiv 2307.08691) and, for wgmma, FlashAttention-3 (Shah et al., 2024).
 #pragma once
 #include <cuda_bf16.h>
 
+#include <climits>
+#include <cmath>
 #include <cstdint>
 
 #include "kernels/cuda/ops.h"
 
-namespace moba::cuda::flash {
+namespace moba::cuda::attn {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr float kLn2 = 0.6931471805599453f;
 
-// The tensor-core tiles work on 16-column steps: a head dim D runs in the kernel instantiated for the next of
-// 16, 32, 64, 128, its extra columns zero (they add 0 to every dot product and are never stored).
-inline int padded_head_dim(int D) { return D <= 16 ? 16 : D <= 32 ? 32 : D <= 64 ? 64 : 128; }
 
-// ---- segments: cu_seqlens (S + 1) ascending, cu[0] = 0, cu[S] = N, empty segments repeat a value ----------------
-__device__ __forceinline__ int first_index_greater(const int32_t* cu, int count, int x) {
-  int lo = 0, hi = count;
+// ---- documents (cu_seqlens (S + 1) ascending, cu[0] = 0, cu[S] = Nk, empty ones repeat a value) and query rows ----
+// The document holding key row t (0 <= t < Nk): the last s with cu[s] <= t (empty documents before it are skipped).
+__device__ __forceinline__ int segment_of(const int32_t* cu, int n_segments, int64_t t) {
+  int lo = 0, hi = n_segments + 1;  // first index with cu > t, found in [lo, hi)
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
-    if (__ldg(cu + mid) > x) hi = mid;
+    if (__ldg(cu + mid) > t) hi = mid;
     else lo = mid + 1;
   }
-  return lo;
+  return lo - 1;
 }
-// First token of the segment holding token t (0 <= t < N).
-__device__ __forceinline__ int segment_start(const int32_t* cu, int n_segments, int t) {
-  return __ldg(cu + first_index_greater(cu, n_segments + 1, t) - 1);
+// First key row of the document holding key row t, and one past its last.
+__device__ __forceinline__ int segment_start(const int32_t* cu, int n_segments, int64_t t) {
+  return __ldg(cu + segment_of(cu, n_segments, t));
 }
-// One past the last token of the segment holding token u (0 <= u < N).
-__device__ __forceinline__ int segment_end(const int32_t* cu, int n_segments, int u) {
-  return __ldg(cu + first_index_greater(cu, n_segments + 1, u));
+__device__ __forceinline__ int segment_end(const int32_t* cu, int n_segments, int64_t t) {
+  return __ldg(cu + segment_of(cu, n_segments, t) + 1);
+}
+// The key row query row i stands at (q_rows == nullptr: row i at key row i).
+__device__ __forceinline__ int query_key_row(const int32_t* q_rows, int64_t i) {
+  return q_rows != nullptr ? __ldg(q_rows + i) : static_cast<int>(i);
+}
+// The first query row standing at key row u or later, u in [0, Nk] (query_index: (Nk + 1) of them, or nullptr for
+// q_rows == nullptr, where it is u itself).
+__device__ __forceinline__ int first_query_at(const int32_t* query_index, int64_t u) {
+  return query_index != nullptr ? __ldg(query_index + u) : static_cast<int>(u);
 }
 
 // ---- PTX wrappers ----------------------------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-// 16 bytes global -> shared, asynchronously; src_bytes 0 writes zeros (the source is not read).
+// 16 bytes global -> shared, asynchronously; !valid writes zeros (src must still be a valid address).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  cp_async_16(smem_address(dst), src, valid);
 }
 __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
@@ -97,6 +110,10 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { ldmatrix_x4(r, smem_address(smem)); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  ldmatrix_x4_trans(r, smem_address(smem));
+}
 // d (16x8 f32) += a (16x16 bf16, row-major) * b (16x8 bf16, column-major).
 // Lane l = 4*g + i holds a {(g, 2i..), (g+8, 2i..), (g, 2i+8..), (g+8, 2i+8..)}, b {(2i.., g), (2i+8.., g)},
 // d {(g, 2i), (g, 2i+1), (g+8, 2i), (g+8, 2i+1)}.
@@ -107,11 +124,13 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// Two floats as a bf16 pair, `lo` in the low half (the lower column index).
+// Two floats as a bf16 pair, `lo` in the low half (the lower column index), and the halves of a pair as floats.
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
+__device__ __forceinline__ float bf16_lo(uint32_t x) { return __uint_as_float(x << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t x) { return __uint_as_float(x & 0xFFFF0000u); }
 // The accumulator fragments of two adjacent n8 tiles (columns 16k..16k+15 of a 16-row tile) as the A operand
 // (16x16) of the next MMA: the register-level reuse of P that FlashAttention-2 uses for P V.
 __device__ __forceinline__ void accumulators_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
@@ -132,6 +151,19 @@ __device__ __forceinline__ void store_bf16_pair(bf16* p, float a, float b, bool 
 __device__ __forceinline__ float2 load_bf16_pair(const bf16* p, bool vector) {
   if (vector) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
   return make_float2(__bfloat162float(p[0]), __bfloat162float(p[1]));
+}
+// dk or dv (bf16, or f32 with `f32`: partial sums of a query subset) elements [at, at + 2) += (x, y); a CTA owns the
+// rows it adds into (read-add-write, no atomics). `vector`: 4-byte aligned bf16 pairs.
+__device__ __forceinline__ void add_key_row_pair(void* base, bool f32, int64_t at, float x, float y, bool vector) {
+  if (f32) {
+    float* p = static_cast<float*>(base) + at;
+    p[0] += x;
+    p[1] += y;
+    return;
+  }
+  bf16* p = static_cast<bf16*>(base) + at;
+  const float2 old = load_bf16_pair(p, vector);
+  store_bf16_pair(p, old.x + x, old.y + y, vector);
 }
 
 // 2^x with the hardware approximation (flush-to-zero; 2^-inf = 0), as FlashAttention does for the softmax.
@@ -245,6 +277,31 @@ struct WgTile {
   }
 };
 
+// One k-step (columns 16 kk .. 16 kk + 15 of 128) of acc (64 x kN) += A (the 64 rows at a_rows of a K-major WgTile)
+// * B^T (the kN rows at b_rows of a K-major WgTile): S = Q K^T, S^T = K Q^T, dP^T = V dO^T on warpgroup MMAs. The 16
+// columns are 32 bytes of a 128-byte swizzled row in column block kk / 4. Asynchronous (see wgmma_fence above);
+// callers interleave the steps of two independent products so neither waits on its own accumulator chain.
+template <class ATile, class BTile, int kN>
+__device__ __forceinline__ void wgmma_k_major_step(float (&acc)[kN / 8][4], uint32_t a_rows, uint32_t b_rows, int kk) {
+  const uint64_t desc_a = wgmma_descriptor(a_rows + (kk / 4) * ATile::kBlockBytes + (kk % 4) * 32, 16, 1024);
+  const uint64_t desc_b = wgmma_descriptor(b_rows + (kk / 4) * BTile::kBlockBytes + (kk % 4) * 32, 16, 1024);
+  if constexpr (kN == 128) wgmma_m64n128k16_ss<0, 0>(acc, desc_a, desc_b);
+  else wgmma_m64n64k16_ss<0, 0>(acc, desc_a, desc_b);
+}
+
+// Double buffering over tiles: starts the next tile's loads when there is one (load_next issues its cp.async copies)
+// and waits until the current tile's have landed (for this thread; the caller's barrier makes them everyone's).
+template <typename LoadNext>
+__device__ __forceinline__ void next_tile_loads(bool has_next, LoadNext&& load_next) {
+  if (has_next) {
+    load_next();
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+}
+
 // Rows [0, kRows) of a bf16 matrix (row r at src + r * row_stride, D columns) into a swizzled (kRows, kD) tile,
 // asynchronously (cp.async, caller commits) when `vector` (D % 8 == 0 and 16-byte aligned rows), else with plain
 // loads and stores. Rows >= rows_valid and columns >= D become zero. Each thread keeps one column chunk and walks
@@ -280,4 +337,119 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const bf16* src, int64_
   }
 }
 
-}  // namespace moba::cuda::flash
+// ---- padded tiles (rows of DP + 8 bf16: ldmatrix rows land in distinct banks) and their MMA loops (mma.sync) ------
+// A operand (16 rows x 16 cols at r0, c0): registers a0..a3 of mma_bf16_16816.
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* tile, int ld, int r0, int c0, int lane) {
+  ldmatrix_x4(a, tile + (r0 + (lane & 15)) * ld + c0 + (lane >> 4) * 8);
+}
+// B operand where B[k][n] = tile[n][k] (rows of the tile as columns of B): n-tiles n0 and n0 + 8 of the k-step at c0.
+__device__ __forceinline__ void load_b_rows(uint32_t (&b)[4], const bf16* tile, int ld, int n0, int c0, int lane) {
+  ldmatrix_x4(b, tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * ld + c0 + ((lane >> 3) & 1) * 8);
+}
+// B operand where B[k][n] = tile[k][n] (contraction over rows): k-step rows k0..k0+15, n-tiles at c0 and c0 + 8.
+__device__ __forceinline__ void load_b_cols(uint32_t (&b)[4], const bf16* tile, int ld, int k0, int c0, int lane) {
+  ldmatrix_x4_trans(b, tile + (k0 + (lane & 15)) * ld + c0 + (lane >> 4) * 8);
+}
+// 64 gathered rows into a padded (64, DP + 8) tile, asynchronously (cp.async; the caller commits): tile row r is row
+// rows[r] (i * H + h, D elements at src + rows[r] * D) of a matrix, zero for rows[r] < 0 and columns >= D. Called by
+// the 128 threads of a CTA.
+template <int DP>
+__device__ __forceinline__ void load_gathered_rows(bf16* tile, const bf16* src, const int* rows, int D) {
+  for (int idx = threadIdx.x; idx < 64 * (DP / 8); idx += 128) {
+    const int r = idx / (DP / 8), c = idx % (DP / 8) * 8;
+    const int row = rows[r];
+    const bool ok = row >= 0 && c < D;
+    cp_async_16(tile + r * (DP + 8) + c, ok ? src + static_cast<int64_t>(row) * D + c : src, ok);
+  }
+}
+// acc (16 x kCols) += A (16 rows of `a_tile` from row r0) * B^T (kCols rows of `b_tile`): the contraction runs over
+// the DP columns of both (S = Q K^T, dP = dO V^T, and their transposes).
+template <int DP, int kCols>
+__device__ __forceinline__ void mma_rows_times_rows(float (&acc)[kCols / 8][4], const bf16* a_tile, int r0,
+                                                    const bf16* b_tile, int ld, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < DP / 16; ++ks) {
+    uint32_t a[4];
+    load_a(a, a_tile, ld, r0, ks * 16, lane);
+#pragma unroll
+    for (int n2 = 0; n2 < kCols / 16; ++n2) {
+      uint32_t b[4];
+      load_b_rows(b, b_tile, ld, n2 * 16, ks * 16, lane);
+      mma_bf16_16816(acc[2 * n2], a, b[0], b[1]);
+      mma_bf16_16816(acc[2 * n2 + 1], a, b[2], b[3]);
+    }
+  }
+}
+// acc (16 x kCols) += P (16 x kRows: the accumulator fragments p of an earlier product, rounded to bf16 as the A
+// operand) * tile (kRows rows, columns [c0, c0 + kCols)): O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q.
+template <int kRows, int kCols>
+__device__ __forceinline__ void mma_accumulators_times_rows(float (&acc)[kCols / 8][4], const float (&p)[kRows / 8][4],
+                                                            const bf16* tile, int ld, int c0, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kRows / 16; ++kk) {
+    uint32_t a[4];
+    accumulators_to_a(a, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int n2 = 0; n2 < kCols / 16; ++n2) {
+      uint32_t b[4];
+      load_b_cols(b, tile, ld, kk * 16, c0 + n2 * 16, lane);
+      mma_bf16_16816(acc[2 * n2], a, b[0], b[1]);
+      mma_bf16_16816(acc[2 * n2 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// ---- the online softmax (FlashAttention-2, Dao 2023, Algorithm 1) -------------------------------------------------
+// One key tile for the thread's two accumulator rows (fragment rows g, g + 8; a row's 4 threads are a quad): raw
+// scores s (-inf where the key is not visible) become P = exp2(s * scale_log2 - new max); row_max (log2 domain) and
+// the thread's partial row_sum move on. Returns the factors by which the rows of O accumulated so far must be
+// multiplied: exactly 1 where a row's max did not move, so a tile a row does not see leaves it bitwise unchanged (a
+// row's result does not depend on the other rows of its tile).
+template <int kNTiles>
+__device__ __forceinline__ float2 online_softmax(float (&s)[kNTiles][4], float (&row_max)[2], float (&row_sum)[2],
+                                                 float scale_log2) {
+  float correction[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float new_max = fmaxf(row_max[half], mx * scale_log2);
+    const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet stays at zero
+    correction[half] = row_max[half] == new_max ? 1.0f : fast_exp2(row_max[half] - base);
+    row_max[half] = new_max;
+    float sum = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int e = 2 * half; e < 2 * half + 2; ++e) {
+        const float pv = fast_exp2(fmaf(s[nt][e], scale_log2, -base));
+        s[nt][e] = pv;
+        sum += pv;
+      }
+    row_sum[half] = row_sum[half] * correction[half] + sum;
+  }
+  return make_float2(correction[0], correction[1]);
+}
+template <int kDTiles>
+__device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], float2 correction) {
+#pragma unroll
+  for (int dt = 0; dt < kDTiles; ++dt) {
+    o[dt][0] *= correction.x;
+    o[dt][1] *= correction.x;
+    o[dt][2] *= correction.y;
+    o[dt][3] *= correction.y;
+  }
+}
+// Row sums of a quad: every thread gets the full sum of its two rows' partial sums.
+__device__ __forceinline__ void reduce_row_sums(float (&row_sum)[2]) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 1);
+    row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 2);
+  }
+}
+
+}  // namespace moba::cuda::attn
