@@ -242,7 +242,6 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
   const parallel::ParallelLayout layout =
       parallel::make_layout(mpi.world_size(), mpi.rank(), r.parallel.context, r.parallel.data, r.source_path);
   check_context_parallel(r, layout.context);
-  require_context_parallel_backend(r, layout.context);
   const int64_t T = r.data.seq_len, micro = r.train.micro_batch_seqs;
   const int64_t per_step = micro * T * layout.data;
   MOBA_CHECK(r.train.global_batch_tokens % per_step == 0 && r.train.global_batch_tokens >= per_step,

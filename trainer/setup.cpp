@@ -138,17 +138,6 @@ size_t check_memory_plan(const Recipe& r, const model::ModelConfig& c, int64_t m
   return total;
 }
 
-void require_context_parallel_backend(const Recipe& r, int context) {
-  // The CUDA attention kernels that take a rank's query rows against the gathered keys are written but have not
-  // run on a GPU yet (scripts/gpu/attention.sh and context.sh validate them); until then CP stops here, before
-  // anything is allocated, instead of at the first attention call.
-  MOBA_CHECK(context == 1 || r.backend != "cuda",
-             cat(r.source_path, ": parallel.context = ", context, " with backend: cuda: this build's CUDA attention "
-                 "kernels do not take query subsets yet, which context parallelism needs"),
-             "run context parallelism on backend: cpu, or set parallel.context: 1 on the GPU (moba plan still plans "
-             "the GPU run)");
-}
-
 void check_context_parallel(const Recipe& r, int context) {
   if (context == 1) return;
   const int64_t T = r.data.seq_len;

@@ -47,8 +47,6 @@ size_t check_memory_plan(const Recipe& recipe, const model::ModelConfig& config,
 // Context parallelism's constraints on the recipe (no-op for context 1): data.seq_len a multiple of 2 x context,
 // and of 2 x context x block_size wherever a phase runs MoBA layers (a block never straddles two ranks' chunks).
 void check_context_parallel(const Recipe& recipe, int context);
-// Whether the recipe's backend can run context parallelism (train, eval and bench call it; plan does not).
-void require_context_parallel_backend(const Recipe& recipe, int context);
 model::TokenBatch token_batch(const data::Batch& batch);
 // The rows of `batch` this context-parallel rank computes: the whole batch when context == 1, else its zigzag
 // chunks (cut into `storage`, which must outlive the returned view).

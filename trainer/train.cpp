@@ -171,7 +171,6 @@ struct Run {
 
 void check_layout(const Recipe& r, Run& run) {
   check_context_parallel(r, run.layout.context);
-  require_context_parallel_backend(r, run.layout.context);
   const int dp = run.layout.data;
   const int64_t per_step = static_cast<int64_t>(r.train.micro_batch_seqs) * r.data.seq_len * dp;
   MOBA_CHECK(r.train.global_batch_tokens >= per_step,
