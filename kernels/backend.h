@@ -118,13 +118,19 @@ class Backend {
 AttentionScratch allocate_attention_scratch(Backend& be, const AttentionScratchShape& shape);
 void release_attention_scratch(Backend& be, AttentionScratch& scratch);
 
+// Per-op timing of the CUDA backend (`moba bench train --profile-ops`): CUDA events around every op, summed per op
+// name and printed to stderr when the backend is destroyed; every_call also prints each call in order (to find where
+// one op's time varies within a step). The events serialise nothing but add a little launch overhead.
+enum class OpProfile { off, totals, every_call };
+
 std::unique_ptr<Backend> make_cpu_backend();
 #if MOBA_HAVE_CUDA
 // kernels/cuda/; runs on GPU `device`; throws a clear moba::Error when no GPU is usable
-std::unique_ptr<Backend> make_cuda_backend(int device = 0);
+std::unique_ptr<Backend> make_cuda_backend(int device = 0, OpProfile profile = OpProfile::off);
 #endif
 // "cpu" or "cuda" (on GPU `device`); "cuda" fails with a clear message when this build has no CUDA backend or no GPU.
-std::unique_ptr<Backend> make_backend(const std::string& name, int device = 0);
+// `profile` other than off needs "cuda".
+std::unique_ptr<Backend> make_backend(const std::string& name, int device = 0, OpProfile profile = OpProfile::off);
 // GPUs this process can see (0 without the CUDA backend or a driver).
 int gpu_count();
 

@@ -313,6 +313,10 @@ TEST_F(Train, BadInputFailsWithAClearMessage) {
   expect_error(tiny(run, "--set backend=tpu"), "'tpu' is not allowed");
   expect_error("frobnicate", "unknown command 'frobnicate'", 2);  // usage errors exit 2
   expect_error("train", "missing argument recipe", 2);
+  const std::string bench = "bench train --recipe " + test::source_path("recipes/tests/tiny.yaml") +
+                            " --set model.vocab_size=64 --warmup 0 --steps 1 --profile-ops ";
+  expect_error(bench + "all", "--profile-ops 'all' is not allowed", 2);
+  expect_error(bench + "totals", "per-op profiling times CUDA events: backend 'cpu' has none");
 
   // A truncated dataset (first half of the bytes) is rejected, not read as garbage.
   std::string truncated = run + "/truncated.h5";

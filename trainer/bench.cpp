@@ -231,11 +231,15 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
   ap.add_option("set", "KEY=VALUE", "override a recipe key", "", true);
   ap.add_option("warmup", "W", "untimed steps first", "2");
   ap.add_option("steps", "S", "timed steps (the median is reported)", "5");
+  ap.add_option("profile-ops", "WHAT",
+                "CUDA: per-op GPU times (CUDA events around every op, warm-up included) on stderr at the end: "
+                "off | totals | calls (also every call in order)", "off");
   ap.add_option("out", "FILE", "also append the JSON line to FILE (e.g. bench/results/train.jsonl)");
   if (!ap.parse(args)) return 0;
   ap.check(ap.has("recipe"), "--recipe is required", ap.usage());
   const int warmup = static_cast<int>(ap.get_int("warmup", 0, 1000000));
   const int steps = static_cast<int>(ap.get_int("steps", 1, 1000000));
+  const std::string profile = ap.get_choice("profile-ops", {"off", "totals", "calls"});
   Recipe r = load_recipe(ap.get("recipe"), ap.get_all("set"));
   MOBA_CHECK(r.model.vocab_size > 0, cat(r.source_path, ": bench train needs model.vocab_size > 0"),
              "set model.vocab_size (random token ids are drawn below it)");
@@ -253,7 +257,9 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
   const int gpus = device == Device::cuda ? gpu_count() : 0;
   const parallel::Transport transport =
       parallel::resolve_transport(r.parallel.transport, device, mpi.local_size(), gpus, r.source_path);
-  std::unique_ptr<Backend> be = make_backend(r.backend, gpus > 0 ? mpi.local_rank() % gpus : 0);
+  std::unique_ptr<Backend> be =
+      make_backend(r.backend, gpus > 0 ? mpi.local_rank() % gpus : 0,
+                   profile == "calls" ? OpProfile::every_call : profile == "totals" ? OpProfile::totals : OpProfile::off);
   parallel::Communicator comm(mpi, layout, *be, transport, r.parallel.timeout_s);
   model::ModelConfig c = model_config_from(r, r.model.vocab_size);
   model::TransformerOptions model_options = transformer_options(r);

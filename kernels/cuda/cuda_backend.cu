@@ -2,7 +2,6 @@
 // weights, gradients and statistics in f32 (see kernels/backend.h for the precision contract).
 #include <algorithm>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -37,16 +36,12 @@ float* f32(const Tensor& t, const char* what) { return typed<float>(t, DType::f3
 const int32_t* i32(const Tensor& t, const char* what) { return typed<int32_t>(t, DType::i32, what); }
 const uint8_t* u8(const Tensor& t, const char* what) { return typed<uint8_t>(t, DType::u8, what); }
 
-// MOBA_PROFILE=1: CUDA events around every op, summed per op name and printed (stderr) when the backend is
-// destroyed (MOBA_PROFILE=2: every call too, in order). The events serialise nothing but add a little launch
-// overhead; off by default.
+// CUDA events around every op, summed per op name and printed (stderr) when the backend is destroyed
+// (OpProfile in kernels/backend.h; off by default).
 class OpProfiler {
  public:
-  explicit OpProfiler(cudaStream_t stream) : stream_(stream) {
-    const char* env = std::getenv("MOBA_PROFILE");
-    enabled_ = env && (std::string(env) == "1" || std::string(env) == "2");
-    every_call_ = env && std::string(env) == "2";
-  }
+  OpProfiler(cudaStream_t stream, OpProfile profile)
+      : stream_(stream), enabled_(profile != OpProfile::off), every_call_(profile == OpProfile::every_call) {}
   bool enabled() const { return enabled_; }
   void record(std::string name, cudaEvent_t start, cudaEvent_t stop) {
     pending_.push_back({std::move(name), start, stop});
@@ -76,7 +71,7 @@ class OpProfiler {
     std::vector<std::pair<double, std::string>> rows;
     for (const auto& [name, t] : totals) rows.push_back({t.first, name});
     std::sort(rows.rbegin(), rows.rend());
-    std::fprintf(stderr, "profile (MOBA_PROFILE=1): %.1f ms in ops\n", all);
+    std::fprintf(stderr, "profile (--profile-ops): %.1f ms in ops\n", all);
     for (const auto& [ms, name] : rows)
       std::fprintf(stderr, "  %-36s %10.2f ms %6.1f%%  %8lld calls\n", name.c_str(), ms, 100.0 * ms / all,
                    static_cast<long long>(totals[name].second));
@@ -89,7 +84,7 @@ class OpProfiler {
   };
   cudaStream_t stream_;
   bool enabled_ = false;
-  bool every_call_ = false;  // MOBA_PROFILE=2: also every call in order
+  bool every_call_ = false;  // also every call in order
   std::vector<Pending> pending_;
 };
 
@@ -150,7 +145,7 @@ cuda::AttentionArgs args_of(const AttentionCall& c, const char* op, bool backwar
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device) {
+  CudaBackend(int device, OpProfile profile) {
     ctx_.device = device;
     int count = 0;
     cudaError_t err = cudaGetDeviceCount(&count);
@@ -168,7 +163,7 @@ class CudaBackend final : public Backend {
     ctx_.workspace_bytes = 32u << 20;
     MOBA_CUDA_CHECK(cudaMalloc(&ctx_.workspace, ctx_.workspace_bytes));
     name_ = cat("cuda (", prop.name, ")");
-    profiler_ = std::make_unique<OpProfiler>(ctx_.stream);
+    profiler_ = std::make_unique<OpProfiler>(ctx_.stream, profile);
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(ctx_.stream);
@@ -410,14 +405,16 @@ class CudaBackend final : public Backend {
 
  private:
   CudaContext ctx_;
-  std::unique_ptr<OpProfiler> profiler_;  // per-op timings when MOBA_PROFILE=1
+  std::unique_ptr<OpProfiler> profiler_;  // per-op timings unless OpProfile::off
   std::string name_;
 };
 
 }  // namespace
 }  // namespace cuda
 
-std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<cuda::CudaBackend>(device); }
+std::unique_ptr<Backend> make_cuda_backend(int device, OpProfile profile) {
+  return std::make_unique<cuda::CudaBackend>(device, profile);
+}
 
 int gpu_count() {
   int count = 0;
