@@ -27,6 +27,10 @@ struct AttentionKernelSettings {
   // CUDA MoBA: the f32 buffers per (query row, head, past block) (forward partial outputs, deterministic dQ parts)
   // hold the query rows in chunks of at most this many bytes, so they do not grow with N * H * (top_k - 1).
   int64_t entry_budget_bytes = int64_t{4} << 30;
+  // CUDA MoBA routing: synchronise after routing and throw when q holds NaN or Inf, as the CPU router always does.
+  // Off by default because it stalls the stream; unchecked, such a row attends its current block only and the
+  // step's non-finite loss stops the run.
+  bool check_finite_queries = false;
 };
 
 // Scratch the attention ops use on the device, named; empty tensors where a backend needs none (the CPU backend

@@ -2,7 +2,8 @@
 // on the launchers directly with a stream of our own: the layer (routing, forward, backward) captures into a CUDA
 // graph whose replays give the eager results bit for bit; deterministic dQ is bitwise reproducible and equals the
 // atomic path up to rounding; query chunks (a small entry budget) give the one-chunk forward and deterministic dQ bit
-// for bit; and `moba check-vectors --backend cuda` passes on the pinned vectors.
+// for bit; a NaN/Inf query routes to its current block, or throws with check_finite_queries; and
+// `moba check-vectors --backend cuda` passes on the pinned vectors.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -117,6 +118,20 @@ class DirectLayer {
     cuda::moba_attention_forward(own.ctx, a_);
     cuda::moba_attention_backward(own.ctx, a_);
   }
+  // One channel of q at (row, head) set to `value` (NaN or Inf), and routing alone, for non-finite queries.
+  void poison_query(int64_t row, int head, float value) {
+    const uint16_t bits = bf16_bits(value);
+    cuda::bf16* at = const_cast<cuda::bf16*>(a_.q) + (row * c_.H + head) * c_.D + c_.D / 2;
+    EXPECT_EQ(cudaMemcpy(at, &bits, 2, cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  void route(OwnContext& own) { cuda::moba_select_blocks(own.ctx, a_); }
+  std::vector<int32_t> selected_row(int64_t row, int head) const {
+    std::vector<int32_t> out(static_cast<size_t>(c_.top_k));
+    EXPECT_EQ(cudaMemcpy(out.data(), a_.selected + (row * c_.H + head) * c_.top_k, out.size() * 4,
+                         cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    return out;
+  }
   DirectRun read() const {
     DirectRun r;
     auto bits = [](std::vector<uint16_t>& dst, const void* src, size_t n) {
@@ -229,6 +244,44 @@ TEST(CudaMoba, QueryChunksMatchOneChunk) {
   EXPECT_EQ(one.dq, chunked.dq);
   EXPECT_LE(rel(chunked.dk, one.dk), 1e-3);
   EXPECT_LE(rel(chunked.dv, one.dv), 1e-3);
+}
+
+// A NaN/Inf query: unchecked, its row routes to the current block only and nothing synchronises; with
+// check_finite_queries the launcher throws naming the problem, as the CPU router does. Both routers: the top-k
+// selection (k - 1 <= 64) and the exact radix select (k - 1 > 64), at a D that pads to 64 and one that pads to 128.
+TEST(CudaMoba, NonFiniteQueryRoutesToItsCurrentBlockOrThrowsWhenChecked) {
+  MOBA_REQUIRE_GPU();
+  struct Case {
+    MobaCase c;
+    int64_t row;
+  };
+  for (const Case& t : {Case{{{0, 100, 1124}, 4, 2, 64, 128, 3}, 800}, Case{{{0, 2048}, 4, 1, 128, 16, 70}, 2000}}) {
+    for (float bad : {std::nanf(""), INFINITY}) {
+      SCOPED_TRACE(testing::Message() << "top_k " << t.c.top_k << ", D " << t.c.D << ", q = " << bad);
+      const int head = 1;
+      const int current = static_cast<int>((t.row - t.c.cu_seqlens[t.c.cu_seqlens.size() - 2]) / t.c.B);
+      ASSERT_GT(current, t.c.top_k - 1) << "the row must need the gate";
+      std::vector<int32_t> expected(static_cast<size_t>(t.c.top_k), -1);
+      expected[0] = current;
+      OwnContext own;
+      DirectLayer unchecked(t.c, 17, {});
+      unchecked.poison_query(t.row, head, bad);
+      unchecked.route(own);
+      ASSERT_EQ(cudaStreamSynchronize(own.ctx.stream), cudaSuccess);
+      EXPECT_EQ(unchecked.selected_row(t.row, head), expected);
+      EXPECT_EQ(unchecked.selected_row(t.row, head - 1).back(), current) << "a finite row routes as usual";
+      AttentionKernelSettings check;
+      check.check_finite_queries = true;
+      DirectLayer checked(t.c, 17, check);
+      checked.poison_query(t.row, head, bad);
+      try {
+        checked.route(own);
+        ADD_FAILURE() << "expected moba::Error";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("q holds NaN or Inf"), std::string::npos) << e.what();
+      }
+    }
+  }
 }
 
 TEST(CudaMoba, CheckVectorsCommandPassesOnCuda) {

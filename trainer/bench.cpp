@@ -102,6 +102,7 @@ int bench_attention(const std::vector<std::string>& args) {
   ap.add_option("deterministic", "BOOL", "MoBA dQ without float atomics (bitwise reproducible)", "false");
   ap.add_option("dkv-kernel", "K", "CUDA MoBA dK/dV kernel: auto | mma (mma.sync everywhere)", "auto");
   ap.add_option("entry-budget-mb", "MIB", "CUDA MoBA per-entry buffers per query chunk, MiB", "4096");
+  ap.add_option("check-finite", "BOOL", "CUDA MoBA routing: synchronise and fail on a NaN/Inf query", "false");
   ap.add_option("out", "FILE", "also append the JSON line to FILE (e.g. bench/results/attention.jsonl)");
   if (!ap.parse(args)) return 0;
   const std::string mode = ap.get_choice("mode", {"full", "moba"});
@@ -118,8 +119,9 @@ int bench_attention(const std::vector<std::string>& args) {
   settings.moba_dkv_kernel = ap.get_choice("dkv-kernel", {"auto", "mma"}) == "mma"
                                  ? AttentionKernelSettings::MobaDkvKernel::mma_sync
                                  : AttentionKernelSettings::MobaDkvKernel::automatic;
-  const std::string deterministic = ap.get_choice("deterministic", {"true", "false"});
   settings.entry_budget_bytes = ap.get_int("entry-budget-mb", 1, int64_t{1} << 40) << 20;
+  settings.check_finite_queries = ap.get_choice("check-finite", {"true", "false"}) == "true";
+  const bool deterministic = ap.get_choice("deterministic", {"true", "false"}) == "true";
 
   std::unique_ptr<Backend> be = make_backend(ap.get_choice("backend", {"cuda", "cpu"}));
   const DType A = be->activation_dtype();
@@ -149,7 +151,7 @@ int bench_attention(const std::vector<std::string>& args) {
 
   AttentionParams p{mode == "moba" ? AttentionMode::moba : AttentionMode::full, B, K,
                     1.0f / std::sqrt(static_cast<float>(D))};
-  p.deterministic = deterministic == "true";
+  p.deterministic = deterministic;
   AttentionScratchShape largest;
   largest.max_queries = largest.max_keys = N;
   largest.n_heads = H;

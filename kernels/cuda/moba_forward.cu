@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <cstdlib>
 
 #include "common/error.h"
 #include "kernels/cuda/attention_scratch.h"

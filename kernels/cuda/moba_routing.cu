@@ -12,7 +12,6 @@
 // Invariants: block means are summed in fp32 in sequence order (the CPU's order, so kbar is bit-identical to the
 // reference); identical block means give identical scores, so exact ties go to the lower block like the CPU.
 #include <cmath>
-#include <cstdlib>
 
 #include "common/error.h"
 #include "kernels/cuda/attention_scratch.h"
@@ -435,13 +434,9 @@ void moba_select_blocks(const CudaContext& ctx, const AttentionArgs& a) {
   if (D <= 64) launch_route<64>(grid, ctx.stream, r);
   else launch_route<128>(grid, ctx.stream, r);
   MOBA_CUDA_CHECK(cudaGetLastError());
-  // Debug check (MOBA_CUDA_DEBUG=1): synchronise and fail on a non-finite query, as the CPU router does. Off by
-  // default because it stalls the stream; rows with NaN/Inf queries are routed to their current block only.
-  static const bool debug = [] {
-    const char* v = std::getenv("MOBA_CUDA_DEBUG");
-    return v != nullptr && v[0] != '\0' && v[0] != '0';
-  }();
-  if (debug) {
+  // Rows with NaN/Inf queries were routed to their current block only and raised the flag; the settings decide
+  // whether to synchronise and fail on it, as the CPU router does.
+  if (a.settings.check_finite_queries) {
     int host_flag = 0;
     MOBA_CUDA_CHECK(cudaMemcpyAsync(&host_flag, flag, sizeof(int), cudaMemcpyDeviceToHost, ctx.stream));
     MOBA_CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
