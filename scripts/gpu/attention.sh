@@ -8,6 +8,27 @@
 #      the machine's state; JSON lines go to $OUT/base.jsonl and $OUT/head.jsonl as they come, a table to stdout.
 # Build logs stay in /tmp/attention-logs (the device returns few files); $OUT gets ctest.log and the JSON lines.
 # Usage: BASE=/path/to/old-tree BASE_COMMIT=49b97e4 MOBA_COMMIT=<sha> scripts/gpu/attention.sh
+#
+# What validates and lands branch attn-gpu (the q_rows kernels of aaf9954 on main, CP on backend: cuda; no GPU has
+# run them yet). Two device calls, the second only if the first passes:
+#   here:   cd /work/wt/attn-gpu && git rebase main && nice ./scripts/build.sh (CPU tests green), then
+#           rm -rf /tmp/base49 && mkdir /tmp/base49 && git archive 49b97e4 | tar -x -C /tmp/base49
+#           /work/tools/carry.sh attn-gpu /tmp/base49 /work/shared/data/moba-vectors.h5        # ~41 MB
+#   call 1: run(carry [".carry/attn-gpu"], timeout_s 600; ~6-9 min: both builds ~2, GPU tests ~2, benches ~4):
+#           cd .carry/attn-gpu && export MOBA_COMMIT=<sha> MOBA_SHARED_DATA=$PWD/shared-data &&
+#           BASE=$PWD/shared-data/base49 BASE_COMMIT=49b97e4 scripts/gpu/attention.sh
+#           pass: "GPU tests: all passed" (AttentionOpsGpu.* = the op table with its query subsets and kernel
+#           settings, CudaMoba.*, CudaOps.*, the model GPU tests), and every head/base row of the table within 2%
+#           (issue 10); on a failure $OUT/ctest.log names the case, and nothing lands.
+#   here:   /work/tools/carry.sh attn-gpu /work/shared/data/linux-6.1-core.jsonl.xz           # ~28 MB
+#   call 2: cd .carry/attn-gpu && export MOBA_COMMIT=<sha> MOBA_SHARED_DATA=$PWD/shared-data && scripts/gpu/context.sh
+#           (no BASE: call 1 measured training before/after). pass: every cp2/cp4 run's max |dloss|/loss against
+#           cp1 of the order of cp1-again's (the run-to-run noise of bf16 and atomic adds), each run's "memory: X MiB
+#           allocated ... (the plan: Y MiB)" within 5% (tests/test_context_parallel.cpp's bound on the CPU), and
+#           `moba plan --ranks C` against the measured peak (the peak adds transient buffers: expect it above).
+#   then:   copy $OUT's base.jsonl/head.jsonl lines into bench/results/attention.jsonl and train.jsonl, context.jsonl
+#           and train.jsonl of call 2 likewise; README: the status line of context parallelism (tested on an H200),
+#           the performance tables if a figure moved; land (git -C /work/main merge --ff-only attn-gpu).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: context parallelism on one GPU (ranks share it through parallel.transport: mpi).
 #   1. the tiny recipe and recipes/tests/moba-64k.yaml: CP 1 against CP 2 and 4, losses compared step by step;
-#   2. `moba plan --ranks C` against the per-rank peak memory `moba bench train` measures;
+#   2. what rank 0 allocated against the memory plan, and `moba plan --ranks C` against the per-rank peak memory
+#      `moba bench train` measures;
 #   3. training tokens/s at C = 1 before/after (BASE=<tree of an earlier commit>, built in this same call).
 # Needs $MOBA_SHARED_DATA/linux-6.1-core.jsonl.xz. Results: $OUT/context.jsonl, $OUT/train.jsonl.
 set -euo pipefail
@@ -28,6 +29,8 @@ for recipe in tiny moba-64k; do
   train_run $recipe-cp4 4 $r --set parallel.context=4 "${extra[@]}"
 done
 compare_runs "$out/context.jsonl" cp_equality cp1 "tiny moba-64k" "cp1-again cp2 cp4"
+# What rank 0 allocated against the trainer's memory plan (tests/test_context_parallel.cpp holds them within 5%).
+for log in $work/*-cp*.log; do echo "$(basename $log .log): $(grep -o 'memory: .*MiB)' $log | head -1)"; done
 # The plan against the memory a run really takes, and the gathers' time, at 64K (CP 1, 2, 4) on this GPU.
 for C in 1 2 4; do
   $moba plan recipes/tests/moba-64k.yaml --ranks $C --set model.vocab_size=258 --set parallel.context=$C \
