@@ -8,7 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp}
-data=${MOBA_SHARED_DATA:-../shared/data}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 OMP_NUM_THREADS=4
 source scripts/gpu/build_here.sh
 gpu_build moba
@@ -16,7 +15,8 @@ moba=$PWD/build-gpu/moba
 commit=${MOBA_COMMIT:-unknown}
 work=/tmp/moba-cp
 rm -rf $work && mkdir -p $work
-$moba prep "$data/linux-6.1-core.jsonl.xz" --out $work/data --max-bytes 40000000 --seed 3 > $work/prep.log 2>&1
+source scripts/gpu/linux_slice.sh
+linux_slice $moba $work/data
 d="--set data.train=$work/data/train.h5 --set data.val=$work/data/val.h5"
 source scripts/gpu/train_runs.sh
 for recipe in tiny moba-64k; do

@@ -9,7 +9,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp}
-data=${MOBA_SHARED_DATA:-../shared/data}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 OMP_NUM_THREADS=4
 export NCCL_NVLS_ENABLE=0
 source scripts/gpu/build_here.sh
@@ -23,7 +22,8 @@ fi
 
 work=/tmp/moba-dp
 rm -rf $work && mkdir -p $work
-$moba prep "$data/linux-6.1-core.jsonl.xz" --out $work/data --max-bytes 40000000 --seed 3 > $work/prep.log 2>&1
+source scripts/gpu/linux_slice.sh
+linux_slice $moba $work/data
 d="--set data.train=$work/data/train.h5 --set data.val=$work/data/val.h5"
 source scripts/gpu/train_runs.sh
 for recipe in tiny code-100m; do
