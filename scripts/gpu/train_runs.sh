@@ -22,13 +22,36 @@ with open(path, "a") as f:
         ref = losses(f"{recipe}-{reference}")
         for other in others.split():
             got = losses(f"{recipe}-{other}")
-            diff = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
+            steps = [s for s in ref if s in got]  # a run cut short by --max-steps: its steps only
+            diff = max(abs(got[s] - ref[s]) / ref[s] for s in steps)
             rec = {"date": datetime.date.today().isoformat(), "commit": commit, "device": device,
                    "command": f"scripts/gpu ({recipe}, {other} vs {reference})", "bench": bench, "recipe": recipe,
-                   "run": other, "reference": reference, "steps": len(ref), "max_rel_loss_diff": diff,
-                   "final_loss": got[max(got)], "final_loss_reference": ref[max(ref)]}
+                   "run": other, "reference": reference, "steps": len(steps), "max_rel_loss_diff": diff,
+                   "final_loss": got[steps[-1]], "final_loss_reference": ref[steps[-1]]}
             f.write(json.dumps(rec) + "\n")
-            print(f"{recipe:10} {other:12} vs {reference}: steps {len(ref)}, max |dloss|/loss {diff:.2e}, "
-                  f"final {got[max(got)]:.4f} vs {ref[max(ref)]:.4f}")
+            print(f"{recipe:10} {other:12} vs {reference}: steps {len(steps)}, max |dloss|/loss {diff:.2e}, "
+                  f"final {got[steps[-1]]:.4f} vs {ref[steps[-1]]:.4f}")
 PY
+}
+
+# same_step OUT_JSONL LABEL REFERENCE STEP RECIPE "NAME RANKS [options]"...: one optimizer step from REFERENCE's
+# checkpoint at STEP (its initial weights for 0) for each NAME on RANKS ranks, compared with scripts/gpu/same_step.py
+# against the first NAME. REFERENCE must have run with its checkpoints kept at STEP (checkpoint.every_tokens, keep).
+same_step() {
+  local jsonl=$1 label=$2 reference=$3 step=$4 recipe=$5; shift 5
+  local keep names=() spec name ranks
+  keep=$(printf 'step_%08d' "$step")
+  for spec in "$@"; do
+    read -r name ranks opts <<< "$spec"
+    name=$label-from$step-$name
+    rm -rf "${work:?}/$name" && cp -r "$work/$reference" "$work/$name"
+    rm -f "$work/$name/metrics.jsonl"  # the reference's curve would shadow the resumed step
+    for c in "$work/$name"/checkpoints/*; do [ "$step" -gt 0 ] && [ "$(basename "$c")" = "$keep" ] || rm -rf "$c"; done
+    # shellcheck disable=SC2086  # opts: several options
+    train_run "$name" "$ranks" "$recipe" $opts --max-steps 1 > /dev/null || return 1
+    names+=("$name")
+  done
+  python3 scripts/gpu/same_step.py "$work" "$step" "$jsonl" "${MOBA_COMMIT:-unknown}" \
+    "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" "$label" "${names[@]}" 2>&1 |
+    sed "s/^/  /"
 }
