@@ -2,7 +2,7 @@
 # On the GPU machine: data-parallel equalities on one GPU and the training-throughput before/after.
 #   1. the tiny recipe and recipes/tests/code-100m.yaml (~100M parameters) on the Linux code corpus: 1 rank over
 #      NCCL, 1 rank again (the run-to-run noise of GPU atomics), 2 and 4 ranks sharing the GPU through
-#      parallel.transport: mpi (50 steps; code-100m's shared-GPU runs 5); the losses are compared step by step,
+#      parallel.transport: mpi (50 steps; code-100m on 4 only); the losses are compared step by step,
 #      and on the tiny recipe one step from the same weights (steps 0, 20, 40): loss, grad norm, every gradient;
 #   2. with BASE=<tree of an earlier commit> also `moba bench train` dense 8K and MoBA 32K of both trees, built in
 #      this same call, so the comparison shares the machine's state.
@@ -27,28 +27,29 @@ source scripts/gpu/linux_slice.sh
 linux_slice $moba $work/data
 d="--set data.train=$work/data/train.h5 --set data.val=$work/data/val.h5"
 source scripts/gpu/train_runs.sh
-for recipe in tiny code-100m; do
-  r=recipes/tests/$recipe.yaml
-  extra=()
-  shared=()  # ranks sharing the GPU time-slice it (a 100M step takes ~4 s on 2 ranks): 5 steps of code-100m
-  [ $recipe = tiny ] && extra=(--set train.tokens=5.12e4 --set train.micro_batch_seqs=2
-                               --set checkpoint.every_tokens=10240 --set checkpoint.keep=10)
-  [ $recipe = code-100m ] && shared=(--max-steps 5)
-  train_run $recipe-nccl1 1 $r --set parallel.transport=nccl "${extra[@]}"
-  train_run $recipe-nccl1-again 1 $r --set parallel.transport=nccl "${extra[@]}"
-  train_run $recipe-mpi2 2 $r --set parallel.transport=mpi "${extra[@]}" "${shared[@]}"
-  train_run $recipe-mpi4 4 $r --set parallel.transport=mpi "${extra[@]}" "${shared[@]}"
-  train_run $recipe-mpi2-zero0 2 $r --set parallel.transport=mpi --set parallel.zero=0 "${extra[@]}" "${shared[@]}"
-done
-compare_runs "$out/distributed.jsonl" dp_equality nccl1 "tiny code-100m" "nccl1-again mpi2 mpi4 mpi2-zero0"
-# One step from the same weights (the tiny recipe's MoBA routing parts whole curves on rounding: same_step.py).
+# The tiny recipe first (a minute): 50 steps of 1024 tokens, a checkpoint every 10 kept for the one-step checks.
 t="--set train.tokens=5.12e4 --set train.micro_batch_seqs=2 --set checkpoint.every_tokens=10240 --set checkpoint.keep=10"
+r=recipes/tests/tiny.yaml
+train_run tiny-nccl1 1 $r --set parallel.transport=nccl $t
+train_run tiny-nccl1-again 1 $r --set parallel.transport=nccl $t
+train_run tiny-mpi2 2 $r --set parallel.transport=mpi $t
+train_run tiny-mpi4 4 $r --set parallel.transport=mpi $t
+train_run tiny-mpi2-zero0 2 $r --set parallel.transport=mpi --set parallel.zero=0 $t
+compare_runs "$out/distributed.jsonl" dp_equality nccl1 "tiny" "nccl1-again mpi2 mpi4 mpi2-zero0"
+# One step from the same weights (the tiny recipe's MoBA routing parts whole curves on rounding: same_step.py).
 for step in 0 20 40; do
-  same_step "$out/distributed.jsonl" dp-tiny tiny-nccl1 $step recipes/tests/tiny.yaml \
+  same_step "$out/distributed.jsonl" dp-tiny tiny-nccl1 $step $r \
     "one 1 --set parallel.transport=nccl $t" "one-again 1 --set parallel.transport=nccl $t" \
     "mpi2 2 --set parallel.transport=mpi $t" "mpi4 4 --set parallel.transport=mpi $t" \
     "mpi2-zero0 2 --set parallel.transport=mpi --set parallel.zero=0 $t"
 done
+# ~100M parameters, 50 steps. Ranks sharing the GPU time-slice it: a step takes ~4 s on 2 ranks and ~7 s on 4
+# (0.27 s on one), so 4 ranks only here (the 2-rank 50 steps are in bench/results/distributed.jsonl, 2026-12-05).
+r=recipes/tests/code-100m.yaml
+train_run code-100m-nccl1 1 $r --set parallel.transport=nccl
+train_run code-100m-nccl1-again 1 $r --set parallel.transport=nccl
+train_run code-100m-mpi4 4 $r --set parallel.transport=mpi
+compare_runs "$out/distributed.jsonl" dp_equality nccl1 "code-100m" "nccl1-again mpi4"
 grep -h "ranks:\|f32 master" $work/code-100m-mpi4.log | head -3
 
 if [ -n "${BASE:-}" ]; then
