@@ -68,19 +68,26 @@ stage() {  # stage NAME COMMAND...: runs the command unless the deadline passed;
   pack
 }
 
-prepare_data() {
-  [ -f data/prepared/linux-mini/train.h5 ] || "$moba" prep "$shared/linux-6.1-core.jsonl.xz" --out data/prepared/linux-mini \
-    --max-bytes "$linux_bytes" --val-fraction 0.1 --seed 1
+prepare_data() {  # every step checked: stage() runs this inside `if`, where set -e does not stop at a failure
+  mkdir -p data
+  if [ ! -f data/prepared/linux-mini/train.h5 ]; then
+    # Decompressed by Python first: the GPU machine's moba has no liblzma. 1.3x: prep counts text, not JSON.
+    python3 "$repo/scripts/xz_prefix.py" "$shared/linux-6.1-core.jsonl.xz" data/linux-slice.jsonl \
+      $((linux_bytes * 13 / 10 + 1000000)) || return 1
+    "$moba" prep data/linux-slice.jsonl --out data/prepared/linux-mini --max-bytes "$linux_bytes" --val-fraction 0.1 \
+      --seed 1 || return 1
+    rm -f data/linux-slice.jsonl
+  fi
   if [ ! -f data/prepared/docs-sft-heldout/val.h5 ]; then
     "$python" "$repo/scripts/sft_pairs.py" "$shared/python-3.11-docs.jsonl.xz" --out data/prepared/docs-sft-source \
-      --holdout-fraction 0.1 --seed 1
+      --holdout-fraction 0.1 --seed 1 || return 1
     "$moba" prep data/prepared/docs-sft-source/pretrain.jsonl --out data/prepared/docs-pretrain --val-fraction 0.05 \
-      --seed 1 "${docs_limit[@]}"
+      --seed 1 "${docs_limit[@]}" || return 1
     "$moba" prep data/prepared/docs-sft-source/sft-train.jsonl --sft --out data/prepared/docs-sft --val-fraction 0.02 \
-      --seed 1 "${docs_limit[@]}"
+      --seed 1 "${docs_limit[@]}" || return 1
     # every held-out pair into val.h5 (prep keeps one document for train.h5)
     "$moba" prep data/prepared/docs-sft-source/sft-heldout.jsonl --sft --out data/prepared/docs-sft-heldout \
-      --val-fraction 0.9999 --seed 1
+      --val-fraction 0.9999 --seed 1 || return 1
   fi
 }
 
