@@ -75,9 +75,9 @@ class DirectLayer {
       return b->as<cuda::bf16>();
     };
     a_.n_queries = a_.n_keys = N;
-    a_.H = c.H;
-    a_.Hkv = c.Hkv;
-    a_.D = c.D;
+    a_.n_heads = c.H;
+    a_.n_kv_heads = c.Hkv;
+    a_.head_dim = c.D;
     a_.q = upload(nq_, seed);
     a_.k = upload(nk_, seed + 1);
     a_.v = upload(nk_, seed + 2);

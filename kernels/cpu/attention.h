@@ -10,32 +10,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/attention_views.h"
+
 namespace moba::cpu {
 
-// The raw f32 view of one AttentionCall (kernels/attention.h).
-struct AttentionArgs {
-  int64_t n_queries = 0, n_keys = 0;    // Nq, Nk
-  int n_heads = 0, n_kv_heads = 0;      // H, Hkv (divides H)
-  int head_dim = 0;                     // D
-  const float* q = nullptr;             // (Nq, H, D)
-  const float* k = nullptr;             // (Nk, Hkv, D)
-  const float* v = nullptr;             // (Nk, Hkv, D)
-  const int32_t* cu_seqlens = nullptr;  // (S + 1) documents of the key rows, 0 .. Nk
-  int n_segments = 0;                   // S
-  const int32_t* q_rows = nullptr;      // (Nq) strictly ascending key row of each query row; nullptr: row i at i
-  int block_size = 0, top_k = 0;        // MoBA (top_k counts the current block)
-  float softmax_scale = 0;
-  int32_t* selected = nullptr;          // MoBA (Nq, H, top_k): written by routing, read by forward and backward
-  float* out = nullptr;                 // (Nq, H, D)
-  float* lse = nullptr;                 // (Nq, H)
-  const float* dout = nullptr;          // (Nq, H, D)
-  float* dq = nullptr;                  // (Nq, H, D) +=
-  float* dk = nullptr;                  // (Nk, Hkv, D) +=
-  float* dv = nullptr;                  // (Nk, Hkv, D) +=
-
-  // The key row query row i stands at.
-  int64_t key_row(int64_t i) const { return q_rows ? q_rows[i] : i; }
-};
+// The raw f32 view of one AttentionCall (kernels/attention_views.h).
+using AttentionArgs = AttentionViews<float, float>;
 
 // ---- dense causal attention: out, lse; backward: dq, dk, dv += ------------------------------------------------
 void attention_full_forward(const AttentionArgs& a);

@@ -167,17 +167,17 @@ class CpuBackend final : public Backend {
   }
   void moba_select_blocks(const AttentionCall& c) override {
     check_attention_call("cpu moba_select_blocks", c, DType::f32, Device::cpu, false);
-    cpu::moba_select_blocks(args_of(c));
+    cpu::moba_select_blocks(attention_views<float, float>(c));
   }
   void attention_forward(const AttentionCall& c) override {
     check_attention_call("cpu attention_forward", c, DType::f32, Device::cpu, false);
-    const cpu::AttentionArgs a = args_of(c);
+    const cpu::AttentionArgs a = attention_views<float, float>(c);
     if (c.mode == AttentionMode::full) cpu::attention_full_forward(a);
     else cpu::moba_attention_forward(a);
   }
   void attention_backward(const AttentionCall& c) override {
     check_attention_call("cpu attention_backward", c, DType::f32, Device::cpu, true);
-    const cpu::AttentionArgs a = args_of(c);
+    const cpu::AttentionArgs a = attention_views<float, float>(c);
     if (c.mode == AttentionMode::full) cpu::attention_full_backward(a);
     else cpu::moba_attention_backward(a);
   }
@@ -221,34 +221,6 @@ class CpuBackend final : public Backend {
 
  private:
   size_t allocated_ = 0, peak_ = 0;
-  // The raw view of a checked call (tensors the call leaves empty stay nullptr).
-  static cpu::AttentionArgs args_of(const AttentionCall& c) {
-    cpu::AttentionArgs a;
-    a.n_queries = c.n_queries();
-    a.n_keys = c.n_keys();
-    a.n_heads = c.n_heads();
-    a.n_kv_heads = c.n_kv_heads();
-    a.head_dim = c.head_dim();
-    a.q = c.q.as<float>();
-    a.k = c.k.as<float>();
-    a.v = c.v.as<float>();
-    a.cu_seqlens = c.cu_seqlens.as<int32_t>();
-    a.n_segments = c.n_segments();
-    a.q_rows = c.q_rows.as<int32_t>();
-    if (c.mode == AttentionMode::moba) {
-      a.block_size = c.block_size;
-      a.top_k = c.top_k;
-      a.selected = c.selected.as<int32_t>();
-    }
-    a.softmax_scale = c.softmax_scale;
-    a.out = c.out.as<float>();
-    a.lse = c.lse.as<float>();
-    a.dout = c.dout.as<float>();
-    a.dq = c.dq.as<float>();
-    a.dk = c.dk.as<float>();
-    a.dv = c.dv.as<float>();
-    return a;
-  }
 };
 
 }  // namespace

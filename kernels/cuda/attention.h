@@ -7,6 +7,7 @@
 // buffers of `args.scratch` (a too small one is an Error naming it), sized by attention_scratch_sizes.
 #pragma once
 #include "kernels/attention.h"
+#include "kernels/attention_views.h"
 #include "kernels/cuda/ops.h"
 
 namespace moba::cuda {
@@ -17,24 +18,8 @@ struct ScratchBuffer {
   size_t bytes = 0;
 };
 
-struct AttentionArgs {
-  int64_t n_queries = 0, n_keys = 0;  // Nq, Nk
-  int H = 0, Hkv = 0, D = 0;
-  const bf16* q = nullptr;             // (Nq, H, D)
-  const bf16* k = nullptr;             // (Nk, Hkv, D)
-  const bf16* v = nullptr;             // (Nk, Hkv, D)
-  const int32_t* cu_seqlens = nullptr;  // (S + 1) documents of the key rows
-  int n_segments = 0;
-  const int32_t* q_rows = nullptr;     // (Nq) ascending key row of each query row; nullptr: row i at key row i
-  int block_size = 0, top_k = 0;       // MoBA
-  int32_t* selected = nullptr;         // MoBA (Nq, H, top_k)
-  float softmax_scale = 0;
-  bf16* out = nullptr;                 // (Nq, H, D)
-  float* lse = nullptr;                // (Nq, H)
-  const bf16* dout = nullptr;          // (Nq, H, D)
-  bf16* dq = nullptr;                  // (Nq, H, D) +=
-  void* dk = nullptr;                  // (Nk, Hkv, D) +=, bf16 or f32 (dkv_f32)
-  void* dv = nullptr;
+// The call's raw device view (kernels/attention_views.h) plus what only the CUDA kernels take.
+struct AttentionArgs : AttentionViews<bf16, void> {
   bool dkv_f32 = false;
   AttentionKernelSettings settings;
   struct {

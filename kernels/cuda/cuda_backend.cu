@@ -112,29 +112,7 @@ class OpTimer {
 cuda::AttentionArgs args_of(const AttentionCall& c, const char* op, bool backward) {
   check_attention_call(cat("cuda ", op).c_str(), c, DType::bf16, Device::cuda, backward);
   cuda::AttentionArgs a;
-  a.n_queries = c.n_queries();
-  a.n_keys = c.n_keys();
-  a.H = c.n_heads();
-  a.Hkv = c.n_kv_heads();
-  a.D = c.head_dim();
-  a.q = c.q.as<bf16>();
-  a.k = c.k.as<bf16>();
-  a.v = c.v.as<bf16>();
-  a.cu_seqlens = c.cu_seqlens.as<int32_t>();
-  a.n_segments = c.n_segments();
-  a.q_rows = c.q_rows.as<int32_t>();
-  if (c.mode == AttentionMode::moba) {
-    a.block_size = c.block_size;
-    a.top_k = c.top_k;
-    a.selected = c.selected.as<int32_t>();
-  }
-  a.softmax_scale = c.softmax_scale;
-  a.out = c.out.as<bf16>();
-  a.lse = c.lse.as<float>();
-  a.dout = c.dout.as<bf16>();
-  a.dq = c.dq.as<bf16>();
-  a.dk = c.dk.data;
-  a.dv = c.dv.data;
+  static_cast<AttentionViews<bf16, void>&>(a) = attention_views<bf16, void>(c);
   a.dkv_f32 = c.dk.dtype == DType::f32;
   a.settings = c.settings;
   auto buffer = [](const Tensor& t) { return cuda::ScratchBuffer{t.data, t.data ? t.bytes() : 0}; };

@@ -403,7 +403,7 @@ void launch_backward(const CudaContext& ctx, const BackwardParams& p) {
 void flash_attention_backward(const CudaContext& ctx, const AttentionArgs& a) {
   using namespace attn;
   const int64_t Nq = a.n_queries, Nk = a.n_keys;
-  const int H = a.H, Hkv = a.Hkv, D = a.D;
+  const int H = a.n_heads, Hkv = a.n_kv_heads, D = a.head_dim;
   MOBA_CHECK(D >= 2 && D <= 128 && D % 2 == 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && a.n_segments >= 1 &&
                  Nk < INT32_MAX,
              cat("flash_attention_backward: unsupported shape (Nq ", Nq, ", Nk ", Nk, ", H ", H, ", Hkv ", Hkv, ", D ",

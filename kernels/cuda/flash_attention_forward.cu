@@ -292,7 +292,7 @@ void launch_forward(const CudaContext& ctx, ForwardParams p) {
 
 void flash_attention_forward(const CudaContext& ctx, const AttentionArgs& a) {
   using namespace attn;
-  const int H = a.H, Hkv = a.Hkv, D = a.D;
+  const int H = a.n_heads, Hkv = a.n_kv_heads, D = a.head_dim;
   MOBA_CHECK(D >= 2 && D <= 128 && D % 2 == 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && a.n_segments >= 1 &&
                  a.n_keys < INT32_MAX,
              cat("flash_attention_forward: unsupported shape (Nq ", a.n_queries, ", Nk ", a.n_keys, ", H ", H,

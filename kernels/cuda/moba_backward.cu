@@ -497,11 +497,11 @@ void moba_attention_backward(const CudaContext& ctx, const AttentionArgs& args) 
   using namespace attn;
   check_moba_shape("moba_attention_backward", args);
   const int64_t Nq = args.n_queries, Nk = args.n_keys;
-  const int H = args.H, D = args.D, top_k = args.top_k;
+  const int H = args.n_heads, D = args.head_dim, top_k = args.top_k;
   if (Nq == 0 && Nk == 0) return;
   BackwardArgs a{args.dq, args.dk, args.dv, args.dkv_f32, nullptr, nullptr, nullptr, args.dout, args.q, args.k,
                  args.v, args.out, args.lse, args.selected, args.cu_seqlens, args.q_rows, nullptr, Dispatch{},
-                 args.n_segments, Nq, Nk, H, args.Hkv, D, args.block_size, top_k, args.softmax_scale,
+                 args.n_segments, Nq, Nk, H, args.n_kv_heads, D, args.block_size, top_k, args.softmax_scale,
                  args.softmax_scale * kLog2e, 0};
   // Scratch `row_stats`: delta (Nq, H) f32.
   a.delta = static_cast<float*>(scratch(args.scratch.row_stats, "row_stats", static_cast<size_t>(Nq * H) * sizeof(float)));

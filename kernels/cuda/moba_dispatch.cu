@@ -182,7 +182,7 @@ size_t dispatch_bytes(int64_t n_keys, int block_size, int H, int Hkv, int top_k,
 
 Dispatch build_dispatch(const CudaContext& ctx, const ScratchBuffer& buffer, const char* name, const AttentionArgs& a,
                         int64_t row_begin, int64_t row_end, int64_t max_rows) {
-  const int H = a.H, Hkv = a.Hkv, B = a.block_size, top_k = a.top_k;
+  const int H = a.n_heads, Hkv = a.n_kv_heads, B = a.block_size, top_k = a.top_k;
   Dispatch d;
   d.n_slots = static_cast<int>((a.n_keys + B - 1) / B);
   d.n_buckets = d.n_slots * Hkv;

@@ -524,16 +524,18 @@ void launch_pass(const ForwardArgs& a, bool wgmma, int64_t row_begin, int64_t ro
 
 void check_moba_shape(const char* caller, const AttentionArgs& a) {
   const int64_t Nq = a.n_queries, Nk = a.n_keys;
-  MOBA_CHECK(Nq >= 0 && Nk >= 0 && a.H >= 1 && a.Hkv >= 1 && a.H % a.Hkv == 0 && a.n_segments >= 1,
-             cat(caller, " (cuda): invalid shape Nq=", Nq, " Nk=", Nk, " H=", a.H, " Hkv=", a.Hkv, " segments=",
+  MOBA_CHECK(Nq >= 0 && Nk >= 0 && a.n_heads >= 1 && a.n_kv_heads >= 1 && a.n_heads % a.n_kv_heads == 0 &&
+                 a.n_segments >= 1,
+             cat(caller, " (cuda): invalid shape Nq=", Nq, " Nk=", Nk, " H=", a.n_heads, " Hkv=", a.n_kv_heads, " segments=",
                  a.n_segments),
              "need at least one segment, and kv heads dividing the query heads");
-  MOBA_CHECK(a.D >= 8 && a.D <= 128 && a.D % 8 == 0, cat(caller, " (cuda): head_dim ", a.D, " is not supported"),
+  MOBA_CHECK(a.head_dim >= 8 && a.head_dim <= 128 && a.head_dim % 8 == 0,
+             cat(caller, " (cuda): head_dim ", a.head_dim, " is not supported"),
              "the CUDA MoBA kernels take head dims 8..128 in steps of 8 (16-byte rows); use the cpu backend");
   MOBA_CHECK(a.block_size >= 1 && a.top_k >= 1, cat(caller, " (cuda): block_size ", a.block_size, ", top_k ", a.top_k),
              "need block_size >= 1 and top_k >= 1");
-  MOBA_CHECK(Nq * a.H * static_cast<int64_t>(a.top_k) < (int64_t{1} << 31) && Nk < (int64_t{1} << 31),
-             cat(caller, " (cuda): Nq * H * top_k = ", Nq * a.H * a.top_k, " does not fit 32-bit indices"),
+  MOBA_CHECK(Nq * a.n_heads * static_cast<int64_t>(a.top_k) < (int64_t{1} << 31) && Nk < (int64_t{1} << 31),
+             cat(caller, " (cuda): Nq * H * top_k = ", Nq * a.n_heads * a.top_k, " does not fit 32-bit indices"),
              "split the batch into smaller micro-batches");
 }
 
@@ -543,10 +545,10 @@ void moba_attention_forward(const CudaContext& ctx, const AttentionArgs& args) {
   using namespace attn;
   check_moba_shape("moba_attention_forward", args);
   const int64_t Nq = args.n_queries;
-  const int H = args.H, D = args.D, top_k = args.top_k;
+  const int H = args.n_heads, D = args.head_dim, top_k = args.top_k;
   if (Nq == 0) return;
   ForwardArgs a{args.out, args.lse, nullptr, nullptr, args.q, args.k, args.v, args.selected, args.cu_seqlens,
-                args.q_rows, Dispatch{}, args.n_segments, Nq, H, args.Hkv, D, args.block_size, top_k,
+                args.q_rows, Dispatch{}, args.n_segments, Nq, H, args.n_kv_heads, D, args.block_size, top_k,
                 args.softmax_scale * kLog2e, 0, Nq};
   const bool wgmma = D > 64 && device_has_wgmma(ctx);
   if (top_k == 1) {  // current block only: no partials

@@ -413,7 +413,7 @@ void moba_select_blocks(const CudaContext& ctx, const AttentionArgs& a) {
   using namespace attn;
   check_moba_shape("moba_select_blocks", a);
   if (a.n_queries == 0) return;
-  const int Hkv = a.Hkv, D = a.D, B = a.block_size;
+  const int Hkv = a.n_kv_heads, D = a.head_dim, B = a.block_size;
   const int64_t n_slots = (a.n_keys + B - 1) / B;
   // Scratch `block_means`: kbar (n_slots, Hkv, D) bf16, padded to 256 bytes, then the non-finite flag.
   char* buffer = static_cast<char*>(scratch(a.scratch.block_means, "block_means",
@@ -428,9 +428,9 @@ void moba_select_blocks(const CudaContext& ctx, const AttentionArgs& a) {
     block_means_kernel<<<grid, threads, 0, ctx.stream>>>(kbar, a.k, a.cu_seqlens, a.n_segments, Hkv, D, B);
     MOBA_CUDA_CHECK(cudaGetLastError());
   }
-  const RouteArgs r{a.selected, flag, a.q, kbar, a.cu_seqlens, a.q_rows, a.n_segments, a.n_queries, a.H, Hkv, D, B,
+  const RouteArgs r{a.selected, flag, a.q, kbar, a.cu_seqlens, a.q_rows, a.n_segments, a.n_queries, a.n_heads, Hkv, D, B,
                     a.top_k};
-  const dim3 grid(static_cast<unsigned>((a.n_queries + 63) / 64), a.H);
+  const dim3 grid(static_cast<unsigned>((a.n_queries + 63) / 64), a.n_heads);
   if (D <= 64) launch_route<64>(grid, ctx.stream, r);
   else launch_route<128>(grid, ctx.stream, r);
   MOBA_CUDA_CHECK(cudaGetLastError());
