@@ -12,6 +12,7 @@
 #include <string_view>
 
 #include "model/transformer.h"
+#include "tests/support/tiny_model.h"
 
 namespace moba::fuzz {
 
@@ -52,18 +53,8 @@ inline void parse_fuzz_flags(int argc, char** argv) {
     if (std::string_view(argv[i]) == "-moba_files_without_checksums=1") fuzz_files_without_checksums() = true;
 }
 
-// The model of the checkpoint seeds: two layers, GQA, vocabulary 23.
-inline model::ModelConfig tiny_model() {
-  model::ModelConfig c;
-  c.vocab_size = 23;
-  c.d_model = 16;
-  c.n_layers = 2;
-  c.n_heads = 2;
-  c.n_kv_heads = 1;
-  c.head_dim = 8;
-  c.ffn_hidden = 24;
-  return c;
-}
+// The model of the checkpoint seeds: the checkpoint tests' tiny model.
+inline model::ModelConfig tiny_model() { return test::tiny_model_config(); }
 
 // A directory checkpoint packed into one input: u32 size of model.h5, u32 size of the shard, then model.h5, the
 // shard and manifest.yaml back to back; a single-file checkpoint is the file itself. The first byte says which.

@@ -16,6 +16,7 @@
 #include "kernels/backend.h"
 #include "model/transformer.h"
 #include "tests/support/test_util.h"
+#include "tests/support/tiny_model.h"
 #include "trainer/checkpoint.h"
 #include "trainer/checkpoint_rotation.h"
 #include "trainer/optimizer.h"
@@ -28,17 +29,7 @@ namespace {
 // A tiny model with its optimizer on the CPU backend.
 struct TinyModel {
   std::unique_ptr<Backend> backend = make_cpu_backend();
-  model::ModelConfig config = [] {
-    model::ModelConfig c;
-    c.vocab_size = 23;
-    c.d_model = 16;
-    c.n_layers = 2;
-    c.n_heads = 2;
-    c.n_kv_heads = 1;
-    c.head_dim = 8;
-    c.ffn_hidden = 24;
-    return c;
-  }();
+  model::ModelConfig config = test::tiny_model_config();
   model::Transformer model{*backend, config, 8, 0};
   AdamW optimizer{*backend, model, OptimizerSettings{}};
 
