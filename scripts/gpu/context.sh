@@ -27,9 +27,8 @@ source scripts/gpu/train_runs.sh
 for recipe in $recipes; do
   r=recipes/tests/$recipe.yaml
   extra=(--set parallel.transport=mpi)
-  # tiny: 50 steps of 1024 tokens, a checkpoint every 10 kept for the one-step checks below
-  [ $recipe = tiny ] && extra+=(--set train.tokens=5.12e4 --set train.micro_batch_seqs=2
-                                --set checkpoint.every_tokens=10240 --set checkpoint.keep=10)
+  # shellcheck disable=SC2206  # tiny50: several options
+  [ $recipe = tiny ] && extra+=($tiny50)
   train_run $recipe-cp1 1 $r "${extra[@]}"
   train_run $recipe-cp1-again 1 $r "${extra[@]}"
   train_run $recipe-cp2 2 $r --set parallel.context=2 "${extra[@]}"
@@ -38,8 +37,7 @@ done
 [ -z "$recipes" ] || compare_runs "$out/context.jsonl" cp_equality cp1 "$recipes" "cp1-again cp2 cp4"
 # The tiny recipe routes with B 16: its curves part after a few steps whatever the rank count (a routing flip on a
 # rounding difference). One step from the same weights is the exact check, as on the CPU (same_step.py says why).
-t="--set train.tokens=5.12e4 --set train.micro_batch_seqs=2 --set checkpoint.every_tokens=10240 --set checkpoint.keep=10"
-t="$t --set parallel.transport=mpi"
+t="$tiny50 --set parallel.transport=mpi"
 for step in 0 20 40; do
   wanted tiny || break
   same_step "$out/context.jsonl" cp-tiny tiny-cp1 $step recipes/tests/tiny.yaml "one 1 $t" "one-again 1 $t" \

@@ -27,21 +27,20 @@ source scripts/gpu/linux_slice.sh
 linux_slice $moba $work/data
 d="--set data.train=$work/data/train.h5 --set data.val=$work/data/val.h5"
 source scripts/gpu/train_runs.sh
-# The tiny recipe first (a minute): 50 steps of 1024 tokens, a checkpoint every 10 kept for the one-step checks.
-t="--set train.tokens=5.12e4 --set train.micro_batch_seqs=2 --set checkpoint.every_tokens=10240 --set checkpoint.keep=10"
+# The tiny recipe first (a minute; tiny50: train_runs.sh).
 r=recipes/tests/tiny.yaml
-train_run tiny-nccl1 1 $r --set parallel.transport=nccl $t
-train_run tiny-nccl1-again 1 $r --set parallel.transport=nccl $t
-train_run tiny-mpi2 2 $r --set parallel.transport=mpi $t
-train_run tiny-mpi4 4 $r --set parallel.transport=mpi $t
-train_run tiny-mpi2-zero0 2 $r --set parallel.transport=mpi --set parallel.zero=0 $t
+train_run tiny-nccl1 1 $r --set parallel.transport=nccl $tiny50
+train_run tiny-nccl1-again 1 $r --set parallel.transport=nccl $tiny50
+train_run tiny-mpi2 2 $r --set parallel.transport=mpi $tiny50
+train_run tiny-mpi4 4 $r --set parallel.transport=mpi $tiny50
+train_run tiny-mpi2-zero0 2 $r --set parallel.transport=mpi --set parallel.zero=0 $tiny50
 compare_runs "$out/distributed.jsonl" dp_equality nccl1 "tiny" "nccl1-again mpi2 mpi4 mpi2-zero0"
 # One step from the same weights (the tiny recipe's MoBA routing parts whole curves on rounding: same_step.py).
 for step in 0 20 40; do
   same_step "$out/distributed.jsonl" dp-tiny tiny-nccl1 $step $r \
-    "one 1 --set parallel.transport=nccl $t" "one-again 1 --set parallel.transport=nccl $t" \
-    "mpi2 2 --set parallel.transport=mpi $t" "mpi4 4 --set parallel.transport=mpi $t" \
-    "mpi2-zero0 2 --set parallel.transport=mpi --set parallel.zero=0 $t"
+    "one 1 --set parallel.transport=nccl $tiny50" "one-again 1 --set parallel.transport=nccl $tiny50" \
+    "mpi2 2 --set parallel.transport=mpi $tiny50" "mpi4 4 --set parallel.transport=mpi $tiny50" \
+    "mpi2-zero0 2 --set parallel.transport=mpi --set parallel.zero=0 $tiny50"
 done
 # ~100M parameters, 50 steps. Ranks sharing the GPU time-slice it: a step takes ~4 s on 2 ranks and ~7 s on 4
 # (0.27 s on one), so 4 ranks only here (the 2-rank 50 steps are in bench/results/distributed.jsonl, 2026-12-05).

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Sourced by scripts/gpu/{distributed,context}.sh: short training runs of one recipe on several rank counts and
 # their step-by-step loss comparison. Expects $moba (binary), $work (scratch), $d (--set data... options).
+# The tiny recipe as both scripts run it: 50 steps of 1024 tokens, a checkpoint every 10 kept for same_step below.
+tiny50="--set train.tokens=5.12e4 --set train.micro_batch_seqs=2 --set checkpoint.every_tokens=10240"
+tiny50="$tiny50 --set checkpoint.keep=10"
+
 train_run() {  # NAME RANKS RECIPE [moba train options...]
   local name=$1 ranks=$2 recipe=$3; shift 3
   local t0; t0=$(date +%s.%N)
