@@ -8,33 +8,47 @@ tiny50="$tiny50 --set checkpoint.keep=10"
 train_run() {  # NAME RANKS RECIPE [moba train options...]
   local name=$1 ranks=$2 recipe=$3; shift 3
   local t0; t0=$(date +%s.%N)
-  mpirun -np "$ranks" "$moba" train "$recipe" $d --set backend=cuda --set run_dir="$work/$name" "$@" \
+  mpirun -np "$ranks" "$moba" train "$recipe" $d --set backend="${backend:-cuda}" --set run_dir="$work/$name" "$@" \
     > "$work/$name.log" 2>&1 || { echo "$name failed:"; tail -20 "$work/$name.log"; return 1; }
   echo "$name $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $t0}") s"
 }
 
+device_name() {  # for the JSON lines
+  if [ "${backend:-cuda}" = cuda ]; then nvidia-smi --query-gpu=name --format=csv,noheader | head -1
+  else echo "CPU ($(nproc --all) cores, backend cpu)"; fi
+}
+
 # compare_runs OUT_JSONL BENCH_NAME REFERENCE_SUFFIX "RECIPES" "OTHER_SUFFIXES": each RECIPE-OTHER run against
-# RECIPE-REFERENCE, as JSON lines (max relative loss difference over the steps) and a printed table.
+# RECIPE-REFERENCE, as JSON lines (max relative loss and grad-norm differences over the steps, the first step whose
+# loss differs by more than 1e-6) and a printed table. Every run's metrics.jsonl is kept beside OUT_JSONL, in
+# metrics/RUN.jsonl, for a look at its curve later.
 compare_runs() {
-  python3 - "$work" "$@" "${MOBA_COMMIT:-unknown}" "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" <<'PY'
-import json, sys, datetime
-work, path, bench, reference, recipes, others, commit, device = sys.argv[1:9]
-def losses(name):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(f"{work}/{name}/metrics.jsonl")) if "loss" in r}
+  python3 - "$work" "$@" "${MOBA_COMMIT:-unknown}" "$(device_name)" "${0#./}" <<'PY'
+import json, os, shutil, sys, datetime
+work, path, bench, reference, recipes, others, commit, device, script = sys.argv[1:10]
+kept = os.path.join(os.path.dirname(os.path.abspath(path)), "metrics")
+os.makedirs(kept, exist_ok=True)
+def curve(name):  # step -> (loss, grad_norm)
+    shutil.copyfile(f"{work}/{name}/metrics.jsonl", f"{kept}/{name}.jsonl")
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in map(json.loads, open(f"{work}/{name}/metrics.jsonl"))
+            if "loss" in r and "grad_norm" in r}
 with open(path, "a") as f:
     for recipe in recipes.split():
-        ref = losses(f"{recipe}-{reference}")
+        ref = curve(f"{recipe}-{reference}")
         for other in others.split():
-            got = losses(f"{recipe}-{other}")
-            steps = [s for s in ref if s in got]  # a run cut short by --max-steps: its steps only
-            diff = max(abs(got[s] - ref[s]) / ref[s] for s in steps)
+            got = curve(f"{recipe}-{other}")
+            steps = sorted(s for s in ref if s in got)  # a run cut short by --max-steps: its steps only
+            rel = lambda s, i: abs(got[s][i] - ref[s][i]) / abs(ref[s][i])
+            diff = max(rel(s, 0) for s in steps)
             rec = {"date": datetime.date.today().isoformat(), "commit": commit, "device": device,
-                   "command": f"scripts/gpu ({recipe}, {other} vs {reference})", "bench": bench, "recipe": recipe,
+                   "command": f"{script} ({recipe}, {other} vs {reference})", "bench": bench, "recipe": recipe,
                    "run": other, "reference": reference, "steps": len(steps), "max_rel_loss_diff": diff,
-                   "final_loss": got[steps[-1]], "final_loss_reference": ref[steps[-1]]}
+                   "max_rel_grad_norm_diff": max(rel(s, 1) for s in steps),
+                   "first_step_loss_over_1e-6": next((s for s in steps if rel(s, 0) > 1e-6), None),
+                   "final_loss": got[steps[-1]][0], "final_loss_reference": ref[steps[-1]][0]}
             f.write(json.dumps(rec) + "\n")
             print(f"{recipe:10} {other:12} vs {reference}: steps {len(steps)}, max |dloss|/loss {diff:.2e}, "
-                  f"final {got[steps[-1]]:.4f} vs {ref[steps[-1]]:.4f}")
+                  f"final {got[steps[-1]][0]:.4f} vs {ref[steps[-1]][0]:.4f}")
 PY
 }
 
@@ -55,7 +69,7 @@ same_step() {
     train_run "$name" "$ranks" "$recipe" $opts --max-steps 1 > /dev/null || return 1
     names+=("$name")
   done
-  python3 scripts/gpu/same_step.py "$work" "$step" "$jsonl" "${MOBA_COMMIT:-unknown}" \
-    "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" "$label" "${names[@]}" 2>&1 |
+  python3 scripts/gpu/same_step.py "$work" "$step" "$jsonl" "${MOBA_COMMIT:-unknown}" "$(device_name)" "$label" \
+    "${names[@]}" 2>&1 |
     sed "s/^/  /"
 }
