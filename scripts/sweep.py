@@ -20,12 +20,15 @@ SPEC is JSON (paths relative to the current directory, normally the repository r
      "sizes":    [{"name": "s1", "set": {"model.d_model": 256, ...}}, ...],
      "variants": [{"name": "full", "set": {"attention.mode": "full"}}, ...],
      "reference": "full",                           # variant the others are compared with (optional)
+     "seeds": [1, 2, 3],                            # repeat every run with these seeds (optional): runs are
+                                                    # named <size>-<variant>-s<seed>; collect adds summary.csv
      "eval": {"data": "...val.h5", "seq_len": 8192, "bucket": 1024, "trailing": 1024}   # optional
     }
-A run is <size>-<variant>; its recipe name is <name>-<size>-<variant> and its run directory OUT/runs/<run>.
+A run is <size>-<variant> (-s<seed> with "seeds"); its recipe name is <name>-<size>-<variant> and its run directory OUT/runs/<run>.
 Override values are JSON, which is YAML: {"attention.moba": {"block_size": 512, "top_k": 3}} works."""
 import argparse
 import csv
+import statistics
 import glob
 import json
 import math
@@ -54,7 +57,7 @@ def load_spec(path):
         if key not in spec:
             raise SweepError(f"{path}: missing \"{key}\" (see `sweep.py --help` for the format)")
     allowed = {"name", "template", "out", "recipes", "set", "tokens_per_parameter", "sizes", "variants", "reference", "eval",
-               "comment"}
+               "seeds", "comment"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
@@ -62,6 +65,10 @@ def load_spec(path):
         names = [item.get("name") for item in spec[group]]
         if not names or any(not n for n in names) or len(set(names)) != len(names):
             raise SweepError(f"{path}: every entry of \"{group}\" needs a distinct \"name\"")
+    seeds = spec.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                              or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
+        raise SweepError(f"{path}: \"seeds\" must be a list of distinct non-negative integers, e.g. [1, 2, 3]")
     if not os.path.exists(spec["template"]):
         raise SweepError(f"{path}: template {spec['template']} not found (paths are relative to the current "
                          f"directory: run from the repository root)")
@@ -149,29 +156,31 @@ def plan_runs(spec, moba, quiet=False, bench=None):
     os.makedirs(recipes, exist_ok=True)
     os.makedirs(out, exist_ok=True)
     runs = []
-    for size in spec["sizes"]:
-        for variant in spec["variants"]:
-            run = f"{size['name']}-{variant['name']}"
-            overrides = dict(spec.get("set", {}))
-            overrides.update(size.get("set", {}))
-            overrides.update(variant.get("set", {}))
-            overrides["name"] = f"{spec['name']}-{run}"
-            overrides["run_dir"] = os.path.join(out, "runs", run)
-            if "tokens_per_parameter" in spec:
-                sizing = moba_plan(moba, spec["template"], overrides, raw_sets=spec.get("_command_line_set", ()))
-                batch = sizing["global_batch_tokens"]
-                steps = math.ceil(spec["tokens_per_parameter"] * sizing["non_embedding_parameters"] / batch)
-                overrides["train.tokens"] = steps * batch
-            recipe = os.path.join(recipes, run + ".yaml")
-            cost = moba_plan(moba, spec["template"], overrides, write=recipe,
-                             raw_sets=spec.get("_command_line_set", ()))
-            measured = matching_bench(bench or [], recipe, cost)
-            if measured:
-                cost["flops_per_s"] = measured["flops_per_s"]
-                cost["expected_hours"] = cost["flops"] / measured["flops_per_s"] / 3600
-            add_header(recipe, spec, cost, measured)
-            runs.append({**cost, "run": run, "size": size["name"], "variant": variant["name"], "recipe": recipe,
-                         "run_dir": overrides["run_dir"]})
+    for size, variant, seed in ((z, v, x) for z in spec["sizes"] for v in spec["variants"]
+                                for x in spec.get("seeds", [None])):
+        run = f"{size['name']}-{variant['name']}" + ("" if seed is None else f"-s{seed}")
+        overrides = dict(spec.get("set", {}))
+        overrides.update(size.get("set", {}))
+        overrides.update(variant.get("set", {}))
+        if seed is not None:
+            overrides["seed"] = seed
+        overrides["name"] = f"{spec['name']}-{run}"
+        overrides["run_dir"] = os.path.join(out, "runs", run)
+        if "tokens_per_parameter" in spec:
+            sizing = moba_plan(moba, spec["template"], overrides, raw_sets=spec.get("_command_line_set", ()))
+            batch = sizing["global_batch_tokens"]
+            steps = math.ceil(spec["tokens_per_parameter"] * sizing["non_embedding_parameters"] / batch)
+            overrides["train.tokens"] = steps * batch
+        recipe = os.path.join(recipes, run + ".yaml")
+        cost = moba_plan(moba, spec["template"], overrides, write=recipe,
+                         raw_sets=spec.get("_command_line_set", ()))
+        measured = matching_bench(bench or [], recipe, cost)
+        if measured:
+            cost["flops_per_s"] = measured["flops_per_s"]
+            cost["expected_hours"] = cost["flops"] / measured["flops_per_s"] / 3600
+        add_header(recipe, spec, cost, measured)
+        runs.append({**cost, "run": run, "size": size["name"], "variant": variant["name"], "seed": seed,
+                     "recipe": recipe, "run_dir": overrides["run_dir"]})
     write_table(os.path.join(out, "plan.csv"), runs, PLAN_COLUMNS)
     if not quiet:
         print(f"[sweep] planned {len(runs)} runs of {spec['_path']} into {recipes} (table: {out}/plan.csv)")
@@ -181,7 +190,7 @@ def plan_runs(spec, moba, quiet=False, bench=None):
     return runs
 
 
-PLAN_COLUMNS = ["run", "size", "variant", "recipe", "run_dir", "non_embedding_parameters", "parameters", "seq_len",
+PLAN_COLUMNS = ["run", "size", "variant", "seed", "recipe", "run_dir", "non_embedding_parameters", "parameters", "seq_len",
                 "global_batch_tokens", "steps", "tokens", "dense_flops", "attention_flops", "attention_flops_full",
                 "flops", "attention", "flops_per_s", "expected_hours"]
 
@@ -356,7 +365,7 @@ def command_commands(spec, args):
 
 # ---- collecting and fitting ----------------------------------------------------------------------------------
 
-RESULT_COLUMNS = ["run", "size", "variant", "non_embedding_parameters", "tokens", "dense_flops", "attention_flops",
+RESULT_COLUMNS = ["run", "size", "variant", "seed", "non_embedding_parameters", "tokens", "dense_flops", "attention_flops",
                   "flops", "val_loss", "eval_mean_loss", "trailing_loss", "ratio_to_reference", "attention",
                   "trained"]
 
@@ -365,8 +374,8 @@ def collect(spec, moba, quiet=False):
     runs = plan_runs(spec, moba, quiet=True)
     rows = []
     for run in runs:
-        row = {k: run[k] for k in ("run", "size", "variant", "non_embedding_parameters", "tokens", "dense_flops",
-                                   "attention_flops", "flops", "attention")}
+        row = {k: run[k] for k in ("run", "size", "variant", "seed", "non_embedding_parameters", "tokens",
+                                   "dense_flops", "attention_flops", "flops", "attention")}
         row["trained"] = is_trained(run)
         row["val_loss"] = final_validation(run)
         row["eval_mean_loss"] = row["trailing_loss"] = None
@@ -376,11 +385,11 @@ def collect(spec, moba, quiet=False):
             row["eval_mean_loss"], row["trailing_loss"] = result["mean_loss"], result["trailing_loss"]
         rows.append(row)
     reference = spec.get("reference")
-    if reference:
-        ref = {r["size"]: r["val_loss"] for r in rows if r["variant"] == reference}
+    if reference:  # the reference run of the same size and seed
+        ref = {(r["size"], r["seed"]): r["val_loss"] for r in rows if r["variant"] == reference}
         for r in rows:
-            if r["val_loss"] is not None and ref.get(r["size"]):
-                r["ratio_to_reference"] = r["val_loss"] / ref[r["size"]]
+            if r["val_loss"] is not None and ref.get((r["size"], r["seed"])):
+                r["ratio_to_reference"] = r["val_loss"] / ref[(r["size"], r["seed"])]
     out = spec["out"]
     write_table(os.path.join(out, "results.csv"), rows, RESULT_COLUMNS)
     with open(os.path.join(out, "results.jsonl"), "w") as f:
@@ -394,7 +403,47 @@ def collect(spec, moba, quiet=False):
             if r.get("ratio_to_reference") is not None:
                 cells.append(f"/{reference} {r['ratio_to_reference']:.4f}")
             print("  " + "  ".join(cells))
+    if "seeds" in spec:
+        summarize_seeds(rows, reference, os.path.join(out, "summary.csv"), quiet)
     return rows
+
+
+SUMMARY_COLUMNS = ["size", "variant", "loss", "seeds", "mean", "sd", "reference_seeds", "mean_difference",
+                   "sd_difference", "se_difference"]
+
+
+def summarize_seeds(rows, reference, path, quiet):
+    """Per size, variant and loss, over the seeds: mean and sample standard deviation and, paired by seed, the
+    difference to the reference variant (mean, sd, standard error). The seed-to-seed spread is one run's noise."""
+    def spread(values):
+        return statistics.stdev(values) if len(values) > 1 else None
+    summary = []
+    for loss in ("val_loss", "trailing_loss"):
+        by_run = {(r["size"], r["variant"], r["seed"]): r[loss] for r in rows if r[loss] is not None}
+        for size, variant in dict.fromkeys((r["size"], r["variant"]) for r in rows):
+            values = {seed: v for (z, w, seed), v in by_run.items() if (z, w) == (size, variant)}
+            if not values:
+                continue
+            row = {"size": size, "variant": variant, "loss": loss, "seeds": len(values),
+                   "mean": statistics.fmean(values.values()), "sd": spread(list(values.values()))}
+            diffs = [v - by_run[(size, reference, seed)] for seed, v in values.items()
+                     if variant != reference and (size, reference, seed) in by_run]
+            if diffs:
+                sd = spread(diffs)
+                row.update(reference_seeds=len(diffs), mean_difference=statistics.fmean(diffs), sd_difference=sd,
+                           se_difference=None if sd is None else sd / math.sqrt(len(diffs)))
+            summary.append(row)
+    write_table(path, summary, SUMMARY_COLUMNS)
+    if not quiet:
+        print(f"[sweep] over the seeds, mean ± sd, and minus {reference} paired by seed: {path}")
+        for r in summary:
+            cells = [f"{r['size'] + '-' + r['variant']:<22}", f"{r['loss']:<13}", f"n {r['seeds']}",
+                     f"{r['mean']:.4f} ± {fmt(r['sd'])}"]
+            if r.get("mean_difference") is not None:
+                cells.append(f"minus {reference}: {r['mean_difference']:+.4f} ± {fmt(r['sd_difference'])} "
+                             f"(se {fmt(r['se_difference'])})")
+            print("  " + "  ".join(cells))
+    return summary
 
 
 def fmt(v):

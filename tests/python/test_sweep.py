@@ -144,6 +144,43 @@ class Sweep(unittest.TestCase):
             self.assertAlmostEqual(float(rows[-1][label]), result["position_loss"][-1], places=5)
             self.assertEqual(summary[label]["trailing_start"], "96")
 
+    def test_seeds_repeat_every_run_and_are_summarised_paired(self):
+        spec = {"name": "seeded", "template": os.path.join(support.SOURCE, "recipes/tests/tiny.yaml"),
+                "out": os.path.join(self.dir, "seeded"),
+                "set": {"data.train": self.data + "/train.h5", "data.val": self.data + "/val.h5",
+                        "eval.every_tokens": 0, "checkpoint.every_tokens": 0, "train.tokens": 4096,
+                        "model.d_model": 32, "model.n_heads": 2, "model.n_kv_heads": 2, "model.n_layers": 1},
+                "sizes": [{"name": "s1", "set": {}}],
+                "variants": [{"name": "full", "set": {"attention.mode": "full"}},
+                             {"name": "moba", "set": {"attention.mode": "moba", "attention.full_layers": "none"}}],
+                "reference": "full", "seeds": [3, 4]}
+        path = os.path.join(self.dir, "seeded.json")
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        support.run([support.PYTHON, support.script("sweep.py"), "run", path, "--moba", support.MOBA])
+        output = support.run([support.PYTHON, support.script("sweep.py"), "collect", path, "--moba", support.MOBA])
+        out = spec["out"]
+        plan = {r["run"]: r for r in read_csv(os.path.join(out, "plan.csv"))}
+        self.assertEqual(sorted(plan), ["s1-full-s3", "s1-full-s4", "s1-moba-s3", "s1-moba-s4"])
+        for run in plan.values():  # the seed is in the recipe moba trained, and in its checkpoint's settings
+            self.assertIn(f"seed: {run['seed']}\n", read_text(run["recipe"]))
+        results = {r["run"]: r for r in read_csv(os.path.join(out, "results.csv"))}
+        loss = {name: float(r["val_loss"]) for name, r in results.items()}
+        self.assertNotEqual(loss["s1-full-s3"], loss["s1-full-s4"])  # another seed: other weights and batches
+        for seed in (3, 4):  # each MoBA run is compared with the full run of its own seed
+            self.assertAlmostEqual(float(results[f"s1-moba-s{seed}"]["ratio_to_reference"]),
+                                   loss[f"s1-moba-s{seed}"] / loss[f"s1-full-s{seed}"], places=12)
+        summary = {(r["variant"], r["loss"]): r for r in read_csv(os.path.join(out, "summary.csv"))}
+        full, moba = summary[("full", "val_loss")], summary[("moba", "val_loss")]
+        self.assertEqual((full["seeds"], moba["seeds"], moba["reference_seeds"]), ("2", "2", "2"))
+        self.assertAlmostEqual(float(full["mean"]), (loss["s1-full-s3"] + loss["s1-full-s4"]) / 2, places=12)
+        self.assertAlmostEqual(float(full["sd"]), abs(loss["s1-full-s3"] - loss["s1-full-s4"]) / 2 ** 0.5, places=12)
+        diffs = [loss[f"s1-moba-s{s}"] - loss[f"s1-full-s{s}"] for s in (3, 4)]
+        self.assertAlmostEqual(float(moba["mean_difference"]), sum(diffs) / 2, places=12)
+        self.assertAlmostEqual(float(moba["se_difference"]), abs(diffs[0] - diffs[1]) / 2, places=12)
+        self.assertEqual(full["mean_difference"], "")  # the reference is not compared with itself
+        self.assertIn("over the seeds", output)
+
     def test_bad_specs_are_clear_errors(self):
         bad = os.path.join(self.dir, "bad.json")
         with open(bad, "w") as f:
@@ -156,6 +193,13 @@ class Sweep(unittest.TestCase):
         message = support.run([support.PYTHON, support.script("sweep.py"), "plan", bad, "--moba", support.MOBA],
                               expect=1)
         self.assertIn("bad.json:2:", message)
+        for seeds in ([], [1, 1], [-1], "1,2"):
+            with open(bad, "w") as f:
+                json.dump({"name": "x", "template": os.path.join(support.SOURCE, "recipes/tests/tiny.yaml"),
+                           "out": self.dir, "sizes": [{"name": "a"}], "variants": [{"name": "b"}], "seeds": seeds}, f)
+            message = support.run([support.PYTHON, support.script("sweep.py"), "plan", bad, "--moba", support.MOBA],
+                                  expect=1)
+            self.assertIn("\"seeds\" must be a list of distinct non-negative integers", message)
 
 
 if __name__ == "__main__":
