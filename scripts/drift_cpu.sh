@@ -6,6 +6,7 @@
 # where the runs differ only in the order of their sums.
 #   scripts/drift_cpu.sh [OUT_DIR]    (~2 min on 2 cores; JSON lines in OUT_DIR/drift_cpu.jsonl, default /tmp)
 # Needs ../shared/data/linux-6.1-core.jsonl.xz (or $MOBA_SHARED_DATA) and ./build/moba.
+# shellcheck disable=SC2086  # $a, $d and $tiny50 hold several options each
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp}
