@@ -3,8 +3,8 @@
 "Seeds"): what one seed's noise is, against the differences the single-seed runs reported.
 
     seeds.py RUNS_DIR --out DIR
-RUNS_DIR holds micro-scaling-seeds/, micro-positions-seeds/, micro-sft2k-seeds/ (the sweeps' out, after
-`sweep.py collect`). Writes DIR/paired_differences.csv (every run minus the reference of its own seed, with the
+RUNS_DIR holds micro-scaling-seeds/, micro-positions-seeds/, micro-sft2k-seeds/, micro-sft2k-fullpre-seeds/ (the
+sweeps' out, after `sweep.py collect`). Writes DIR/paired_differences.csv (every run minus the reference of its own seed, with the
 sign test over seeds), DIR/positions_minus_full.csv and .png (per position bucket, each variant minus full
 attention: mean and standard deviation over the seeds)."""
 import argparse
@@ -19,6 +19,7 @@ SWEEPS = [  # (sweep directory, reference variant, loss compared)
     ("micro-scaling-seeds", "full", "val_loss"),
     ("micro-positions-seeds", "full", "trailing_loss"),
     ("micro-sft2k-seeds", "all-full", "val_loss"),
+    ("micro-sft2k-fullpre-seeds", "all-full", "val_loss"),  # the follow-up: SFT from a full-attention pre-training
 ]
 
 
