@@ -4,6 +4,7 @@
 #      NCCL, 1 rank again (the run-to-run noise of GPU atomics), 2 and 4 ranks sharing the GPU through
 #      parallel.transport: mpi (50 steps; code-100m on 4 only); the losses are compared step by step,
 #      and on the tiny recipe one step from the same weights (steps 0, 20, 40): loss, grad norm, every gradient;
+#      the tiny recipe also with full attention only (1 rank twice, 2 ranks), to tell routing from the rest;
 #   2. with BASE=<tree of an earlier commit> also `moba bench train` dense 8K and MoBA 32K of both trees, built in
 #      this same call, so the comparison shares the machine's state.
 # Needs the corpus at $MOBA_SHARED_DATA/linux-6.1-core.jsonl.xz. Results: $OUT/distributed.jsonl, $OUT/train.jsonl.
@@ -35,6 +36,13 @@ train_run tiny-mpi2 2 $r --set parallel.transport=mpi $tiny50
 train_run tiny-mpi4 4 $r --set parallel.transport=mpi $tiny50
 train_run tiny-mpi2-zero0 2 $r --set parallel.transport=mpi --set parallel.zero=0 $tiny50
 compare_runs "$out/distributed.jsonl" dp_equality nccl1 "tiny" "nccl1-again mpi2 mpi4 mpi2-zero0"
+# The same with full attention in every layer: on CPU ranks both stay within 7e-6 of one rank over 50 steps
+# (scripts/drift_cpu.sh), so a GPU drift here too would point away from MoBA's routing.
+f="--set attention.mode=full $tiny50"
+train_run tiny-full-nccl1 1 $r --set parallel.transport=nccl $f
+train_run tiny-full-nccl1-again 1 $r --set parallel.transport=nccl $f
+train_run tiny-full-mpi2 2 $r --set parallel.transport=mpi $f
+compare_runs "$out/distributed.jsonl" dp_equality nccl1 "tiny-full" "nccl1-again mpi2"
 # One step from the same weights (the tiny recipe's MoBA routing parts whole curves on rounding: same_step.py).
 for step in 0 20 40; do
   same_step "$out/distributed.jsonl" dp-tiny tiny-nccl1 $step $r \
