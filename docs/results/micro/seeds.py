@@ -3,7 +3,7 @@
 "Seeds"): what one seed's noise is, against the differences the single-seed runs reported.
 
     seeds.py RUNS_DIR --out DIR
-RUNS_DIR holds micro-scaling-seeds/, micro-positions-seeds/, micro-sft2k-seeds/, micro-sft2k-fullpre-seeds/ (the
+RUNS_DIR holds micro-scaling-seeds/, micro-scaling-tpp20-seeds/, micro-positions-seeds/, micro-sft2k-seeds/, micro-sft2k-fullpre-seeds/ (the
 sweeps' out, after `sweep.py collect`). Writes DIR/paired_differences.csv (every run minus the reference of its own seed, with the
 sign test over seeds), DIR/positions_minus_full.csv and .png (per position bucket, each variant minus full
 attention: mean and standard deviation over the seeds)."""
@@ -17,6 +17,7 @@ import numpy as np
 
 SWEEPS = [  # (sweep directory, reference variant, loss compared)
     ("micro-scaling-seeds", "full", "val_loss"),
+    ("micro-scaling-tpp20-seeds", "full", "val_loss"),  # follow-up 1: 20 tokens per parameter
     ("micro-positions-seeds", "full", "trailing_loss"),
     ("micro-sft2k-seeds", "all-full", "val_loss"),
     ("micro-sft2k-fullpre-seeds", "all-full", "val_loss"),  # the follow-up: SFT from a full-attention pre-training
@@ -90,10 +91,12 @@ def main():
     for r in rows:
         print(f"{r['sweep']:<22} {r['size'] + ' ' + r['variant']:<26} {r['loss']:<13} {r['differences']}  "
               f"mean {r['mean']} ± {r['se']} (se)")
-    scaling = [r for r in rows if r["sweep"] == "micro-scaling-seeds"]
-    negative, n = sum(r["negative"] for r in scaling), sum(r["seeds"] for r in scaling)
-    print(f"scaling, all sizes: MoBA below full in {negative} of {n} seed pairs (sign test p = "
-          f"{sign_test(negative, n):.4f})")
+    for label, sweeps in (("3 tokens per parameter", ("micro-scaling-seeds",)),
+                          ("3 and 20 tokens per parameter", ("micro-scaling-seeds", "micro-scaling-tpp20-seeds"))):
+        scaling = [r for r in rows if r["sweep"] in sweeps]
+        negative, n = sum(r["negative"] for r in scaling), sum(r["seeds"] for r in scaling)
+        print(f"scaling at {label}, all sizes: MoBA below full in {negative} of {n} seed pairs (sign test p = "
+              f"{sign_test(negative, n):.4f})")
 
     diffs, starts = position_differences(args.runs)
     with open(os.path.join(args.out, "positions_minus_full.csv"), "w", newline="") as f:
