@@ -267,5 +267,37 @@ TEST(Launch, PlainRunNeedsNoMpiDaemon) {
     EXPECT_EQ(e.path().filename().string().rfind("ompi", 0), std::string::npos) << "MPI session dir " << e.path();
 }
 
+TEST(BenchComm, ChecksThenTimesEveryCollectiveOnThreeRanks) {
+  // `moba bench comm` first checks each collective's result element by element (it exits non-zero on a wrong
+  // sum), then times it; three ranks make the block split and the bus-bandwidth factors non-trivial.
+  const std::string out = test::scratch_dir("bench-comm") + "/comm.jsonl";
+  Result r = shell(test::mpirun(3) + test::moba_binary() + " bench comm --backend cpu --bytes 4K,64K --warmup 1 " +
+                   "--iters 2 --out " + out);
+  ASSERT_EQ(r.rc, 0) << r.out;
+  std::ifstream in(out);
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  ASSERT_EQ(lines.size(), 6u) << r.out;  // rank 0 alone writes: 2 sizes x 3 collectives
+  const std::vector<std::string> ops = {"all_reduce", "reduce_scatter", "all_gather"};
+  for (size_t i = 0; i < lines.size(); ++i) {
+    const std::string& line = lines[i];
+    EXPECT_NE(line.find("\"op\": \"" + ops[i % 3] + "\""), std::string::npos) << line;
+    EXPECT_NE(line.find("\"ranks\": 3,"), std::string::npos) << line;
+    EXPECT_NE(line.find("\"checked\": true"), std::string::npos) << line;
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(line, m, std::regex("\"bytes\": ([0-9]+), .*\"algbw_gbps\": ([0-9.e+-]+), "
+                                                      "\"busbw_gbps\": ([0-9.e+-]+)")))
+        << line;
+    const long long bytes = std::stoll(m[1]);
+    const double algbw = std::stod(m[2]), busbw = std::stod(m[3]);
+    EXPECT_EQ(bytes, i < 3 ? 4092 : 65532) << line;  // whole f32 values, one block per rank
+    EXPECT_GT(algbw, 0) << line;
+    EXPECT_NEAR(busbw / algbw, ops[i % 3] == "all_reduce" ? 4.0 / 3 : 2.0 / 3, 1e-9) << line;
+  }
+  r = shell(test::moba_binary() + " bench comm --backend cpu --bytes 12Q");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("--bytes: '12Q' is not a size"), std::string::npos) << r.out;
+}
+
 }  // namespace
 }  // namespace moba

@@ -14,6 +14,8 @@
 #include "kernels/backend.h"
 #include "model/transformer.h"
 #include "parallel/mpi_context.h"
+#include "trainer/bench_comm.h"
+#include "trainer/bench_record.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
 #include "trainer/recipe.h"
@@ -25,37 +27,6 @@
 
 namespace moba {
 namespace {
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? NAN : v[v.size() / 2];
-}
-
-std::string today() {
-  std::time_t t = std::time(nullptr);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%d", std::gmtime(&t));
-  return buf;
-}
-
-// The commit measured: $MOBA_COMMIT when set (the GPU machine's copy of the tree has no .git), else git's.
-std::string git_commit() {
-  if (const char* env = std::getenv("MOBA_COMMIT"); env && *env) return env;
-  FILE* p = popen("git rev-parse --short HEAD 2>/dev/null", "r");
-  if (!p) return "unknown";
-  char buf[64] = {0};
-  if (!std::fgets(buf, sizeof buf, p)) buf[0] = 0;
-  pclose(p);
-  std::string s(buf);
-  while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
-  return s.empty() ? "unknown" : s;
-}
-
-std::string command_line(const std::string& sub, const std::vector<std::string>& args) {
-  std::string s = "moba bench " + sub;
-  for (const std::string& a : args) s += " " + a;
-  return s;
-}
 
 // Fills a tensor with uniform(-1, 1) values (through an f32 staging tensor when the dtype is lower).
 void fill_random(Backend& be, Tensor t, uint64_t seed) {
@@ -72,19 +43,6 @@ void fill_random(Backend& be, Tensor t, uint64_t seed) {
   be.convert(t.reshape({t.numel()}), staging);
   be.synchronize();
   be.release(staging);
-}
-
-void emit(const std::vector<std::pair<std::string, std::string>>& fields, const std::string& out_path) {
-  std::string line = "{";
-  for (size_t i = 0; i < fields.size(); ++i) line += (i ? ", " : "") + json_string(fields[i].first) + ": " + fields[i].second;
-  line += "}";
-  std::printf("%s\n", line.c_str());
-  std::fflush(stdout);
-  if (!out_path.empty()) {
-    std::ofstream out(out_path, std::ios::app);
-    MOBA_CHECK(out.good(), cat("cannot append to ", out_path), "check the directory exists and is writable");
-    out << line << "\n";
-  }
 }
 
 int bench_attention(const std::vector<std::string>& args) {
@@ -333,11 +291,14 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
 }  // namespace
 
 int bench_command(const std::vector<std::string>& args, parallel::MpiContext& mpi) {
-  const char* usage = "usage: moba bench attention [options] | moba bench train --recipe R [options] (--help for each)";
+  const char* usage =
+      "usage: moba bench attention [options] | moba bench train --recipe R [options] | moba bench comm [options] "
+      "(--help for each)";
   if (args.empty()) throw UsageError("moba bench: missing what to benchmark", usage);
   std::vector<std::string> rest(args.begin() + 1, args.end());
   if (args[0] == "attention") return bench_attention(rest);
   if (args[0] == "train") return bench_train(rest, mpi);
+  if (args[0] == "comm") return bench_comm(rest, mpi);
   if (args[0] == "--help" || args[0] == "-h") {
     info(usage);
     return 0;
