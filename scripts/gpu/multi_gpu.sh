@@ -11,6 +11,8 @@
 #   cp-equal  tiny recipe, 50 steps: CP 2/4/8 and DP x CP = 2 x 2 against 1 GPU, then one step from the same weights
 #   cp-scale  545M model, MoBA B 4096 k 12, one sequence per step: 128K tokens on 1 GPU, 256K on 2, 512K on 4, 1M on
 #             8, all-MoBA and last 3 layers full; `moba plan` of each layout beside it
+#   cp-eval   `moba eval --context 8` and `--context 4` of a 1M-token position-wise evaluation (cp-equal's tiny
+#             checkpoint, evaluated with MoBA B 4096 k 12): the two must agree (needs 8 GPUs and cp-equal)
 # Parts run in that order; those needing more GPUs than the machine has are skipped with a line saying so.
 #   scripts/gpu/multi_gpu.sh [PART...]     (all by default)
 # Needs $MOBA_SHARED_DATA/linux-6.1-core.jsonl.xz for the training parts. Results: $OUT/comm.jsonl,
@@ -25,7 +27,7 @@ source scripts/gpu/build_here.sh
 gpu_build moba
 moba=$PWD/build-gpu/moba
 gpus=$(nvidia-smi --list-gpus | wc -l)
-parts=" ${*:-comm dp-equal dp-scale dp-kill cp-equal cp-scale} "
+parts=" ${*:-comm dp-equal dp-scale dp-kill cp-equal cp-scale cp-eval} "
 wanted() { [[ $parts == *" $1 "* ]]; }
 counts() { local n; for n in "$@"; do [ "$n" -le "$gpus" ] && echo "$n"; done; true; }  # the rank counts that fit
 echo "multi_gpu.sh: $gpus GPUs ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)); parts:$parts"
@@ -35,35 +37,40 @@ work=/tmp/moba-multi
 rm -rf $work && mkdir -p $work
 source scripts/gpu/linux_slice.sh
 source scripts/gpu/train_runs.sh
-if wanted dp-equal || wanted dp-kill || wanted cp-equal; then linux_slice $moba $work/data; fi
+if wanted dp-equal || wanted dp-kill || wanted cp-equal || wanted cp-eval; then linux_slice $moba $work/data; fi
 d="--set data.train=$work/data/train.h5 --set data.val=$work/data/val.h5"
 nccl="--set parallel.transport=nccl"
 
-if wanted comm; then
+# One function per part; main() below runs the wanted ones, each in a subshell with set -e, so a failing part is
+# reported and the next one still runs.
+
+part_comm() {
   mpirun -np "$gpus" $moba bench comm --backend cuda --transport nccl --bytes 1M,16M,256M,1G \
     --out "$out/comm.jsonl" | python3 -c "
 import json, sys
 for line in sys.stdin:
     if line.startswith('{'):
         r = json.loads(line); print(f\"{r['op']:15} {r['bytes'] / 2**20:9.2f} MiB  {r['time_ms']:8.3f} ms  bus {r['busbw_gbps']:6.1f} GB/s\")"
-fi
+}
 
-if wanted dp-equal; then
+part_dp_equal() {
   r=recipes/tests/tiny.yaml
-  train_run tiny-gpu1 1 $r $nccl $tiny50
-  train_run tiny-gpu1-again 1 $r $nccl $tiny50
+  # 8 data-parallel ranks need a global batch of at least 8 micro-batches of 2 x 128 tokens: 2048 (50 steps).
+  local t="$tiny50 --set train.global_batch_tokens=2048 --set train.tokens=1.024e5 --set checkpoint.every_tokens=20480"
+  train_run tiny-gpu1 1 $r $nccl $t
+  train_run tiny-gpu1-again 1 $r $nccl $t
   others="gpu1-again"
-  for n in $(counts 2 4 8); do train_run tiny-dp$n "$n" $r $nccl $tiny50; others="$others dp$n"; done
-  if [ "$gpus" -ge 2 ]; then train_run tiny-dp2-zero0 2 $r $nccl --set parallel.zero=0 $tiny50; others="$others dp2-zero0"; fi
+  for n in $(counts 2 4 8); do train_run tiny-dp$n "$n" $r $nccl $t; others="$others dp$n"; done
+  if [ "$gpus" -ge 2 ]; then train_run tiny-dp2-zero0 2 $r $nccl --set parallel.zero=0 $t; others="$others dp2-zero0"; fi
   compare_runs "$out/distributed.jsonl" dp_equality_nccl gpu1 "tiny" "$others"
   for step in 0 40; do
-    specs=("one 1 $nccl $tiny50" "one-again 1 $nccl $tiny50")
-    for n in $(counts 2 4 8); do specs+=("dp$n $n $nccl $tiny50"); done
+    specs=("one 1 $nccl $t" "one-again 1 $nccl $t")
+    for n in $(counts 2 4 8); do specs+=("dp$n $n $nccl $t"); done
     same_step "$out/distributed.jsonl" dp-nccl-tiny tiny-gpu1 $step $r "${specs[@]}"
   done
-fi
+}
 
-if wanted dp-scale; then
+part_dp_scale() {
   for recipe in d1792-full-seq8192 d1792-moba-seq32768; do
     base=$(grep -o 'global_batch_tokens: [0-9]*' recipes/bench/$recipe.yaml | grep -o '[0-9]*$')
     for n in $(counts 1 2 4 8); do
@@ -82,9 +89,10 @@ for recipe in sorted({r["recipe"] for r in rows}):
         eff = f"{r['tokens_per_s'] / (n * one['tokens_per_s']):.3f} of linear" if one else "(no 1-GPU run)"
         print(f"{recipe}: {n} GPUs {r['tokens_per_s']:>10,.0f} tokens/s  {eff}")
 PY
-fi
+}
 
-if wanted dp-kill && [ "$gpus" -ge 4 ]; then
+part_dp_kill() {
+  [ "$gpus" -ge 4 ] || { echo "dp-kill: needs 4 GPUs, this machine has $gpus: skipped"; return 0; }
   r=recipes/tests/code-100m.yaml
   k="--set checkpoint.every_tokens=131072 --set checkpoint.keep=2"  # every 4 steps of 32768
   t0=$(date +%s)
@@ -93,21 +101,23 @@ if wanted dp-kill && [ "$gpus" -ge 4 ]; then
   ls $work/code-100m-kill/checkpoints || true
   mpirun -np 2 $moba train $r $d $nccl $k --set run_dir=$work/code-100m-kill --max-steps 10 \
     > $work/code-100m-resume.log 2>&1 && grep -m1 "resumed from" $work/code-100m-resume.log || tail -5 $work/code-100m-resume.log
-elif wanted dp-kill; then echo "dp-kill: needs 4 GPUs, this machine has $gpus: skipped"; fi
+}
 
-if wanted cp-equal; then
+part_cp_equal() {
   r=recipes/tests/tiny.yaml
-  train_run tiny-cp1 1 $r $nccl $tiny50
+  # CP 8 cuts each sequence into 16 chunks of whole MoBA blocks (B 16): 256 tokens, where the recipe has 128.
+  local t="$tiny50 --set data.seq_len=256"
+  train_run tiny-cp1 1 $r $nccl $t
   others=""
-  for c in $(counts 2 4 8); do train_run tiny-cp$c "$c" $r $nccl --set parallel.context=$c $tiny50; others="$others cp$c"; done
-  if [ "$gpus" -ge 4 ]; then train_run tiny-dp2cp2 4 $r $nccl --set parallel.context=2 $tiny50; others="$others dp2cp2"; fi
+  for c in $(counts 2 4 8); do train_run tiny-cp$c "$c" $r $nccl --set parallel.context=$c $t; others="$others cp$c"; done
+  if [ "$gpus" -ge 4 ]; then train_run tiny-dp2cp2 4 $r $nccl --set parallel.context=2 $t; others="$others dp2cp2"; fi
   [ -z "$others" ] || compare_runs "$out/context.jsonl" cp_equality_nccl cp1 "tiny" "$others"
-  specs=("one 1 $nccl $tiny50")
-  for c in $(counts 2 4 8); do specs+=("cp$c $c $nccl --set parallel.context=$c $tiny50"); done
+  specs=("one 1 $nccl $t")
+  for c in $(counts 2 4 8); do specs+=("cp$c $c $nccl --set parallel.context=$c $t"); done
   [ ${#specs[@]} -lt 2 ] || same_step "$out/context.jsonl" cp-nccl-tiny tiny-cp1 40 $r "${specs[@]}"
-fi
+}
 
-if wanted cp-scale; then
+part_cp_scale() {
   for layers in none last:3; do
     for c in $(counts 1 2 4 8); do
       seq=$((131072 * c))
@@ -120,5 +130,38 @@ if wanted cp-scale; then
 import json, sys; r = json.load(sys.stdin); print(f\"{r['tokens_per_s'] / r['ranks']:,.0f} tokens/s per GPU, {r['step_ms']:.0f} ms/step, peak {r['peak_gib']:.1f} GiB\")")"
     done
   done
-fi
+}
+
+part_cp_eval() {
+  [ "$gpus" -ge 8 ] && [ -d $work/tiny-cp1 ] || { echo "cp-eval: needs 8 GPUs and cp-equal's checkpoint: skipped"; return 0; }
+  eval_len=1048576
+  for c in 4 8; do
+    mpirun -np $c $moba eval --checkpoint $work/tiny-cp1 --data $work/data/train.h5 --seq-len $eval_len \
+      --bucket $((eval_len / 16)) --attention moba --block-size 4096 --top-k 12 --max-docs 2 --context $c \
+      --out $work/eval-c$c > $work/eval-c$c.log 2>&1 || { echo "cp-eval C=$c failed:"; tail -5 $work/eval-c$c.log; }
+  done
+  python3 - "$work" "$out/context.jsonl" "${MOBA_COMMIT:-unknown}" "$(device_name)" "$eval_len" <<'PY'
+import datetime, glob, json, sys
+work, path, commit, device, n = sys.argv[1:6]
+runs = {c: json.load(open(glob.glob(f"{work}/eval-c{c}/*.json")[0])) for c in (4, 8)}
+diff = max(abs(a - b) for a, b in zip(runs[4]["position_loss"], runs[8]["position_loss"]))
+rec = {"date": datetime.date.today().isoformat(), "commit": commit, "device": device,
+       "command": "scripts/gpu/multi_gpu.sh cp-eval (moba eval --context 8 vs --context 4)", "bench": "cp_eval",
+       "seq_len": int(n), "tokens": runs[8]["tokens"], "max_abs_position_loss_diff": diff,
+       "mean_loss_c4": runs[4]["mean_loss"], "mean_loss_c8": runs[8]["mean_loss"]}
+open(path, "a").write(json.dumps(rec) + "\n")
+print(f"cp-eval: {rec['tokens']} tokens at N = {n}: mean loss {rec['mean_loss_c8']:.5f} (C 8) vs {rec['mean_loss_c4']:.5f} "
+      f"(C 4), largest bucket difference {diff:.2e}")
+PY
+}
+
+for part in comm dp-equal dp-scale dp-kill cp-equal cp-scale cp-eval; do
+  wanted $part || continue
+  echo "== $part"
+  set +e
+  (set -e; "part_${part//-/_}")
+  rc=$?
+  set -e
+  [ $rc -eq 0 ] || echo "== $part FAILED (exit $rc); going on with the next part"
+done
 echo "multi_gpu.sh: done"
