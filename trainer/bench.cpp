@@ -1,12 +1,7 @@
 #include "trainer/bench.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <ctime>
-#include <fstream>
 #include <random>
 
 #include "common/cli.h"
