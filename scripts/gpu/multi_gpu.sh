@@ -120,12 +120,13 @@ part_cp_equal() {
 part_cp_scale() {
   for layers in none last:3; do
     for c in $(counts 1 2 4 8); do
+      local tag=$c-full-${layers/:/}
       seq=$((131072 * c))
       s="--set data.seq_len=$seq --set train.global_batch_tokens=$seq --set parallel.context=$c"
       s="$s --set attention.full_layers=$layers"
-      $moba plan recipes/long/moba-1m-8gpu.yaml --ranks "$c" $s > $work/plan-$c.txt 2>&1 && tail -1 $work/plan-$c.txt >> "$out/plan.jsonl"
+      $moba plan recipes/long/moba-1m-8gpu.yaml --ranks "$c" $s > $work/plan-$tag.txt 2>&1 && tail -1 $work/plan-$tag.txt >> "$out/plan.jsonl"
       mpirun -np "$c" $moba bench train --recipe recipes/long/moba-1m-8gpu.yaml $nccl $s --warmup 1 --steps 3 \
-        --out "$out/train.jsonl" > $work/cp-$c.log 2>&1 || { echo "cp-scale C=$c failed:"; tail -5 $work/cp-$c.log; continue; }
+        --out "$out/train.jsonl" > $work/cp-$tag.log 2>&1 || { echo "cp-scale C=$c failed:"; tail -5 $work/cp-$tag.log; continue; }
       echo "cp-scale full_layers=$layers: $seq tokens on $c GPUs: $(tail -1 "$out/train.jsonl" | python3 -c "
 import json, sys; r = json.load(sys.stdin); print(f\"{r['tokens_per_s'] / r['ranks']:,.0f} tokens/s per GPU, {r['step_ms']:.0f} ms/step, peak {r['peak_gib']:.1f} GiB\")")"
     done
