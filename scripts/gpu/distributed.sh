@@ -8,6 +8,9 @@
 #   2. with BASE=<tree of an earlier commit> also `moba bench train` dense 8K and MoBA 32K of both trees, built in
 #      this same call, so the comparison shares the machine's state.
 # Needs the corpus at $MOBA_SHARED_DATA/linux-6.1-core.jsonl.xz. Results: $OUT/distributed.jsonl, $OUT/train.jsonl.
+#   scripts/gpu/distributed.sh [PART...]   PART: tiny (MoBA and full-attention curves, ~2 min), step (the one-step
+#   checks, ~1.5 min), 100m (~7 min: 4 ranks time-slice one GPU), bench (needs BASE); all by default. One device
+#   call is 10 minutes, so a machine that must also build and prepare data runs `tiny step` and `100m bench` apart.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp}
@@ -17,8 +20,10 @@ source scripts/gpu/build_here.sh
 gpu_build moba
 moba=$PWD/build-gpu/moba
 commit=${MOBA_COMMIT:-unknown}
+parts=" ${*:-tiny step 100m bench} "
+wanted() { [[ $parts == *" $1 "* ]]; }
 
-if [ -n "${BASE:-}" ]; then  # the earlier tree first, so both binaries exist before anything is timed
+if [ -n "${BASE:-}" ] && wanted bench; then  # the earlier tree first, so both binaries exist before anything is timed
   (cd "$BASE" && source scripts/gpu/build_here.sh && OUT=$out/base gpu_build moba) || { echo "base build failed"; exit 1; }
 fi
 
@@ -30,7 +35,10 @@ d="--set data.train=$work/data/train.h5 --set data.val=$work/data/val.h5"
 source scripts/gpu/train_runs.sh
 # The tiny recipe first (a minute; tiny50: train_runs.sh).
 r=recipes/tests/tiny.yaml
+if wanted tiny || wanted step; then  # the one-step checks start from tiny-nccl1's checkpoints
 train_run tiny-nccl1 1 $r --set parallel.transport=nccl $tiny50
+fi
+if wanted tiny; then
 train_run tiny-nccl1-again 1 $r --set parallel.transport=nccl $tiny50
 train_run tiny-mpi2 2 $r --set parallel.transport=mpi $tiny50
 train_run tiny-mpi4 4 $r --set parallel.transport=mpi $tiny50
@@ -43,24 +51,29 @@ train_run tiny-full-nccl1 1 $r --set parallel.transport=nccl $f
 train_run tiny-full-nccl1-again 1 $r --set parallel.transport=nccl $f
 train_run tiny-full-mpi2 2 $r --set parallel.transport=mpi $f
 compare_runs "$out/distributed.jsonl" dp_equality nccl1 "tiny-full" "nccl1-again mpi2"
+fi
 # One step from the same weights (the tiny recipe's MoBA routing parts whole curves on rounding: same_step.py).
+if wanted step; then
 for step in 0 20 40; do
   same_step "$out/distributed.jsonl" dp-tiny tiny-nccl1 $step $r \
     "one 1 --set parallel.transport=nccl $tiny50" "one-again 1 --set parallel.transport=nccl $tiny50" \
     "mpi2 2 --set parallel.transport=mpi $tiny50" "mpi4 4 --set parallel.transport=mpi $tiny50" \
     "mpi2-zero0 2 --set parallel.transport=mpi --set parallel.zero=0 $tiny50"
 done
+fi
 # ~100M parameters, 50 steps. Ranks sharing the GPU time-slice it: a step takes ~4 s on 2 ranks and ~7 s on 4
 # (0.27 s on one), so 4 ranks only here (the 2-rank 50 steps are in bench/results/distributed.jsonl, 2026-12-05).
+if wanted 100m; then
 r=recipes/tests/code-100m.yaml
 train_run code-100m-nccl1 1 $r --set parallel.transport=nccl
 train_run code-100m-nccl1-again 1 $r --set parallel.transport=nccl
 train_run code-100m-mpi4 4 $r --set parallel.transport=mpi
 compare_runs "$out/distributed.jsonl" dp_equality nccl1 "code-100m" "nccl1-again mpi4"
 grep -h "ranks:\|f32 master" $work/code-100m-mpi4.log | head -3
+fi
 
-if [ -n "${BASE:-}" ]; then
-  for i in 1 2; do  # alternate base and head twice: the spread between repeats is the noise
+if [ -n "${BASE:-}" ] && wanted bench; then
+  for _ in 1 2; do  # alternate base and head twice: the spread between repeats is the noise
     for tree in "$BASE" .; do
       tag=$([ "$tree" = . ] && echo head || echo base)
       for r in d1792-full-seq8192 d1792-moba-seq32768; do
