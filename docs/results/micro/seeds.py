@@ -3,10 +3,10 @@
 "Seeds"): what one seed's noise is, against the differences the single-seed runs reported.
 
     seeds.py RUNS_DIR --out DIR
-RUNS_DIR holds micro-scaling-seeds/, micro-scaling-tpp20-seeds/, micro-positions-seeds/, micro-sft2k-seeds/, micro-sft2k-fullpre-seeds/ (the
-sweeps' out, after `sweep.py collect`). Writes DIR/paired_differences.csv (every run minus the reference of its own seed, with the
-sign test over seeds), DIR/positions_minus_full.csv and .png (per position bucket, each variant minus full
-attention: mean and standard deviation over the seeds)."""
+RUNS_DIR holds the out directories of the SWEEPS below (after `sweep.py collect`). Writes DIR/paired_differences.csv
+(every run minus the reference of its own seed, with the sign test over seeds), DIR/positions_minus_full.csv and .png
+(per position bucket, each variant minus full attention: mean and standard deviation over the seeds) and
+DIR/locality_minus_full.png (the locality follow-up: MoBA and block-local attention minus full, per size and budget)."""
 import argparse
 import csv
 import json
@@ -21,7 +21,14 @@ SWEEPS = [  # (sweep directory, reference variant, loss compared)
     ("micro-positions-seeds", "full", "trailing_loss"),
     ("micro-sft2k-seeds", "all-full", "val_loss"),
     ("micro-sft2k-fullpre-seeds", "all-full", "val_loss"),  # the follow-up: SFT from a full-attention pre-training
+    # Follow-up: block-local attention (top_k 1) against full attention and against MoBA, at 3 and 20 tokens/parameter.
+    ("micro-scaling-locality-seeds", "full", "val_loss"),
+    ("micro-scaling-locality-seeds", "moba", "val_loss"),
+    ("micro-scaling-tpp20-locality-seeds", "full", "val_loss"),
+    ("micro-scaling-tpp20-locality-seeds", "moba", "val_loss"),
+    ("micro-sft2k-fullpre-locality-seeds", "all-full", "val_loss"),  # block-local first layer / every layer in SFT
 ]
+LOCALITY = {"micro-scaling-locality-seeds": "3 tokens/parameter", "micro-scaling-tpp20-locality-seeds": "20 tokens/parameter"}
 
 
 def read_results(sweep_dir):
@@ -42,7 +49,7 @@ def paired_differences(runs_dir):
         results = read_results(os.path.join(runs_dir, sweep))
         value = {(r["size"], r["variant"], r["seed"]): float(r[loss]) for r in results if r[loss]}
         for size, variant in dict.fromkeys((r["size"], r["variant"]) for r in results):
-            if variant == reference:
+            if variant == reference or (reference != "full" and variant == "full"):  # full - MoBA: MoBA - full negated
                 continue
             seeds = sorted(s for (z, v, s) in value if (z, v) == (size, variant) and (size, reference, s) in value)
             diffs = np.array([value[(size, variant, s)] - value[(size, reference, s)] for s in seeds])
@@ -89,14 +96,17 @@ def main():
         writer.writeheader()
         writer.writerows(rows)
     for r in rows:
-        print(f"{r['sweep']:<22} {r['size'] + ' ' + r['variant']:<26} {r['loss']:<13} {r['differences']}  "
+        print(f"{r['sweep']:<22} {r['size'] + ' ' + r['variant'] + ' - ' + r['reference']:<30} {r['loss']:<13} {r['differences']}  "
               f"mean {r['mean']} ± {r['se']} (se)")
-    for label, sweeps in (("3 tokens per parameter", ("micro-scaling-seeds",)),
-                          ("3 and 20 tokens per parameter", ("micro-scaling-seeds", "micro-scaling-tpp20-seeds"))):
-        scaling = [r for r in rows if r["sweep"] in sweeps]
+    for label, sweeps, variant, reference in (
+            ("3 tokens per parameter", ("micro-scaling-seeds",), "moba", "full"),
+            ("3 and 20 tokens per parameter", ("micro-scaling-seeds", "micro-scaling-tpp20-seeds"), "moba", "full"),
+            *((f"{budget}, locality runs", (sweep,), v, ref) for sweep, budget in LOCALITY.items()
+              for v, ref in (("local16", "full"), ("local64", "full"), ("local16", "moba"), ("local64", "moba")))):
+        scaling = [r for r in rows if r["sweep"] in sweeps and r["variant"] == variant and r["reference"] == reference]
         negative, n = sum(r["negative"] for r in scaling), sum(r["seeds"] for r in scaling)
-        print(f"scaling at {label}, all sizes: MoBA below full in {negative} of {n} seed pairs (sign test p = "
-              f"{sign_test(negative, n):.4f})")
+        print(f"scaling at {label}, all sizes: {variant} below {reference} in {negative} of {n} seed pairs "
+              f"(sign test p = {sign_test(negative, n):.4f})")
 
     diffs, starts = position_differences(args.runs)
     with open(os.path.join(args.out, "positions_minus_full.csv"), "w", newline="") as f:
@@ -122,6 +132,31 @@ def main():
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "positions_minus_full.png"), dpi=100)
+    plot_locality(rows, os.path.join(args.out, "locality_minus_full.png"))
+
+
+def plot_locality(rows, path):
+    """Per size, MoBA and block-local attention minus full attention (mean ± se over seeds), one panel per budget."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(LOCALITY), figsize=(10, 4), sharey=True)
+    for ax, (sweep, budget) in zip(axes, LOCALITY.items()):
+        mine = [r for r in rows if r["sweep"] == sweep and r["reference"] == "full"]
+        sizes = list(dict.fromkeys(r["size"] for r in mine))
+        variants = list(dict.fromkeys(r["variant"] for r in mine))
+        for i, variant in enumerate(variants):
+            got = {r["size"]: r for r in mine if r["variant"] == variant}
+            x = np.arange(len(sizes)) + (i - (len(variants) - 1) / 2) * 0.2
+            ax.errorbar(x, [float(got[z]["mean"]) for z in sizes], yerr=[float(got[z]["se"]) for z in sizes],
+                        marker="o", ms=4, capsize=3, ls="none", label=variant)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(sizes)), sizes)
+        ax.set_title(budget)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val loss minus full, same seed (mean ± se)")
+    axes[0].legend(fontsize=8, title="B 16 k 3 = moba; own block only: local16 (B 16), local64 (B 64)",
+                   title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
