@@ -6,7 +6,8 @@
 RUNS_DIR holds the out directories of the SWEEPS below (after `sweep.py collect`). Writes DIR/paired_differences.csv
 (every run minus the reference of its own seed, with the sign test over seeds), DIR/positions_minus_full.csv and .png
 (per position bucket, each variant minus full attention: mean and standard deviation over the seeds) and
-DIR/locality_minus_full.png (the locality follow-up: MoBA and block-local attention minus full, per size and budget)."""
+DIR/locality_minus_full.png (the locality follow-up: MoBA and block-local attention minus full, per size and budget)
+and DIR/positions_locality_minus_full.csv and .png (its position-wise part)."""
 import argparse
 import csv
 import json
@@ -27,6 +28,7 @@ SWEEPS = [  # (sweep directory, reference variant, loss compared)
     ("micro-scaling-tpp20-locality-seeds", "full", "val_loss"),
     ("micro-scaling-tpp20-locality-seeds", "moba", "val_loss"),
     ("micro-sft2k-fullpre-locality-seeds", "all-full", "val_loss"),  # block-local first layer / every layer in SFT
+    ("micro-positions-locality-seeds", "full", "trailing_loss"),  # block-local 32 and 128 at context 1024
 ]
 LOCALITY = {"micro-scaling-locality-seeds": "3 tokens/parameter", "micro-scaling-tpp20-locality-seeds": "20 tokens/parameter"}
 
@@ -61,16 +63,16 @@ def paired_differences(runs_dir):
     return rows
 
 
-def position_differences(runs_dir):
+def position_differences(runs_dir, sweep_name="micro-positions-seeds"):
     """{variant: [seeds x buckets] of eval position loss minus full's of the same seed}, bucket starts."""
-    sweep = os.path.join(runs_dir, "micro-positions-seeds")
+    sweep = os.path.join(runs_dir, sweep_name)
     curves, starts = {}, None
     for path in sorted(os.listdir(os.path.join(sweep, "eval"))):
         if not path.endswith(".json"):
             continue
         with open(os.path.join(sweep, "eval", path)) as f:
             result = json.load(f)
-        run = result["name"].removeprefix("micro-positions-seeds-d64-l4-")
+        run = result["name"].removeprefix(f"{sweep_name}-d64-l4-")
         variant, seed = run.rsplit("-s", 1)
         curves[(variant, seed)] = np.array(result["position_loss"])
         starts = [i * result["bucket"] for i in range(len(result["position_loss"]))]
@@ -79,6 +81,30 @@ def position_differences(runs_dir):
         if variant != "full":
             out.setdefault(variant, []).append(curve - curves[("full", seed)])
     return {v: np.array(d) for v, d in out.items()}, starts
+
+
+def plot_positions(diffs, starts, title, path):
+    """Per position bucket, each variant minus full attention (mean ± sd over seeds), as CSV and PNG."""
+    import matplotlib.pyplot as plt
+    with open(path + ".csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["position_start"] + [f"{v}_{stat}" for v in diffs for stat in ("mean", "sd")])
+        for i, start in enumerate(starts):
+            writer.writerow([start] + [f"{x:.5f}" for v in diffs
+                                       for x in (diffs[v][:, i].mean(), diffs[v][:, i].std(ddof=1))])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (variant, d) in enumerate(diffs.items()):
+        x = np.array(starts) + (i - len(diffs) / 2) * 6  # side by side within each bucket
+        ax.errorbar(x, d.mean(axis=0), yerr=d.std(axis=0, ddof=1), marker="o", ms=4, capsize=3,
+                    label=f"{variant} (mean ± sd over {len(d)} seeds)")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("position (start of 128-token bucket)")
+    ax.set_ylabel("eval loss minus full attention, same seed")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + ".png", dpi=100)
 
 
 def main():
@@ -108,30 +134,14 @@ def main():
         print(f"scaling at {label}, all sizes: {variant} below {reference} in {negative} of {n} seed pairs "
               f"(sign test p = {sign_test(negative, n):.4f})")
 
-    diffs, starts = position_differences(args.runs)
-    with open(os.path.join(args.out, "positions_minus_full.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["position_start"] + [f"{v}_{stat}" for v in diffs for stat in ("mean", "sd")])
-        for i, start in enumerate(starts):
-            writer.writerow([start] + [f"{x:.5f}" for v in diffs
-                                       for x in (diffs[v][:, i].mean(), diffs[v][:, i].std(ddof=1))])
-
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, (variant, d) in enumerate(diffs.items()):
-        x = np.array(starts) + (i - len(diffs) / 2) * 6  # side by side within each bucket
-        ax.errorbar(x, d.mean(axis=0), yerr=d.std(axis=0, ddof=1), marker="o", ms=4, capsize=3,
-                    label=f"{variant} (mean ± sd over {len(d)} seeds)")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("position (start of 128-token bucket)")
-    ax.set_ylabel("eval loss minus full attention, same seed")
-    ax.set_title("micro positions, 3 seeds: every variant minus full attention")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "positions_minus_full.png"), dpi=100)
+    diffs, starts = position_differences(args.runs)
+    plot_positions(diffs, starts, "micro positions, 3 seeds: every variant minus full attention",
+                   os.path.join(args.out, "positions_minus_full"))
+    diffs, starts = position_differences(args.runs, "micro-positions-locality-seeds")
+    plot_positions(diffs, starts, "micro positions, 3 seeds: MoBA and block-local attention minus full attention",
+                   os.path.join(args.out, "positions_locality_minus_full"))
     plot_locality(rows, os.path.join(args.out, "locality_minus_full.png"))
 
 
