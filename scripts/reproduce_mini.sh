@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The three mini reproductions of the MoBA paper (docs/results/micro/: the CPU-scaled runs) in one go, sized for minutes on one
 # H200: prepare the data, then the layer-wise hybrid SFT (pre-train + 4 SFT runs), the 8K scaling ladder (4 sizes x
-# full/MoBA) and the 32K position-wise comparison (5 runs), each through scripts/sweep.py, then the overlay plot.
+# full/MoBA), the 32K position-wise comparison (5 runs) and the ladder's block-local control (4 runs), each through
+# scripts/sweep.py, with the overlay plot after the positions.
 # Every stage is resumable (sweep.py skips finished runs) and is skipped once --deadline seconds have passed, so a
 # time-limited machine returns what finished; results are packed into OUT/mini-results.tar.gz after each stage.
 #
@@ -120,8 +121,19 @@ positions() {
   return $rc
 }
 
+# The locality control of the scaling ladder, last: the same sweep with a block-local variant added (only the new
+# runs train). Suites without the spec skip it.
+locality() {
+  local rc=0 spec=recipes/$suite/scaling-locality.sweep.json
+  "${sweep[@]}" run "$spec" "${common[@]}" || rc=1
+  "${sweep[@]}" collect "$spec" "${common[@]}" || rc=1
+  "${sweep[@]}" fit "$spec" "${common[@]}" || rc=1
+  return $rc
+}
+
 stage data prepare_data
 stage sft sft
 stage scaling scaling
 stage positions positions
+[ -f "recipes/$suite/scaling-locality.sweep.json" ] && stage locality locality
 log "done in $((SECONDS - start))s; results in $out/$suite-results.tar.gz"
