@@ -109,7 +109,7 @@ def plot_positions(diffs, starts, title, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", help="directory holding the three seed sweeps' out directories")
+    ap.add_argument("runs", help="directory holding the out directories of the sweeps in SWEEPS")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
