@@ -7,8 +7,10 @@
 # time-limited machine returns what finished; results are packed into OUT/mini-results.tar.gz after each stage.
 #
 #   scripts/reproduce_mini.sh --work DIR --out OUT [--moba BIN] [--shared ../shared/data] [--deadline S]
-#                             [--suite mini|micro] [--smoke]
+#                             [--suite mini|micro] [--stages sft,scaling,positions,locality] [--smoke]
 #
+# --stages: only these reproductions (data preparation always runs, and is skipped when its files exist), e.g. what
+# a first time-limited machine did not reach.
 # --suite micro: the specs of recipes/micro/ instead (the same experiments scaled to a 2-core CPU, ~1 hour).
 # --smoke: the same stages on the CPU with every run cut to a step or two and contexts to 512 (a dry run of the
 # whole pipeline before spending GPU time). Fits and plots need numpy/scipy/matplotlib; without them the stage
@@ -16,7 +18,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=runs/mini-work out=runs/mini-out moba=$repo/build/moba shared=$repo/../shared/data deadline=100000 smoke=0
-suite=mini
+suite=mini stages=sft,scaling,positions,locality
 while [ $# -gt 0 ]; do
   case $1 in
     --work) work=$2; shift 2 ;;
@@ -25,9 +27,13 @@ while [ $# -gt 0 ]; do
     --shared) shared=$2; shift 2 ;;
     --deadline) deadline=$2; shift 2 ;;
     --suite) suite=$2; shift 2 ;;
+    --stages) stages=$2; shift 2 ;;
     --smoke) smoke=1; shift ;;
     *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
   esac
+done
+for name in ${stages//,/ }; do
+  case $name in sft|scaling|positions|locality) ;; *) echo "--stages: unknown stage $name (sft, scaling, positions, locality)" >&2; exit 2 ;; esac
 done
 moba=$(realpath "$moba"); shared=$(realpath "$shared")
 mkdir -p "$work" "$out"; out=$(realpath "$out")
@@ -59,8 +65,9 @@ pack() {
     mv "$out/$suite-results.tar.gz.tmp" "$out/$suite-results.tar.gz"
   fi
 }
-stage() {  # stage NAME COMMAND...: runs the command unless the deadline passed; a failure is reported, not fatal
+stage() {  # stage NAME COMMAND...: runs the command unless not chosen or the deadline passed; a failure is reported, not fatal
   local name=$1; shift
+  [ "$name" = data ] || [[ ",$stages," == *",$name,"* ]] || { log "not chosen (--stages): $name"; return 0; }
   time_left "$name" || return 0
   log "stage $name"
   local t0=$SECONDS
