@@ -7,10 +7,11 @@
 # time-limited machine returns what finished; results are packed into OUT/mini-results.tar.gz after each stage.
 #
 #   scripts/reproduce_mini.sh --work DIR --out OUT [--moba BIN] [--shared ../shared/data] [--deadline S]
-#                             [--suite mini|micro] [--stages sft,scaling,positions,locality] [--smoke]
+#                             [--suite mini|micro] [--stages sft,scaling,positions,locality,seeds] [--smoke]
 #
 # --stages: only these reproductions (data preparation always runs, and is skipped when its files exist), e.g. what
-# a first time-limited machine did not reach.
+# a first time-limited machine did not reach. `seeds` (the ladder and its locality control again with 3 seeds per
+# run, where the suite has a scaling-seeds spec) is not in the default list: it is the longest stage.
 # --suite micro: the specs of recipes/micro/ instead (the same experiments scaled to a 2-core CPU, ~1 hour).
 # --smoke: the same stages on the CPU with every run cut to a step or two and contexts to 512 (a dry run of the
 # whole pipeline before spending GPU time). Fits and plots need numpy/scipy/matplotlib; without them the stage
@@ -33,7 +34,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 for name in ${stages//,/ }; do
-  case $name in sft|scaling|positions|locality) ;; *) echo "--stages: unknown stage $name (sft, scaling, positions, locality)" >&2; exit 2 ;; esac
+  case $name in sft|scaling|positions|locality|seeds) ;; *) echo "--stages: unknown stage $name (sft, scaling, positions, locality, seeds)" >&2; exit 2 ;; esac
 done
 moba=$(realpath "$moba"); shared=$(realpath "$shared")
 mkdir -p "$work" "$out"; out=$(realpath "$out")
@@ -138,9 +139,19 @@ locality() {
   return $rc
 }
 
+# The ladder and its locality control with 3 seeds per run: the noise of the single-seed gaps above.
+seeds() {
+  local rc=0 spec=recipes/$suite/scaling-seeds.sweep.json
+  "${sweep[@]}" run "$spec" "${common[@]}" || rc=1
+  "${sweep[@]}" collect "$spec" "${common[@]}" || rc=1
+  "${sweep[@]}" fit "$spec" "${common[@]}" || rc=1
+  return $rc
+}
+
 stage data prepare_data
 stage sft sft
 stage scaling scaling
 stage positions positions
 [ -f "recipes/$suite/scaling-locality.sweep.json" ] && stage locality locality
+[ -f "recipes/$suite/scaling-seeds.sweep.json" ] && stage seeds seeds
 log "done in $((SECONDS - start))s; results in $out/$suite-results.tar.gz"
