@@ -129,19 +129,11 @@ positions() {
   return $rc
 }
 
-# The locality control of the scaling ladder, last: the same sweep with a block-local variant added (only the new
-# runs train). Suites without the spec skip it.
-locality() {
-  local rc=0 spec=recipes/$suite/scaling-locality.sweep.json
-  "${sweep[@]}" run "$spec" "${common[@]}" || rc=1
-  "${sweep[@]}" collect "$spec" "${common[@]}" || rc=1
-  "${sweep[@]}" fit "$spec" "${common[@]}" || rc=1
-  return $rc
-}
-
-# The ladder and its locality control with 3 seeds per run: the noise of the single-seed gaps above.
-seeds() {
-  local rc=0 spec=recipes/$suite/scaling-seeds.sweep.json
+# A follow-up of the scaling ladder from its own spec: the locality control (the same sweep with a block-local
+# variant added, so only the new runs train) or the ladder with 3 seeds per run (the noise of the single-seed gaps).
+# Suites without the spec skip the stage.
+ladder() {
+  local rc=0 spec=$1
   "${sweep[@]}" run "$spec" "${common[@]}" || rc=1
   "${sweep[@]}" collect "$spec" "${common[@]}" || rc=1
   "${sweep[@]}" fit "$spec" "${common[@]}" || rc=1
@@ -152,6 +144,8 @@ stage data prepare_data
 stage sft sft
 stage scaling scaling
 stage positions positions
-[ -f "recipes/$suite/scaling-locality.sweep.json" ] && stage locality locality
-[ -f "recipes/$suite/scaling-seeds.sweep.json" ] && stage seeds seeds
+for follow_up in locality seeds; do
+  spec=recipes/$suite/scaling-$follow_up.sweep.json
+  if [ -f "$spec" ]; then stage "$follow_up" ladder "$spec"; fi
+done
 log "done in $((SECONDS - start))s; results in $out/$suite-results.tar.gz"
