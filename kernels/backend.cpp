@@ -25,15 +25,15 @@ void release_attention_scratch(Backend& be, AttentionScratch& s) {
     if (t->data) be.release(*t);
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& name, int device, OpProfile profile) {
+std::unique_ptr<Backend> make_backend(const std::string& name, int device, BackendSettings settings) {
   if (name == "cpu") {
-    MOBA_CHECK(profile == OpProfile::off, "per-op profiling times CUDA events: backend 'cpu' has none",
+    MOBA_CHECK(settings.profile == OpProfile::off, "per-op profiling times CUDA events: backend 'cpu' has none",
                "profile on backend: cuda, or leave --profile-ops off");
     return make_cpu_backend();
   }
   if (name == "cuda") {
 #if MOBA_HAVE_CUDA
-    return make_cuda_backend(device, profile);
+    return make_cuda_backend(device, settings);
 #else
     throw Error("backend 'cuda' is not available: this binary was built without CUDA",
                 "install the CUDA toolkit and rebuild (./scripts/build.sh), or use backend: cpu");

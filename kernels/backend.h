@@ -82,6 +82,12 @@ class Backend {
   // ---- attention (kernels/attention.h): ops only; which layers route, reuse routing or recompute is the model's ----
   // Bytes of each scratch buffer that calls up to `shape` need (zeros where the backend needs none).
   virtual AttentionScratchSizes attention_scratch_sizes(const AttentionScratchShape& shape) const = 0;
+  // Bytes of scratch the other ops take (grown once, in the first step) for calls of up to max_tokens rows of d_model
+  // channels and vocab token ids: the CUDA backend's deterministic embedding and RMSNorm backward; 0 elsewhere.
+  virtual size_t op_scratch_bytes(int64_t max_tokens, int d_model, int vocab) const {
+    (void)max_tokens, (void)d_model, (void)vocab;
+    return 0;
+  }
   // MoBA routing: writes c.selected from c.q and the block means of the whole c.k.
   virtual void moba_select_blocks(const AttentionCall& c) = 0;
   // Writes c.out and c.lse (full causal, or MoBA over c.selected).
@@ -123,14 +129,23 @@ void release_attention_scratch(Backend& be, AttentionScratch& scratch);
 // one op's time varies within a step). The events serialise nothing but add a little launch overhead.
 enum class OpProfile { off, totals, every_call };
 
+// Run-wide choices of a backend, fixed at creation (typed: from the recipe or bench flags, never the environment).
+struct BackendSettings {
+  OpProfile profile = OpProfile::off;
+  // Bitwise-reproducible results run to run (same GPU, same inputs) of the non-attention ops that otherwise add with
+  // float atomics: CUDA embedding_backward and rmsnorm_backward's dweight. Attention takes the same choice per call
+  // (AttentionKernelSettings::deterministic). The CPU backend always is.
+  bool deterministic = false;
+};
+
 std::unique_ptr<Backend> make_cpu_backend();
 #if MOBA_HAVE_CUDA
 // kernels/cuda/; runs on GPU `device`; throws a clear moba::Error when no GPU is usable
-std::unique_ptr<Backend> make_cuda_backend(int device = 0, OpProfile profile = OpProfile::off);
+std::unique_ptr<Backend> make_cuda_backend(int device = 0, BackendSettings settings = {});
 #endif
 // "cpu" or "cuda" (on GPU `device`); "cuda" fails with a clear message when this build has no CUDA backend or no GPU.
-// `profile` other than off needs "cuda".
-std::unique_ptr<Backend> make_backend(const std::string& name, int device = 0, OpProfile profile = OpProfile::off);
+// A profile other than off needs "cuda".
+std::unique_ptr<Backend> make_backend(const std::string& name, int device = 0, BackendSettings settings = {});
 // GPUs this process can see (0 without the CUDA backend or a driver).
 int gpu_count();
 

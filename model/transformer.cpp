@@ -142,8 +142,11 @@ AttentionScratchShape attention_plan(const ModelConfig& c, int64_t max_tokens, c
 
 std::vector<MemoryItem> Transformer::memory_plan(const ModelConfig& c, int64_t max_tokens,
                                                  const TransformerOptions& options, const Backend& backend) {
-  return memory_plan(c, max_tokens, options, backend.activation_dtype(),
-                     AttentionLayer::scratch_bytes(backend, attention_plan(c, max_tokens, options)));
+  std::vector<MemoryItem> plan = memory_plan(c, max_tokens, options, backend.activation_dtype(),
+                                             AttentionLayer::scratch_bytes(backend, attention_plan(c, max_tokens, options)));
+  if (const size_t ops = backend.op_scratch_bytes(max_tokens, c.d_model, c.vocab_size); ops > 0)
+    plan.push_back({"deterministic backward scratch (embedding, RMSNorm)", ops});
+  return plan;
 }
 
 std::vector<MemoryItem> Transformer::memory_plan(const ModelConfig& c, int64_t max_tokens,

@@ -86,7 +86,7 @@ class Transformer {
   void zero_grads();
 
   // What the constructor allocates on `backend` for these settings, by buffer (parameters, optimizer-free): the
-  // plan printed before training, the attention kernels' scratch included.
+  // plan printed before training, the attention kernels' scratch and the backend's op scratch included.
   static std::vector<MemoryItem> memory_plan(const ModelConfig& config, int64_t max_tokens,
                                              const TransformerOptions& options, const Backend& backend);
   // The same for a backend that is not at hand (planning a GPU run on a machine without one): its activation dtype

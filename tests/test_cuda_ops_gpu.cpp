@@ -217,6 +217,97 @@ TEST(CudaOps, RmsnormForwardAndBackward) {
   }
 }
 
+// ---- deterministic backward (BackendSettings::deterministic) -------------------------------------------------
+
+// Bitwise equality of two f32 results (NaN-safe: compares the bits).
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// The ordered embedding backward: bitwise equal over two calls, equal to the CPU and to the atomic path to f32
+// rounding, and bitwise equal to the CPU for every token whose sorted positions fit one 128-position piece (the same
+// f32 adds in the same order). A hot token (80% of the positions: 19 pieces of one id, as the space byte of byte-level
+// text) and N, C not multiples of any tile; 16-byte and scalar column paths.
+TEST(CudaOps, DeterministicEmbeddingBackward) {
+  MOBA_REQUIRE_GPU();
+  const std::unique_ptr<Backend> ordered = make_cuda_backend(0, {OpProfile::off, true});
+  Backends be;  // after `ordered`, so its tensors are released first
+  const int64_t N = 3001;
+  const int V = 300, kHot = 32;
+  std::vector<int32_t> tokens = random_ints(N, 21, V);
+  std::mt19937_64 rng(22);
+  for (int32_t& t : tokens)
+    if (rng() % 5 != 0) t = kHot;
+  for (int C : {1000, 35}) {
+    const std::string tag = " C=" + std::to_string(C);
+    const std::vector<float> dout = random_bf16(N * C, 23);
+    const std::vector<float> dwte0 = random_vector(static_cast<size_t>(V) * C, 24);
+    auto run = [&](Backend& b) {
+      Tensor dw = be.floats(b, DType::f32, dwte0, {V, C});
+      b.embedding_backward(dw, be.activation(b, dout, {N, C}), be.ints(b, DType::i32, tokens, {N}));
+      return be.read(b, dw);
+    };
+    const std::vector<float> cpu = run(*be.cpu), atomic = run(*be.gpu), first = run(*ordered), second = run(*ordered);
+    EXPECT_TRUE(same_bits(first, second)) << "two deterministic embedding_backward calls differ" << tag;
+    expect_close(first, cpu, kF32, "deterministic embedding_backward vs CPU" + tag);
+    expect_close(first, atomic, kF32, "deterministic embedding_backward vs atomic" + tag);
+    // Tokens whose run of sorted positions lies inside one piece: the CPU's exact sums.
+    std::vector<int64_t> count(V, 0), run_begin(V, 0);
+    for (int32_t t : tokens) ++count[static_cast<size_t>(t)];
+    for (int v = 1; v < V; ++v) run_begin[v] = run_begin[v - 1] + count[v - 1];
+    int checked = 0;
+    for (int v = 0; v < V; ++v) {
+      if (count[v] == 0 || run_begin[v] / 128 != (run_begin[v] + count[v] - 1) / 128) continue;
+      const size_t row = static_cast<size_t>(v) * C;
+      EXPECT_TRUE(std::memcmp(first.data() + row, cpu.data() + row, sizeof(float) * C) == 0) << "token " << v << tag;
+      ++checked;
+    }
+    EXPECT_GT(checked, V / 2) << tag;
+  }
+}
+
+// The ordered RMSNorm backward: dweight through per-block partial rows summed in block order. Bitwise equal over two
+// calls; dinp equals the atomic path bitwise (only dweight's sums differ); both equal the CPU to rounding. N = 4501
+// makes each warp take several rows (more than 4 blocks per SM of 8 rows), C = 6008 takes the column-owner form
+// (per-warp rows past 160 KB of shared memory), C = 100 the scalar path.
+TEST(CudaOps, DeterministicRmsnormBackward) {
+  MOBA_REQUIRE_GPU();
+  const std::unique_ptr<Backend> ordered = make_cuda_backend(0, {OpProfile::off, true});
+  Backends be;
+  const int64_t N = 4501;
+  for (int C : {1792, 100, 6008}) {
+    const std::string tag = " C=" + std::to_string(C);
+    const std::vector<float> inp = random_bf16(N * C, 30, -2.0f, 2.0f);
+    const std::vector<float> weight = random_bf16(C, 31, 0.5f, 1.5f);
+    const std::vector<float> dout = random_bf16(N * C, 32);
+    const std::vector<float> dinp0 = random_bf16(N * C, 33);
+    const std::vector<float> dweight0 = random_vector(C, 34);
+    std::vector<float> rstd;  // the CPU's, used by every side
+    {
+      Backend& b = *be.cpu;
+      Tensor y = be.empty(b, DType::f32, {N, C}), r = be.empty(b, DType::f32, {N});
+      b.rmsnorm_forward(y, r, be.activation(b, inp, {N, C}), be.activation(b, weight, {C}), 1e-5f);
+      rstd = be.read(b, r);
+    }
+    struct Result {
+      std::vector<float> dinp, dweight;
+    };
+    auto run = [&](Backend& b) {
+      Tensor dx = be.activation(b, dinp0, {N, C}), dw = be.floats(b, DType::f32, dweight0, {C});
+      b.rmsnorm_backward(dx, dw, be.activation(b, dout, {N, C}), be.activation(b, inp, {N, C}),
+                         be.activation(b, weight, {C}), be.floats(b, DType::f32, rstd, {N}));
+      return Result{be.read(b, dx), be.read(b, dw)};
+    };
+    const Result cpu = run(*be.cpu), atomic = run(*be.gpu), first = run(*ordered), second = run(*ordered);
+    EXPECT_TRUE(same_bits(first.dweight, second.dweight)) << "two deterministic dweight sums differ" << tag;
+    EXPECT_TRUE(same_bits(first.dinp, second.dinp)) << tag;
+    EXPECT_TRUE(same_bits(first.dinp, atomic.dinp)) << "dinp does not depend on the dweight path" << tag;
+    expect_close(first.dinp, cpu.dinp, kBf16, "deterministic rmsnorm_backward dinp vs CPU" + tag);
+    expect_close(first.dweight, cpu.dweight, kF32, "deterministic rmsnorm_backward dweight vs CPU" + tag);
+    expect_close(first.dweight, atomic.dweight, kF32, "deterministic rmsnorm_backward dweight vs atomic" + tag);
+  }
+}
+
 // The residual add fused with the norm: against the CPU, and bitwise against add_inplace + rmsnorm_forward on the GPU.
 TEST(CudaOps, ResidualRmsnormIsAddThenNorm) {
   MOBA_REQUIRE_GPU();

@@ -214,7 +214,8 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
       parallel::resolve_transport(r.parallel.transport, device, mpi.local_size(), gpus, r.source_path);
   std::unique_ptr<Backend> be =
       make_backend(r.backend, gpus > 0 ? mpi.local_rank() % gpus : 0,
-                   profile == "calls" ? OpProfile::every_call : profile == "totals" ? OpProfile::totals : OpProfile::off);
+                   {profile == "calls" ? OpProfile::every_call : profile == "totals" ? OpProfile::totals : OpProfile::off,
+                    r.train.deterministic});
   parallel::Communicator comm(mpi, layout, *be, transport, r.parallel.timeout_s);
   model::ModelConfig c = model_config_from(r, r.model.vocab_size);
   model::TransformerOptions model_options = transformer_options(r);
@@ -251,7 +252,7 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
   data::ContextShard shard;
   const model::TokenBatch batch = local_batch(whole, layout.context, layout.context_rank, shard);
   const std::vector<model::TokenBatch> micro_batches(static_cast<size_t>(accumulation), batch);
-  std::vector<AttentionParams> attention = layer_attention(r.attention, c);
+  std::vector<AttentionParams> attention = layer_attention(r.attention, c, r.train.deterministic);
   double loss = 0;
   int64_t step_index = 0;
   auto step = [&]() {
@@ -278,7 +279,9 @@ int bench_train(const std::vector<std::string>& args, parallel::MpiContext& mpi)
           {"transport", json_string(comm.transport())},
           {"step_ms", json_number(step_ms)}, {"tokens_per_s", json_number(std::round(tokens_per_s))},
           {"mfu", json_number(mfu)}, {"peak_gib", json_number(static_cast<double>(be->peak_bytes()) / (1 << 30))},
-          {"recompute", json_string(r.train.recompute)}, {"loss", json_number(loss)}, {"steps", ap.get("steps")}},
+          {"recompute", json_string(r.train.recompute)},
+          {"deterministic", r.train.deterministic ? "true" : "false"}, {"loss", json_number(loss)},
+          {"steps", ap.get("steps")}},
          ap.get("out"));
   return 0;
 }

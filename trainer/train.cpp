@@ -266,7 +266,7 @@ int train_command(const std::vector<std::string>& args, parallel::MpiContext& mp
   const int gpus = device == Device::cuda ? gpu_count() : 0;
   const parallel::Transport transport =
       parallel::resolve_transport(r.parallel.transport, device, mpi.local_size(), gpus, r.source_path);
-  run.backend = make_backend(r.backend, gpus > 0 ? mpi.local_rank() % gpus : 0);
+  run.backend = make_backend(r.backend, gpus > 0 ? mpi.local_rank() % gpus : 0, {OpProfile::off, r.train.deterministic});
   if (run.backend->device() == Device::cpu && r.train.precision == "bf16")
     warn("train.precision: bf16 - the CPU backend computes in fp32");
   if (run.backend->device() == Device::cuda && r.train.precision == "fp32")

@@ -123,7 +123,7 @@ cuda::AttentionArgs args_of(const AttentionCall& c, const char* op, bool backwar
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, OpProfile profile) {
+  CudaBackend(int device, BackendSettings settings) : deterministic_(settings.deterministic) {
     ctx_.device = device;
     int count = 0;
     cudaError_t err = cudaGetDeviceCount(&count);
@@ -141,7 +141,7 @@ class CudaBackend final : public Backend {
     ctx_.workspace_bytes = 32u << 20;
     MOBA_CUDA_CHECK(cudaMalloc(&ctx_.workspace, ctx_.workspace_bytes));
     name_ = cat("cuda (", prop.name, ")");
-    profiler_ = std::make_unique<OpProfiler>(ctx_.stream, profile);
+    profiler_ = std::make_unique<OpProfiler>(ctx_.stream, settings.profile);
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(ctx_.stream);
@@ -222,7 +222,7 @@ class CudaBackend final : public Backend {
   void embedding_backward(Tensor dwte, const Tensor& dout, const Tensor& tokens) override {
     OpTimer timer(*profiler_, "embedding_backward");
     cuda::embedding_backward(ctx_, f32(dwte, "dwte"), b16(dout, "dout"), i32(tokens, "tokens"), dout.rows(),
-                             static_cast<int>(dout.row_size()), static_cast<int>(dwte.rows()));
+                             static_cast<int>(dout.row_size()), static_cast<int>(dwte.rows()), deterministic_);
   }
   void rmsnorm_forward(Tensor out, Tensor rstd, const Tensor& inp, const Tensor& weight, float eps) override {
     OpTimer timer(*profiler_, "rmsnorm_forward");
@@ -242,7 +242,8 @@ class CudaBackend final : public Backend {
                         const Tensor& rstd) override {
     OpTimer timer(*profiler_, "rmsnorm_backward");
     cuda::rmsnorm_backward(ctx_, b16(dinp, "dinp"), f32(dweight, "dweight"), b16(dout, "dout"), b16(inp, "inp"),
-                           b16(weight, "weight"), f32(rstd, "rstd"), inp.rows(), static_cast<int>(inp.row_size()));
+                           b16(weight, "weight"), f32(rstd, "rstd"), inp.rows(), static_cast<int>(inp.row_size()),
+                           deterministic_);
   }
   void matmul_forward(Tensor out, const Tensor& inp, const Tensor& weight) override {
     OpTimer timer(*profiler_, profiler_->enabled() ? cat("matmul_forward ", inp.rows(), "x", inp.row_size(), "->",
@@ -321,6 +322,11 @@ class CudaBackend final : public Backend {
   AttentionScratchSizes attention_scratch_sizes(const AttentionScratchShape& shape) const override {
     return cuda::attention_scratch_sizes(shape);
   }
+  size_t op_scratch_bytes(int64_t max_tokens, int d_model, int vocab) const override {
+    if (!deterministic_) return 0;
+    return cuda::rmsnorm_backward_scratch_bytes(ctx_, max_tokens, d_model) +
+           cuda::embedding_backward_scratch_bytes(max_tokens, d_model, vocab);
+  }
   void moba_select_blocks(const AttentionCall& c) override {
     OpTimer timer(*profiler_, "moba_select_blocks");
     cuda::moba_select_blocks(ctx_, args_of(c, "moba_select_blocks", false));
@@ -383,6 +389,7 @@ class CudaBackend final : public Backend {
 
  private:
   CudaContext ctx_;
+  const bool deterministic_;  // BackendSettings::deterministic: the ordered (atomic-free) embedding / RMSNorm backward
   std::unique_ptr<OpProfiler> profiler_;  // per-op timings unless OpProfile::off
   std::string name_;
 };
@@ -390,8 +397,8 @@ class CudaBackend final : public Backend {
 }  // namespace
 }  // namespace cuda
 
-std::unique_ptr<Backend> make_cuda_backend(int device, OpProfile profile) {
-  return std::make_unique<cuda::CudaBackend>(device, profile);
+std::unique_ptr<Backend> make_cuda_backend(int device, BackendSettings settings) {
+  return std::make_unique<cuda::CudaBackend>(device, settings);
 }
 
 int gpu_count() {

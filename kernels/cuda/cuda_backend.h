@@ -10,7 +10,9 @@
 namespace moba::cuda {
 
 struct CudaContext {
-  static constexpr int kScratchSlots = 2;  // 0: the loss total (cross_entropy), 1: reduction partials (reduce)
+  // 0: the loss total (cross_entropy), 1: reduction partials (reduce); the deterministic backward ops:
+  // 2: RMSNorm's per-block dweight rows, 3: the embedding's token sort and partial rows.
+  static constexpr int kScratchSlots = 4;
   int device = 0;
   cudaStream_t stream = nullptr;
   cublasLtHandle_t lt = nullptr;

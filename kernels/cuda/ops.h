@@ -16,16 +16,24 @@ using bf16 = __nv_bfloat16;
 // out (N, C) = wte[tokens]; dwte (V, C) f32 += scatter of dout.
 // out row i (row_bytes) = src row rows[i], N rows, any dtype (the embedding lookup, key reordering).
 void gather_rows(const CudaContext& ctx, void* out, const int32_t* rows, const void* src, int64_t N, int64_t row_bytes);
+// deterministic: a stable sort of the positions by token id (scratch slot 3), then each token's rows summed in
+// position order in fixed pieces (bitwise reproducible); else f32 atomics (repeated ids add in run order).
 void embedding_backward(const CudaContext& ctx, float* dwte, const bf16* dout, const int32_t* tokens, int64_t N, int C,
-                        int V);
+                        int V, bool deterministic = false);
+// Bytes of scratch slot 3 the deterministic embedding_backward takes for N tokens, C channels, V ids.
+size_t embedding_backward_scratch_bytes(int64_t N, int C, int V);
 // out (N, C), rstd (N) f32, inp (N, C), weight (C); dinp (N, C) +=, dweight (C) f32 +=.
 void rmsnorm_forward(const CudaContext& ctx, bf16* out, float* rstd, const bf16* inp, const bf16* weight, int64_t N,
                      int C, float eps);
 // resid (N, C) += residual (rounded to bf16), then out = rmsnorm(resid) (bitwise add_inplace + rmsnorm_forward).
 void residual_rmsnorm_forward(const CudaContext& ctx, bf16* resid, bf16* out, float* rstd, const bf16* residual,
                               const bf16* weight, int64_t N, int C, float eps);
+// deterministic: dweight summed without atomics in a fixed order (bitwise reproducible for a given N, C and GPU),
+// through scratch slot 2; else per-block sums added with f32 atomics.
 void rmsnorm_backward(const CudaContext& ctx, bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
-                      const bf16* weight, const float* rstd, int64_t N, int C);
+                      const bf16* weight, const float* rstd, int64_t N, int C, bool deterministic = false);
+// Bytes of scratch slot 2 the deterministic rmsnorm_backward takes for N rows of C channels.
+size_t rmsnorm_backward_scratch_bytes(const CudaContext& ctx, int64_t N, int C);
 // out (N, OC) = inp (N, IC) @ weight (OC, IC)^T via cuBLASLt (bf16 in, f32 accumulate).
 // dinp (N, IC) += dout @ weight (= when !accumulate); dweight (OC, IC) f32 += dout^T @ inp. Either may be nullptr.
 void matmul_forward(const CudaContext& ctx, bf16* out, const bf16* inp, const bf16* weight, int64_t N, int IC, int OC);
