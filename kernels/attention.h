@@ -19,7 +19,9 @@ const char* attention_mode_name(AttentionMode m);
 // Kernel choices that trade speed or memory and never change results beyond rounding. Typed settings (bench flags,
 // tests, the model's attention plan), not environment variables.
 struct AttentionKernelSettings {
-  // Bitwise-reproducible dQ where the backend otherwise adds with float atomics (CUDA MoBA); slower.
+  // Bitwise-reproducible backward run to run where the backend otherwise sums in a run-dependent order (CUDA: dQ of
+  // MoBA and full attention without float atomics; the MoBA dispatch of all rows in canonical order, so dK/dV sum a
+  // block's rows in a fixed order); slower. The forward and routing are reproducible either way.
   bool deterministic = false;
   // CUDA MoBA dK/dV kernel: automatic = warpgroup MMAs on sm_90 for head dims 72..128, else mma.sync;
   // mma_sync forces the latter (comparisons on one device).

@@ -20,7 +20,9 @@ struct AttentionParams {
   // constant of the backward pass, so freezing it makes the layer smooth in Q and K (finite-difference
   // tests, analysis of a fixed routing).
   bool reuse_routing = false;
-  // Bitwise-reproducible gradients where the backend otherwise uses float atomics (CUDA MoBA dQ); slower.
+  // Bitwise-reproducible gradients where the backend otherwise sums in a run-dependent order (CUDA: dQ of MoBA and
+  // full attention without float atomics, MoBA's dispatch lists in canonical order for dK/dV); slower. The run's
+  // other ops take the same choice from BackendSettings::deterministic (train.deterministic sets both).
   bool deterministic = false;
 };
 

@@ -1,8 +1,8 @@
 // Properties of the CUDA MoBA launchers that the op-test harness (test_attention_ops_gpu.cpp) does not see, checked
 // on the launchers directly with a stream of our own: the layer (routing, forward, backward) captures into a CUDA
-// graph whose replays give the eager results bit for bit; deterministic dQ is bitwise reproducible and equals the
-// atomic path up to rounding; query chunks (a small entry budget) give the one-chunk forward and deterministic dQ bit
-// for bit; a NaN/Inf query routes to its current block, or throws with check_finite_queries; and
+// graph whose replays give the eager results bit for bit; the deterministic backward (dq, dk, dv; MoBA and the
+// dense flash kernels) is bitwise reproducible and equals the atomic path up to rounding; query chunks (a small entry
+// budget) give the one-chunk forward and deterministic gradients bit for bit; a NaN/Inf query routes to its current block, or throws with check_finite_queries; and
 // `moba check-vectors --backend cuda` passes on the pinned vectors.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -47,6 +47,7 @@ struct OwnContext {
 struct MobaCase {
   std::vector<int32_t> cu_seqlens;
   int H, Hkv, D, B, top_k;
+  bool full = false;  // the dense causal kernels (flash_attention_*) instead of MoBA
   int64_t tokens() const { return cu_seqlens.back(); }
 };
 
@@ -102,7 +103,7 @@ class DirectLayer {
     shape.n_kv_heads = c.Hkv;
     shape.head_dim = c.D;
     shape.min_block_size = c.B;
-    shape.max_top_k = c.top_k;
+    shape.max_top_k = c.full ? 0 : c.top_k;
     shape.settings = settings;
     const AttentionScratchSizes z = cuda::attention_scratch_sizes(shape);
     auto scratch = [&](size_t bytes) { return cuda::ScratchBuffer{bytes ? buffer(bytes)->ptr : nullptr, bytes}; };
@@ -114,6 +115,11 @@ class DirectLayer {
     EXPECT_EQ(cudaMemsetAsync(a_.dq, 0, nq_ * 2, stream), cudaSuccess);
     EXPECT_EQ(cudaMemsetAsync(a_.dk, 0, nk_ * 2, stream), cudaSuccess);
     EXPECT_EQ(cudaMemsetAsync(a_.dv, 0, nk_ * 2, stream), cudaSuccess);
+    if (c_.full) {
+      cuda::flash_attention_forward(own.ctx, a_);
+      cuda::flash_attention_backward(own.ctx, a_);
+      return;
+    }
     cuda::moba_select_blocks(own.ctx, a_);
     cuda::moba_attention_forward(own.ctx, a_);
     cuda::moba_attention_backward(own.ctx, a_);
@@ -174,7 +180,7 @@ AttentionKernelSettings deterministic_settings() {
 
 // No host synchronisation inside the layer: zeroing, routing, forward and backward capture into one CUDA graph (a
 // synchronising call would end the capture with an error), and replaying the graph twice gives the eager O, LSE and
-// (deterministic) dQ bit for bit.
+// (deterministic) dQ, dK, dV bit for bit.
 TEST(CudaMoba, LayerCapturesIntoACudaGraph) {
   MOBA_REQUIRE_GPU();
   const MobaCase c{{0, 1500, 1501, 3000}, 8, 2, 128, 128, 4};
@@ -197,40 +203,59 @@ TEST(CudaMoba, LayerCapturesIntoACudaGraph) {
     EXPECT_EQ(got.out, eager.out) << "replay " << replay;
     EXPECT_EQ(got.lse, eager.lse) << "replay " << replay;
     EXPECT_EQ(got.dq, eager.dq) << "replay " << replay;
-    // dK/dV sum a bucket's rows in the dispatch's fill order, which atomics make vary run to run.
-    EXPECT_LE(rel(got.dk, eager.dk), 1e-3) << "replay " << replay;
-    EXPECT_LE(rel(got.dv, eager.dv), 1e-3) << "replay " << replay;
+    // Deterministic: dK/dV sum a bucket's rows in the canonical dispatch order (the sort is captured too).
+    EXPECT_EQ(got.dk, eager.dk) << "replay " << replay;
+    EXPECT_EQ(got.dv, eager.dv) << "replay " << replay;
   }
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
 }
 
-TEST(CudaMoba, DeterministicDqIsBitwiseReproducible) {
+// The deterministic backward, MoBA (also in 64-row query chunks: a 1 MiB entry budget) and dense (the flash kernels
+// with the ordered dQ pass), GQA, documents of uneven lengths: dq, dk, dv equal bit for bit over two runs, and the
+// atomic path the backend uses by default computes the same gradients up to rounding.
+TEST(CudaMoba, DeterministicBackwardIsBitwiseReproducible) {
   MOBA_REQUIRE_GPU();
-  const MobaCase c{{0, 1500, 3000}, 8, 2, 128, 128, 4};
   OwnContext own;
-  // deterministic twice (dq must match bit for bit), then the atomic path the backend uses by default: both compute
-  // the same gradients up to rounding.
-  const DirectRun a = run_direct(own, c, 61, deterministic_settings()),
-                  b = run_direct(own, c, 61, deterministic_settings()), atomic = run_direct(own, c, 61, {});
-  EXPECT_EQ(a.dq, b.dq) << "dq differs between two deterministic backward passes";
-  EXPECT_EQ(a.out, b.out) << "the forward is not bitwise reproducible";
-  size_t nonzero = 0;
-  for (uint16_t x : a.dq) nonzero += (x & 0x7FFF) != 0;
-  EXPECT_GT(nonzero, a.dq.size() / 2);
-  const char* names[] = {"dq", "dk", "dv"};
-  const std::vector<uint16_t>* det[] = {&a.dq, &a.dk, &a.dv};
-  const std::vector<uint16_t>* atom[] = {&atomic.dq, &atomic.dk, &atomic.dv};
-  for (int i = 0; i < 3; ++i) {
-    const double e = rel(*atom[i], *det[i]);
-    std::printf("deterministic vs atomic %s: relative L2 %.2e\n", names[i], e);
-    EXPECT_LE(e, 1e-2) << names[i];
+  AttentionKernelSettings chunked = deterministic_settings();
+  chunked.entry_budget_bytes = int64_t{1} << 20;
+  struct Case {
+    const char* name;
+    MobaCase c;
+    AttentionKernelSettings settings;
+  };
+  const Case cases[] = {
+      {"moba", {{0, 1500, 3000}, 8, 2, 128, 128, 4}, deterministic_settings()},
+      {"moba, query chunks", {{0, 1500, 1501, 4000}, 8, 2, 128, 128, 4}, chunked},
+      {"moba D=64", {{0, 700, 2100}, 4, 1, 64, 64, 3}, deterministic_settings()},
+      {"full", {{0, 1500, 1501, 3000}, 8, 2, 128, 128, 1, true}, deterministic_settings()},
+      {"full D=64", {{0, 1000, 2333}, 4, 2, 64, 64, 1, true}, deterministic_settings()},
+  };
+  for (const Case& t : cases) {
+    SCOPED_TRACE(t.name);
+    const DirectRun a = run_direct(own, t.c, 61, t.settings), b = run_direct(own, t.c, 61, t.settings),
+                    atomic = run_direct(own, t.c, 61, {});
+    EXPECT_EQ(a.out, b.out) << "the forward is not bitwise reproducible";
+    EXPECT_EQ(a.dq, b.dq) << "dq differs between two deterministic backward passes";
+    EXPECT_EQ(a.dk, b.dk) << "dk differs between two deterministic backward passes";
+    EXPECT_EQ(a.dv, b.dv) << "dv differs between two deterministic backward passes";
+    size_t nonzero = 0;
+    for (uint16_t x : a.dq) nonzero += (x & 0x7FFF) != 0;
+    EXPECT_GT(nonzero, a.dq.size() / 2);
+    const char* names[] = {"dq", "dk", "dv"};
+    const std::vector<uint16_t>* det[] = {&a.dq, &a.dk, &a.dv};
+    const std::vector<uint16_t>* atom[] = {&atomic.dq, &atomic.dk, &atomic.dv};
+    for (int i = 0; i < 3; ++i) {
+      const double e = rel(*atom[i], *det[i]);
+      std::printf("%s: deterministic vs atomic %s: relative L2 %.2e\n", t.name, names[i], e);
+      EXPECT_LE(e, 1e-2) << names[i];
+    }
   }
 }
 
 // A 1 MiB entry budget splits the query rows into 64-row chunks (forward partials and deterministic dQ parts): the
 // forward and the deterministic dQ equal the one-chunk result bit for bit (each row's parts are the same and summed
-// in the same order), dK/dV up to the dispatch's row order.
+// in the same order), and so do dK/dV (both read the canonical dispatch of all rows).
 TEST(CudaMoba, QueryChunksMatchOneChunk) {
   MOBA_REQUIRE_GPU();
   const MobaCase c{{0, 1500, 1501, 4000}, 8, 2, 128, 128, 4};
@@ -242,8 +267,8 @@ TEST(CudaMoba, QueryChunksMatchOneChunk) {
   EXPECT_EQ(one.out, chunked.out);
   EXPECT_EQ(one.lse, chunked.lse);
   EXPECT_EQ(one.dq, chunked.dq);
-  EXPECT_LE(rel(chunked.dk, one.dk), 1e-3);
-  EXPECT_LE(rel(chunked.dv, one.dv), 1e-3);
+  EXPECT_EQ(one.dk, chunked.dk);
+  EXPECT_EQ(one.dv, chunked.dv);
 }
 
 // A NaN/Inf query: unchecked, its row routes to the current block only and nothing synchronises; with

@@ -52,7 +52,8 @@ int bench_attention(const std::vector<std::string>& args) {
   ap.add_option("backend", "NAME", "cuda | cpu", "cuda");
   ap.add_option("warmup", "W", "untimed runs first", "3");
   ap.add_option("reps", "R", "timed runs (the median is reported)", "10");
-  ap.add_option("deterministic", "BOOL", "MoBA dQ without float atomics (bitwise reproducible)", "false");
+  ap.add_option("deterministic", "BOOL",
+                "bitwise-reproducible backward: dQ without float atomics, MoBA's dispatch in canonical order", "false");
   ap.add_option("dkv-kernel", "K", "CUDA MoBA dK/dV kernel: auto | mma (mma.sync everywhere)", "auto");
   ap.add_option("entry-budget-mb", "MIB", "CUDA MoBA per-entry buffers per query chunk, MiB", "4096");
   ap.add_option("check-finite", "BOOL", "CUDA MoBA routing: synchronise and fail on a NaN/Inf query", "false");

@@ -39,5 +39,9 @@ void flash_attention_backward(const CudaContext& ctx, const AttentionArgs& a);  
 void moba_select_blocks(const CudaContext& ctx, const AttentionArgs& a);       // selected
 void moba_attention_forward(const CudaContext& ctx, const AttentionArgs& a);   // out, lse
 void moba_attention_backward(const CudaContext& ctx, const AttentionArgs& a);  // dq, dk, dv +=
+// dq += the full causal attention's dQ without atomics (query-major: MoBA's current-block dQ pass with one block
+// spanning every document), bitwise reproducible; the deterministic flash_attention_backward's dQ. Uses scratch
+// row_stats; head dims 8..128 in steps of 8.
+void causal_dq_ordered(const CudaContext& ctx, const AttentionArgs& a);
 
 }  // namespace moba::cuda

@@ -63,6 +63,8 @@ AttentionScratchSizes attention_scratch_sizes(const AttentionScratchShape& s) {
     z.partials = std::max({z.partials, static_cast<size_t>(forward_rows * H * (k - 1) * (D + 1)) * sizeof(float),
                            static_cast<size_t>(dq_rows * H * (k - 1) * D) * sizeof(float)});
     z.dispatch = std::max(z.dispatch, dispatch_bytes(Nk, B, H, Hkv, k, rows64));
+    // Deterministic backward: the canonical dispatch's sort borrows `partials` (moba_attention_backward).
+    z.partials = std::max(z.partials, dispatch_sort_bytes(Nk, B, H, Hkv, k, rows64));
     if (dq_rows < rows64) z.chunk_dispatch = std::max(z.chunk_dispatch, dispatch_bytes(Nk, B, H, Hkv, k, dq_rows));
   }
   return z;

@@ -9,9 +9,12 @@
 // one 16-byte vector reduction and a warp's reductions cover whole contiguous 512-byte ranges.
 // Query rows may stand at any ascending key rows (q_rows): the query rows that see a key tile are a contiguous range
 // [first_query_at(tile start), first_query_at(end of its last key's document)), walked in tiles from a multiple of 64.
+// settings.deterministic: step (2) leaves dQ out and causal_dq_ordered (moba_backward.cu) adds it query-major,
+// without atomics (3 more products per pair: S, dP and dS K recomputed per query tile).
 // Invariants: dK/dV of a (key tile, kv head) are owned by one CTA (no atomics, plain read-add-write into bf16 or
-// f32); the dq accumulation buffer (scratch `partials`, layout in dq_tile_index) is zeroed at every call; scratch
-// `row_stats` holds Delta and lse2; query tiles start at multiples of 64 (kBlockM) for every key tile.
+// f32), so they are bitwise reproducible; the atomic dQ is not (f32 adds in run order); the dq accumulation buffer
+// (scratch `partials`, layout in dq_tile_index) is zeroed at every call; scratch `row_stats` holds Delta and lse2;
+// query tiles start at multiples of 64 (kBlockM) for every key tile.
 #include <algorithm>
 #include <type_traits>
 
@@ -289,54 +292,60 @@ __global__ void __launch_bounds__(T::kThreads) flash_backward_kernel(const Backw
         }
       }
     }
-    // ---- dS^T to shared memory (bf16) for dQ, which sums over all the CTA's keys ----
+    // ---- dS^T to shared memory (bf16) for dQ, which sums over all the CTA's keys (no dq_accum: the deterministic
+    //      dQ is a separate pass, causal_dq_ordered) ----
+    const bool fused_dq = p.dq_accum != nullptr;  // uniform over the CTA
+    if (fused_dq) {
 #pragma unroll
-    for (int ks = 0; ks < kKStepsM; ++ks)
+      for (int ks = 0; ks < kKStepsM; ++ks)
 #pragma unroll
-      for (int r = 0; r < 4; ++r)  // a_ds[ks][r]: key row g + 8 (r & 1), query columns 16 ks + 8 (r >> 1) + 2 tig
-        st_shared_4(s_ds + DSTile::offset(warp * 16 + (r & 1) * 8 + g, 2 * ks + (r >> 1)) + tig * 4, a_ds[ks][r]);
+        for (int r = 0; r < 4; ++r)  // a_ds[ks][r]: key row g + 8 (r & 1), query columns 16 ks + 8 (r >> 1) + 2 tig
+          st_shared_4(s_ds + DSTile::offset(warp * 16 + (r & 1) * 8 + g, 2 * ks + (r >> 1)) + tig * 4, a_ds[ks][r]);
+    }
     if constexpr (T::kWgmma) fence_proxy_async();
     __syncthreads();
     // ---- dQ (kBlockM, kD) += dS K, then vector reductions into dq_accum ----
-    if constexpr (T::kWgmma) {
-      // Warpgroup w: all 64 queries, columns [64 w, 64 w + 64); A = dS read MN-major out of dS^T, B = K MN-major.
-      float acc[8][4] = {};
-      fence_registers(acc);
-      wgmma_fence();
+    if (fused_dq) {
+      if constexpr (T::kWgmma) {
+        // Warpgroup w: all 64 queries, columns [64 w, 64 w + 64); A = dS read MN-major out of dS^T, B = K MN-major.
+        float acc[8][4] = {};
+        fence_registers(acc);
+        wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {  // 16 keys = 2048 bytes per step
-        const uint32_t rows = kk * 16 * KVTile::kRowBytes;
-        wgmma_m64n64k16_ss<1, 1>(acc, wgmma_descriptor(s_ds + rows, DSTile::kBytes, 1024),
-                                 wgmma_descriptor(s_k + (warp / 4) * KVTile::kBlockBytes + rows, KVTile::kBlockBytes,
-                                                  1024));
-      }
-      wgmma_commit();
-      wgmma_wait_all();
-      fence_registers(acc);
-      fence_registers(dv);
-      fence_registers(dk);
-      fence_registers(a_p);
-      fence_registers(a_ds);
-      add_dq_band<kD, 8>(p, acc, h, m0, warp % 4, (warp / 4) * 64, lane);
-    } else {
-      const int mq = warp % T::kMTilesQ, col_begin = (warp / T::kMTilesQ) * T::kDqCols;
-#pragma unroll
-      for (int pass = 0; pass < T::kDqCols / T::kDqPassCols; ++pass) {
-        const int col0 = col_begin + pass * T::kDqPassCols;
-        float acc[T::kDqPassCols / 8][4] = {};
-#pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          uint32_t a[4];  // dS (queries, keys) read transposed out of dS^T
-          ldmatrix_x4_trans(a, s_ds + DSTile::at(lane_ds, kk * 16, mq * 2));
-#pragma unroll
-          for (int dq2 = 0; dq2 < T::kDqPassCols / 16; ++dq2) {
-            uint32_t b[4];
-            ldmatrix_x4_trans(b, s_k + KVTile::at(lane_bt, kk * 16, col0 / 8 + dq2 * 2));
-            mma_bf16_16816(acc[2 * dq2], a, b[0], b[1]);
-            mma_bf16_16816(acc[2 * dq2 + 1], a, b[2], b[3]);
-          }
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {  // 16 keys = 2048 bytes per step
+          const uint32_t rows = kk * 16 * KVTile::kRowBytes;
+          wgmma_m64n64k16_ss<1, 1>(acc, wgmma_descriptor(s_ds + rows, DSTile::kBytes, 1024),
+                                   wgmma_descriptor(s_k + (warp / 4) * KVTile::kBlockBytes + rows, KVTile::kBlockBytes,
+                                                    1024));
         }
-        add_dq_band<kD, T::kDqPassCols / 8>(p, acc, h, m0, mq, col0, lane);
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_registers(acc);
+        fence_registers(dv);
+        fence_registers(dk);
+        fence_registers(a_p);
+        fence_registers(a_ds);
+        add_dq_band<kD, 8>(p, acc, h, m0, warp % 4, (warp / 4) * 64, lane);
+      } else {
+        const int mq = warp % T::kMTilesQ, col_begin = (warp / T::kMTilesQ) * T::kDqCols;
+#pragma unroll
+        for (int pass = 0; pass < T::kDqCols / T::kDqPassCols; ++pass) {
+          const int col0 = col_begin + pass * T::kDqPassCols;
+          float acc[T::kDqPassCols / 8][4] = {};
+#pragma unroll
+          for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            uint32_t a[4];  // dS (queries, keys) read transposed out of dS^T
+            ldmatrix_x4_trans(a, s_ds + DSTile::at(lane_ds, kk * 16, mq * 2));
+#pragma unroll
+            for (int dq2 = 0; dq2 < T::kDqPassCols / 16; ++dq2) {
+              uint32_t b[4];
+              ldmatrix_x4_trans(b, s_k + KVTile::at(lane_bt, kk * 16, col0 / 8 + dq2 * 2));
+              mma_bf16_16816(acc[2 * dq2], a, b[0], b[1]);
+              mma_bf16_16816(acc[2 * dq2 + 1], a, b[2], b[3]);
+            }
+          }
+          add_dq_band<kD, T::kDqPassCols / 8>(p, acc, h, m0, mq, col0, lane);
+        }
       }
     }
   }
@@ -411,13 +420,16 @@ void flash_attention_backward(const CudaContext& ctx, const AttentionArgs& a) {
              "the CUDA attention needs an even head dim <= 128 and H divisible by Hkv");
   if (Nq == 0 && Nk == 0) return;
   const int kD = padded_head_dim(D), dq_tiles = static_cast<int>((Nq + 63) / 64);
+  // Deterministic: the key-major kernel leaves dQ out (no dq_accum) and causal_dq_ordered adds it without atomics.
+  const bool ordered_dq = a.settings.deterministic;
   const size_t dq_accum_bytes = static_cast<size_t>(H) * dq_tiles * 64 * kD * sizeof(float);
-  float* dq_accum = static_cast<float*>(scratch(a.scratch.partials, "partials", dq_accum_bytes));  // (H, dq_tiles, 64 kD)
+  float* dq_accum = ordered_dq ? nullptr  // else (H, dq_tiles, 64 kD)
+                               : static_cast<float*>(scratch(a.scratch.partials, "partials", dq_accum_bytes));
   float* stats = static_cast<float*>(scratch(a.scratch.row_stats, "row_stats", 2 * Nq * H * sizeof(float)));
   float* delta = stats;          // (H, Nq)
   float* lse2 = stats + Nq * H;  // (H, Nq)
   const int32_t* query_index = a.q_rows != nullptr ? build_query_index(ctx, a) : nullptr;
-  MOBA_CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, dq_accum_bytes, ctx.stream));
+  if (!ordered_dq) MOBA_CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, dq_accum_bytes, ctx.stream));
 
   constexpr int kPreprocessWarps = 8;
   const int64_t rows = Nq * H;
@@ -443,6 +455,10 @@ void flash_attention_backward(const CudaContext& ctx, const AttentionArgs& a) {
       break;
   }
 
+  if (ordered_dq) {  // after the key-major kernel in stream order: it overwrites row_stats with its own Delta
+    causal_dq_ordered(ctx, a);
+    return;
+  }
   const int64_t vectors = static_cast<int64_t>(H) * dq_tiles * 16 * kD;
   if (vectors == 0) return;
   const int threads = 256;

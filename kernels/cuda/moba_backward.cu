@@ -14,11 +14,16 @@
 //   per pair): per dispatch item the selected block's dQ -> a per-(row, selection slot) f32 part; per (64-token
 //   tile, head) the causal current-block dQ + the row's parts in selection order, added into dq. No atomics:
 //   bitwise reproducible. Chunks keep the parts within the settings' entry budget.
-// Invariant: dK/dV have a single owner per element (no atomics), but the selected part sums the rows of a block in
-// dispatch order, which atomics set, so dK/dV (and the atomic dQ) may differ in the last bits run to run.
+// The same current-block dQ pass, with one block spanning every document, is the deterministic dQ of the dense
+// backward (causal_dq_ordered).
+// Invariant: dK/dV have a single owner per element (no atomics); the selected part sums the rows of a block in
+// dispatch order, which atomics set unless deterministic, where the dispatch of all rows is built canonical (entries
+// in ascending id, moba_dispatch.cuh). So deterministic = true gives dq, dk, dv bitwise reproducible run to run on a
+// GPU; deterministic = false gives dK/dV and dQ that may differ in the last bits run to run.
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "common/error.h"
 #include "kernels/cuda/attention_scratch.h"
@@ -506,8 +511,11 @@ void moba_attention_backward(const CudaContext& ctx, const AttentionArgs& args) 
   // Scratch `row_stats`: delta (Nq, H) f32.
   a.delta = static_cast<float*>(scratch(args.scratch.row_stats, "row_stats", static_cast<size_t>(Nq * H) * sizeof(float)));
   if (args.q_rows != nullptr) a.query_index = build_query_index(ctx, args);
-  // Scratch `dispatch`: the dispatch of all rows (dK/dV visit every row of a block's bucket).
-  if (top_k > 1) a.dispatch = build_dispatch(ctx, args.scratch.dispatch, "dispatch", args, 0, Nq, (Nq + 63) / 64 * 64);
+  // Scratch `dispatch`: the dispatch of all rows (dK/dV visit every row of a block's bucket). Deterministic: built
+  // canonical, its sort in scratch `partials` (free until the dQ parts below, which follow in stream order).
+  if (top_k > 1)
+    a.dispatch = build_dispatch(ctx, args.scratch.dispatch, "dispatch", args, 0, Nq, (Nq + 63) / 64 * 64,
+                                args.settings.deterministic ? &args.scratch.partials : nullptr, "partials");
   // Scratch `partials`, otherwise: dq_acc (Nq, H, D) f32 (deterministic: per-chunk dQ parts, see launch_backward).
   if (!args.settings.deterministic)
     a.dq_acc = static_cast<float*>(
@@ -516,6 +524,43 @@ void moba_attention_backward(const CudaContext& ctx, const AttentionArgs& args) 
     launch_backward<64>(a, ctx, args);
   else
     launch_backward<128>(a, ctx, args);
+}
+
+void causal_dq_ordered(const CudaContext& ctx, const AttentionArgs& args) {
+  using namespace attn;
+  const int64_t Nq = args.n_queries, Nk = args.n_keys;
+  const int H = args.n_heads, D = args.head_dim;
+  MOBA_CHECK(D >= 8 && D <= 128 && D % 8 == 0 && Nq * H < (int64_t{1} << 31) && aligned16(args.q) &&
+                 aligned16(args.k) && aligned16(args.v) && aligned16(args.out) && aligned16(args.dout),
+             cat("attention_backward (cuda): the deterministic full-attention dQ takes head dims 8..128 in steps of 8, "
+                 "16-byte aligned rows and Nq * H < 2^31; got D = ", D, ", Nq * H = ", Nq * H),
+             "set train.deterministic: false, or use such a model.head_dim");
+  if (Nq == 0) return;
+  // One "current block" per document: a block size of at least every document's length (Nk), no past blocks.
+  BackwardArgs a{args.dq, nullptr, nullptr, false, nullptr, nullptr, nullptr, args.dout, args.q, args.k, args.v,
+                 args.out, args.lse, nullptr, args.cu_seqlens, args.q_rows, nullptr, Dispatch{}, args.n_segments, Nq,
+                 Nk, H, args.n_kv_heads, D, static_cast<int>(std::max<int64_t>(Nk, 1)), 1, args.softmax_scale,
+                 args.softmax_scale * kLog2e, 0};
+  // Scratch `row_stats`: delta (Nq, H) f32 (the flash kernel's own Delta / lse2 there are no longer read).
+  a.delta = static_cast<float*>(scratch(args.scratch.row_stats, "row_stats", static_cast<size_t>(Nq * H) * sizeof(float)));
+  const int64_t rows = Nq * H;
+  const dim3 grid(static_cast<unsigned>((Nq + 63) / 64), H);
+  auto run = [&](auto dp) {
+    constexpr int DP = decltype(dp)::value;
+    static const bool configured = [] {
+      MOBA_CUDA_CHECK(cudaFuncSetAttribute(moba_dq_kernel<DP, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(dq_smem_bytes<DP>())));
+      return true;
+    }();
+    (void)configured;
+    delta_kernel<DP><<<static_cast<unsigned>((rows * (DP / 8) + 255) / 256), 256, 0, ctx.stream>>>(
+        a.delta, nullptr, a.out, a.dout, rows, a.D);
+    MOBA_CUDA_CHECK(cudaGetLastError());
+    moba_dq_kernel<DP, false><<<grid, 128, dq_smem_bytes<DP>(), ctx.stream>>>(a);
+    MOBA_CUDA_CHECK(cudaGetLastError());
+  };
+  if (D <= 64) run(std::integral_constant<int, 64>{});
+  else run(std::integral_constant<int, 128>{});
 }
 
 }  // namespace moba::cuda

@@ -1,11 +1,15 @@
 // The MoBA key-block dispatch (see moba_dispatch.cuh): count per (slot, kv head) bucket with shared-memory
 // histograms, one exclusive scan, fill, and work items of kRowsPerChunk rows. "Slot" = floor(block_start / B) of a
 // complete block, unique per block, so no per-document prefix sums.
+// Invariant: count, offsets and items are exact (integer atomics); the atomic fill leaves the order of entries inside
+// a bucket to the run, the canonical fill (a stable radix sort of (bucket, entry) pairs listed in entry order) puts
+// them in ascending entry id, so kernels that sum over a bucket's rows (dK/dV) are bitwise reproducible over it.
 #include <algorithm>
 
 #include "common/error.h"
 #include "kernels/cuda/attention_scratch.h"
 #include "kernels/cuda/moba_common.cuh"
+#include "kernels/cuda/sort.cuh"
 
 namespace moba::cuda::attn {
 namespace {
@@ -90,6 +94,29 @@ __global__ void __launch_bounds__(256) dispatch_fill_kernel(int32_t* __restrict_
                         [&](int64_t, int64_t bucket, int64_t entry) {
                           entries[base[bucket] + atomicAdd(&hist[bucket], 1)] = static_cast<int32_t>(entry);
                         });
+}
+
+// The canonical fill's sort input, one thread per query row: for each of its past_slots entries (local index
+// entry - entry_base) the key = its bucket, or n_buckets past the row's past blocks (sorted behind every bucket),
+// and the value = the entry.
+__global__ void __launch_bounds__(256) dispatch_keys_kernel(int32_t* __restrict__ keys, int32_t* __restrict__ values,
+                                                            const int32_t* __restrict__ selected,
+                                                            const int32_t* __restrict__ cu_seqlens, int n_segments,
+                                                            const int32_t* __restrict__ q_rows, int64_t row_begin,
+                                                            int64_t row_end, int H, int Hkv, int B, int top_k,
+                                                            int n_buckets, int64_t entry_base) {
+  const int64_t row = row_begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= row_end) return;
+  const int past_slots = top_k - 1;
+  for (int i = 0; i < past_slots; ++i) {
+    const int64_t entry = row * past_slots + i;
+    keys[entry - entry_base] = n_buckets;
+    values[entry - entry_base] = static_cast<int32_t>(entry);
+  }
+  for_each_past_block(selected, cu_seqlens, n_segments, q_rows, row, H, Hkv, B, top_k,
+                      [&](int64_t, int64_t bucket, int64_t entry) {
+                        keys[entry - entry_base] = static_cast<int32_t>(bucket);
+                      });
 }
 
 // slot_start[slot] = first token of the slot's complete block (-1 when none).
@@ -180,8 +207,23 @@ size_t dispatch_bytes(int64_t n_keys, int block_size, int H, int Hkv, int top_k,
   return static_cast<size_t>(words) * sizeof(int32_t);
 }
 
+namespace {
+// The canonical fill's scratch: keys, sorted keys and values, (entries) i32 each, 256-byte aligned, then cub's.
+size_t aligned_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+size_t sort_bytes(int64_t entries, int n_buckets) {
+  return 3 * aligned_256(static_cast<size_t>(entries) * sizeof(int32_t)) +
+         sort_pairs_temp_bytes(entries, sort_key_bits(n_buckets));
+}
+}  // namespace
+
+size_t dispatch_sort_bytes(int64_t n_keys, int block_size, int H, int Hkv, int top_k, int64_t max_rows) {
+  const int64_t n_buckets = (n_keys + block_size - 1) / block_size * Hkv;
+  return sort_bytes(max_rows * H * (top_k - 1), static_cast<int>(n_buckets));
+}
+
 Dispatch build_dispatch(const CudaContext& ctx, const ScratchBuffer& buffer, const char* name, const AttentionArgs& a,
-                        int64_t row_begin, int64_t row_end, int64_t max_rows) {
+                        int64_t row_begin, int64_t row_end, int64_t max_rows, const ScratchBuffer* sort_scratch,
+                        const char* sort_name) {
   const int H = a.n_heads, Hkv = a.n_kv_heads, B = a.block_size, top_k = a.top_k;
   Dispatch d;
   d.n_slots = static_cast<int>((a.n_keys + B - 1) / B);
@@ -212,10 +254,28 @@ Dispatch build_dispatch(const CudaContext& ctx, const ScratchBuffer& buffer, con
   MOBA_CUDA_CHECK(cudaGetLastError());
   dispatch_scan_kernel<<<1, 1024, 0, ctx.stream>>>(d.offset, d.chunk_offset, d.count, d.n_buckets);
   MOBA_CUDA_CHECK(cudaGetLastError());
-  dispatch_fill_kernel<<<grid, 256, local ? 2 * nb * sizeof(int) : 0, ctx.stream>>>(
-      d.entries, d.fill, d.offset, a.selected, a.cu_seqlens, a.n_segments, a.q_rows, first, last, H, Hkv, B, top_k,
-      d.n_buckets, local);
-  MOBA_CUDA_CHECK(cudaGetLastError());
+  if (sort_scratch == nullptr) {
+    dispatch_fill_kernel<<<grid, 256, local ? 2 * nb * sizeof(int) : 0, ctx.stream>>>(
+        d.entries, d.fill, d.offset, a.selected, a.cu_seqlens, a.n_segments, a.q_rows, first, last, H, Hkv, B, top_k,
+        d.n_buckets, local);
+    MOBA_CUDA_CHECK(cudaGetLastError());
+  } else if (last > first) {
+    // Canonical: the entries of rows [first, last) sorted stably by bucket land at offset[bucket] onwards in entry
+    // order (the sentinel-keyed ones after offset[n_buckets], where nothing reads).
+    const int64_t entries = (last - first) * (top_k - 1);
+    const size_t index_bytes = aligned_256(static_cast<size_t>(entries) * sizeof(int32_t));
+    const int key_bits = sort_key_bits(d.n_buckets);
+    auto* sort_base = static_cast<char*>(scratch(*sort_scratch, sort_name, sort_bytes(entries, d.n_buckets)));
+    auto* keys = reinterpret_cast<int32_t*>(sort_base);
+    auto* sorted_keys = reinterpret_cast<int32_t*>(sort_base + index_bytes);
+    auto* values = reinterpret_cast<int32_t*>(sort_base + 2 * index_bytes);
+    dispatch_keys_kernel<<<static_cast<unsigned>((last - first + 255) / 256), 256, 0, ctx.stream>>>(
+        keys, values, a.selected, a.cu_seqlens, a.n_segments, a.q_rows, first, last, H, Hkv, B, top_k, d.n_buckets,
+        d.entry_base);
+    MOBA_CUDA_CHECK(cudaGetLastError());
+    sort_pairs(ctx.stream, sort_base + 3 * index_bytes, sort_pairs_temp_bytes(entries, key_bits), keys, sorted_keys,
+               values, d.entries, entries, key_bits);
+  }
   dispatch_items_kernel<<<(d.n_buckets + 255) / 256, 256, 0, ctx.stream>>>(d.items, d.count, d.chunk_offset,
                                                                            d.n_buckets);
   MOBA_CUDA_CHECK(cudaGetLastError());

@@ -2,7 +2,8 @@
 // kv head) bucket, the list of the query rows that chose the block as a past block, and work items of up to
 // kRowsPerChunk rows. The forward's selected-block pass and the backward's dK/dV kernels read it.
 // Invariant: no host synchronisation; sizes are bounded up front (rows <= chunk rows * H * (top_k - 1)), so a layer
-// can be captured in a CUDA graph. The order of rows inside a bucket is set by atomics (it varies run to run).
+// can be captured in a CUDA graph. The order of rows inside a bucket is set by atomics (it varies run to run),
+// unless the dispatch is built canonical: then every bucket lists its entries in ascending entry id (row order).
 #pragma once
 #include <cstdint>
 
@@ -36,9 +37,15 @@ struct Dispatch {
 // Bytes of a dispatch over up to max_rows query rows of a call (top_k >= 2).
 size_t dispatch_bytes(int64_t n_keys, int block_size, int H, int Hkv, int top_k, int64_t max_rows);
 
+// Bytes of the canonical order's sort (three (entries) i32 arrays and cub's storage) for up to max_rows query rows.
+size_t dispatch_sort_bytes(int64_t n_keys, int block_size, int H, int Hkv, int top_k, int64_t max_rows);
+
 // Builds the dispatch of the query rows [row_begin, row_end) into `buffer` (named `name` in errors) on ctx.stream,
-// sized for max_rows rows, so every chunk of a call fits the same buffer; a.top_k >= 2.
+// sized for max_rows rows, so every chunk of a call fits the same buffer; a.top_k >= 2. With sort_scratch (named
+// sort_name, holding dispatch_sort_bytes; free for the duration of the build), the buckets are filled by a stable
+// sort of (bucket, entry) in entry order instead of atomics: the canonical order the deterministic dK/dV sums need.
 Dispatch build_dispatch(const CudaContext& ctx, const ScratchBuffer& buffer, const char* name, const AttentionArgs& a,
-                        int64_t row_begin, int64_t row_end, int64_t max_rows);
+                        int64_t row_begin, int64_t row_end, int64_t max_rows,
+                        const ScratchBuffer* sort_scratch = nullptr, const char* sort_name = nullptr);
 
 }  // namespace moba::cuda::attn

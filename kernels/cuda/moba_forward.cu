@@ -7,7 +7,7 @@
 // Head dims above 64 on sm_90 run both passes on warpgroup MMAs (moba_forward_wgmma_kernel), the rest on mma.sync.
 // Invariant: each output row is produced by one thread quad in a fixed order, so the forward is bitwise
 // reproducible; rows never interact inside a tile (mma rows are independent), so the order of rows within a
-// bucket (set by atomics) cannot change any result.
+// bucket (set by atomics; the forward never asks for the canonical order) cannot change any result.
 #include <algorithm>
 #include <climits>
 #include <cmath>
