@@ -89,7 +89,11 @@ struct TrainSettings {
   double grad_clip = 1.0;              // 0 = off
   std::string precision = "auto";      // auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16
   std::string recompute = "none";      // none | attention | full
-  bool deterministic = false;          // bitwise-reproducible GPU gradients where atomics are the default
+  // CUDA: bitwise-reproducible training run to run (same GPU model, build, recipe and seed, one rank): the backward
+  // ops that add with float atomics by default (embedding, RMSNorm dweight, attention dQ, MoBA's dispatch order for
+  // dK/dV) take ordered paths instead; slower. Not across GPU models, SM counts or CUDA versions, nor over ranks'
+  // reductions (README "Reproducibility"). The CPU backend always is reproducible.
+  bool deterministic = false;
 };
 
 struct ParallelSettings {
