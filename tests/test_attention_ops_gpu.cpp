@@ -1,7 +1,7 @@
 // The attention op-test harness (tests/support/attention_cases.h) on the CUDA backend: every case of the table
 // against the float64 reference within kBaselineFactor x the bf16 baseline's error, query subsets within the same
-// noise; then the kernel settings that change the code path: query chunks of a small entry budget, deterministic dQ,
-// and the mma.sync dK/dV kernel forced on sm_90.
+// noise; then the kernel settings that change the code path: query chunks of a small entry budget, the deterministic
+// backward (MoBA and dense), and the mma.sync dK/dV kernel forced on sm_90.
 #include <gtest/gtest.h>
 
 #include "tests/support/attention_cases.h"
@@ -38,6 +38,13 @@ TEST(AttentionOpsGpu, KernelSettingsMatchTheReference) {
     SCOPED_TRACE(name);
     for (const AttentionKernelSettings& s : {chunks, deterministic, mma, deterministic_chunks})
       test::check_attention_case(*gpu, find_case(name), s);
+  }
+  // The dense backward's deterministic dQ (causal_dq_ordered): head dims 32 and 128 (padded 64 and 128), GQA,
+  // documents packed and short, query subsets of context-parallel ranks.
+  for (const char* name : {"dense_d32", "dense_long_packed_gqa", "dense_80_short_documents_d128",
+                           "cp_dense_gqa4_d128"}) {
+    SCOPED_TRACE(name);
+    test::check_attention_case(*gpu, find_case(name), deterministic);
   }
 }
 
