@@ -6,21 +6,25 @@
 # Every step logs and a failing step does not stop the later ones; a summary ends the output. About 4-5 minutes on an
 # H100 from a fresh machine. Results in $OUT: determinism.jsonl (one line per check), bench.jsonl (bench records),
 # ctest.log, build.log, runs/ (the four runs' metrics.jsonl and logs).
-# Usage: OUT=/tmp/out MOBA_SHARED_DATA=/path/to/shared-data scripts/gpu/determinism.sh
-#   (MOBA_SHARED_DATA: a folder holding linux-6.1-core.jsonl.xz; default ../shared/data)
+# Usage: OUT=/tmp/out MOBA_SHARED_DATA=/path/to/shared-data [MOBA_COMMIT=sha] scripts/gpu/determinism.sh
+#   (MOBA_SHARED_DATA: a folder holding linux-6.1-core.jsonl.xz; default ../shared/data. MOBA_COMMIT: the commit
+#   the records name, default `git rev-parse` here; set it when the tree was copied without its history)
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 out=${OUT:-/tmp/out}
 work=/tmp/moba-determinism
 mkdir -p "$out/runs" "$work"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export MOBA_COMMIT=${MOBA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 results=$out/determinism.jsonl
 : > "$results"
 summary=()
 log() { echo "[determinism ${SECONDS}s] $*"; }
 # record NAME OK DETAIL: one JSON line in $results and one summary line.
 record() {
-  echo "{\"check\": \"$1\", \"ok\": $2, \"detail\": \"$3\", \"seconds\": $SECONDS}" >> "$results"
+  printf '{"date": "%s", "commit": "%s", "device": "%s", "command": "scripts/gpu/determinism.sh", "check": "%s", "ok": %s, "detail": "%s", "seconds": %s}\n' \
+    "$(date -u +%F)" "$MOBA_COMMIT" "${device:-unknown}" "$1" "$2" "$3" "$SECONDS" >> "$results"
   summary+=("$([ "$2" = true ] && echo "PASS" || echo "FAIL")  $1: $3")
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
