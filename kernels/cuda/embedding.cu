@@ -157,7 +157,6 @@ struct EmbeddingScratchLayout {
   int key_bits;
   size_t total() const { return 3 * index_bytes + partial_bytes + temp_bytes; }
 };
-size_t aligned_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 EmbeddingScratchLayout embedding_scratch_layout(int64_t N, int C, int V) {
   const int64_t pieces = (N + kPieceRows - 1) / kPieceRows;
   const int key_bits = sort_key_bits(std::max(V - 1, 1));

@@ -209,7 +209,6 @@ size_t dispatch_bytes(int64_t n_keys, int block_size, int H, int Hkv, int top_k,
 
 namespace {
 // The canonical fill's scratch: keys, sorted keys and values, (entries) i32 each, 256-byte aligned, then cub's.
-size_t aligned_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 size_t sort_bytes(int64_t entries, int n_buckets) {
   return 3 * aligned_256(static_cast<size_t>(entries) * sizeof(int32_t)) +
          sort_pairs_temp_bytes(entries, sort_key_bits(n_buckets));

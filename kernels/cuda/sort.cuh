@@ -18,6 +18,10 @@ inline int sort_key_bits(int64_t max_key) {
   return bits;
 }
 
+// Bytes rounded up to 256: the callers carve one scratch buffer into the sort's arrays and cub's storage, each
+// starting 256-byte aligned.
+inline size_t aligned_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
 // The pair count as cub's 32-bit item count (the callers' indices are int32 anyway).
 inline int sort_items(int64_t n) {
   MOBA_CHECK(n >= 0 && n < (int64_t{1} << 31), cat("sort of ", n, " pairs: more than 32-bit indices hold"),
